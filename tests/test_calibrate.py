@@ -1,0 +1,137 @@
+"""Calibration on Ray: N workers equal 1, a killed worker changes nothing, restarts skip finished shards."""
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import minigpt.raylib  # noqa: F401  (sets RAY_AUTH_MODE before ray starts)
+from minigpt import stats as S
+from minigpt.calibrate import CalibrationError, Shard, calibrate, load_profile, merge_ledger, save_profile
+from minigpt.config import CalibrateConfig, ModelConfig
+from tests.conftest import make_tiny_llama
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("calib")
+    model = make_tiny_llama()
+    model.save_pretrained(root / "model")
+    rng = np.random.default_rng(0)
+    shards = []
+    for domain in ("a", "b"):
+        for i in range(5):
+            blocks = rng.integers(0, 128, size=(3, 16), dtype=np.int32)
+            path = root / "data" / domain / f"shard-{i:05d}.parquet"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.table({"input_ids": list(blocks), "n_bytes": [16] * 3}), path)
+            shards.append(Shard(f"{domain}/shard-{i:05d}", domain, str(path)))
+    return root, model, shards
+
+
+def _cfg(workers):
+    return CalibrateConfig(workers=workers, cpus_per_worker=0.5, batch_size=2)
+
+
+def _direct(model, shards, domain):
+    import pyarrow.parquet as pq
+
+    parts = []
+    for s in sorted((s for s in shards if s.domain == domain), key=lambda s: s.shard_id):
+        ids = torch.tensor(pq.read_table(s.path).column("input_ids").to_pylist())
+        parts.append(S.accumulate(model, ids, batch_size=2))
+    return S.merge(parts)
+
+
+def _assert_equal(a, b):
+    for d in a:
+        for k in a[d]:
+            torch.testing.assert_close(a[d][k], b[d][k], rtol=1e-9, atol=1e-12)
+
+
+def test_two_workers_equal_one_worker_and_a_direct_pass(ray_local, setup, tmp_path):
+    root, model, shards = setup
+    mcfg = ModelConfig(source=str(root / "model"))
+    one = calibrate(shards, mcfg, _cfg(1), tmp_path / "l1")
+    two = calibrate(shards, mcfg, _cfg(2), tmp_path / "l2")
+    _assert_equal(one, two)
+    for d in ("a", "b"):
+        direct = _direct(model, shards, d)
+        for k in direct:
+            torch.testing.assert_close(two[d][k], direct[k], rtol=1e-9, atol=1e-12)
+    assert one["a"]["tokens"].item() == 5 * 3 * 16
+
+
+def test_killed_worker_gives_the_fault_free_profile(ray_local, setup, tmp_path):
+    import ray
+
+    root, _, shards = setup
+    mcfg = ModelConfig(source=str(root / "model"))
+    clean = calibrate(shards, mcfg, _cfg(2), tmp_path / "clean")
+    killed = []
+
+    def kill_one(progress, workers):
+        if not killed and progress["done"] >= 2 and len(workers) == 2:
+            ray.kill(workers[0])
+            killed.append(True)
+
+    # Worker 1 also dies on its own while holding a shard, so the re-queue path is exercised for sure.
+    faulty = calibrate(shards, mcfg, _cfg(2), tmp_path / "faulty", on_progress=kill_one, fail_after={1: 1})
+    _assert_equal(clean, faulty)
+
+
+def test_restart_processes_only_unfinished_shards(ray_local, setup, tmp_path):
+    root, _, shards = setup
+    mcfg = ModelConfig(source=str(root / "model"))
+    ledger = tmp_path / "ledger"
+    first = calibrate(shards, mcfg, _cfg(2), ledger)
+    files = sorted(ledger.rglob("*.safetensors"))
+    assert len(files) == len(shards)
+    for f in files[:3]:
+        f.unlink()
+    before = {f: os.stat(f).st_mtime_ns for f in files[3:]}
+    second = calibrate(shards, mcfg, _cfg(2), ledger)
+    assert all(os.stat(f).st_mtime_ns == t for f, t in before.items())  # finished shards not redone
+    assert all(f.is_file() for f in files[:3])
+    _assert_equal(first, second)
+
+
+def test_unreadable_shard_names_its_path_and_keeps_finished_work(ray_local, setup, tmp_path):
+    root, _, shards = setup
+    mcfg = ModelConfig(source=str(root / "model"))
+    ledger = tmp_path / "ledger"
+    calibrate(shards[:2], mcfg, _cfg(1), ledger)
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"not parquet")
+    with pytest.raises(CalibrationError, match="bad.parquet"):
+        calibrate(shards[:2] + [Shard("a/bad", "a", str(bad))], mcfg, _cfg(1), ledger)
+    assert len(list(ledger.rglob("*.safetensors"))) == 2
+
+
+def test_profile_round_trip(tmp_path, setup):
+    _, model, shards = setup
+    st = _direct(model, shards, "a")
+    save_profile(tmp_path / "a.safetensors", st, {"model": "tiny", "shards": 5})
+    back, header = load_profile(tmp_path / "a.safetensors")
+    assert header["tokens"] == 240 and header["model"] == "tiny" and "mlp_abs_sum" in header["statistics"]
+    assert all(torch.equal(back[k], st[k]) for k in st)
+    assert (tmp_path / "a.json").is_file()
+
+
+def test_merge_ledger_reports_missing(tmp_path):
+    with pytest.raises(CalibrationError, match="missing"):
+        merge_ledger(tmp_path, [Shard("a/x", "a", "x")])
