@@ -152,7 +152,7 @@ class CalibrationWorker:
             if n == fail_after:  # test hook: die holding a shard
                 os._exit(1)
             shard_id, domain, (ref,) = item
-            blocks = torch.as_tensor(ray.get(ref), dtype=torch.long)
+            blocks = torch.tensor(ray.get(ref), dtype=torch.long)  # copies the read-only store buffer
             t0 = time.perf_counter()
             st = S.accumulate(self.model, blocks, self.batch_size)
             dt = time.perf_counter() - t0

@@ -26,7 +26,8 @@ class ConfigError(ValueError):
 BUILTIN_SOURCES = ("licenses", "python-stdlib", "hpo")
 FILE_SOURCES = ("text", "jsonl", "parquet")
 SOURCE_KINDS = FILE_SOURCES + ("hf",) + BUILTIN_SOURCES
-PRUNE_METHODS = ("contextual", "wanda-sp", "magnitude", "random")
+PRUNE_METHODS = ("contextual", "cus-prun", "taylor", "wanda-sp", "magnitude", "random", "depth")
+PRUNE_MODES = ("target", "threshold")
 RECOVER_MODES = ("full", "lora", "distill")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -126,11 +127,23 @@ class PruneConfig:
     target: float = 0.25  # fraction of non-embedding parameters to remove
     multiple_of: int = 8  # kept MLP width is rounded to a multiple of this
     seed: int = 0  # for the random baseline
+    mode: str = "target"  # target: cut to `target`; threshold: keep channels scoring >= threshold x layer mean
+    threshold: float = 0.5  # threshold mode (the Mini-GPTs paper's): relative to each layer's mean score
+    kv_groups: int = 0  # KV groups (each with its query heads) kept per layer; 0 = keep all
+    vocab: bool = False  # also prune the vocabulary to tokens seen on the domain (rewrites the tokenizer)
+    vocab_min_count: int = 1  # a token is kept when it occurs at least this often in the domain's profile
+    cus_prun_strength: float = 1.0  # cus-prun: weight of the other corpora's relevance
 
     def __post_init__(self) -> None:
         _check(self.method in PRUNE_METHODS, f"prune.method {self.method!r} is not one of {', '.join(PRUNE_METHODS)}")
         _check(0 < self.target < 1, f"prune.target must be in (0, 1), got {self.target}")
         _check(self.multiple_of >= 1, "prune.multiple_of must be >= 1")
+        _check(self.mode in PRUNE_MODES, f"prune.mode {self.mode!r} is not one of {', '.join(PRUNE_MODES)}")
+        _check(not (self.mode == "threshold" and self.method == "depth"), "prune.mode threshold does not apply to depth")
+        _check(self.threshold > 0, "prune.threshold must be > 0")
+        _check(self.kv_groups >= 0, "prune.kv_groups must be >= 0 (0 = keep every KV group)")
+        _check(self.vocab_min_count >= 1, "prune.vocab_min_count must be >= 1")
+        _check(self.cus_prun_strength >= 0, "prune.cus_prun_strength must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -410,3 +423,8 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobCo
 
 def dump(cfg: JobConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def dump_section(section: Any) -> str:
+    """Canonical JSON of one config section (a dataclass), for stage keys."""
+    return json.dumps(dataclasses.asdict(section), sort_keys=True, default=str)

@@ -1,0 +1,102 @@
+"""Calibration throughput on SmolLM2-135M, as ratios measured in one run.
+
+* calib_vs_plain:   calibration tokens/s (hooks + fp64 sums) / plain `model(ids)` tokens/s, same batches, same threads.
+* calib_vs_decoder: the same against a decoder-only forward (calibration skips lm_head, which no statistic needs,
+                    so this isolates the cost of the hooks themselves).
+* workers2_vs_1:    end-to-end Ray calibration tokens/s with 2 workers / 1 worker (1 thread each), same shards.
+
+Prints a human-readable table, then one line of JSON.
+Usage: .venv/bin/python benchmarks/calibration.py [--blocks 16] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+import minigpt.raylib as raylib
+from minigpt import stats as S
+from minigpt.calibrate import Shard, calibrate
+from minigpt.config import CalibrateConfig, ModelConfig
+from minigpt.models import load_model, resolve
+
+
+def _best_rate(fn, tokens: int, repeats: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return tokens / best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--blocks", type=int, default=16)
+    ap.add_argument("--block-size", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    mcfg = ModelConfig(source="smollm2-135m")
+    model = load_model(resolve(mcfg))
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, model.config.vocab_size, (args.blocks, args.block_size), generator=g)
+    tokens = blocks.numel()
+
+    @torch.inference_mode()
+    def plain():
+        for i in range(0, len(blocks), args.batch):
+            model(input_ids=blocks[i:i + args.batch], use_cache=False)
+
+    @torch.inference_mode()
+    def decoder():
+        for i in range(0, len(blocks), args.batch):
+            model.model(input_ids=blocks[i:i + args.batch], use_cache=False)
+
+    def calib():
+        S.accumulate(model, blocks, args.batch)
+
+    plain_r = _best_rate(plain, tokens, args.repeats)
+    dec_r = _best_rate(decoder, tokens, args.repeats)
+    calib_r = _best_rate(calib, tokens, args.repeats)
+
+    # End to end on Ray: the same shards with 1 then 2 workers, 1 thread each.
+    raylib.ensure_ray(num_cpus=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = []
+        for i in range(0, args.blocks, 2):
+            p = Path(tmp) / f"shard-{i:05d}.parquet"
+            pq.write_table(pa.table({"input_ids": list(blocks[i:i + 2].numpy().astype(np.int32))}), p)
+            shards.append(Shard(f"bench/{p.stem}", "bench", str(p)))
+        rates = {}
+        for n in (1, 2):
+            cfg = CalibrateConfig(workers=n, cpus_per_worker=1.0 if n == 1 else 0.9, batch_size=args.batch)
+            calibrate(shards[:1], mcfg, cfg, Path(tmp) / f"warm{n}")  # actor start-up and model load, not timed
+            t0 = time.perf_counter()
+            calibrate(shards, mcfg, cfg, Path(tmp) / f"ledger{n}")
+            rates[n] = tokens / (time.perf_counter() - t0)
+
+    print(f"plain forward     {plain_r:8.0f} tok/s")
+    print(f"decoder forward   {dec_r:8.0f} tok/s")
+    print(f"calibration       {calib_r:8.0f} tok/s")
+    print(f"ray, 1 worker     {rates[1]:8.0f} tok/s (includes worker start-up)")
+    print(f"ray, 2 workers    {rates[2]:8.0f} tok/s (includes worker start-up)")
+    print(json.dumps({"calib_vs_plain": round(calib_r / plain_r, 3), "calib_vs_decoder": round(calib_r / dec_r, 3),
+                      "workers2_vs_1": round(rates[2] / rates[1], 3), "calib_tokens_per_s": round(calib_r),
+                      "threads": args.threads}))
+
+
+if __name__ == "__main__":
+    main()

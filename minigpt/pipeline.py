@@ -1,0 +1,430 @@
+"""Runs a job's stages in order; resumable.
+
+prepare -> calibrate -> plan+slim -> recover -> evaluate -> report. Every stage (per domain where it can be) records
+a manifest in `<run>/_stages/` with a key: a hash of exactly the settings and inputs it depends on. A re-run skips
+a stage whose manifest says done with the same key and whose outputs exist, so changing `recover.steps` re-runs
+only recovery, evaluation and the report, while changing the calibration data re-runs everything downstream of it.
+
+Everything that can be checked cheaply is checked before the run folder is touched or a model is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from minigpt import config as C
+from minigpt.config import ConfigError, JobConfig
+
+STAGES = ("prepare", "calibrate", "slim", "recover", "evaluate", "report")
+
+
+def _hash(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class StageBook:
+    """The `_stages/` folder: one JSON manifest per stage (and domain) with status, key and outputs."""
+
+    def __init__(self, run_dir: Path):
+        self.dir = run_dir / "_stages"
+
+    def path(self, stage: str, domain: str | None) -> Path:
+        return self.dir / (f"{stage}.{domain}.json" if domain else f"{stage}.json")
+
+    def read(self, stage: str, domain: str | None = None) -> dict | None:
+        p = self.path(stage, domain)
+        try:
+            return json.loads(p.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def is_done(self, stage: str, domain: str | None, key: str, outputs: list[Path]) -> bool:
+        m = self.read(stage, domain)
+        return bool(m and m.get("status") == "done" and m.get("key") == key and all(p.exists() for p in outputs))
+
+    def mark(self, stage: str, domain: str | None, key: str, status: str, **extra) -> None:
+        record = {"stage": stage, "domain": domain, "key": key, "status": status, "time": time.time(),
+                  "pid": os.getpid(), **extra}
+        _atomic_write(self.path(stage, domain), json.dumps(record, indent=1, default=str))
+
+    def restore(self, stage: str, domain: str | None, previous: dict | None) -> None:
+        if previous is None:
+            self.path(stage, domain).unlink(missing_ok=True)
+        else:
+            _atomic_write(self.path(stage, domain), json.dumps(previous, indent=1, default=str))
+
+    def all(self) -> list[dict]:
+        if not self.dir.is_dir():
+            return []
+        return [json.loads(p.read_text()) for p in sorted(self.dir.glob("*.json"))]
+
+
+class Pipeline:
+    def __init__(self, cfg: JobConfig, job_path: str | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.output_dir)
+        self.book = StageBook(self.run_dir)
+        self.job_path = job_path
+        self.model_dir: Path | None = None
+        self.keys: dict[tuple[str, str | None], str] = {}
+
+    # ------------------------------------------------------------------------------------------ checks
+
+    def validate(self) -> None:
+        """Cheap checks that need no model and no Ray; raise ConfigError in one line."""
+        from minigpt import corpora, models
+
+        cfg = self.cfg
+        folder = models.resolve(cfg.model, prepare=False)
+        models.check_architecture(folder)
+        for d in cfg.domains:
+            corpora.check_sources(d)
+        if cfg.recover.enabled:
+            ds = Path(cfg.recover.deepspeed_config)
+            if not ds.is_file():
+                raise ConfigError(f"recover.deepspeed_config: file not found: {ds}")
+            try:
+                json.loads(ds.read_text())
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"recover.deepspeed_config {ds}: invalid JSON ({e.msg} at line {e.lineno})"
+                                  ) from None
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ConfigError(f"output_dir {self.run_dir} exists and is not a folder")
+
+    def check_resources(self) -> None:
+        from minigpt import raylib
+
+        cpus, gpus = raylib.cluster_cpus(), raylib.cluster_gpus()
+        c = self.cfg.calibrate
+        if c.cpus_per_worker > cpus or c.gpus_per_worker > gpus:
+            raise ConfigError(f"calibrate: one worker needs {c.cpus_per_worker} CPU / {c.gpus_per_worker} GPU, "
+                              f"the cluster has {cpus:g} CPU / {gpus:g} GPU")
+        if self.cfg.recover.enabled:
+            from minigpt import recover
+
+            recover.check_resources([], self.cfg.recover, cpus, gpus)
+
+    # ------------------------------------------------------------------------------------------ driver
+
+    def _stage(self, stage: str, domain: str | None, key: str, outputs: list[Path], fn: Callable[[], None]) -> bool:
+        """Run `fn` unless already done with this key; returns True if it ran."""
+        self.keys[(stage, domain)] = key
+        label = f"{stage}/{domain}" if domain else stage
+        if self.book.is_done(stage, domain, key, outputs):
+            print(f"[pipeline] {label}: done (skipped)", flush=True)
+            return False
+        print(f"[pipeline] {label}: running", flush=True)
+        previous = self.book.read(stage, domain)
+        self.book.mark(stage, domain, key, "running")
+        t0 = time.time()
+        try:
+            fn()
+        except ConfigError:
+            # Bad input is not a stage failure: leave the books as they were before this attempt.
+            self.book.restore(stage, domain, previous)
+            raise
+        except BaseException as e:
+            self.book.mark(stage, domain, key, "failed", error=f"{e.__class__.__name__}: {e}")
+            raise
+        self.book.mark(stage, domain, key, "done", seconds=round(time.time() - t0, 1),
+                       outputs=[str(p) for p in outputs])
+        print(f"[pipeline] {label}: done in {time.time() - t0:.1f}s", flush=True)
+        return True
+
+    def run(self) -> dict:
+        from minigpt import models, raylib
+
+        cfg = self.cfg
+        self.validate()
+        self.model_dir = models.resolve(cfg.model)  # prepares an alias once (cached)
+        raylib.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
+        self.check_resources()
+        tokenizer = models.load_tokenizer(self.model_dir, cfg.model.trust_remote_code)
+        created = not self.run_dir.exists()
+        try:
+            for d in cfg.domains:
+                self.prepare(d, tokenizer)
+        except ConfigError:
+            # A domain turned out empty or too small: a new run folder is removed whole, an old one keeps
+            # only the finished work it had.
+            if created:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
+        _atomic_write(self.run_dir / "job.yaml", C.dump(cfg))
+        self.calibrate()
+        self.slim()
+        results = self.recover() if cfg.recover.enabled else {}
+        eval_data = self.evaluate()
+        summary = self.summarize(eval_data, results)
+        self.report(eval_data, summary)
+        print_table(summary)
+        return summary
+
+    # ------------------------------------------------------------------------------------------ stages
+
+    def data_dir(self, domain: str) -> Path:
+        return self.run_dir / "data" / domain
+
+    def prepare(self, domain: C.DomainConfig, tokenizer) -> None:
+        from minigpt import corpora
+
+        key = _hash(self.cfg.model.source, str(self.model_dir), C.dump_section(self.cfg.data),
+                    C.dump_section(domain))
+        out = self.data_dir(domain.name)
+        self._stage("prepare", domain.name, key, [out / "manifest.json"],
+                    lambda: corpora.prepare_domain(domain, self.cfg.data, tokenizer, out))
+
+    def calibrate(self) -> None:
+        from minigpt import calibrate as K, corpora
+
+        cfg = self.cfg
+        calib_key = {d.name: _hash(self.keys[("prepare", d.name)], cfg.model.dtype, cfg.calibrate.dtype,
+                                   cfg.calibrate.batch_size) for d in cfg.domains}
+        todo = [d.name for d in cfg.domains
+                if not self.book.is_done("calibrate", d.name, calib_key[d.name], [self.profile_path(d.name)])]
+        for d in cfg.domains:
+            self.keys[("calibrate", d.name)] = calib_key[d.name]
+        if not todo:
+            print("[pipeline] calibrate: done (skipped)", flush=True)
+            return
+        shards = []
+        for name in todo:
+            data = corpora.DomainData.load(self.data_dir(name))
+            shards += [K.Shard(f"{name}/{calib_key[name]}/{p.stem}", name, str(p)) for p in data.shards("calib")]
+        for name in todo:
+            self.book.mark("calibrate", name, calib_key[name], "running")
+        try:
+            profiles = K.calibrate(shards, self.cfg.model, cfg.calibrate, self.run_dir / "profiles" / "_ledger")
+        except BaseException as e:
+            for name in todo:
+                self.book.mark("calibrate", name, calib_key[name], "failed", error=f"{e.__class__.__name__}: {e}")
+            raise
+        for name in todo:
+            n_shards = sum(1 for s in shards if s.domain == name)
+            K.save_profile(self.profile_path(name), profiles[name],
+                           {"model": cfg.model.source, "domain": name, "shards": n_shards,
+                            "calibrate_dtype": cfg.calibrate.dtype})
+            print(K.summarize(name, profiles[name]), flush=True)
+            self.book.mark("calibrate", name, calib_key[name], "done", outputs=[str(self.profile_path(name))])
+
+    def profile_path(self, domain: str) -> Path:
+        return self.run_dir / "profiles" / f"{domain}.safetensors"
+
+    def plan_path(self, domain: str) -> Path:
+        return self.run_dir / "plans" / f"{domain}.json"
+
+    def expert_dir(self, domain: str, kind: str) -> Path:
+        return self.run_dir / "experts" / domain / kind
+
+    def slim(self) -> None:
+        from minigpt import calibrate as K, models, plan as P, scoring, slim as SL
+
+        cfg = self.cfg
+        dense = None
+        tokenizer = None
+        for d in cfg.domains:
+            key = _hash(self.keys[("calibrate", d.name)], C.dump_section(cfg.prune))
+
+            def work(name=d.name):
+                nonlocal dense, tokenizer
+                if dense is None:
+                    dense = models.load_model(self.model_dir, "float32", cfg.model.trust_remote_code)
+                    tokenizer = models.load_tokenizer(self.model_dir, cfg.model.trust_remote_code)
+                stats, _ = K.load_profile(self.profile_path(name))
+                scores = scoring.score(cfg.prune.method, stats, dense, seed=cfg.prune.seed)
+                plan = P.build_uniform(scores, dense, domain=name, method=cfg.prune.method, target=cfg.prune.target,
+                                       multiple_of=cfg.prune.multiple_of, base_model=cfg.model.source,
+                                       profile=str(self.profile_path(name)))
+                small = SL.slim(dense, plan)
+                total, non_emb = models.count_parameters(small)
+                if (total, non_emb) != (plan.params["total"], plan.params["non_embedding"]):
+                    raise RuntimeError(f"slimmed {name} has {total}/{non_emb} parameters, plan predicts "
+                                       f"{plan.params['total']}/{plan.params['non_embedding']}")
+                SL.save_expert(small, tokenizer, self.expert_dir(name, "pruned"))
+                plan.save(self.plan_path(name))
+                removed = 1 - non_emb / plan.params["dense_non_embedding"]
+                print(f"[slim] {name}: MLP {plan.intermediate_size} -> {plan.mlp_width} per layer, "
+                      f"non-embedding {plan.params['dense_non_embedding'] / 1e6:.1f}M -> {non_emb / 1e6:.1f}M "
+                      f"({removed:.1%} removed)", flush=True)
+
+            self._stage("slim", d.name, key, [self.plan_path(d.name), self.expert_dir(d.name, "pruned")], work)
+
+    def recover(self) -> dict:
+        from minigpt import corpora, recover as R
+
+        cfg = self.cfg
+        tasks, keys = [], {}
+        for d in cfg.domains:
+            key = _hash(self.keys[("slim", d.name)], C.dump_section(cfg.recover))
+            keys[d.name] = key
+            self.keys[("recover", d.name)] = key
+            out = self.expert_dir(d.name, "recovered")
+            if self.book.is_done("recover", d.name, key, [out]):
+                print(f"[pipeline] recover/{d.name}: done (skipped)", flush=True)
+                continue
+            ckpt = self.run_dir / "experts" / d.name / "checkpoints"
+            prev = self.book.read("recover", d.name)
+            if prev and prev.get("key") != key and ckpt.exists():
+                shutil.rmtree(ckpt)  # checkpoints of other settings must not be resumed
+            data = corpora.DomainData.load(self.data_dir(d.name))
+            tasks.append(R.RecoveryTask(domain=d.name, student_dir=str(self.expert_dir(d.name, "pruned")),
+                                        train_shards=tuple(str(p) for p in data.shards("train")),
+                                        out_dir=str(out), checkpoint_dir=str(ckpt),
+                                        teacher_dir=str(self.model_dir) if cfg.recover.mode == "distill" else None))
+            self.book.mark("recover", d.name, key, "running")
+        if not tasks:
+            return {}
+        results = R.recover_all(tasks, cfg.recover)
+        failed = []
+        for t in tasks:
+            r = results.get(t.domain)
+            if r is not None and r.ok:
+                self.book.mark("recover", t.domain, keys[t.domain], "done", outputs=[t.out_dir],
+                               steps=r.steps, final_loss=r.losses[-1] if r.losses else None,
+                               tokens_per_s=r.tokens_per_s)
+            else:
+                err = r.error if r is not None else "no result"
+                self.book.mark("recover", t.domain, keys[t.domain], "failed", error=err)
+                failed.append(f"{t.domain} ({err.splitlines()[0] if err else '?'})")
+        ok = [t.domain for t in tasks if t.domain not in {f.split(' ')[0] for f in failed}]
+        print(f"[recover] succeeded: {', '.join(ok) or 'none'}; failed: {', '.join(failed) or 'none'}", flush=True)
+        return {k: v for k, v in results.items()}
+
+    def model_table(self) -> dict[str, str]:
+        models = {"dense": str(self.model_dir)}
+        for d in self.cfg.domains:
+            for kind in ("pruned", "recovered"):
+                p = self.expert_dir(d.name, kind)
+                if p.is_dir() and (kind == "pruned" or self.cfg.recover.enabled):
+                    if kind == "recovered" and (self.book.read("recover", d.name) or {}).get("status") != "done":
+                        continue
+                    models[f"{d.name}/{kind}"] = str(p)
+        return models
+
+    def evaluate(self) -> dict:
+        from minigpt import evaluate as E
+
+        cfg = self.cfg
+        models = self.model_table()
+        upstream = [self.keys.get((s, d.name)) for d in cfg.domains for s in ("prepare", "slim", "recover")]
+        key = _hash(upstream, sorted(models), C.dump_section(cfg.evaluate))
+        out = self.run_dir / "eval.json"
+        self._stage("evaluate", None, key, [out], lambda: E.evaluate_run(
+            self.run_dir, models, [d.name for d in cfg.domains], cfg.evaluate, cfg.data.block_size))
+        self.keys[("evaluate", None)] = key
+        return json.loads(out.read_text())
+
+    def summarize(self, eval_data: dict, results: dict) -> dict:
+        rows = {}
+        models = eval_data["models"]
+        dense = models["dense"]
+        for d in self.cfg.domains:
+            row = {"dense_ppl": dense["domains"][d.name]["ppl"], "dense_bpb": dense["domains"][d.name]["bits_per_byte"]}
+            for kind in ("pruned", "recovered"):
+                m = models.get(f"{d.name}/{kind}")
+                if m:
+                    row[f"{kind}_ppl"] = m["domains"][d.name]["ppl"]
+                    row[f"{kind}_bpb"] = m["domains"][d.name]["bits_per_byte"]
+                    row[f"{kind}_non_embedding"] = m["size"]["non_embedding_params"]
+            row["dense_non_embedding"] = dense["size"]["non_embedding_params"]
+            if "pruned_non_embedding" in row:
+                row["removed_fraction"] = 1 - row["pruned_non_embedding"] / row["dense_non_embedding"]
+            rec = self.book.read("recover", d.name)
+            row["recover_status"] = rec.get("status") if rec else ("disabled" if not self.cfg.recover.enabled else "?")
+            rows[d.name] = row
+        summary = {"job": self.cfg.name, "model": self.cfg.model.source, "method": self.cfg.prune.method,
+                   "target": self.cfg.prune.target, "domains": rows}
+        _atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=1))
+        return summary
+
+    def report(self, eval_data: dict, summary: dict) -> None:
+        from minigpt import report as RP
+
+        plans = {d.name: json.loads(self.plan_path(d.name).read_text()) for d in self.cfg.domains
+                 if self.plan_path(d.name).is_file()}
+        key = _hash(self.keys.get(("evaluate", None)), summary)
+        self._stage("report", None, key, [self.run_dir / "report.md", self.run_dir / "report.html"],
+                    lambda: RP.write_report(self.run_dir, eval_data, plans, {"summary": summary}))
+
+
+def _fmt(x) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return f"{x:.2f}"
+
+
+def print_table(summary: dict) -> None:
+    head = f"{'domain':<12}{'dense ppl':>11}{'pruned ppl':>12}{'recovered':>11}{'bpb dense':>11}{'bpb rec':>9}" \
+           f"{'removed':>9}"
+    print("\n" + head + "\n" + "-" * len(head))
+    for name, r in summary["domains"].items():
+        removed = r.get("removed_fraction")
+        print(f"{name:<12}{_fmt(r.get('dense_ppl')):>11}{_fmt(r.get('pruned_ppl')):>12}"
+              f"{_fmt(r.get('recovered_ppl')):>11}{_fmt(r.get('dense_bpb')):>11}{_fmt(r.get('recovered_bpb')):>9}"
+              f"{(f'{removed:.1%}' if removed is not None else '-'):>9}")
+    print(flush=True)
+
+
+def status(run_dir: Path) -> list[dict]:
+    """Each stage and domain with its state: done, running, failed, pending (from the manifests)."""
+    book = StageBook(Path(run_dir))
+    records = book.all()
+    job = Path(run_dir) / "job.yaml"
+    domains: list[str] = []
+    if job.is_file():
+        try:
+            domains = [d.name for d in C.load(job).domains]
+        except ConfigError:
+            domains = []
+    seen = {(r["stage"], r.get("domain")) for r in records}
+    rows = []
+    for r in records:
+        state = r["status"]
+        if state == "running" and not _pid_alive(r.get("pid")):
+            state = "interrupted"
+        rows.append({"stage": r["stage"], "domain": r.get("domain"), "status": state, "error": r.get("error")})
+    for stage in STAGES:
+        targets = [None] if stage in ("evaluate", "report") else domains
+        for d in targets:
+            if (stage, d) not in seen:
+                rows.append({"stage": stage, "domain": d, "status": "pending", "error": None})
+    order = {s: i for i, s in enumerate(STAGES)}
+    rows.sort(key=lambda r: (order.get(r["stage"], 99), r["domain"] or ""))
+    return rows
+
+
+def _pid_alive(pid) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def run_job(cfg: JobConfig, job_path: str | None = None) -> dict:
+    try:
+        return Pipeline(cfg, job_path).run()
+    except ConfigError:
+        raise
+    except Exception:
+        traceback.print_exc()
+        raise

@@ -1,0 +1,53 @@
+"""Helpers that write a tiny but real job (tiny random model, text corpora) into a folder, for pipeline tests."""
+
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import make_tiny_llama
+
+WORDS = {
+    "alpha": "the court shall grant the licensee a perpetual right to copy and modify the work".split(),
+    "beta": "patient presents with fever cough and abnormal heart rhythm after the procedure".split(),
+}
+
+
+def write_tiny_job(root: Path, tokenizer_dir: str, recover: bool = True, steps: int = 3, **overrides) -> Path:
+    """A 2-domain job on a tiny Llama that shares the real tokenizer (so corpora tokenize real text)."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = make_tiny_llama(vocab=len(tok), hidden=32, inter=64, layers=2)
+    model.config.eos_token_id = tok.eos_token_id
+    model_dir = root / "model"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    rng = random.Random(0)
+    for name, words in WORDS.items():
+        d = root / "corpus" / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(60):
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(30, 60)))
+            (d / f"doc{i:03d}.txt").write_text(f"{name} document {i}. {text}\n")
+    job = {
+        "name": "tiny",
+        "model": str(model_dir),
+        "domains": {n: {"sources": [{"kind": "text", "path": str(root / "corpus" / n)}]} for n in WORDS},
+        "data": {"block_size": 32, "calib_tokens": 256, "heldout_tokens": 128, "train_tokens": 512,
+                 "blocks_per_shard": 2},
+        "calibrate": {"workers": 2, "cpus_per_worker": 0.5, "batch_size": 2},
+        "prune": {"method": "contextual", "target": 0.2},
+        "recover": {"enabled": recover, "mode": "full", "steps": steps, "batch_size": 2, "workers": 1,
+                    "cpus_per_worker": 0.5,
+                    "deepspeed_config": str(Path(__file__).resolve().parents[1] / "jobs/deepspeed/zero2.json")},
+        "evaluate": {"batch_size": 2},
+        "output_dir": str(root / "run"),
+    }
+    for k, v in overrides.items():
+        section, _, key = k.partition("__")
+        job.setdefault(section, {})[key] = v
+    path = root / "job.yaml"
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    return path
