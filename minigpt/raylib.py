@@ -25,7 +25,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     env_vars = {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"], "TOKENIZERS_PARALLELISM": "false"}
     addr = address or os.environ.get("RAY_ADDRESS")
     if addr:
-        ray.init(address=addr, runtime_env={"env_vars": env_vars}, log_to_driver=True)
+        # Under `ray job submit` the job's runtime env (ray_config.yaml) already applies; passing another here
+        # would replace its working_dir.
+        ray.init(address=addr, log_to_driver=True)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=_want_dashboard(), dashboard_host="127.0.0.1",
                  runtime_env={"env_vars": env_vars}, log_to_driver=True)

@@ -1,0 +1,291 @@
+"""Tests for minigpt.corpora: every source kind, chunking, hash splits, token blocks, n_bytes and the error paths.
+
+Uses the real SmolLM2 tokenizer from the prepared model folder (local, offline); skipped if it is not prepared.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from minigpt.config import ConfigError, DataConfig, DomainConfig, SourceConfig
+from minigpt.corpora import (
+    DomainData,
+    assign_split,
+    check_sources,
+    doc_hash,
+    iter_documents,
+    parse_obo_term,
+    prepare_domain,
+    read_blocks,
+    read_n_bytes,
+    split_long,
+    token_bytes,
+    tokenize_documents,
+)
+from minigpt.models import cache_root
+
+WORDS = ("the court shall grant license any party agreement software clause warranty liability notice copy "
+         "source code distribute modify terms conditions section patent holder contributor work derivative").split()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    folders = sorted((cache_root() / "models").glob("smollm2-135m-*"))
+    if not folders:
+        pytest.skip("the smollm2-135m model is not prepared (run `make setup`)")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folders[0])
+
+
+def synthetic_docs(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [f"Document {i}. " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(30, 70))) + "."
+            for i in range(n)]
+
+
+def write_jsonl(path: Path, docs: list[str], field: str = "text") -> Path:
+    path.write_text("".join(json.dumps({field: d, "other": 1}) + "\n" for d in docs))
+    return path
+
+
+def small_data(**kw) -> DataConfig:
+    base = dict(block_size=32, calib_tokens=512, heldout_tokens=256, train_tokens=0, blocks_per_shard=4,
+                max_document_chars=2000, salt="test")
+    base.update(kw)
+    return DataConfig(**base)
+
+
+# ------------------------------------------------------------------------------------------------ sources
+
+
+def test_split_long_cuts_at_paragraphs_then_lines_then_hard():
+    para = "word " * 30  # 150 chars
+    text = "\n\n".join([para] * 6)
+    pieces = split_long(text, 400)
+    assert "".join(pieces) == text
+    assert all(len(p) <= 400 for p in pieces) and len(pieces) >= 3
+    assert all(p.endswith("\n\n") for p in pieces[:-1])  # cut at blank lines, not mid-paragraph
+
+    lines = "\n".join(["x" * 90] * 10)  # one paragraph, no blank lines
+    pieces = split_long(lines, 200)
+    assert "".join(pieces) == lines and all(len(p) <= 200 for p in pieces)
+    assert all(p.endswith("\n") for p in pieces[:-1])
+
+    blob = "y" * 1050  # no breaks at all
+    assert split_long(blob, 300) == ["y" * 300] * 3 + ["y" * 150]
+    assert split_long("short", 300) == ["short"]
+
+
+def test_text_sources_file_folder_glob(tmp_path):
+    d = tmp_path / "corpus"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.txt").write_text("alpha text")
+    (d / "sub" / "b.txt").write_text("beta text")
+    (d / "sub" / "c.md").write_text("gamma text")
+    (d / "blank.txt").write_text("   \n\n  ")
+    (d / "bin.dat").write_bytes(b"\x00\x01binary")
+    long = "\n\n".join(f"paragraph {i} " + "z" * 150 for i in range(10))
+    (d / "long.txt").write_text(long)
+
+    one = list(iter_documents(SourceConfig("text", path=str(d / "a.txt")), 1000))
+    assert one == ["alpha text"]
+    folder = list(iter_documents(SourceConfig("text", path=str(d)), 1000))
+    assert {"alpha text", "beta text", "gamma text"} <= set(folder)
+    assert not any("binary" in x or not x.strip() for x in folder)
+    assert "".join(x for x in folder if x.startswith("paragraph") or x.startswith("\n")) == long
+    assert sum(x.startswith("paragraph") for x in folder) >= 2  # the long file was chunked
+    glob_docs = list(iter_documents(SourceConfig("text", path=str(d / "**" / "*.txt")), 1000))
+    assert "beta text" in glob_docs and "gamma text" not in glob_docs
+    capped = list(iter_documents(SourceConfig("text", path=str(d), max_documents=2), 1000))
+    assert len(capped) == 2
+
+
+def test_jsonl_parquet_and_hf_sources(tmp_path, monkeypatch):
+    docs = synthetic_docs(5)
+    jl = write_jsonl(tmp_path / "d.jsonl", docs, field="body")
+    assert list(iter_documents(SourceConfig("jsonl", path=str(jl), text_field="body"), 4000)) == docs
+    with pytest.raises(ConfigError, match="no field 'text'"):
+        list(iter_documents(SourceConfig("jsonl", path=str(jl)), 4000))
+
+    pqf = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"content": docs, "n": list(range(5))}), pqf)
+    assert list(iter_documents(SourceConfig("parquet", path=str(pqf), text_field="content"), 4000)) == docs
+
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    assert list(iter_documents(SourceConfig("hf", path=str(jl), text_field="body"), 4000)) == docs
+    assert list(iter_documents(SourceConfig("hf", path=str(pqf), text_field="content", max_documents=2),
+                               4000)) == docs[:2]
+
+
+def test_builtin_sources_yield_documents():
+    lic = list(iter_documents(SourceConfig("licenses"), 10**7))
+    # GPL -> GPL-3 and friends are symlinks: every text is read once.
+    assert len(lic) == len(set(lic)) >= 5
+    assert any("GNU GENERAL PUBLIC LICENSE" in t for t in lic)
+    code = list(iter_documents(SourceConfig("python-stdlib", max_documents=3), 4000))
+    assert len(code) == 3 and all(len(c) <= 4000 for c in code)
+    hpo = list(iter_documents(SourceConfig("hpo", max_documents=5), 4000))
+    assert len(hpo) == 5
+    assert all(": " in h and "[" not in h and not h.endswith('"') for h in hpo)
+    check_sources(DomainConfig("b", (SourceConfig("licenses"), SourceConfig("python-stdlib"), SourceConfig("hpo"))))
+
+
+def test_parse_obo_term():
+    term = ['id: HP:1', 'name: Tall stature', 'def: "Height above the \\"norm\\"." [PMID:1, https://x]']
+    assert parse_obo_term(term) == 'Tall stature: Height above the "norm".'
+    assert parse_obo_term(term + ["is_obsolete: true"]) is None
+    assert parse_obo_term(["id: HP:2", "name: All"]) is None  # no definition
+
+
+# ------------------------------------------------------------------------------------------------- splits
+
+
+def test_hash_and_split_assignment():
+    data = DataConfig(calib_fraction=0.3, heldout_fraction=0.2)
+    assert doc_hash("abc", "s") == doc_hash("abc", "s") != doc_hash("abc", "t")
+    assert len(doc_hash("abc", "s")) == 64
+    splits = [assign_split(doc_hash(str(i), "s"), data) for i in range(4000)]
+    share = {s: splits.count(s) / len(splits) for s in ("calib", "heldout", "train")}
+    assert abs(share["calib"] - 0.3) < 0.04 and abs(share["heldout"] - 0.2) < 0.04
+    assert assign_split("0" * 64, data) == "calib" and assign_split("f" * 64, data) == "train"
+
+
+def test_token_bytes_exact_for_non_ascii(tokenizer):
+    texts = ["naïve café — 日本語のテキスト 🙂🙂 done", "plain ascii", "  leading spaces and trailing \n\n"]
+    for text, (ids, nb) in zip(texts, tokenize_documents(tokenizer, texts)):
+        assert len(ids) == len(nb) and (nb >= 0).all()
+        assert int(nb.sum()) == len(text.encode("utf-8"))
+    assert token_bytes("abc", [(0, 1), (1, 3)]).tolist() == [1, 2]
+    assert token_bytes("é!", [(0, 1), (0, 1), (1, 2)]).tolist() == [2, 0, 1]
+    assert token_bytes(" ab  ", [(1, 2), (2, 3)]).tolist() == [2, 3]  # uncovered spaces still counted
+
+
+# ------------------------------------------------------------------------------------------------ prepare
+
+
+def _corpus_domain(tmp_path: Path, n: int = 200) -> tuple[DomainConfig, list[str]]:
+    docs = synthetic_docs(n)
+    write_jsonl(tmp_path / "corpus.jsonl", docs + docs[:10])  # 10 exact duplicates
+    return DomainConfig("synth", (SourceConfig("jsonl", path=str(tmp_path / "corpus.jsonl")),)), docs
+
+
+def test_prepare_domain_splits_blocks_and_bytes(tmp_path, tokenizer, capsys):
+    domain, docs = _corpus_domain(tmp_path)
+    data = small_data()
+    dd = prepare_domain(domain, data, tokenizer, tmp_path / "data" / "synth")
+    assert "[prepare] synth/calib: 16 blocks, 512 tokens" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["synth"]  # no temporary folder left
+
+    loaded = DomainData.load(tmp_path / "data" / "synth")
+    assert loaded == dd and dd.tokenizer == tokenizer.name_or_path and dd.block_size == 32
+    manifest = json.loads((tmp_path / "data" / "synth" / "manifest.json").read_text())
+    assert manifest["finished"] is True and manifest["salt"] == "test"
+
+    hashes = {s: dd.doc_hashes(s) for s in ("calib", "heldout", "train")}
+    assert not (hashes["calib"] & hashes["heldout"]) and not (hashes["calib"] & hashes["train"])
+    assert not (hashes["heldout"] & hashes["train"])
+    assert dd.blocks("calib") == 16 and dd.tokens("calib") == 512 and dd.blocks("heldout") == 8
+    # train_tokens=0: every train document except at most the dropped tail.
+    n_train = sum(assign_split(doc_hash(d, "test"), data) == "train" for d in set(docs))
+    assert n_train - 3 <= dd.n_documents("train") <= n_train
+
+    eos = tokenizer.eos_token_id
+    for split in ("calib", "heldout", "train"):
+        used = dd.documents(split)
+        assert [h for h, _ in used] == sorted(h for h, _ in used)  # hash order
+        assert all(doc_hash(t, "test") == h and assign_split(h, data) == split for h, t in used)
+        shards = dd.shards(split)
+        assert all(p.is_file() and p.parent.name == split for p in shards)
+        assert len(shards) == -(-dd.blocks(split) // data.blocks_per_shard)
+        blocks, n_bytes = read_blocks(shards), read_n_bytes(shards)
+        assert blocks.shape == (dd.blocks(split), 32) and n_bytes.shape == (dd.blocks(split),)
+        assert int(n_bytes.sum()) == dd.n_bytes(split)
+        # ASCII text: each block's n_bytes is exactly the bytes of the text it decodes to.
+        pieces = []
+        for row, nb in zip(blocks.tolist(), n_bytes.tolist()):
+            text = tokenizer.decode([t for t in row if t != eos], clean_up_tokenization_spaces=False)
+            assert len(text.encode()) == nb
+            pieces.append(tokenizer.decode(row, clean_up_tokenization_spaces=False))
+        joined = tokenizer.eos_token.join(t for _, t in used)
+        covered = "".join(pieces)
+        assert joined.startswith(covered) and len(joined) - len(covered) < len(used[-1][1])
+
+
+def test_prepare_domain_is_deterministic_and_replaces(tmp_path, tokenizer):
+    domain, _ = _corpus_domain(tmp_path, n=80)
+    data = small_data(train_tokens=320, calib_tokens=300)  # 300 rounds up to 10 blocks
+    a = prepare_domain(domain, data, tokenizer, tmp_path / "a")
+    out_b = tmp_path / "b"
+    out_b.mkdir()
+    (out_b / "manifest.json").write_text('{"finished": false}')  # an unfinished leftover is replaced
+    b = prepare_domain(domain, data, tokenizer, out_b)
+    assert a.tokens("calib") == 320 and a.tokens("train") == 320
+    for split in ("calib", "heldout", "train"):
+        assert a.documents(split) == b.documents(split)
+        assert read_blocks(a.shards(split)).equal(read_blocks(b.shards(split)))
+        assert [p.read_bytes() for p in a.shards(split)] == [p.read_bytes() for p in b.shards(split)]
+    assert (tmp_path / "a" / "manifest.json").read_text() == (out_b / "manifest.json").read_text().replace(
+        str(out_b), str(tmp_path / "a"))
+
+
+def test_prepare_domain_non_ascii_bytes(tmp_path, tokenizer):
+    rng = random.Random(1)
+    docs = [f"Entrée {i}: " + " ".join(rng.choice(["café", "日本語", "🙂", "naïve", "straße", "ok"])
+                                       for _ in range(rng.randint(10, 40))) for i in range(60)]
+    write_jsonl(tmp_path / "u.jsonl", docs)
+    domain = DomainConfig("uni", (SourceConfig("jsonl", path=str(tmp_path / "u.jsonl")),))
+    dd = prepare_domain(domain, small_data(calib_tokens=64, heldout_tokens=64), tokenizer, tmp_path / "uni")
+    for split in ("calib", "heldout", "train"):
+        used = [t for _, t in dd.documents(split)]
+        total = sum(len(t.encode()) for t in used)
+        covered = int(read_n_bytes(dd.shards(split)).sum())
+        assert total - len(used[-1].encode()) < covered <= total
+
+
+# ------------------------------------------------------------------------------------------------- errors
+
+
+def test_check_sources_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (SourceConfig("text", path=str(tmp_path / "missing.txt")), "does not exist"),
+        (SourceConfig("jsonl", path=str(tmp_path / "*.jsonl")), "matches no file"),
+        (SourceConfig("text", path=str(tmp_path / "empty")), "empty folder"),
+        (SourceConfig("hf", path=str(tmp_path / "nope.parquet")), "does not exist"),
+        (SourceConfig("hf", path="someone/not-cached-dataset-xyz"), "not in the local Hugging Face cache"),
+    ]
+    for source, message in cases:
+        with pytest.raises(ConfigError, match=f"^domain 'legal': .*{message}") as e:
+            check_sources(DomainConfig("legal", (SourceConfig("licenses"), source)))
+        assert "\n" not in str(e.value)
+    (tmp_path / "ok.txt").write_text("x")
+    check_sources(DomainConfig("ok", (SourceConfig("text", path=str(tmp_path / "*.txt")),)))
+
+
+def test_prepare_domain_errors_leave_nothing(tmp_path, tokenizer):
+    (tmp_path / "blank.txt").write_text("  \n\n \n")
+    out = tmp_path / "data" / "empty"
+    with pytest.raises(ConfigError, match="^domain 'empty': its sources yield no documents$"):
+        prepare_domain(DomainConfig("empty", (SourceConfig("text", path=str(tmp_path / "blank.txt")),)),
+                       small_data(), tokenizer, out)
+    assert not out.exists()
+
+    domain, _ = _corpus_domain(tmp_path, n=40)
+    out = tmp_path / "data" / "synth"
+    with pytest.raises(ConfigError, match=r"^domain 'synth': calibration split has [\d,]+ tokens, the job asks for "
+                                          r"100,000 \(data.calib_tokens\)$"):
+        prepare_domain(domain, small_data(calib_tokens=100_000), tokenizer, out)
+    with pytest.raises(ConfigError, match=r"^domain 'synth': held-out split has .*\(data.heldout_tokens\)$"):
+        prepare_domain(domain, small_data(heldout_tokens=100_000), tokenizer, out)
+    assert list((tmp_path / "data").iterdir()) == []  # neither out_dir nor a temporary folder
+    with pytest.raises(FileNotFoundError, match="manifest.json missing"):
+        DomainData.load(out)

@@ -1,0 +1,172 @@
+"""The whole job on a tiny model: end to end, resumable after the driver is killed, and via `ray job submit`."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from minigpt.pipeline import status
+from tests.jobs_tiny import write_tiny_job
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tokenizer_dir() -> Path:
+    found = sorted((Path.home() / ".cache/minigpt/models").glob("smollm2-135m-*"))
+    if not found:
+        pytest.skip("smollm2-135m not prepared (make setup does it)")
+    return found[0]
+
+
+def _env() -> dict:
+    env = dict(os.environ, MINIGPT_DASHBOARD="0", RAY_AUTH_MODE="token", PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _run_cli(job: Path, *overrides: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "minigpt", "run", str(job), "ray.num_cpus=2", *overrides],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One uninterrupted run of the tiny job; other tests compare against it."""
+    root = tmp_path_factory.mktemp("tiny-clean")
+    job = write_tiny_job(root, str(_tokenizer_dir()))
+    proc = _run_cli(job)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root, job, proc
+
+
+def test_end_to_end_outputs(finished_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root, _, proc = finished_run
+    run = root / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    for domain in ("alpha", "beta"):
+        row = summary["domains"][domain]
+        assert row["recover_status"] == "done"
+        assert row["pruned_non_embedding"] < row["dense_non_embedding"]
+        for kind in ("pruned", "recovered"):
+            path = run / "experts" / domain / kind
+            model = AutoModelForCausalLM.from_pretrained(path)  # plain transformers, no minigpt
+            AutoTokenizer.from_pretrained(path)
+            assert model.config.intermediate_size < 64
+        assert f"{domain}" in proc.stdout and "recovered" in proc.stdout
+    assert (run / "report.html").is_file() and (run / "eval.json").is_file()
+    assert all(r["status"] == "done" for r in status(run)), status(run)
+
+
+def _manifests(run: Path) -> dict[str, dict]:
+    return {p.name: json.loads(p.read_text()) for p in (run / "_stages").glob("*.json")}
+
+
+def test_rerun_skips_everything(finished_run):
+    root, job, _ = finished_run
+    before = _manifests(root / "run")
+    proc = _run_cli(job)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("done (skipped)") >= 9
+    assert _manifests(root / "run") == before
+
+
+def test_changed_setting_reruns_only_what_depends_on_it(finished_run, tmp_path):
+    import shutil
+
+    root, job, _ = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(root / "run", copy)
+    before = _manifests(copy)
+    proc = _run_cli(job, f"output_dir={copy}", "recover.steps=4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    after = _manifests(copy)
+    for name in before:
+        stage = name.split(".")[0]
+        same = before[name]["time"] == after[name]["time"]
+        assert same == (stage in ("prepare", "calibrate", "slim")), name
+
+
+def _descendants(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def test_killed_driver_resumes_to_the_same_result(finished_run, tmp_path):
+    root, _, _ = finished_run
+    job = write_tiny_job(tmp_path, str(_tokenizer_dir()))
+    proc = subprocess.Popen([sys.executable, "-m", "minigpt", "run", str(job), "ray.num_cpus=2"], cwd=REPO,
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    slim_done = tmp_path / "run" / "_stages" / "slim.beta.json"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if slim_done.is_file() and json.loads(slim_done.read_text())["status"] == "done":
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "the job finished before it could be killed"
+    finally:
+        # Kill the driver and everything it started (its embedded Ray), by their own ids.
+        victims = [proc.pid] + _descendants(proc.pid)
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=30)
+    done_before = {k: v for k, v in _manifests(tmp_path / "run").items() if v["status"] == "done"}
+    assert any(k.startswith("slim.") for k in done_before)
+    assert any(r["status"] == "interrupted" for r in status(tmp_path / "run")) or \
+        any(r["status"] == "pending" for r in status(tmp_path / "run"))
+
+    resumed = _run_cli(job)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = _manifests(tmp_path / "run")
+    for name, m in done_before.items():
+        assert after[name]["time"] == m["time"], f"{name} was redone"
+    # Same inputs, same seeds: the outputs equal those of the uninterrupted run.
+    clean, resumed_run = root / "run", tmp_path / "run"
+    for domain in ("alpha", "beta"):
+        assert (clean / "plans" / f"{domain}.json").read_text() == (resumed_run / "plans" / f"{domain}.json").read_text()
+        from safetensors.torch import load_file
+
+        for kind in ("pruned", "recovered"):
+            a = load_file(clean / "experts" / domain / kind / "model.safetensors")
+            b = load_file(resumed_run / "experts" / domain / kind / "model.safetensors")
+            assert a.keys() == b.keys()
+            for k in a:
+                torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    ea = json.loads((clean / "eval.json").read_text())["models"]
+    eb = json.loads((resumed_run / "eval.json").read_text())["models"]
+    for label in ea:
+        for d, m in ea[label]["domains"].items():
+            assert abs(m["loss"] - eb[label]["domains"][d]["loss"]) < 1e-4
+
+
+def test_ray_job_submit_on_a_local_cluster(tmp_path):
+    from tests.clusterlib import start_local_cluster, stop_local_cluster, submit_job
+
+    job = write_tiny_job(tmp_path, str(_tokenizer_dir()), recover=False)
+    cluster = start_local_cluster(tmp_path / "ray-local", workers=1, cpus_per_node=2)
+    try:
+        result = submit_job(cluster, ["python", "-m", "minigpt", "run", str(job)], timeout=400)
+        assert result.status == "SUCCEEDED", result.logs[-3000:]
+        assert "[calibrate]" in result.logs and "[pipeline] evaluate: done" in result.logs
+        summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+        assert set(summary["domains"]) == {"alpha", "beta"}
+    finally:
+        stop_local_cluster(cluster)
