@@ -1,0 +1,118 @@
+"""Tests for minigpt.report: report.md + assets and a self-contained report.html from an eval.json dict."""
+
+import base64
+import copy
+import re
+from html.parser import HTMLParser
+
+import pytest
+
+from minigpt.report import write_report
+
+DOMAINS = ["legal", "medical", "code"]
+
+
+def model(ppls: list[float], non_emb: int, latency: float, speedup: float | None = 1.0) -> dict:
+    return {
+        "dir": "/x",
+        "size": {"params": non_emb + 28_311_552, "non_embedding_params": non_emb, "weight_bytes": 4 * non_emb,
+                 "vocab_size": 49152, "intermediate_size": 1536, "num_hidden_layers": 30,
+                 "non_embedding_ratio_vs_dense": non_emb / 106_203_456},
+        "speed": {"batch_size": 1, "seq_len": 128, "repeats": 3, "threads": 1, "device": "cpu",
+                  "latency_ms": latency, "latency_ms_min": latency, "tokens_per_s": 128e3 / latency,
+                  "speedup_vs_dense": speedup},
+        "domains": {d: {"loss": 2.0, "ppl": p, "bits_per_byte": 0.3 * p ** 0.25, "tokens": 4080, "bytes": 19000,
+                        "blocks": 16} for d, p in zip(DOMAINS, ppls)},
+        "mcq": None,
+        "general": None,
+        "sample": " a <b>bold</b> | piped ``` sample",
+        "seconds": 1.0,
+    }
+
+
+def eval_data() -> dict:
+    models = {"dense": model([12.0, 15.0, 4.0], 106_203_456, 300.0)}
+    for k, d in enumerate(DOMAINS):
+        base = [30.0, 40.0, 9.0]
+        base[k] = 18.0
+        models[f"{d}/pruned"] = model(base, 80_000_000, 240.0, 1.25)
+        models[f"{d}/recovered"] = model([b * 0.8 for b in base], 80_000_000, 240.0, 1.25)
+    models["legal/recovered"]["domains"]["code"]["ppl"] = None  # a non-finite value written as null
+    return {"schema": "minigpt.eval/1", "domains": DOMAINS, "dense": "dense", "block_size": 256,
+            "config": {"sample_prompt": "The answer is"}, "models": models}
+
+
+class Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.imgs: list[str] = []
+        self.external: list[str] = []
+        self.tables = 0
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.imgs.append(a.get("src") or "")
+        if tag == "table":
+            self.tables += 1
+        if tag in ("link", "script") or (a.get("href") or "").startswith("http"):
+            self.external.append(tag)
+
+
+def parse(text: str) -> Page:
+    page = Page()
+    page.feed(text)
+    page.close()
+    return page
+
+
+def is_png_uri(src: str) -> bool:
+    prefix = "data:image/png;base64,"
+    return src.startswith(prefix) and base64.b64decode(src[len(prefix):]).startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_full_report(tmp_path):
+    plans = {d: {"domain": d, "method": "contextual", "target": 0.25, "intermediate_size": 1536,
+                 "layers": [{"index": i, "mlp_keep": list(range(1000 + 10 * i))} for i in range(30)]}
+             for d in DOMAINS}
+    data = eval_data()
+    data["models"]["legal/recovered"]["mcq"] = {"n": 10, "accuracy": 0.3, "accuracy_norm": 0.4, "chance": 0.25,
+                                                "by_subject": {}}
+    md, page = write_report(tmp_path, data, plans, extra={"name": "demo", "wall time": "12 min"})
+
+    html_text = page.read_text()
+    doc = parse(html_text)
+    assert len(doc.imgs) == 3 and all(is_png_uri(s) for s in doc.imgs)
+    assert not doc.external and doc.tables >= len(DOMAINS) + 3
+    assert "<b>bold</b>" not in html_text  # model text is escaped
+    text = md.read_text()
+    for d in DOMAINS:
+        assert f"Domain: {d}" in text and f"{d}/recovered" in text
+    assert "| legal/pruned | 18.000 |" in text and "1.500×" in text  # ppl and ratio to dense (18 / 12)
+    refs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert len(refs) == 3
+    for ref in refs:
+        assert (tmp_path / ref).read_bytes().startswith(b"\x89PNG")
+    assert "Multiple choice" in text and "demo" in text
+
+
+def test_report_tolerates_missing_pieces_and_rewrites(tmp_path):
+    data = eval_data()
+    data["dense"] = None
+    del data["models"]["dense"]
+    bad_plans = {"legal": {"layers": [{"mlp_keep": [1, 2]}, {"index": 1}]}, "code": {}}
+    md, page = write_report(tmp_path, data, bad_plans)
+    doc = parse(page.read_text())
+    assert len(doc.imgs) == 3 and all(is_png_uri(s) for s in doc.imgs)
+
+    # A second report replaces the first atomically, including its assets.
+    md, page = write_report(tmp_path, copy.deepcopy(data), None)
+    assert sorted(p.name for p in (tmp_path / "report_assets").iterdir()) == ["cross_domain.png", "size_vs_ppl.png"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert len(parse(page.read_text()).imgs) == 2
+
+
+@pytest.mark.parametrize("empty", [{"schema": "minigpt.eval/1", "models": {}, "domains": []}])
+def test_empty_eval_still_renders(tmp_path, empty):
+    md, page = write_report(tmp_path, empty)
+    assert parse(page.read_text()).imgs == [] and md.read_text().startswith("# minigpt report")
