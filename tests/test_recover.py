@@ -1,0 +1,256 @@
+"""Tests for minigpt.recover: the pure maths, config filling, and real Ray Train + DeepSpeed runs on tiny models.
+
+The Ray runs share one embedded Ray (2 CPUs) and train tiny random Llamas (the real SmolLM2 tokenizer beside them)
+on a repetitive synthetic corpus, so a few steps are enough for the loss to fall.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from minigpt.config import ConfigError, RecoverConfig
+from minigpt.recover import (RecoveryTask, batch_indices, check_resources, concurrent_domains, deepspeed_config,
+                             distill_loss, latest_tag, load_blocks, lr_factor, next_token_loss, recover_all)
+
+TOKENIZER_DIR = Path("/root/.cache/minigpt/models/smollm2-135m-b179c9523d0e6a0f")
+BLOCK = 32
+VOCAB = 49152  # the real tokenizer's
+
+
+# ------------------------------------------------------------------------------------------- pure functions
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_ratio():
+    f = [lr_factor(s, warmup=3, total=20, min_ratio=0.1) for s in range(20)]
+    assert f[0] > 0 and f[0] < f[1] < f[2] < f[3] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[3:], f[4:]))
+    assert f[-1] == pytest.approx(0.1)
+
+
+def test_batch_indices_partition_each_step_and_are_reproducible():
+    n, world, micro, accum = 24, 2, 3, 2
+    step_blocks = [batch_indices(n, 1, m, r, world, micro, accum, seed=7) for m in range(accum) for r in range(world)]
+    flat = [i for b in step_blocks for i in b]
+    assert len(set(flat)) == len(flat) == world * micro * accum  # workers never overlap within a step
+    assert batch_indices(n, 1, 0, 1, world, micro, accum, seed=7) == step_blocks[1]
+    epoch = [i for s in range(2) for m in range(accum) for r in range(world)
+             for i in batch_indices(n, s, m, r, world, micro, accum, seed=7)]
+    assert sorted(epoch) == list(range(n))  # one epoch visits every block once
+    assert batch_indices(n, 0, 0, 0, world, micro, accum, seed=8) != batch_indices(n, 0, 0, 0, world, micro, accum,
+                                                                                    seed=7)
+
+
+def test_distill_loss_limits_and_vocab_gather():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 10, (2, 6))
+    s = torch.randn(2, 6, 10)
+    ce = next_token_loss(s, ids)
+    assert distill_loss(s, torch.randn(2, 6, 10), ids, alpha=0.0, temperature=2.0) == pytest.approx(ce.item())
+    assert distill_loss(s, s.clone(), ids, alpha=1.0, temperature=2.0).item() == pytest.approx(0.0, abs=1e-6)
+    # A teacher over a larger vocabulary, whose rows 3, 5, 7, ... are the student's rows 0, 1, 2, ...
+    keep = torch.arange(3, 23, 2)
+    teacher = torch.full((2, 6, 30), -5.0)
+    teacher[..., keep] = s
+    assert distill_loss(s, teacher, ids, 1.0, 2.0, teacher_token_ids=keep).item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="teacher_token_ids"):
+        distill_loss(s, teacher, ids, 1.0, 2.0)
+
+
+def test_deepspeed_config_fills_recover_settings_and_rejects_conflicts(tmp_path):
+    cfg = RecoverConfig(batch_size=3, grad_accum=2, grad_clip=0.5, deepspeed_config="jobs/deepspeed/zero3.json")
+    ds = deepspeed_config(cfg)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["gradient_clipping"]) == (
+        3, 2, 0.5)
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] is False  # bf16 only on GPU
+    assert deepspeed_config(replace(cfg, use_gpu=True))["bf16"]["enabled"] is True
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    with pytest.raises(ConfigError, match="optimizer"):
+        deepspeed_config(replace(cfg, deepspeed_config=str(bad)))
+    bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8}))
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu"):
+        deepspeed_config(replace(cfg, deepspeed_config=str(bad)))
+    with pytest.raises(ConfigError, match="not found"):
+        deepspeed_config(replace(cfg, deepspeed_config="jobs/deepspeed/nope.json"))
+
+
+def test_check_resources_names_what_does_not_fit():
+    tasks = [RecoveryTask("a", "s", ("x",), "o", "c")]
+    check_resources(tasks, RecoverConfig(workers=2, cpus_per_worker=1.0), 2.0, 0.0)
+    with pytest.raises(ConfigError, match="3 workers x 1 CPUs = 3 CPUs"):
+        check_resources(tasks, RecoverConfig(workers=3, cpus_per_worker=1.0), 2.0, 0.0)
+    with pytest.raises(ConfigError, match="GPUs"):
+        check_resources(tasks, RecoverConfig(workers=2, use_gpu=True), 8.0, 1.0)
+    assert concurrent_domains(5, RecoverConfig(workers=2, cpus_per_worker=0.5), 2.0, 0.0) == 2
+    assert concurrent_domains(1, RecoverConfig(workers=2, cpus_per_worker=0.5), 8.0, 0.0) == 1
+
+
+def test_recover_config_validates_new_fields():
+    with pytest.raises(ConfigError, match="lora_targets"):
+        RecoverConfig(lora_targets=())
+    with pytest.raises(ConfigError, match="keep_checkpoints"):
+        RecoverConfig(keep_checkpoints=0)
+
+
+# ------------------------------------------------------------------------------------------------- fixtures
+
+
+def _tiny_llama(path: Path, vocab: int, seed: int, with_tokenizer: bool = True) -> str:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=128, tie_word_embeddings=True,
+                                         initializer_range=0.2))  # big enough for LoRA to move logits
+    model.save_pretrained(path)
+    if with_tokenizer:
+        AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(path)
+    return str(path)
+
+
+def _shards(folder: Path, n_shards: int = 2, blocks_per_shard: int = 8, period: int = 8, offset: int = 100) -> tuple:
+    """A repetitive corpus: every block is the same short cycle of ids at a different phase."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(n_shards):
+        rows = [[offset + (j + b + s) % period for j in range(BLOCK)] for b in range(blocks_per_shard)]
+        table = pa.table({"input_ids": pa.array(rows, type=pa.list_(pa.int32())),
+                          "n_bytes": pa.array([4 * BLOCK] * blocks_per_shard, type=pa.int64())})
+        path = folder / f"shard-{s:05d}.parquet"
+        pq.write_table(table, path)
+        paths.append(str(path))
+    return tuple(paths)
+
+
+def _task(root: Path, domain: str, student: str, shards: tuple, **kw) -> RecoveryTask:
+    return RecoveryTask(domain=domain, student_dir=student, train_shards=shards,
+                        out_dir=str(root / domain / "recovered"), checkpoint_dir=str(root / domain / "checkpoints"),
+                        **kw)
+
+
+def _assert_plain_checkpoint(out_dir: str, vocab: int) -> None:
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out_dir)
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.vocab_size == vocab
+    with safe_open(str(Path(out_dir) / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and not [k for k in keys if "lora" in k or "base_model" in k or "base_layer" in k]
+    assert AutoTokenizer.from_pretrained(out_dir).eos_token_id is not None
+    assert json.loads((Path(out_dir) / "_manifest.json").read_text())["finished"] is True
+
+
+def _falls(losses: tuple[float, ...]) -> bool:
+    return sum(losses[-2:]) / 2 < 0.9 * sum(losses[:2]) / 2
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # The Train controller polls its workers this often (default 2 s); each run starts and ends a poll sooner.
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"RAY_AUTH_MODE": "token",
+                                                                             "TOKENIZERS_PARALLELISM": "false"}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    return _tiny_llama(tmp_path_factory.mktemp("student") / "pruned", VOCAB, seed=0)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return _shards(tmp_path_factory.mktemp("data"))
+
+
+BASE = RecoverConfig(steps=6, batch_size=2, workers=2, cpus_per_worker=0.5, lr=1e-2, warmup_steps=1,
+                     checkpoint_every=0)
+
+
+# --------------------------------------------------------------------------------------------- Ray + DeepSpeed
+
+
+@pytest.mark.slow
+def test_full_two_domains_train_concurrently_and_save_plain_experts(ray_cluster, student, shards, tmp_path):
+    other = _shards(tmp_path / "other", period=5, offset=300)
+    tasks = [_task(tmp_path, "legal", student, shards), _task(tmp_path, "code", student, other)]
+    results = recover_all(tasks, BASE)
+    a, b = results["legal"], results["code"]
+    for r in (a, b):
+        assert r.ok, r.error
+        assert r.steps == 6 and len(r.losses) == 6 and _falls(r.losses) and r.tokens_per_s > 0
+        _assert_plain_checkpoint(r.out_dir, VOCAB)
+    assert a.started_at < b.finished_at and b.started_at < a.finished_at  # the two runs overlapped in time
+
+
+@pytest.mark.slow
+def test_lora_merges_and_a_failing_domain_does_not_stop_the_other(ray_cluster, student, shards, tmp_path):
+    bad = _shards(tmp_path / "bad", offset=VOCAB)  # ids past the student's vocabulary
+    cfg = replace(BASE, mode="lora", lora_rank=8, lora_alpha=16, lr=2e-2)
+    results = recover_all([_task(tmp_path, "legal", student, shards), _task(tmp_path, "broken", student, bad)], cfg)
+    assert not results["broken"].ok and "vocabulary" in results["broken"].error
+    good = results["legal"]
+    assert good.ok, good.error
+    assert _falls(good.losses)
+    _assert_plain_checkpoint(good.out_dir, VOCAB)
+    from transformers import AutoModelForCausalLM
+
+    before = AutoModelForCausalLM.from_pretrained(student).model.layers[0].self_attn.q_proj.weight
+    after = AutoModelForCausalLM.from_pretrained(good.out_dir).model.layers[0].self_attn.q_proj.weight
+    assert not torch.allclose(before, after)  # the adapters were merged into the weights
+
+
+@pytest.mark.slow
+def test_distill_zero3_vocab_pruned_student_resumes_after_a_kill(ray_cluster, tmp_path):
+    keep = tuple(range(0, 2048, 4))  # student row i = teacher id 4 * i
+    teacher = _tiny_llama(tmp_path / "teacher", VOCAB, seed=1)
+    small = _tiny_llama(tmp_path / "pruned", len(keep), seed=2)
+    data = _shards(tmp_path / "data", offset=10)
+    cfg = replace(BASE, mode="distill", deepspeed_config="jobs/deepspeed/zero3.json", distill_alpha=0.5,
+                  checkpoint_every=2)
+    task = _task(tmp_path, "medical", small, data, teacher_dir=teacher, teacher_token_ids=keep)
+
+    aborted = recover_all([task], cfg, abort_after_step=3)["medical"]
+    assert not aborted.ok and "aborted after step 3" in aborted.error
+    assert not Path(task.out_dir).exists()
+    assert latest_tag(task) == "step_000002"
+
+    r = recover_all([task], cfg)["medical"]
+    assert r.ok, r.error
+    assert r.resumed_from == 2 and r.steps == 6 and len(r.losses) == 6  # continued from the checkpoint, not 0
+    assert _falls(r.losses)
+    _assert_plain_checkpoint(r.out_dir, len(keep))
+
+    t0 = time.monotonic()
+    again = recover_all([task], cfg)["medical"]
+    assert again.ok and again.skipped and again.losses == r.losses
+    assert time.monotonic() - t0 < 5
+
+
+def test_impossible_resource_request_fails_fast(ray_cluster, student, shards, tmp_path):
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match="CPUs per domain"):
+        recover_all([_task(tmp_path, "legal", student, shards)], replace(BASE, workers=4, cpus_per_worker=1.0))
+    assert time.monotonic() - t0 < 5
+    assert not (tmp_path / "legal").exists()
+
+
+def test_load_blocks_reads_contract_shards(shards):
+    blocks = load_blocks(shards)
+    assert blocks.shape == (16, BLOCK) and blocks.dtype == torch.int64
