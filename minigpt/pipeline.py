@@ -296,6 +296,8 @@ class Pipeline:
         for t in tasks:
             r = results.get(t.domain)
             if r is not None and r.ok:
+                # The expert is final; its DeepSpeed checkpoints (GBs on real models) are no longer needed.
+                shutil.rmtree(t.checkpoint_dir, ignore_errors=True)
                 self.book.mark("recover", t.domain, keys[t.domain], "done", outputs=[t.out_dir],
                                steps=r.steps, final_loss=r.losses[-1] if r.losses else None,
                                tokens_per_s=r.tokens_per_s)

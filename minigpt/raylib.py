@@ -12,6 +12,8 @@ import os
 AUTH_MODE = "token"
 
 os.environ.setdefault("RAY_AUTH_MODE", AUTH_MODE)
+# Ray Train v2 drains worker reports once per poll (2 s by default), which throttles short recovery runs.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
