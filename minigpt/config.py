@@ -133,6 +133,7 @@ class PruneConfig:
     vocab: bool = False  # also prune the vocabulary to tokens seen on the domain (rewrites the tokenizer)
     vocab_min_count: int = 1  # a token is kept when it occurs at least this often in the domain's profile
     cus_prun_strength: float = 1.0  # cus-prun: weight of the other corpora's relevance
+    taylor_blocks: int = 8  # taylor: calibration blocks given a backward pass for first-order importance
 
     def __post_init__(self) -> None:
         _check(self.method in PRUNE_METHODS, f"prune.method {self.method!r} is not one of {', '.join(PRUNE_METHODS)}")
@@ -144,6 +145,7 @@ class PruneConfig:
         _check(self.kv_groups >= 0, "prune.kv_groups must be >= 0 (0 = keep every KV group)")
         _check(self.vocab_min_count >= 1, "prune.vocab_min_count must be >= 1")
         _check(self.cus_prun_strength >= 0, "prune.cus_prun_strength must be >= 0")
+        _check(self.taylor_blocks >= 1, "prune.taylor_blocks must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -230,6 +232,80 @@ class RayConfig:
 
     def __post_init__(self) -> None:
         _check(self.num_cpus is None or self.num_cpus >= 1, "ray.num_cpus must be >= 1")
+
+
+SEARCH_OBJECTIVES = ("params", "latency")
+SEARCH_SPLITS = ("calib", "train")  # never heldout: the search must not see the documents of the final report
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """NSGA-II search over expert shapes (minigpt.search); off unless enabled."""
+
+    enabled: bool = False
+    objective: str = "params"  # size objective against loss: "params" (total, tied once) or measured "latency"
+    method: str = "contextual"  # scoring method ranking channels and KV groups inside a shape
+    population: int = 8
+    generations: int = 4
+    seed: int = 0
+    crossover_prob: float = 0.9
+    mutation_prob: float = 0.0  # per gene; 0 = 1 / number of genes
+    mlp_fractions: tuple[float, ...] = tuple(i / 16 for i in range(4, 17))  # MLP widths offered, x dense width
+    multiple_of: int = 8  # MLP widths are rounded to a multiple of this
+    kv: bool = True  # search the KV groups kept per layer (else every group is kept)
+    vocab_min_counts: tuple[int, ...] = (0,)  # vocabulary cuts offered: 0 = none, n = keep tokens seen >= n times
+    min_layers: int = 1
+    seed_uniform: bool = True  # start from the full shape + population/2 - 1 uniform-MLP shapes, the rest random
+    split: str = "train"  # documents the candidates are scored on (see minigpt.search on leakage)
+    eval_blocks: int = 4  # blocks of data.block_size scored per candidate
+    batch_size: int = 4
+    workers: int = 2  # Ray actors, each holding the dense model
+    cpus_per_worker: float = 1.0  # also the torch thread count of each actor
+    latency_batch: int = 1  # objective latency: fixed forward shape and repeats
+    latency_seq_len: int = 128
+    latency_repeats: int = 3
+    points: int = 1  # plans taken from the front for slimming and recovery, spread over sizes
+    budget: float = 0.0  # > 0: take the one lowest-loss plan with at most budget x dense total parameters
+
+    def __post_init__(self) -> None:
+        _check(self.objective in SEARCH_OBJECTIVES,
+               f"search.objective {self.objective!r} is not one of {', '.join(SEARCH_OBJECTIVES)}")
+        _check(self.method in PRUNE_METHODS and self.method not in ("depth", "cus-prun", "taylor"),
+               f"search.method {self.method!r} must be one of contextual, wanda-sp, magnitude, random")
+        _check(self.population >= 4 and self.population % 2 == 0, "search.population must be an even number >= 4")
+        _check(self.generations >= 1, "search.generations must be >= 1")
+        _check(0 <= self.crossover_prob <= 1 and 0 <= self.mutation_prob <= 1,
+               "search.crossover_prob and mutation_prob must be in [0, 1]")
+        _check(len(self.mlp_fractions) >= 1 and all(0 < f <= 1 for f in self.mlp_fractions),
+               "search.mlp_fractions must be a non-empty list of fractions in (0, 1]")
+        _check(self.multiple_of >= 1, "search.multiple_of must be >= 1")
+        _check(len(self.vocab_min_counts) >= 1 and all(c >= 0 for c in self.vocab_min_counts),
+               "search.vocab_min_counts must be a non-empty list of counts >= 0 (0 = no vocabulary cut)")
+        _check(self.min_layers >= 1, "search.min_layers must be >= 1")
+        _check(self.split in SEARCH_SPLITS,
+               f"search.split {self.split!r} must be one of {', '.join(SEARCH_SPLITS)} (never the held-out split)")
+        _check(self.eval_blocks >= 1 and self.batch_size >= 1, "search.eval_blocks and batch_size must be >= 1")
+        _check(self.workers >= 1 and self.cpus_per_worker > 0, "search.workers and cpus_per_worker must be positive")
+        _check(self.latency_batch >= 1 and self.latency_seq_len >= 2 and self.latency_repeats >= 1,
+               "search.latency_batch and latency_repeats must be >= 1, latency_seq_len >= 2")
+        _check(self.points >= 1, "search.points must be >= 1")
+        _check(0 <= self.budget < 1, "search.budget must be in [0, 1) (0 = take search.points plans)")
+
+
+QUANTIZE_SCHEMES = ("int8-weight",)
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """int8 weight quantization of finished experts (minigpt.quantize, torchao); off unless enabled."""
+
+    enabled: bool = False
+    scheme: str = "int8-weight"  # torchao Int8WeightOnlyConfig: int8 weights, per-channel scales, float activations
+    embeddings: bool = False  # also quantize the input embedding / lm_head (tied in SmolLM2)
+
+    def __post_init__(self) -> None:
+        _check(self.scheme in QUANTIZE_SCHEMES,
+               f"quantize.scheme {self.scheme!r} is not one of {', '.join(QUANTIZE_SCHEMES)}")
 
 
 @dataclass(frozen=True)

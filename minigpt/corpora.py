@@ -679,3 +679,25 @@ __all__ = [
     "gather_documents", "hpo_obo_path", "iter_documents", "parse_obo_term", "prepare_domain", "read_blocks",
     "read_n_bytes", "split_long", "token_bytes", "tokenize_documents",
 ]
+
+
+def retokenize(documents: Sequence[tuple[str, str]], tokenizer: Any, block_size: int, blocks_per_shard: int,
+               out_dir: Path) -> list[Path]:
+    """Token shards of `documents` under another tokenizer (a vocabulary-pruned expert's), written atomically.
+
+    The documents are the ones a split already holds (same hash order), so the expert trains on the same text.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        split_dir = tmp / out_dir.name
+        split_dir.mkdir()
+        names = _write_shards(split_dir, build_stream(documents, tokenizer, block_size, None), block_size,
+                              blocks_per_shard)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.rename(split_dir, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [out_dir / Path(n).name for n in names]

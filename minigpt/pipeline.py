@@ -234,13 +234,16 @@ class Pipeline:
         return self.run_dir / "experts" / domain / kind
 
     def slim(self) -> None:
-        from minigpt import calibrate as K, models, plan as P, scoring, slim as SL
+        from minigpt import calibrate as K, corpora, models, plan as P, slim as SL, stats as S
 
         cfg = self.cfg
         dense = None
         tokenizer = None
+        contrastive = cfg.prune.method == "cus-prun"
         for d in cfg.domains:
-            key = _hash(self.keys[("calibrate", d.name)], C.dump_section(cfg.prune))
+            # cus-prun contrasts a domain with the others, so its plan depends on their profiles too.
+            upstream = [self.keys[("calibrate", o.name)] for o in cfg.domains if contrastive or o.name == d.name]
+            key = _hash(upstream, C.dump_section(cfg.prune))
 
             def work(name=d.name):
                 nonlocal dense, tokenizer
@@ -248,26 +251,50 @@ class Pipeline:
                     dense = models.load_model(self.model_dir, "float32", cfg.model.trust_remote_code)
                     tokenizer = models.load_tokenizer(self.model_dir, cfg.model.trust_remote_code)
                 stats, _ = K.load_profile(self.profile_path(name))
-                scores = scoring.score(cfg.prune.method, stats, dense, seed=cfg.prune.seed)
-                plan = P.build_uniform(scores, dense, domain=name, method=cfg.prune.method, target=cfg.prune.target,
-                                       multiple_of=cfg.prune.multiple_of, base_model=cfg.model.source,
-                                       profile=str(self.profile_path(name)))
-                small = SL.slim(dense, plan)
+                others = {o.name: K.load_profile(self.profile_path(o.name))[0]
+                          for o in cfg.domains if o.name != name} if contrastive else None
+                grad = None
+                if cfg.prune.method == "taylor":
+                    # First-order Taylor needs gradients: one backward pass over part of the calibration split.
+                    data = corpora.DomainData.load(self.data_dir(name))
+                    blocks = corpora.read_blocks(data.shards("calib"))[: cfg.prune.taylor_blocks]
+                    grad = S.taylor_sums(dense, blocks, cfg.calibrate.batch_size)
+                plan = P.build_plan(stats, dense, cfg.prune, domain=name, other_profiles=others, grad_stats=grad,
+                                    tokenizer=tokenizer, base_model=cfg.model.source,
+                                    profile=str(self.profile_path(name)))
+                small, tok = SL.slim_expert(dense, tokenizer, plan)
                 total, non_emb = models.count_parameters(small)
                 if (total, non_emb) != (plan.params["total"], plan.params["non_embedding"]):
                     raise RuntimeError(f"slimmed {name} has {total}/{non_emb} parameters, plan predicts "
                                        f"{plan.params['total']}/{plan.params['non_embedding']}")
-                SL.save_expert(small, tokenizer, self.expert_dir(name, "pruned"))
+                SL.save_expert(small, tok, self.expert_dir(name, "pruned"))
+                if plan.vocab_keep is not None:
+                    # The expert's token ids differ from the base's: its train split is re-tokenized for recovery.
+                    data = corpora.DomainData.load(self.data_dir(name))
+                    corpora.retokenize(data.documents("train"), tok, cfg.data.block_size, cfg.data.blocks_per_shard,
+                                       self.expert_dir(name, "train"))
                 plan.save(self.plan_path(name))
-                removed = 1 - non_emb / plan.params["dense_non_embedding"]
-                print(f"[slim] {name}: MLP {plan.intermediate_size} -> {plan.mlp_width} per layer, "
-                      f"non-embedding {plan.params['dense_non_embedding'] / 1e6:.1f}M -> {non_emb / 1e6:.1f}M "
-                      f"({removed:.1%} removed)", flush=True)
+                dense_ne = plan.params["dense_non_embedding"]
+                print(f"[slim] {name}: {cfg.prune.method}, MLP {plan.intermediate_size} -> {plan.mlp_width}, "
+                      f"KV groups {plan.kv_groups} -> {plan.kv_width}, layers {plan.num_layers} -> "
+                      f"{plan.num_layers - len(plan.dropped_layers)}"
+                      + (f", vocab {plan.vocab_size} -> {len(plan.vocab_keep)}" if plan.vocab_keep else "")
+                      + f"; non-embedding {dense_ne / 1e6:.1f}M -> {non_emb / 1e6:.1f}M "
+                      f"({1 - non_emb / dense_ne:.1%} removed)", flush=True)
 
             self._stage("slim", d.name, key, [self.plan_path(d.name), self.expert_dir(d.name, "pruned")], work)
 
+    def train_shards(self, domain: str) -> list[Path]:
+        """Base-tokenized train shards, or the expert's own when its vocabulary was pruned."""
+        from minigpt import corpora
+
+        own = self.expert_dir(domain, "train")
+        if own.is_dir():
+            return sorted(own.glob("shard-*.parquet"))
+        return corpora.DomainData.load(self.data_dir(domain)).shards("train")
+
     def recover(self) -> dict:
-        from minigpt import corpora, recover as R
+        from minigpt import plan as P, recover as R
 
         cfg = self.cfg
         tasks, keys = [], {}
@@ -283,11 +310,14 @@ class Pipeline:
             prev = self.book.read("recover", d.name)
             if prev and prev.get("key") != key and ckpt.exists():
                 shutil.rmtree(ckpt)  # checkpoints of other settings must not be resumed
-            data = corpora.DomainData.load(self.data_dir(d.name))
+            plan = P.PruningPlan.load(self.plan_path(d.name))
+            distill = cfg.recover.mode == "distill"
             tasks.append(R.RecoveryTask(domain=d.name, student_dir=str(self.expert_dir(d.name, "pruned")),
-                                        train_shards=tuple(str(p) for p in data.shards("train")),
+                                        train_shards=tuple(str(p) for p in self.train_shards(d.name)),
                                         out_dir=str(out), checkpoint_dir=str(ckpt),
-                                        teacher_dir=str(self.model_dir) if cfg.recover.mode == "distill" else None))
+                                        teacher_dir=str(self.model_dir) if distill else None,
+                                        teacher_token_ids=tuple(plan.vocab_keep)
+                                        if distill and plan.vocab_keep is not None else None))
             self.book.mark("recover", d.name, key, "running")
         if not tasks:
             return {}

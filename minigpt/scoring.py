@@ -1,56 +1,196 @@
-"""Importance scores: plain functions from (profile statistics, model weights) to one score per MLP channel.
+"""Importance scores: plain functions from (profile statistics, model weights) to scores per prunable structure.
 
-Higher means more important. Every method returns a float64 tensor [num_layers, intermediate_size], so the plan
-builder does not care which method produced it.
+Higher means more important. Every method returns a `Scores`: one score per MLP channel [L, I], per KV group
+[L, G] (None where the method or the architecture has none), per layer [L] (block influence) and per token [V]
+(the domain's token counts, for vocabulary pruning), so the plan builder does not care which method produced it.
+
+Methods (the seed papers):
+  contextual  Mini-GPTs: mean |activation| of each channel on the domain; heads by the RMS of their output.
+  cus-prun    Cus-Prun: a channel's relevance to the domain contrasted with its relevance to the job's other
+              corpora; what serves only the other corpora scores lowest.
+  taylor      LLM-Pruner: first-order Taylor importance sum |w * grad| of coupled groups (needs taylor_sums).
+  wanda-sp    structured Wanda: sum |W| * ||X|| over a structure's output weights.
+  magnitude   data-free: L2 norm of the structure's coupled weights.
+  random      seeded uniform baseline.
+  depth       block influence: 1 - mean cos(layer input, layer output); the plan drops the least influential layers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from minigpt.models import decoder_layers, mlp_parts
+from minigpt.config import ConfigError
+from minigpt.models import decoder_layers, kv_coupling, mlp_coupling, widths
+
+Stats = Mapping[str, torch.Tensor]
 
 
-def contextual(stats: Mapping[str, torch.Tensor], model: nn.Module, seed: int = 0) -> torch.Tensor:
-    """Mini-GPTs: mean |activation| of each channel on the domain."""
-    return stats["mlp_abs_sum"] / stats["tokens"].clamp_min(1)
+@dataclass(frozen=True)
+class Scores:
+    mlp: torch.Tensor  # [L, I]
+    kv: torch.Tensor | None  # [L, G]
+    layer: torch.Tensor  # [L], block influence (higher = the layer changes its input more)
+    vocab: torch.Tensor  # [V], token counts on the domain
 
 
-def wanda_sp(stats: Mapping[str, torch.Tensor], model: nn.Module, seed: int = 0) -> torch.Tensor:
-    """Structured Wanda: sum_i |W_down[i, j]| * ||X_j||, with ||X_j|| the RMS of the channel's activation."""
-    rms = (stats["mlp_sq_sum"] / stats["tokens"].clamp_min(1)).sqrt()
-    w = torch.stack([mlp_parts(layer)[1].weight.detach().abs().sum(0).double() for layer in decoder_layers(model)])
-    return w * rms
+def _tokens(stats: Stats) -> torch.Tensor:
+    return stats["tokens"].double().clamp_min(1)
 
 
-def magnitude(stats: Mapping[str, torch.Tensor], model: nn.Module, seed: int = 0) -> torch.Tensor:
-    """Data-free baseline: L2 norm of the channel's coupled weights (input rows and output column)."""
+def _group_heads(per_head: torch.Tensor, groups: int) -> torch.Tensor:
+    """[L, H] per query head -> [L, G] per KV group (a group's query heads are contiguous)."""
+    return per_head.reshape(per_head.shape[0], groups, -1).sum(-1)
+
+
+def _has_kv(model: nn.Module) -> bool:
+    try:
+        kv_coupling(model)
+        return True
+    except ConfigError:
+        return False
+
+
+def block_influence(stats: Stats) -> torch.Tensor:
+    return 1 - stats["block_cos_sum"].double() / _tokens(stats)
+
+
+def _head_rms(stats: Stats, model: nn.Module) -> torch.Tensor:
+    """RMS norm of each query head's output per token [L, H]."""
+    return (stats["head_sq_sum"].double() / _tokens(stats)).sqrt()
+
+
+def _finish(stats: Stats, model: nn.Module, mlp: torch.Tensor, kv: torch.Tensor | None) -> Scores:
+    return Scores(mlp=mlp.double(), kv=kv.double() if kv is not None and _has_kv(model) else None,
+                  layer=block_influence(stats), vocab=stats["token_counts"].double())
+
+
+def contextual(stats: Stats, model: nn.Module, **_) -> Scores:
+    """Mini-GPTs: mean |activation| of each MLP channel on the domain; a KV group by its query heads' output RMS."""
+    mlp = stats["mlp_abs_sum"].double() / _tokens(stats)
+    kv = _group_heads(_head_rms(stats, model), widths(model)["kv_heads"])
+    return _finish(stats, model, mlp, kv)
+
+
+def _relevance(stats: Stats, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-layer normalised mean |activation| (channels) and head RMS (groups), so corpora compare on one scale."""
+    mlp = stats["mlp_abs_sum"].double() / _tokens(stats)
+    kv = _group_heads(_head_rms(stats, model), widths(model)["kv_heads"])
+    return mlp / mlp.mean(1, keepdim=True).clamp_min(1e-12), kv / kv.mean(1, keepdim=True).clamp_min(1e-12)
+
+
+def cus_prun(stats: Stats, model: nn.Module, *, others: Mapping[str, Stats] | None = None, strength: float = 1.0,
+             **_) -> Scores:
+    """Cus-Prun: keep what the domain uses; push down what is relevant only to the other corpora.
+
+    score = r_d - strength * max(0, max_o r_o - r_d), with r the per-layer normalised relevance on each corpus.
+    A channel the domain uses keeps its relevance; one that serves another corpus more than this domain falls below
+    even a silent channel, so it is pruned first (the paper's 'prune the irrelevant dimensions').
+    """
+    if not others:
+        raise ConfigError("prune.method cus-prun needs other corpora (other domains or a general corpus) to contrast")
+    mlp_d, kv_d = _relevance(stats, model)
+    rel = [_relevance(o, model) for o in others.values()]
+    mlp_o = torch.stack([r[0] for r in rel]).amax(0)
+    kv_o = torch.stack([r[1] for r in rel]).amax(0)
+    mlp = mlp_d - strength * (mlp_o - mlp_d).clamp_min(0)
+    kv = kv_d - strength * (kv_o - kv_d).clamp_min(0)
+    return _finish(stats, model, mlp, kv)
+
+
+def taylor(stats: Stats, model: nn.Module, *, grad: Stats | None = None, **_) -> Scores:
+    """LLM-Pruner: mean over batches of sum |w * dL/dw| over each coupled group (from stats.taylor_sums)."""
+    if grad is None or "taylor_mlp" not in grad:
+        raise ConfigError("prune.method taylor needs gradient statistics (minigpt.stats.taylor_sums)")
+    n = grad["taylor_batches"].double().clamp_min(1)
+    return _finish(stats, model, grad["taylor_mlp"].double() / n, grad["taylor_kv"].double() / n)
+
+
+def _out_weight_norms(model: nn.Module, coupling) -> list[torch.Tensor]:
+    """Per block: sum |W| of the output projection per index along its coupled dimension."""
+    out = next(c for c in coupling if c.output)
     rows = []
     for layer in decoder_layers(model):
-        ins, down = mlp_parts(layer)
-        sq = sum(p.weight.detach().double().square().sum(1) for p in ins) + down.weight.detach().double().square().sum(0)
+        w = dict(layer.named_parameters())[out.name].detach().double().abs()
+        rows.append(w.sum(1 - out.dim))
+    return rows
+
+
+def wanda_sp(stats: Stats, model: nn.Module, **_) -> Scores:
+    """Structured Wanda: sum_i |W_out[i, j]| * ||X_j|| with ||X_j|| the RMS of the structure's input activation."""
+    rms = (stats["mlp_sq_sum"].double() / _tokens(stats)).sqrt()
+    mlp = torch.stack(_out_weight_norms(model, mlp_coupling(model))) * rms
+    kv = None
+    if _has_kv(model):
+        w = widths(model)
+        col = torch.stack(_out_weight_norms(model, kv_coupling(model)))  # [L, H * head_dim]
+        # Only per-head norms are profiled: spread each head's mean square evenly over its head_dim inputs.
+        head_rms = (stats["head_sq_sum"].double() / _tokens(stats) / w["head_dim"]).sqrt()
+        per_head = col.reshape(col.shape[0], w["heads"], w["head_dim"]).sum(-1) * head_rms
+        kv = _group_heads(per_head, w["kv_heads"])
+    return _finish(stats, model, mlp, kv)
+
+
+def _coupled_l2(model: nn.Module, coupling, units: int) -> torch.Tensor:
+    rows = []
+    for layer in decoder_layers(model):
+        params = dict(layer.named_parameters())
+        sq = torch.zeros(units, dtype=torch.float64)
+        for c in coupling:
+            p = params[c.name].detach().double().square()
+            per_index = p.sum(dim=[d for d in range(p.dim()) if d != c.dim]) if p.dim() > 1 else p
+            sq += per_index.reshape(units, c.size).sum(1)
         rows.append(sq.sqrt())
     return torch.stack(rows)
 
 
-def random(stats: Mapping[str, torch.Tensor], model: nn.Module, seed: int = 0) -> torch.Tensor:
+def magnitude(stats: Stats, model: nn.Module, **_) -> Scores:
+    """Data-free baseline: L2 norm of each structure's coupled weights."""
+    w = widths(model)
+    kv = _coupled_l2(model, kv_coupling(model), w["kv_heads"]) if _has_kv(model) else None
+    return _finish(stats, model, _coupled_l2(model, mlp_coupling(model), w["intermediate"]), kv)
+
+
+def random(stats: Stats, model: nn.Module, *, seed: int = 0, **_) -> Scores:
     """Baseline: seeded uniform scores."""
     g = torch.Generator().manual_seed(seed)
-    return torch.rand(stats["mlp_abs_sum"].shape, generator=g, dtype=torch.float64)
+    w = widths(model)
+    mlp = torch.rand(stats["mlp_abs_sum"].shape, generator=g, dtype=torch.float64)
+    kv = torch.rand((w["layers"], w["kv_heads"]), generator=g, dtype=torch.float64)
+    return _finish(stats, model, mlp, kv)
 
 
-METHODS: dict[str, Callable[..., torch.Tensor]] = {
+def depth(stats: Stats, model: nn.Module, **_) -> Scores:
+    """Block influence only: channels and groups are not ranked (the plan drops whole layers)."""
+    w = widths(model)
+    return _finish(stats, model, torch.ones(w["layers"], w["intermediate"], dtype=torch.float64),
+                   torch.ones(w["layers"], w["kv_heads"], dtype=torch.float64))
+
+
+METHODS: dict[str, Callable[..., Scores]] = {
     "contextual": contextual,
+    "cus-prun": cus_prun,
+    "taylor": taylor,
     "wanda-sp": wanda_sp,
     "magnitude": magnitude,
     "random": random,
+    "depth": depth,
 }
 
 
-def score(method: str, stats: Mapping[str, torch.Tensor], model: nn.Module, seed: int = 0) -> torch.Tensor:
+def score_all(method: str, stats: Stats, model: nn.Module, *, seed: int = 0,
+              others: Mapping[str, Stats] | None = None, grad: Stats | None = None) -> Scores:
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-    return METHODS[method](stats, model, seed=seed)
+        raise ConfigError(f"unknown prune.method {method!r}; known: {', '.join(METHODS)}")
+    return METHODS[method](stats, model, seed=seed, others=others, grad=grad)
+
+
+def score(method: str, stats: Stats, model: nn.Module, seed: int = 0, **kw) -> torch.Tensor:
+    """MLP channel scores only [L, I] (the original interface)."""
+    return score_all(method, stats, model, seed=seed, **kw).mlp
+
+
+__all__ = ["Scores", "METHODS", "score", "score_all", "block_influence"]

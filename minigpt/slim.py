@@ -1,12 +1,14 @@
 """Apply a PruningPlan: the only code that cuts weights. Rows and columns are deleted, never just zeroed.
 
-The slimmed model is built from a new config written here (same architecture, smaller widths) and filled with
-sliced tensors through a strict state-dict load, so a plan that does not fit the model fails loudly.
-`mask` is the reference used by tests: the dense model with the same channels zeroed must give the same logits.
+The slimmed model is built from a new config written here (same architecture, smaller widths, fewer layers,
+smaller vocabulary) and filled with sliced tensors through a strict state-dict load, so a plan that does not fit
+the model fails loudly. `mask` is the reference used by tests: the dense model with the same MLP channels, KV
+groups and layers silenced must give the same logits (vocabulary: the dense logits restricted to the kept ids).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import tempfile
@@ -15,64 +17,151 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from minigpt.models import decoder_layers, mlp_parts
+from minigpt.config import ConfigError
+from minigpt.models import arch_of, config_key, decoder_layers, kv_coupling, mlp_coupling, unit_index, widths
 from minigpt.plan import PruningPlan
 
 
 def _check(model: nn.Module, plan: PruningPlan) -> None:
-    layers = decoder_layers(model)
-    if plan.num_layers != len(layers) or plan.intermediate_size != model.config.intermediate_size:
+    w = widths(model)
+    if plan.num_layers != w["layers"] or plan.intermediate_size != w["intermediate"]:
         raise ValueError(f"plan is for {plan.num_layers} layers x {plan.intermediate_size} channels, model has "
-                         f"{len(layers)} x {model.config.intermediate_size}")
+                         f"{w['layers']} x {w['intermediate']}")
+    if plan.vocab_keep is not None and plan.vocab_size not in (0, w["vocab"]):
+        raise ValueError(f"plan is for a vocabulary of {plan.vocab_size}, model has {w['vocab']}")
+
+
+def _remap_id(value, remap: dict[int, int]):
+    if isinstance(value, list):
+        return [remap[v] for v in value if v in remap]
+    return remap.get(value) if isinstance(value, int) else value
 
 
 def slim_config(model: nn.Module, plan: PruningPlan):
-    """A new config of the same class with the plan's widths."""
+    """A new config of the same class with the plan's widths, layer count and vocabulary."""
+    arch = arch_of(model)
+    if not plan.uniform:
+        raise ConfigError(f"plan has non-uniform per-layer widths, which is not a stock {arch.model_type!r} config "
+                          "(one width for every layer); evaluate it with slim.mask or build a uniform plan")
+    w = widths(model)
     d = model.config.to_dict()
-    d["intermediate_size"] = plan.mlp_width
+    d[config_key(arch, "intermediate")] = plan.mlp_width
+    d[config_key(arch, "layers")] = len(plan.layers)
+    kv = plan.kv_width
+    if kv is not None:
+        per_group = w["heads"] // w["kv_heads"]
+        d[config_key(arch, "heads")] = kv * per_group
+        d[config_key(arch, "kv_heads")] = kv
+        d[config_key(arch, "head_dim")] = w["head_dim"]  # otherwise re-derived from hidden_size / heads
+    if isinstance(d.get("layer_types"), list) and len(d["layer_types"]) == w["layers"]:
+        d["layer_types"] = [d["layer_types"][lp.index] for lp in plan.layers]
+    if plan.vocab_keep is not None:
+        remap = {old: new for new, old in enumerate(plan.vocab_keep)}
+        d["vocab_size"] = len(plan.vocab_keep)
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "decoder_start_token_id"):
+            if d.get(key) is not None:
+                d[key] = _remap_id(d[key], remap)
     return type(model.config).from_dict(d)
+
+
+def _param_name(model: nn.Module, tensor: torch.Tensor) -> str:
+    return next(n for n, p in model.named_parameters(remove_duplicate=False) if p is tensor)
 
 
 @torch.no_grad()
 def slim(model: nn.Module, plan: PruningPlan) -> nn.Module:
     """Return a new, physically smaller model; `model` is left untouched."""
     _check(model, plan)
+    arch = arch_of(model)
     new_cfg = slim_config(model, plan)
-    state = {k: v for k, v in model.state_dict().items()}
-    for lp, layer in zip(plan.layers, decoder_layers(model)):
-        keep = torch.tensor(lp.mlp_keep, dtype=torch.long)
-        ins, down = mlp_parts(layer)
-        names = {id(m): n for n, m in model.named_modules()}
-        for lin in ins:
-            prefix = names[id(lin)]
-            state[f"{prefix}.weight"] = lin.weight.index_select(0, keep).clone()
-            if lin.bias is not None:
-                state[f"{prefix}.bias"] = lin.bias.index_select(0, keep).clone()
-        state[f"{names[id(down)]}.weight"] = down.weight.index_select(1, keep).clone()
+    mlp = {c.name: c for c in mlp_coupling(model)}
+    kv = {c.name: c for c in kv_coupling(model)} if plan.kv_width is not None else {}
+    kept = {lp.index: (j, lp) for j, lp in enumerate(plan.layers)}
+    prefix = arch.layers + "."
+    state = {}
+    for key, value in model.state_dict().items():
+        if not key.startswith(prefix):
+            state[key] = value
+            continue
+        idx, rel = key[len(prefix):].split(".", 1)
+        if int(idx) not in kept:
+            continue  # a dropped layer
+        j, lp = kept[int(idx)]
+        if rel in mlp:
+            value = value.index_select(mlp[rel].dim, unit_index(mlp[rel], lp.mlp_keep))
+        if rel in kv and lp.kv_keep is not None:
+            value = value.index_select(kv[rel].dim, unit_index(kv[rel], lp.kv_keep))
+        state[f"{prefix}{j}.{rel}"] = value.clone()
+    if plan.vocab_keep is not None:
+        rows = torch.tensor(plan.vocab_keep, dtype=torch.long)
+        tensors = [model.get_input_embeddings().weight]
+        out = model.get_output_embeddings()
+        if out is not None:
+            tensors += [out.weight] + ([out.bias] if getattr(out, "bias", None) is not None else [])
+        # Every name of each tensor (tied embeddings appear under two names), each sliced once.
+        names = {n for n, p in model.named_parameters(remove_duplicate=False) if any(p is t for t in tensors)}
+        for name in names:
+            if name in state:
+                state[name] = state[name].index_select(0, rows).clone()
     dtype = next(model.parameters()).dtype
     new = type(model)(new_cfg).to(dtype)
     # Tied embeddings share one tensor; the state dict may carry lm_head.weight too, which load_state_dict accepts.
     missing, unexpected = new.load_state_dict(state, strict=False)
     tied = getattr(new_cfg, "tie_word_embeddings", False)
-    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
+    out_new = new.get_output_embeddings()
+    tied_name = _param_name(new, out_new.weight) if tied and out_new is not None else None
+    missing = [k for k in missing if k != tied_name]
     if missing or unexpected:
         raise RuntimeError(f"slimmed state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if tied:
         new.tie_weights()
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen = copy.deepcopy(gen)
+        if plan.vocab_keep is not None:
+            remap = {old: new_id for new_id, old in enumerate(plan.vocab_keep)}
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
+                if getattr(gen, key, None) is not None:
+                    setattr(gen, key, _remap_id(getattr(gen, key), remap))
+        new.generation_config = gen
     new.eval()
     return new
 
 
 @torch.no_grad()
 def mask(model: nn.Module, plan: PruningPlan) -> nn.Module:
-    """Zero the down-projection columns of removed channels in place (the reference for slimming tests)."""
+    """Silence, in place, what the plan removes: the output-projection inputs of removed MLP channels and KV groups,
+    and the whole residual contribution (output projections and their biases) of dropped layers."""
     _check(model, plan)
-    for lp, layer in zip(plan.layers, decoder_layers(model)):
-        _, down = mlp_parts(layer)
-        drop = torch.ones(down.weight.shape[1], dtype=torch.bool)
-        drop[list(lp.mlp_keep)] = False
-        down.weight[:, drop] = 0
+    arch = arch_of(model)
+    w = widths(model)
+    layers = decoder_layers(model)
+    mlp_out = [c for c in mlp_coupling(model) if c.output]
+    kv_out = [c for c in kv_coupling(model) if c.output] if any(lp.kv_keep is not None for lp in plan.layers) else []
+    for lp in plan.layers:
+        params = dict(layers[lp.index].named_parameters())
+        for couplings, keep, units in ((mlp_out, lp.mlp_keep, w["intermediate"]), (kv_out, lp.kv_keep, w["kv_heads"])):
+            if keep is None:
+                continue
+            drop = sorted(set(range(units)) - set(keep))
+            for c in couplings:
+                if drop:
+                    params[c.name].index_fill_(c.dim, unit_index(c, drop), 0.0)
+    for i in plan.dropped_layers:
+        for module in (arch.mlp_out, arch.attn_out):
+            for name, p in layers[i].get_submodule(module).named_parameters():
+                p.zero_()
     return model
+
+
+def slim_expert(model: nn.Module, tokenizer, plan: PruningPlan):
+    """(slimmed model, tokenizer): the tokenizer is rewritten when the plan prunes the vocabulary."""
+    from minigpt import vocab as V
+
+    small = slim(model, plan)
+    if plan.vocab_keep is not None:
+        tokenizer = V.prune_tokenizer(tokenizer, plan.vocab_keep)
+    return small, tokenizer
 
 
 def save_expert(model: nn.Module, tokenizer, out_dir: Path, extra_files: dict[str, str] | None = None) -> Path:

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from minigpt.models import decoder_layers, mlp_parts
+from minigpt.config import ConfigError
+from minigpt.models import attn_output, decoder_layers, kv_coupling, mlp_coupling, mlp_parts, widths
 
 Stats = dict[str, torch.Tensor]
 
@@ -44,8 +45,8 @@ def empty_stats(num_layers: int, intermediate: int, heads: int, hidden: int, voc
 
 
 def stats_for_model(model: nn.Module) -> Stats:
-    c = model.config
-    return empty_stats(c.num_hidden_layers, c.intermediate_size, c.num_attention_heads, c.hidden_size, c.vocab_size)
+    w = widths(model)
+    return empty_stats(w["layers"], w["intermediate"], w["heads"], w["hidden"], w["vocab"])
 
 
 def merge(parts: Iterable[Mapping[str, torch.Tensor]]) -> Stats:
@@ -80,7 +81,7 @@ def _first_tensor(x):
 @contextmanager
 def collecting(model: nn.Module, stats: Stats):
     """Register hooks that add one forward pass's statistics into `stats` (in place); removed on exit."""
-    heads = model.config.num_attention_heads
+    heads = widths(model)["heads"]
     handles = []
 
     def add_rows(name: str, layer: int, a: torch.Tensor, fn) -> None:
@@ -108,7 +109,7 @@ def collecting(model: nn.Module, stats: Stats):
             stats["block_cos_sum"][i] += cos.sum(dtype=torch.float64)
 
         handles.append(down.register_forward_pre_hook(mlp_hook))
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(head_hook))
+        handles.append(attn_output(layer).register_forward_pre_hook(head_hook))
         handles.append(layer.register_forward_hook(block_hook, with_kwargs=True))
     try:
         yield stats
@@ -126,8 +127,53 @@ def accumulate(model: nn.Module, blocks: torch.Tensor, batch_size: int, stats: S
     with collecting(model, stats):
         for start in range(0, blocks.shape[0], batch_size):
             ids = blocks[start:start + batch_size].to(device)
-            model.model(input_ids=ids, use_cache=False)
+            model.base_model(input_ids=ids, use_cache=False)
             stats["tokens"] += ids.numel()
             stats["token_counts"] += torch.bincount(ids.reshape(-1).cpu(), minlength=stats["token_counts"].numel()
                                                     ).to(torch.float64)
     return stats
+
+
+def taylor_sums(model: nn.Module, blocks: torch.Tensor, batch_size: int) -> Stats:
+    """First-order Taylor importance (LLM-Pruner) of coupled groups, as fp64 sums over batches.
+
+    For every batch the next-token loss is back-propagated and sum |w * dL/dw| is added per MLP channel (its input
+    rows, biases and output column) and per KV group (its key/value rows, its query heads' rows and their output
+    projection columns). Entries: taylor_batches [1], taylor_mlp [L, I], taylor_kv [L, G] (zeros where the
+    architecture's heads cannot be pruned). Gradients are cleared afterwards; the weights are not changed.
+    """
+    w = widths(model)
+    layers = decoder_layers(model)
+    out = {"taylor_batches": torch.zeros(1, dtype=torch.float64),
+           "taylor_mlp": torch.zeros(w["layers"], w["intermediate"], dtype=torch.float64),
+           "taylor_kv": torch.zeros(w["layers"], w["kv_heads"], dtype=torch.float64)}
+    mlp = mlp_coupling(model)
+    try:
+        kv = kv_coupling(model)
+    except ConfigError:  # e.g. GPT-2: no prunable KV groups
+        kv = []
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, blocks.shape[0], batch_size):
+            ids = blocks[start:start + batch_size].to(device)
+            model.zero_grad(set_to_none=True)
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            with torch.no_grad():
+                for i, layer in enumerate(layers):
+                    params = dict(layer.named_parameters())
+                    for coupling, key, n in ((mlp, "taylor_mlp", w["intermediate"]), (kv, "taylor_kv", w["kv_heads"])):
+                        for c in coupling:
+                            p = params[c.name]
+                            if p.grad is None:
+                                continue
+                            contrib = (p.detach().double() * p.grad.double()).abs()
+                            per_index = contrib.sum(dim=[d for d in range(p.dim()) if d != c.dim]) if p.dim() > 1 \
+                                else contrib
+                            out[key][i] += per_index.reshape(n, c.size).sum(1).cpu()
+            out["taylor_batches"] += 1
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return out

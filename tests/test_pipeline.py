@@ -173,3 +173,26 @@ def test_ray_job_submit_on_a_local_cluster(tmp_path):
         assert set(summary["domains"]) == {"alpha", "beta"}
     finally:
         stop_local_cluster(cluster)
+
+
+def test_contrastive_kv_vocab_pruning_with_distillation(tmp_path):
+    """cus-prun + KV groups + vocabulary pruning + distillation from the dense teacher, through the whole job."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    job = write_tiny_job(tmp_path, str(_tokenizer_dir()), steps=2)
+    proc = _run_cli(job, "prune.method=cus-prun", "prune.kv_groups=1", "prune.vocab=true", "recover.mode=distill",
+                    "prune.target=0.1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = tmp_path / "run"
+    for domain in ("alpha", "beta"):
+        plan = json.loads((run / "plans" / f"{domain}.json").read_text())
+        assert plan["method"] == "cus-prun" and plan["vocab_keep"] and len(plan["vocab_keep"]) < 49152
+        expert = run / "experts" / domain / "recovered"
+        model = AutoModelForCausalLM.from_pretrained(expert)
+        tok = AutoTokenizer.from_pretrained(expert)
+        assert model.config.num_key_value_heads == 1 and model.config.vocab_size == len(plan["vocab_keep"])
+        text = "any text at all: ünïcode, 数字 and {code}"
+        assert tok.decode(tok(text)["input_ids"]) == text
+        assert (run / "experts" / domain / "train").is_dir()  # re-tokenized for the expert's vocabulary
+    summary = json.loads((run / "summary.json").read_text())
+    assert all(r["recover_status"] == "done" for r in summary["domains"].values())

@@ -1,6 +1,7 @@
 """Plans and slimming: physical removal equals masking, counts match predictions, JSON round-trips."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ def _profile(model):
     return S.accumulate(model, blocks, batch_size=2)
 
 
-@pytest.mark.parametrize("method", sorted(scoring.METHODS))
+@pytest.mark.parametrize("method", ["contextual", "wanda-sp", "magnitude", "random"])
 def test_slimmed_logits_equal_masked_dense(method):
     model = make_tiny_llama()
     scores = scoring.score(method, _profile(model), model, seed=3)
@@ -39,7 +40,7 @@ def test_slimmed_logits_equal_masked_dense(method):
 
 def test_slim_reaches_target_fraction():
     model = make_tiny_llama(inter=256, hidden=32)
-    plan = build_uniform(scoring.contextual(_profile(model), model), model, domain="d", method="contextual",
+    plan = build_uniform(scoring.contextual(_profile(model), model).mlp, model, domain="d", method="contextual",
                          target=0.25, multiple_of=8)
     removed = 1 - plan.params["non_embedding"] / plan.params["dense_non_embedding"]
     assert abs(removed - 0.25) < 0.03
@@ -49,7 +50,7 @@ def test_slim_reaches_target_fraction():
 def test_contextual_keeps_highest_mean_activation():
     model = make_tiny_llama()
     prof = _profile(model)
-    plan = build_uniform(scoring.contextual(prof, model), model, domain="d", method="contextual", target=0.3)
+    plan = build_uniform(scoring.contextual(prof, model).mlp, model, domain="d", method="contextual", target=0.3)
     mean = prof["mlp_abs_sum"][0] / prof["tokens"]
     kept = set(plan.layers[0].mlp_keep)
     dropped = [j for j in range(64) if j not in kept]
@@ -60,7 +61,7 @@ def test_save_reload_with_plain_transformers(tmp_path):
     from minigpt.models import load_tokenizer
 
     model = make_tiny_llama()
-    plan = build_uniform(scoring.random(_profile(model), model), model, domain="d", method="random", target=0.3)
+    plan = build_uniform(scoring.random(_profile(model), model).mlp, model, domain="d", method="random", target=0.3)
     small = slim.slim(model, plan)
     tok_dir = tmp_path / "tok"
     # A tiny tokenizer is enough to check the folder layout; the real one is exercised in the slow test.
@@ -95,6 +96,101 @@ def test_plan_rejects_wrong_model():
        st.floats(0.01, 0.99), st.text(min_size=1, max_size=10))
 def test_plan_json_round_trip(keeps, target, domain):
     plan = PruningPlan(domain=domain, method="contextual", target=target, model_type="llama", num_layers=len(keeps),
-                       intermediate_size=1001, layers=tuple(LayerPlan(i, tuple(sorted(k))) for i, k in enumerate(keeps)),
+                       intermediate_size=1001,
+                       layers=tuple(LayerPlan(i, tuple(sorted(k))) for i, k in enumerate(keeps)),
                        params={"total": 5})
     assert PruningPlan.from_json(plan.to_json()) == plan
+
+
+def test_plan_json_round_trip_with_groups_layers_and_vocab():
+    plan = PruningPlan(domain="d", method="depth", target=0.2, model_type="llama", num_layers=3, intermediate_size=64,
+                       layers=(LayerPlan(0, (1, 2), (0,)), LayerPlan(2, (3, 4), (1,))), kv_groups=2,
+                       dropped_layers=(1,), vocab_size=10, vocab_keep=(0, 3, 7), mode="threshold", threshold=0.5)
+    back = PruningPlan.from_json(plan.to_json())
+    assert back == plan and back.kv_width == 1 and back.mlp_width == 2
+
+
+# ------------------------------------------------------------------------------------------ vocabulary
+
+REAL = Path("/root/.cache/minigpt/models/smollm2-135m-b179c9523d0e6a0f")
+needs_tokenizer = pytest.mark.skipif(not (REAL / "tokenizer.json").is_file(), reason="SmolLM2 tokenizer not prepared")
+DOMAIN_TEXT = "Permission is hereby granted, free of charge, to any person obtaining a copy of this software."
+
+
+@pytest.fixture(scope="module")
+def real_tokenizer():
+    from minigpt.models import load_tokenizer
+
+    return load_tokenizer(REAL)
+
+
+def _vocab_plan(model, tok, prune_cfg=None):
+    from minigpt.config import PruneConfig
+    from minigpt.plan import build_plan
+
+    ids = torch.tensor([tok.encode(DOMAIN_TEXT) * 2])
+    prof = S.accumulate(model, ids, batch_size=1)
+    return build_plan(prof, model, prune_cfg or PruneConfig(target=0.2, vocab=True), domain="d", tokenizer=tok), ids
+
+
+@needs_tokenizer
+@pytest.mark.parametrize("tie", [True, False])
+def test_vocab_pruning_keeps_kept_text_exact(real_tokenizer, tie, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = real_tokenizer
+    model = make_tiny_llama(vocab=len(tok), hidden=16, inter=32, layers=1, heads=2, kv_heads=1, tie=tie)
+    plan, ids = _vocab_plan(model, tok)
+    keep = torch.tensor(plan.vocab_keep)
+    assert 256 + 17 <= len(keep) < 2000 and set(ids[0].tolist()) <= set(plan.vocab_keep)
+    small, new_tok = slim.slim_expert(model, tok, plan)
+    assert count_parameters(small) == (plan.params["total"], plan.params["non_embedding"])
+    assert small.config.vocab_size == len(new_tok) == len(keep)
+    remap = {old: new for new, old in enumerate(plan.vocab_keep)}
+    new_ids = new_tok.encode(DOMAIN_TEXT)
+    assert new_ids == [remap[i] for i in tok.encode(DOMAIN_TEXT)]  # same tokens, renumbered
+    x = torch.tensor([new_ids])
+    with torch.no_grad():
+        got = small(x).logits
+        ref = slim.mask(make_tiny_llama(vocab=len(tok), hidden=16, inter=32, layers=1, heads=2, kv_heads=1, tie=tie),
+                        plan)(torch.tensor([tok.encode(DOMAIN_TEXT)])).logits
+    # Kept text: the pruned logits are the dense logits of the kept ids, so the loss equals the dense model's
+    # loss with removed tokens excluded from the softmax (and never exceeds the dense loss).
+    torch.testing.assert_close(got, ref[..., keep], rtol=1e-5, atol=1e-5)
+    tgt = x[0, 1:]
+    pruned_loss = torch.nn.functional.cross_entropy(got[0, :-1], tgt)
+    masked = torch.full_like(ref, float("-inf"))
+    masked[..., keep] = ref[..., keep]
+    old_tgt = torch.tensor(tok.encode(DOMAIN_TEXT))[1:]
+    torch.testing.assert_close(pruned_loss, torch.nn.functional.cross_entropy(masked[0, :-1], old_tgt))
+    assert pruned_loss <= torch.nn.functional.cross_entropy(ref[0, :-1], old_tgt) + 1e-6
+    # Any text still round-trips through the new tokenizer.
+    for text in ["Zwölf Boxkämpfer jagen Viktor — 東京 🙂", "def f(x):\n\treturn x ** 2  # ok", DOMAIN_TEXT]:
+        enc = new_tok.encode(text)
+        assert max(enc) < len(keep) and new_tok.decode(enc) == text
+    out = slim.save_expert(small, new_tok, tmp_path / "expert")
+    back_tok = AutoTokenizer.from_pretrained(out)
+    back = AutoModelForCausalLM.from_pretrained(out)
+    assert back_tok.encode(DOMAIN_TEXT) == new_ids and back_tok.eos_token == tok.eos_token
+    assert back.config.eos_token_id == new_tok.eos_token_id == remap[tok.eos_token_id]
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits, got)
+
+
+@needs_tokenizer
+def test_vocab_keep_must_be_closed(real_tokenizer):
+    from minigpt import vocab as V
+
+    with pytest.raises(ValueError, match="not closed"):
+        V.prune_tokenizer(real_tokenizer, [0, 1, 2])
+
+
+def test_vocab_pruning_refuses_other_tokenizers():
+    from tokenizers import Tokenizer, models as tm
+    from transformers import PreTrainedTokenizerFast
+
+    from minigpt import vocab as V
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tm.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>")))
+    with pytest.raises(ValueError, match="supported: byte-level BPE"):
+        V.closure(tok, [1])
