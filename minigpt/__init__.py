@@ -4,8 +4,15 @@ Stages (each its own module): corpora -> calibrate (stats) -> scoring -> plan ->
 run by minigpt.pipeline. The maths modules (stats, scoring, plan, slim) are pure torch and need no Ray.
 """
 
-from minigpt.config import ConfigError, JobConfig, load
-from minigpt.plan import PruningPlan
+import logging as _logging
+
+# With torchao installed (int8 quantization), transformers imports it in every process; it then logs that CUDA-only
+# kernels are missing and torch warns about its enums. Neither matters on CPU or changes results.
+for _name in ("torchao", "torchao.kernel.intmm", "torch.utils._pytree"):
+    _logging.getLogger(_name).setLevel(_logging.ERROR)
+
+from minigpt.config import ConfigError, JobConfig, load  # noqa: E402
+from minigpt.plan import PruningPlan  # noqa: E402
 
 __all__ = ["ConfigError", "JobConfig", "PruningPlan", "load"]
 __version__ = "0.1.0"

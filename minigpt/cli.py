@@ -80,6 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"minigpt: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from minigpt.pipeline import JobIncomplete
+
+        if not isinstance(e, JobIncomplete):
+            raise
+        print(f"minigpt: incomplete: {e} (other domains finished; re-run to retry)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("minigpt: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130

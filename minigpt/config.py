@@ -319,6 +319,8 @@ class JobConfig:
     recover: RecoverConfig = field(default_factory=RecoverConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     output_dir: str = ""  # default: runs/<name>
 
     def __post_init__(self) -> None:

@@ -24,7 +24,11 @@ from pathlib import Path
 from minigpt import config as C
 from minigpt.config import ConfigError, JobConfig
 
-STAGES = ("prepare", "calibrate", "slim", "recover", "evaluate", "report")
+class JobIncomplete(RuntimeError):
+    """Some domains failed; every other domain's outputs, the evaluation and the report were still written."""
+
+
+STAGES = ("prepare", "calibrate", "search", "slim", "recover", "quantize", "evaluate", "report")
 
 
 def _hash(*parts) -> str:
@@ -169,12 +173,21 @@ class Pipeline:
             raise
         _atomic_write(self.run_dir / "job.yaml", C.dump(cfg))
         self.calibrate()
+        if cfg.search.enabled:
+            self.search()
         self.slim()
         results = self.recover() if cfg.recover.enabled else {}
+        if cfg.quantize.enabled:
+            self.quantize()
         eval_data = self.evaluate()
         summary = self.summarize(eval_data, results)
         self.report(eval_data, summary)
         print_table(summary)
+        failed = [d for d, r in summary["domains"].items() if r.get("recover_status") == "failed"]
+        if failed:
+            errors = {d: (self.book.read("recover", d) or {}).get("error") or "?" for d in failed}
+            raise JobIncomplete("recovery failed for " + "; ".join(f"{d}: {e.splitlines()[0][:200]}"
+                                                                  for d, e in errors.items()))
         return summary
 
     # ------------------------------------------------------------------------------------------ stages
@@ -233,8 +246,45 @@ class Pipeline:
     def expert_dir(self, domain: str, kind: str) -> Path:
         return self.run_dir / "experts" / domain / kind
 
+    def search_path(self, domain: str) -> Path:
+        return self.run_dir / "search" / f"{domain}.json"
+
+    def search(self) -> None:
+        """NSGA-II over expert shapes per domain, cut from the profile; writes the front and its plot."""
+        from minigpt import calibrate as K, corpora, search as SE
+
+        cfg = self.cfg
+        for d in cfg.domains:
+            key = _hash(self.keys[("calibrate", d.name)], C.dump_section(cfg.search))
+            out = self.search_path(d.name)
+
+            def work(name=d.name, out=out):
+                stats, _ = K.load_profile(self.profile_path(name))
+                data = corpora.DomainData.load(self.data_dir(name))
+                texts = [t for _, t in data.documents(cfg.search.split)]
+                res = SE.search_domain(stats, self.model_dir, texts, cfg.search, domain=name,
+                                       block_size=cfg.data.block_size, base_model=cfg.model.source,
+                                       profile=str(self.profile_path(name)), dtype=cfg.model.dtype)
+                SE.plot_front(res, out.with_suffix(".png"))
+                SE.write_front(out, res)
+                print(f"[search] {name}: front of {len(res.front)} shape(s), "
+                      f"{len(res.history)} evaluated", flush=True)
+
+            self._stage("search", d.name, key, [out, out.with_suffix(".png")], work)
+
+    def picked_plans(self, domain: str):
+        """Plans the search picked for this domain (search.points of them, or one within search.budget)."""
+        from minigpt import search as SE
+
+        result = SE.SearchResult.from_json(SE.load_front(self.search_path(domain)))
+        picked = SE.pick(result, self.cfg.search.points, self.cfg.search.budget)
+        if not picked:
+            raise ConfigError(f"search found no plan for domain {domain!r} that removes anything; "
+                              "widen search.mlp_fractions or raise search.generations")
+        return picked
+
     def slim(self) -> None:
-        from minigpt import calibrate as K, corpora, models, plan as P, slim as SL, stats as S
+        from minigpt import corpora, models, slim as SL
 
         cfg = self.cfg
         dense = None
@@ -243,25 +293,23 @@ class Pipeline:
         for d in cfg.domains:
             # cus-prun contrasts a domain with the others, so its plan depends on their profiles too.
             upstream = [self.keys[("calibrate", o.name)] for o in cfg.domains if contrastive or o.name == d.name]
-            key = _hash(upstream, C.dump_section(cfg.prune))
+            if cfg.search.enabled:  # the searched shape replaces the fixed-ratio plan
+                upstream = [self.keys[("search", d.name)]]
+            key = _hash(upstream, C.dump_section(cfg.prune), cfg.search.enabled)
 
             def work(name=d.name):
                 nonlocal dense, tokenizer
                 if dense is None:
                     dense = models.load_model(self.model_dir, "float32", cfg.model.trust_remote_code)
                     tokenizer = models.load_tokenizer(self.model_dir, cfg.model.trust_remote_code)
-                stats, _ = K.load_profile(self.profile_path(name))
-                others = {o.name: K.load_profile(self.profile_path(o.name))[0]
-                          for o in cfg.domains if o.name != name} if contrastive else None
-                grad = None
-                if cfg.prune.method == "taylor":
-                    # First-order Taylor needs gradients: one backward pass over part of the calibration split.
-                    data = corpora.DomainData.load(self.data_dir(name))
-                    blocks = corpora.read_blocks(data.shards("calib"))[: cfg.prune.taylor_blocks]
-                    grad = S.taylor_sums(dense, blocks, cfg.calibrate.batch_size)
-                plan = P.build_plan(stats, dense, cfg.prune, domain=name, other_profiles=others, grad_stats=grad,
-                                    tokenizer=tokenizer, base_model=cfg.model.source,
-                                    profile=str(self.profile_path(name)))
+                if cfg.search.enabled:
+                    picked = self.picked_plans(name)
+                    plan = picked[0]
+                    for k, extra in enumerate(picked[1:], start=1):  # further front points: slimmed and evaluated
+                        small, tok = SL.slim_expert(dense, tokenizer, extra)
+                        SL.save_expert(small, tok, self.expert_dir(name, f"search-{k}"))
+                else:
+                    plan = self._fixed_ratio_plan(name, dense, tokenizer)
                 small, tok = SL.slim_expert(dense, tokenizer, plan)
                 total, non_emb = models.count_parameters(small)
                 if (total, non_emb) != (plan.params["total"], plan.params["non_embedding"]):
@@ -275,14 +323,30 @@ class Pipeline:
                                        self.expert_dir(name, "train"))
                 plan.save(self.plan_path(name))
                 dense_ne = plan.params["dense_non_embedding"]
-                print(f"[slim] {name}: {cfg.prune.method}, MLP {plan.intermediate_size} -> {plan.mlp_width}, "
-                      f"KV groups {plan.kv_groups} -> {plan.kv_width}, layers {plan.num_layers} -> "
+                print(f"[slim] {name}: {plan.method}, MLP {plan.intermediate_size} -> {plan.mlp_width}, "
+                      f"KV groups {plan.kv_groups} -> {plan.kv_width or plan.kv_groups}, layers {plan.num_layers} -> "
                       f"{plan.num_layers - len(plan.dropped_layers)}"
                       + (f", vocab {plan.vocab_size} -> {len(plan.vocab_keep)}" if plan.vocab_keep else "")
                       + f"; non-embedding {dense_ne / 1e6:.1f}M -> {non_emb / 1e6:.1f}M "
                       f"({1 - non_emb / dense_ne:.1%} removed)", flush=True)
 
             self._stage("slim", d.name, key, [self.plan_path(d.name), self.expert_dir(d.name, "pruned")], work)
+
+    def _fixed_ratio_plan(self, name: str, dense, tokenizer):
+        from minigpt import calibrate as K, corpora, plan as P, stats as S
+
+        cfg = self.cfg
+        stats, _ = K.load_profile(self.profile_path(name))
+        others = {o.name: K.load_profile(self.profile_path(o.name))[0]
+                  for o in cfg.domains if o.name != name} if cfg.prune.method == "cus-prun" else None
+        grad = None
+        if cfg.prune.method == "taylor":
+            # First-order Taylor needs gradients: one backward pass over part of the calibration split.
+            data = corpora.DomainData.load(self.data_dir(name))
+            blocks = corpora.read_blocks(data.shards("calib"))[: cfg.prune.taylor_blocks]
+            grad = S.taylor_sums(dense, blocks, cfg.calibrate.batch_size)
+        return P.build_plan(stats, dense, cfg.prune, domain=name, other_profiles=others, grad_stats=grad,
+                            tokenizer=tokenizer, base_model=cfg.model.source, profile=str(self.profile_path(name)))
 
     def train_shards(self, domain: str) -> list[Path]:
         """Base-tokenized train shards, or the expert's own when its vocabulary was pruned."""
@@ -339,6 +403,20 @@ class Pipeline:
         print(f"[recover] succeeded: {', '.join(ok) or 'none'}; failed: {', '.join(failed) or 'none'}", flush=True)
         return {k: v for k, v in results.items()}
 
+    def quantize(self) -> None:
+        """int8 weight quantization of each domain's final expert (recovered when it exists, else pruned)."""
+        from minigpt import quantize as Q
+
+        cfg = self.cfg
+        for d in cfg.domains:
+            rec_ok = (self.book.read("recover", d.name) or {}).get("status") == "done"
+            src = self.expert_dir(d.name, "recovered" if rec_ok else "pruned")
+            upstream = self.keys.get(("recover", d.name)) if rec_ok else self.keys[("slim", d.name)]
+            key = _hash(upstream, str(src), C.dump_section(cfg.quantize))
+            out = self.expert_dir(d.name, "int8")
+            self._stage("quantize", d.name, key, [out],
+                        lambda src=src, out=out: Q.quantize_expert(src, out, cfg.quantize))
+
     def model_table(self) -> dict[str, str]:
         models = {"dense": str(self.model_dir)}
         for d in self.cfg.domains:
@@ -348,6 +426,12 @@ class Pipeline:
                     if kind == "recovered" and (self.book.read("recover", d.name) or {}).get("status") != "done":
                         continue
                     models[f"{d.name}/{kind}"] = str(p)
+            extras = sorted(p for p in (self.run_dir / "experts" / d.name).glob("search-*") if p.is_dir())
+            if self.cfg.quantize.enabled:
+                extras.append(self.expert_dir(d.name, "int8"))
+            for p in extras:
+                if p.is_dir():
+                    models[f"{d.name}/{p.name}"] = str(p)
         return models
 
     def evaluate(self) -> dict:
@@ -355,7 +439,8 @@ class Pipeline:
 
         cfg = self.cfg
         models = self.model_table()
-        upstream = [self.keys.get((s, d.name)) for d in cfg.domains for s in ("prepare", "slim", "recover")]
+        upstream = [self.keys.get((s, d.name)) for d in cfg.domains for s in ("prepare", "slim", "recover",
+                                                                              "quantize")]
         key = _hash(upstream, sorted(models), C.dump_section(cfg.evaluate))
         out = self.run_dir / "eval.json"
         self._stage("evaluate", None, key, [out], lambda: E.evaluate_run(
@@ -391,9 +476,17 @@ class Pipeline:
 
         plans = {d.name: json.loads(self.plan_path(d.name).read_text()) for d in self.cfg.domains
                  if self.plan_path(d.name).is_file()}
-        key = _hash(self.keys.get(("evaluate", None)), summary)
+        searches = {}
+        if self.cfg.search.enabled:
+            for d in self.cfg.domains:
+                path = self.search_path(d.name)
+                if path.is_file() and path.with_suffix(".png").is_file():
+                    searches[d.name] = {"front": json.loads(path.read_text())["front"],
+                                        "png": path.with_suffix(".png").read_bytes()}
+        key = _hash(self.keys.get(("evaluate", None)), summary, sorted(searches))
         self._stage("report", None, key, [self.run_dir / "report.md", self.run_dir / "report.html"],
-                    lambda: RP.write_report(self.run_dir, eval_data, plans, {"summary": summary}))
+                    lambda: RP.write_report(self.run_dir, eval_data, plans, {"name": self.cfg.name},
+                                            searches=searches))
 
 
 def _fmt(x) -> str:
@@ -455,7 +548,7 @@ def _pid_alive(pid) -> bool:
 def run_job(cfg: JobConfig, job_path: str | None = None) -> dict:
     try:
         return Pipeline(cfg, job_path).run()
-    except ConfigError:
+    except (ConfigError, JobIncomplete):
         raise
     except Exception:
         traceback.print_exc()

@@ -221,8 +221,26 @@ def _plot_widths(plans: dict[str, dict]) -> bytes | None:
 # ---------------------------------------------------------------------------------------------- model
 
 
+def _search_section(searches: dict[str, dict]) -> Section:
+    """The Pareto front of each searched domain: a table of its points and the search's own plot."""
+    sec = Section("Architecture search (Pareto fronts)")
+    for domain, s in searches.items():
+        rows = []
+        for p in s.get("front", []):
+            shape = p.get("shape") if isinstance(p.get("shape"), dict) else {}
+            rows.append([_pct(p.get("removed")), _count(p.get("params")), str(len(shape.get("kept_layers", ()))),
+                         str(shape.get("mlp_width", "—")), str(shape.get("kv_groups", "—")),
+                         _num(p.get("loss")), _num(p.get("bits_per_byte"), 4)])
+        sec.tables.append(Table(f"Front: {domain}", ["removed", "params", "layers", "MLP width", "KV groups",
+                                                     "search-slice loss", "bits/byte"], rows,
+                                note="Scored on the search slice (train or calib split), not on held-out text."))
+        if s.get("png"):
+            sec.plots.append(Plot(f"search_{domain}.png", f"Pareto front: {domain}", s["png"]))
+    return sec
+
+
 def build_sections(eval_data: dict, plans: dict[str, dict] | None = None,
-                   extra: dict | None = None) -> list[Section]:
+                   extra: dict | None = None, searches: dict[str, dict] | None = None) -> list[Section]:
     """The report's content, independent of the output format."""
     models: dict = eval_data.get("models") or {}
     domains: list = eval_data.get("domains") or []
@@ -339,6 +357,9 @@ def build_sections(eval_data: dict, plans: dict[str, dict] | None = None,
         samples.text.append((label, f"{prompt or ''}{res.get('sample') or ''}"))
     sections.append(samples)
 
+    if searches:
+        sections.append(_search_section(searches))
+
     if extra:
         ex = Section("Run")
         ex.tables.append(Table("Details", ["key", "value"], [[str(k), str(v)] for k, v in extra.items()]))
@@ -441,7 +462,7 @@ def _write_assets_atomic(run_dir: Path, plots: list[Plot]) -> None:
 
 
 def write_report(run_dir: Path, eval_data: dict, plans: dict[str, dict] | None = None,
-                 extra: dict | None = None) -> tuple[Path, Path]:
+                 extra: dict | None = None, searches: dict[str, dict] | None = None) -> tuple[Path, Path]:
     """Write run_dir/report.md (+ report_assets/*.png) and a self-contained run_dir/report.html.
 
     `eval_data` is the eval.json dict (minigpt.eval/1); `plans` maps a name (the domain) to a plan JSON dict
@@ -450,7 +471,7 @@ def write_report(run_dir: Path, eval_data: dict, plans: dict[str, dict] | None =
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    sections = build_sections(eval_data, plans, extra)
+    sections = build_sections(eval_data, plans, extra, searches)
     title = f"minigpt report: {(extra or {}).get('name') or run_dir.name}"
     _write_assets_atomic(run_dir, [p for sec in sections for p in sec.plots])
     md, page = run_dir / "report.md", run_dir / "report.html"

@@ -134,7 +134,7 @@ def test_killed_driver_resumes_to_the_same_result(finished_run, tmp_path):
         any(r["status"] == "pending" for r in status(tmp_path / "run"))
 
     resumed = _run_cli(job)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
     after = _manifests(tmp_path / "run")
     for name, m in done_before.items():
         assert after[name]["time"] == m["time"], f"{name} was redone"
@@ -163,14 +163,25 @@ def test_killed_driver_resumes_to_the_same_result(finished_run, tmp_path):
 def test_ray_job_submit_on_a_local_cluster(tmp_path):
     from tests.clusterlib import start_local_cluster, stop_local_cluster, submit_job
 
-    job = write_tiny_job(tmp_path, str(_tokenizer_dir()), recover=False)
+    # The architecture search (Ray actors) and int8 quantization ride along, so they run on a real cluster too.
+    job = write_tiny_job(tmp_path, str(_tokenizer_dir()), recover=False, search__enabled=True,
+                         search__population=4, search__generations=2, search__eval_blocks=2, search__workers=1,
+                         search__cpus_per_worker=0.5, quantize__enabled=True)
     cluster = start_local_cluster(tmp_path / "ray-local", workers=1, cpus_per_node=2)
     try:
         result = submit_job(cluster, ["python", "-m", "minigpt", "run", str(job)], timeout=400)
         assert result.status == "SUCCEEDED", result.logs[-3000:]
-        assert "[calibrate]" in result.logs and "[pipeline] evaluate: done" in result.logs
-        summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+        for line in ("[calibrate]", "[search] alpha", "[pipeline] quantize/beta: done", "[pipeline] evaluate: done"):
+            assert line in result.logs, line
+        run = tmp_path / "run"
+        summary = json.loads((run / "summary.json").read_text())
         assert set(summary["domains"]) == {"alpha", "beta"}
+        front = json.loads((run / "search" / "alpha.json").read_text())
+        assert front["front"] and (run / "search" / "alpha.png").is_file()
+        evaluated = json.loads((run / "eval.json").read_text())["models"]
+        assert {"alpha/int8", "beta/int8", "alpha/pruned"} <= set(evaluated)
+        html = (run / "report.html").read_text()
+        assert "Pareto front" in html and "alpha/int8" in html
     finally:
         stop_local_cluster(cluster)
 

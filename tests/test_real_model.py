@@ -27,7 +27,7 @@ def test_real_model_slims_to_a_stock_checkpoint(real_dir, tmp_path):
     text = open(__file__).read() * 4
     ids = torch.tensor(tok(text)["input_ids"][: 4 * 128]).reshape(4, 128)
     prof = S.accumulate(dense, ids, batch_size=2)
-    plan = build_uniform(scoring.contextual(prof, dense), dense, domain="code", method="contextual", target=0.25,
+    plan = build_uniform(scoring.contextual(prof, dense).mlp, dense, domain="code", method="contextual", target=0.25,
                          multiple_of=8)
     small = slim.slim(dense, plan)
     out = slim.save_expert(small, tok, tmp_path / "expert")

@@ -1,0 +1,624 @@
+"""Architecture search for domain experts (LLaMA-NAS style): NSGA-II over expert shapes cut from a domain profile.
+
+A *shape* is what a uniform PruningPlan is made of: which layers are kept, one MLP width, one KV group count and a
+vocabulary cut. A shape becomes a plan with the domain's profile alone (`plan_from_shape`: the top-scoring channels
+and groups of each kept layer, the tokens seen at least n times), so no new calibration is needed. The search
+minimises two objectives together, size (total parameters, or measured forward latency) and quality (bits per byte
+of the slimmed candidate on a small evaluation slice), and returns the Pareto front.
+
+The genetic algorithm is pure numpy on a seeded Generator (fast_non_dominated_sort, crowding_distance, tournament,
+crossover, mutate, nsga2) and is tested on hand-made points. Candidates of a generation are evaluated in parallel
+by a small pool of Ray actors that keep the dense model loaded; each candidate is slimmed physically (so every plan
+on the front is known to slim into a loadable stock model) and scored with evaluate.lm_metrics.
+
+Leakage: candidates are scored on `SearchConfig.split` documents, `train` by default (the recovery split) or
+`calib`, and never on the held-out split of the final report, so picking the best plan on this slice does not
+flatter the reported perplexity. With a vocabulary cut prefer `train`: the token counts that decide the cut come
+from the calibration split, so on calibration text a cut never drops a token that occurs and always looks free.
+
+Quality is compared in bits per byte, not per token: a vocabulary cut re-tokenizes the text. At a fixed tokenizer
+bits per byte is the summed NLL over a constant, i.e. the same ranking as the token loss, which is reported too.
+
+Front JSON (schema "minigpt.search/1")::
+
+    {"schema", "domain", "objective", "config": {SearchConfig}, "dense": {candidate metrics of the full shape},
+     "front": [{"shape": {...}, "params", "non_embedding", "removed", "loss", "bits_per_byte", "ppl",
+                "latency_ms", "plan": PruningPlan JSON object}, ...],     # sorted by size
+     "history": [{"generation", "evaluated", "front": [[size, bits_per_byte], ...]}, ...]}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from minigpt.config import ConfigError, SearchConfig
+from minigpt.models import widths
+from minigpt.plan import LayerPlan, PruningPlan, predict_params
+
+SCHEMA = "minigpt.search/1"
+
+# ============================================================================ NSGA-II: pure maths, minimisation
+
+
+def dominates(a: np.ndarray, b: np.ndarray) -> bool:
+    """a Pareto-dominates b: no worse in every objective and strictly better in one (all minimised)."""
+    return bool(np.all(a <= b) and np.any(a < b))
+
+
+def fast_non_dominated_sort(objectives: np.ndarray) -> list[list[int]]:
+    """Deb et al. 2002: indices of the points grouped into fronts, best (non-dominated) first; each front sorted."""
+    f = np.asarray(objectives, dtype=np.float64)
+    n = len(f)
+    dominated_by: list[list[int]] = [[] for _ in range(n)]  # points that i dominates
+    count = np.zeros(n, dtype=np.int64)  # how many points dominate i
+    for i in range(n):
+        for j in range(i + 1, n):
+            if dominates(f[i], f[j]):
+                dominated_by[i].append(j)
+                count[j] += 1
+            elif dominates(f[j], f[i]):
+                dominated_by[j].append(i)
+                count[i] += 1
+    fronts = [[i for i in range(n) if count[i] == 0]]
+    while fronts[-1]:
+        nxt = []
+        for i in fronts[-1]:
+            for j in dominated_by[i]:
+                count[j] -= 1
+                if count[j] == 0:
+                    nxt.append(j)
+        fronts.append(sorted(nxt))
+    return fronts[:-1]
+
+
+def crowding_distance(objectives: np.ndarray) -> np.ndarray:
+    """Crowding distance of the points of one front: per objective, the normalised gap between each point's two
+    neighbours, summed; the extreme points of every objective get infinity so they always survive."""
+    f = np.asarray(objectives, dtype=np.float64)
+    n, m = f.shape
+    dist = np.zeros(n)
+    if n <= 2:
+        return np.full(n, np.inf)
+    for k in range(m):
+        order = np.argsort(f[:, k], kind="stable")
+        lo, hi = f[order[0], k], f[order[-1], k]
+        dist[order[0]] = dist[order[-1]] = np.inf
+        if hi == lo:
+            continue
+        gaps = (f[order[2:], k] - f[order[:-2], k]) / (hi - lo)
+        dist[order[1:-1]] += gaps
+    return dist
+
+
+def rank_and_crowding(objectives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Front number (0 = non-dominated) and crowding distance within its front, for every point."""
+    n = len(objectives)
+    rank = np.zeros(n, dtype=np.int64)
+    crowd = np.zeros(n)
+    for r, front in enumerate(fast_non_dominated_sort(objectives)):
+        rank[front] = r
+        crowd[front] = crowding_distance(np.asarray(objectives)[front])
+    return rank, crowd
+
+
+def select_survivors(objectives: np.ndarray, n: int) -> list[int]:
+    """NSGA-II environmental selection: whole fronts in rank order, the last one cut by largest crowding distance
+    (ties by index, so the selection is deterministic)."""
+    chosen: list[int] = []
+    for front in fast_non_dominated_sort(objectives):
+        if len(chosen) + len(front) <= n:
+            chosen += front
+            continue
+        crowd = crowding_distance(np.asarray(objectives)[front])
+        order = sorted(range(len(front)), key=lambda i: (-crowd[i], front[i]))
+        chosen += [front[i] for i in order[:n - len(chosen)]]
+        break
+    return chosen
+
+
+def tournament(rng: np.random.Generator, rank: np.ndarray, crowd: np.ndarray, k: int) -> list[int]:
+    """k binary tournaments: the lower rank wins, then the larger crowding distance, then a coin flip."""
+    winners = []
+    for _ in range(k):
+        a, b = (int(x) for x in rng.choice(len(rank), size=2, replace=False))
+        if rank[a] != rank[b]:
+            winners.append(a if rank[a] < rank[b] else b)
+        elif crowd[a] != crowd[b]:
+            winners.append(a if crowd[a] > crowd[b] else b)
+        else:
+            winners.append(a if rng.random() < 0.5 else b)
+    return winners
+
+
+# ---------------------------------------------------------------------------------------------- genomes
+
+
+@dataclass(frozen=True)
+class Space:
+    """The discretized search space. A genome is an int array: one keep flag per dense layer, then the index of
+    the MLP width, of the KV group count and of the vocabulary cut in their option lists."""
+
+    layers: int
+    mlp_widths: tuple[int, ...]  # ascending
+    kv_groups: tuple[int, ...]  # ascending; (G,) when KV groups are not searched
+    vocab_min_counts: tuple[int, ...]  # 0 = no cut
+    min_layers: int = 1
+
+    @property
+    def n_genes(self) -> int:
+        return self.layers + 3
+
+    def options(self) -> list[int]:
+        """Number of values each gene takes."""
+        return [2] * self.layers + [len(self.mlp_widths), len(self.kv_groups), len(self.vocab_min_counts)]
+
+    def uniform(self, k: int) -> list[np.ndarray]:
+        """k fixed-ratio-like genomes: every layer and KV group, no vocabulary cut, MLP widths spread over the upper
+        half of the grid (below the full width), where uniform MLP pruning is known to stay usable."""
+        n = len(self.mlp_widths)
+        if n < 2 or k < 1:
+            return []
+        idx = sorted({int(round(x)) for x in np.linspace(n - 2, (n - 1) // 2, k)}, reverse=True)
+        return [np.array([1] * self.layers + [i, len(self.kv_groups) - 1, 0], dtype=np.int64) for i in idx]
+
+    def full(self) -> np.ndarray:
+        """The largest shape: every layer, the widest MLP, every KV group, the smallest vocabulary cut."""
+        return np.array([1] * self.layers + [len(self.mlp_widths) - 1, len(self.kv_groups) - 1, 0], dtype=np.int64)
+
+    def shape(self, genome: np.ndarray) -> Shape:
+        g = np.asarray(genome)
+        return Shape(kept_layers=tuple(int(i) for i in np.flatnonzero(g[:self.layers])),
+                     mlp_width=self.mlp_widths[int(g[self.layers])], kv_groups=self.kv_groups[int(g[self.layers + 1])],
+                     vocab_min_count=self.vocab_min_counts[int(g[self.layers + 2])])
+
+
+@dataclass(frozen=True)
+class Shape:
+    kept_layers: tuple[int, ...]
+    mlp_width: int
+    kv_groups: int
+    vocab_min_count: int  # 0 = vocabulary untouched
+
+
+def make_space(model_or_config, cfg: SearchConfig) -> Space:
+    w = widths(model_or_config)
+    mlp = sorted({min(w["intermediate"], max(cfg.multiple_of, round(f * w["intermediate"] / cfg.multiple_of)
+                                             * cfg.multiple_of)) for f in cfg.mlp_fractions})
+    kv = tuple(range(1, w["kv_heads"] + 1)) if cfg.kv else (w["kv_heads"],)
+    if cfg.min_layers > w["layers"]:
+        raise ConfigError(f"search.min_layers {cfg.min_layers} exceeds the model's {w['layers']} layers")
+    return Space(layers=w["layers"], mlp_widths=tuple(mlp), kv_groups=kv,
+                 vocab_min_counts=tuple(sorted(set(cfg.vocab_min_counts))), min_layers=cfg.min_layers)
+
+
+def repair(rng: np.random.Generator, genome: np.ndarray, space: Space) -> np.ndarray:
+    """Keep at least `min_layers` layers by switching dropped ones back on at random."""
+    g = genome.copy()
+    off = np.flatnonzero(g[:space.layers] == 0)
+    missing = space.min_layers - (space.layers - len(off))
+    if missing > 0:
+        g[rng.choice(off, size=missing, replace=False)] = 1
+    return g
+
+
+def random_genome(rng: np.random.Generator, space: Space) -> np.ndarray:
+    """Each layer is dropped with a rate drawn per genome in [0, 0.2]: uniform flags would drop half the layers of
+    every initial candidate, a region where small models are destroyed and a short search learns nothing."""
+    drop = rng.uniform(0.0, 0.2)
+    flags = (rng.random(space.layers) >= drop).astype(np.int64)
+    rest = [int(rng.integers(n)) for n in space.options()[space.layers:]]
+    return repair(rng, np.concatenate([flags, np.array(rest, dtype=np.int64)]), space)
+
+
+def crossover(rng: np.random.Generator, a: np.ndarray, b: np.ndarray, prob: float) -> tuple[np.ndarray, np.ndarray]:
+    """Uniform crossover with probability `prob` (else the parents are copied)."""
+    if rng.random() >= prob:
+        return a.copy(), b.copy()
+    swap = rng.random(len(a)) < 0.5
+    return np.where(swap, b, a), np.where(swap, a, b)
+
+
+def mutate(rng: np.random.Generator, genome: np.ndarray, space: Space, prob: float) -> np.ndarray:
+    """Each gene mutates with probability `prob`: a layer flag flips; an option index moves one step up or down
+    (neighbouring widths are the likely improvements; a step keeps the search local, as in bit-flip mutation)."""
+    g = genome.copy()
+    for i, n in enumerate(space.options()):
+        if n < 2 or rng.random() >= prob:
+            continue
+        if i < space.layers:
+            g[i] = 1 - g[i]
+        else:
+            step = 1 if rng.random() < 0.5 else -1
+            g[i] = g[i] + step if 0 <= g[i] + step < n else g[i] - step  # at an end: the only neighbour
+    return repair(rng, g, space)
+
+
+@dataclass
+class Individual:
+    genome: np.ndarray
+    objectives: np.ndarray
+    info: dict = field(default_factory=dict)
+
+
+def nsga2(evaluate: Callable[[list[np.ndarray]], list[tuple[Sequence[float], dict]]], space: Space, *,
+          population: int, generations: int, seed: int, crossover_prob: float = 0.9, mutation_prob: float = 0.0,
+          initial: Sequence[np.ndarray] = (),
+          on_generation: Callable[[int, list[Individual]], None] | None = None) -> tuple[list[Individual], list]:
+    """Run NSGA-II. `evaluate` takes a batch of new genomes and returns, per genome, (objectives to minimise, info).
+
+    The initial population holds the full shape (it anchors the large end of the front), the `initial` genomes
+    (e.g. Space.uniform: a warm start from the fixed-ratio family) and random genomes. Each
+    generation makes `population` children by tournament, crossover and mutation, and keeps the best `population`
+    of parents + children. A genome is evaluated once (a cache keyed by the genome), so a seed reproduces the whole
+    run as long as `evaluate` is deterministic. Returns (final population, history of every generation).
+    """
+    rng = np.random.default_rng(seed)
+    pm = mutation_prob or 1.0 / space.n_genes
+    cache: dict[tuple[int, ...], Individual] = {}
+
+    def key(g: np.ndarray) -> tuple[int, ...]:
+        return tuple(int(x) for x in g)
+
+    def run(genomes: list[np.ndarray]) -> list[Individual]:
+        new = list({key(g): g for g in genomes if key(g) not in cache}.values())
+        for g, (obj, info) in zip(new, evaluate(new) if new else []):
+            cache[key(g)] = Individual(g, np.asarray(obj, dtype=np.float64), info)
+        return [cache[key(g)] for g in genomes]
+
+    start = ([space.full()] + [np.asarray(g, dtype=np.int64) for g in initial])[:population]
+    start += [random_genome(rng, space) for _ in range(population - len(start))]
+    pop = run(start)
+    history = []
+
+    def record(gen: int) -> None:
+        objs = np.stack([p.objectives for p in pop])
+        front = [pop[i] for i in fast_non_dominated_sort(objs)[0]]
+        history.append({"generation": gen, "evaluated": len(cache),
+                        "front": sorted([[float(x) for x in p.objectives] for p in front])})
+        if on_generation is not None:
+            on_generation(gen, pop)
+
+    record(0)
+    for gen in range(1, generations + 1):
+        rank, crowd = rank_and_crowding(np.stack([p.objectives for p in pop]))
+        parents = tournament(rng, rank, crowd, population)
+        children = []
+        for i in range(0, population, 2):
+            a, b = crossover(rng, pop[parents[i]].genome, pop[parents[i + 1]].genome, crossover_prob)
+            children += [mutate(rng, a, space, pm), mutate(rng, b, space, pm)]
+        union = pop + run(children)
+        # The same genome may be both parent and child; keep one copy so duplicates do not crowd the front.
+        unique = list({key(p.genome): p for p in union}.values())
+        objs = np.stack([p.objectives for p in unique])
+        pop = [unique[i] for i in select_survivors(objs, min(population, len(unique)))]
+        record(gen)
+    return pop, history
+
+
+def pareto_front(individuals: Sequence[Individual]) -> list[Individual]:
+    """The non-dominated individuals, sorted by the first objective then the second."""
+    objs = np.stack([p.objectives for p in individuals])
+    front = [individuals[i] for i in fast_non_dominated_sort(objs)[0]]
+    return sorted(front, key=lambda p: tuple(p.objectives))
+
+
+# ============================================================================= shapes -> plans (profile only)
+
+
+def _top(scores: torch.Tensor, keep: int) -> list[tuple[int, ...]]:
+    # The same rule as plan.build_plan: highest scores, ties by index (stable), kept indices ascending.
+    order = torch.sort(scores.double(), dim=1, descending=True, stable=True).indices[:, :keep]
+    return [tuple(r) for r in torch.sort(order, dim=1).values.tolist()]
+
+
+def vocab_keep(token_counts: torch.Tensor, tokenizer, min_count: int) -> tuple[int, ...] | None:
+    """Old ids kept by a vocabulary cut: tokens seen >= min_count times, closed under merges (minigpt.vocab)."""
+    if min_count == 0:
+        return None
+    from minigpt import vocab as V
+
+    if tokenizer is None:
+        raise ConfigError("search.vocab_min_counts cuts the vocabulary, which needs the base model's tokenizer")
+    seen = torch.nonzero(token_counts.double() >= min_count).reshape(-1).tolist()
+    return tuple(V.closure(tokenizer, seen))
+
+
+def plan_from_shape(scores, model: nn.Module, shape: Shape, *, domain: str, method: str,
+                    vocab: tuple[int, ...] | None = None, base_model: str = "", profile: str = "") -> PruningPlan:
+    """A uniform PruningPlan for `shape`: in each kept layer the `mlp_width` top-scoring MLP channels and the
+    `kv_groups` top-scoring KV groups of `scores` (a scoring.Scores), and `vocab` (old ids, see vocab_keep)."""
+    w = widths(model)
+    L, G = w["layers"], w["kv_heads"]
+    if not shape.kept_layers or not all(0 <= i < L for i in shape.kept_layers):
+        raise ValueError(f"shape keeps layers {shape.kept_layers}, model has {L}")
+    if not 1 <= shape.mlp_width <= w["intermediate"] or not 1 <= shape.kv_groups <= G:
+        raise ValueError(f"shape widths {shape.mlp_width}/{shape.kv_groups} do not fit {w['intermediate']}/{G}")
+    mlp = _top(scores.mlp, shape.mlp_width)
+    if shape.kv_groups != G and scores.kv is None:
+        raise ConfigError(f"{model.config.model_type!r} KV groups cannot be pruned; search with search.kv false")
+    kv = _top(scores.kv, shape.kv_groups) if shape.kv_groups != G else [None] * L
+    kept = list(shape.kept_layers)
+    dropped = tuple(i for i in range(L) if i not in set(kept))
+    params = predict_params(model, mlp_width=shape.mlp_width, kv_width=shape.kv_groups, dropped=len(dropped),
+                            vocab=len(vocab) if vocab is not None else w["vocab"])
+    return PruningPlan(domain=domain, method=f"search:{method}", target=1 - params["non_embedding"] /
+                       params["dense_non_embedding"], model_type=model.config.model_type, num_layers=L,
+                       intermediate_size=w["intermediate"], layers=tuple(LayerPlan(i, mlp[i], kv[i]) for i in kept),
+                       params=params, base_model=base_model, profile=profile, kv_groups=G, dropped_layers=dropped,
+                       vocab_size=w["vocab"], vocab_keep=vocab)
+
+
+# ============================================================================== evaluating one candidate
+
+
+@torch.inference_mode()
+def evaluate_plan(dense: nn.Module, tokenizer, plan: PruningPlan, texts: Sequence[str], *, block_size: int,
+                  batch_size: int, max_blocks: int, latency: tuple[int, int, int] | None = None,
+                  tokenizer_cache: dict | None = None) -> dict:
+    """Slim `dense` by `plan` (physically; `dense` is untouched) and score the candidate on `texts`.
+
+    Returns params / non_embedding (counted on the slimmed model), loss, ppl, bits_per_byte and, when `latency`
+    = (batch, seq_len, repeats) is given, the forward latency_ms of the slimmed model.
+    """
+    from minigpt import slim as SL
+    from minigpt import vocab as V
+    from minigpt.evaluate import lm_metrics, speed_metrics
+    from minigpt.models import count_parameters
+
+    small = SL.slim(dense, plan)
+    tok = tokenizer
+    if plan.vocab_keep is not None:
+        # Rewriting a 49k-token tokenizer takes a moment; a search offers only a few vocabulary cuts, so cache them.
+        key = hash(plan.vocab_keep)
+        cache = tokenizer_cache if tokenizer_cache is not None else {}
+        if key not in cache:
+            cache[key] = V.prune_tokenizer(tokenizer, plan.vocab_keep)
+        tok = cache[key]
+    total, non_emb = count_parameters(small)
+    m = lm_metrics(small, tok, texts, block_size, batch_size, max_blocks=max_blocks)
+    out = {"params": total, "non_embedding": non_emb, "loss": m["loss"], "ppl": m["ppl"],
+           "bits_per_byte": m["bits_per_byte"], "tokens": m["tokens"], "bytes": m["bytes"], "latency_ms": None}
+    if latency is not None:
+        out["latency_ms"] = speed_metrics(small, *latency)["latency_ms"]
+    return out
+
+
+class Evaluator:
+    """Holds the dense model and tokenizer; one per Ray actor (wrapped with ray.remote in search_domain)."""
+
+    def __init__(self, model_dir: str, texts: Sequence[str], block_size: int, batch_size: int, max_blocks: int,
+                 threads: int, latency: tuple[int, int, int] | None, dtype: str = "float32"):
+        from minigpt.models import load_model, load_tokenizer
+
+        # Fixed thread count: sums in a different order give different last bits, which could flip a tie.
+        torch.set_num_threads(max(1, threads))
+        self.model = load_model(model_dir, dtype=dtype).eval()
+        self.tokenizer = load_tokenizer(model_dir)
+        self.texts = list(texts)
+        self.kw = dict(block_size=block_size, batch_size=batch_size, max_blocks=max_blocks, latency=latency)
+        self.tokenizers: dict = {}
+
+    def evaluate(self, plan_json: str) -> dict:
+        plan = PruningPlan.from_json(plan_json)
+        return evaluate_plan(self.model, self.tokenizer, plan, self.texts, tokenizer_cache=self.tokenizers,
+                             **self.kw)
+
+
+# ================================================================================== search on one domain
+
+
+@dataclass
+class SearchResult:
+    domain: str
+    objective: str  # "params" or "latency"
+    front: list[dict]  # sorted by size: {"shape", "plan" (PruningPlan), "params", "non_embedding", "removed",
+    #                    "loss", "ppl", "bits_per_byte", "latency_ms"}
+    history: list[dict]
+    dense: dict  # metrics of the full shape (same slice), for reference
+    config: SearchConfig | None = None
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        def point(p: dict) -> dict:
+            return {**{k: v for k, v in p.items() if k != "plan"}, "plan": json.loads(p["plan"].to_json())}
+
+        return {"schema": SCHEMA, "domain": self.domain, "objective": self.objective,
+                "config": asdict(self.config) if self.config is not None else None, "seconds": self.seconds,
+                "dense": point(self.dense), "front": [point(p) for p in self.front], "history": self.history}
+
+
+    @classmethod
+    def from_json(cls, data: dict) -> SearchResult:
+        """Inverse of to_json (the config is kept as a plain dict's absence: it is in the job file)."""
+        def point(p: dict) -> dict:
+            return {**p, "plan": PruningPlan.from_json(json.dumps(p["plan"]))}
+
+        return cls(domain=data["domain"], objective=data["objective"], front=[point(p) for p in data["front"]],
+                   history=data.get("history", []), dense=point(data["dense"]), seconds=data.get("seconds", 0.0))
+
+
+def _size(info: dict, objective: str) -> float:
+    return float(info["latency_ms"] if objective == "latency" else info["params"])
+
+
+def search_domain(profile_stats: Mapping[str, torch.Tensor], model_dir: str | Path, texts: Sequence[str],
+                  cfg: SearchConfig, *, domain: str, block_size: int, base_model: str = "", profile: str = "",
+                  dtype: str = "float32", on_generation: Callable[[int, list[Individual]], None] | None = None
+                  ) -> SearchResult:
+    """NSGA-II over expert shapes for one domain; candidates are slimmed and scored by a pool of Ray actors.
+
+    `texts` are the documents of `cfg.split` (train or calib; never the held-out split of the final report).
+    The dense model is loaded here once (for scores and plans) and once in each of `cfg.workers` actors. Ray is
+    connected with raylib.ensure_ray when it is not yet.
+    """
+    import ray
+    from ray.util import ActorPool
+
+    from minigpt import raylib, scoring
+    from minigpt.models import load_model, load_tokenizer
+
+    t0 = time.time()
+    texts = [t for t in texts if t]
+    if not texts:
+        raise ConfigError(f"search: no {cfg.split} documents for domain {domain!r}")
+    dense = load_model(model_dir, dtype=dtype)
+    space = make_space(dense, cfg)
+    tokenizer = load_tokenizer(model_dir) if any(c for c in space.vocab_min_counts) else None
+    scores = scoring.score_all(cfg.method, profile_stats, dense, seed=cfg.seed)
+    if len(space.kv_groups) > 1 and scores.kv is None:
+        raise ConfigError(f"{dense.config.model_type!r} KV groups cannot be pruned; set search.kv false")
+    vocabs = {c: vocab_keep(profile_stats["token_counts"], tokenizer, c) for c in space.vocab_min_counts}
+
+    def plan_of(genome: np.ndarray) -> PruningPlan:
+        shape = space.shape(genome)
+        return plan_from_shape(scores, dense, shape, domain=domain, method=cfg.method,
+                               vocab=vocabs[shape.vocab_min_count], base_model=base_model, profile=profile)
+
+    latency = (cfg.latency_batch, cfg.latency_seq_len, cfg.latency_repeats) if cfg.objective == "latency" else None
+    raylib.ensure_ray()
+    actor_cls = ray.remote(num_cpus=cfg.cpus_per_worker)(Evaluator)
+    texts_ref = ray.put(list(texts))
+    threads = max(1, int(cfg.cpus_per_worker))
+    actors = [actor_cls.remote(str(model_dir), texts_ref, block_size, cfg.batch_size, cfg.eval_blocks, threads,
+                               latency, dtype) for _ in range(cfg.workers)]
+    pool = ActorPool(actors)
+
+    seen: dict[tuple[int, ...], dict] = {}
+
+    def evaluate(genomes: list[np.ndarray]) -> list[tuple[list[float], dict]]:
+        plans = [plan_of(g) for g in genomes]
+        # ActorPool.map returns results in submission order, whatever actor finishes first.
+        infos = list(pool.map(lambda a, p: a.evaluate.remote(p.to_json()), plans))
+        out = []
+        for g, plan, info in zip(genomes, plans, infos):
+            info = {**info, "shape": asdict(space.shape(g)), "plan": plan,
+                    "removed": 1 - info["non_embedding"] / plan.params["dense_non_embedding"]}
+            seen[tuple(int(x) for x in g)] = info
+            # A NaN loss (a destroyed candidate) would break every comparison; it is simply the worst.
+            bpb = info["bits_per_byte"] if np.isfinite(info["bits_per_byte"]) else np.inf
+            out.append(([_size(info, cfg.objective), bpb], info))
+        return out
+
+    try:
+        pop, history = nsga2(evaluate, space, population=cfg.population, generations=cfg.generations, seed=cfg.seed,
+                             crossover_prob=cfg.crossover_prob, mutation_prob=cfg.mutation_prob,
+                             initial=space.uniform(cfg.population // 2 - 1) if cfg.seed_uniform else (),
+                             on_generation=on_generation)
+        full = space.full()
+        dense_info = seen.get(tuple(int(x) for x in full)) or evaluate([full])[0][1]
+    finally:
+        for a in actors:
+            ray.kill(a)
+    front = [p.info for p in pareto_front(pop)]
+    return SearchResult(domain=domain, objective=cfg.objective, front=front, history=history, dense=dense_info,
+                        config=cfg, seconds=time.time() - t0)
+
+
+# ========================================================================================== picking, output
+
+
+def pick(result: SearchResult, points: int = 1, budget: float = 0.0) -> list[PruningPlan]:
+    """Plans to slim and recover. `budget` > 0: the lowest-loss front plan with at most budget x dense total
+    parameters (ConfigError if none fits). Otherwise `points` plans spread evenly over the front's sizes, leaving
+    out plans that remove nothing (< 1% of non-embedding parameters)."""
+    front = [p for p in result.front if p["removed"] >= 0.01]
+    if budget > 0:
+        limit = budget * result.dense["params"]
+        fits = [p for p in front if p["params"] <= limit]
+        if not fits:
+            smallest = min((p["params"] for p in result.front), default=0) / result.dense["params"]
+            raise ConfigError(f"search.budget {budget} is below every plan on the {result.domain} front "
+                              f"(smallest: {smallest:.3f} of dense)")
+        return [min(fits, key=lambda p: (p["bits_per_byte"], p["params"]))["plan"]]
+    if not front:
+        return []
+    if points >= len(front):
+        return [p["plan"] for p in front]
+    idx = sorted({round(i * (len(front) - 1) / max(1, points - 1)) for i in range(points)}) if points > 1 else \
+        [len(front) // 2]
+    return [front[i]["plan"] for i in idx]
+
+
+def _json_safe(obj: Any) -> Any:
+    # A destroyed candidate's perplexity overflows to inf; strict JSON has no inf, so it is written as null.
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def write_front(path: Path, result: SearchResult) -> Path:
+    """Write the front JSON atomically (temporary sibling, then os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_json_safe(result.to_json()), f, indent=1, allow_nan=False)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_front(path: Path) -> dict:
+    data = json.loads(Path(path).read_text())
+    if data.get("schema") != SCHEMA:
+        raise ValueError(f"{path} is not a {SCHEMA} file")
+    return data
+
+
+def plot_front(data: dict | SearchResult, path: Path, baselines: Sequence[dict] = ()) -> Path:
+    """PNG of the front (size against bits per byte) with every evaluated generation's front faded behind it and
+    optional baseline points ({"label", "params" or "latency_ms", "bits_per_byte"}). Written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = data.to_json() if isinstance(data, SearchResult) else data
+    key = "latency_ms" if d["objective"] == "latency" else "params"
+    scale = 1.0 if key == "latency_ms" else 1e6
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for h in d["history"][:-1]:
+        pts = np.array(h["front"])
+        ax.plot(pts[:, 0] / scale, pts[:, 1], ".", color="0.8")
+    pts = np.array([[p[key], p["bits_per_byte"]] for p in d["front"]], dtype=np.float64)
+    ax.step(pts[:, 0] / scale, pts[:, 1], "o-", where="post", label="search front")
+    for b in baselines:
+        ax.plot(b[key] / scale, b["bits_per_byte"], "x", ms=9, label=b["label"])
+    ax.set_xlabel("forward latency (ms)" if key == "latency_ms" else "parameters (M)")
+    ax.set_ylabel("bits per byte (search slice)")
+    ax.set_title(f"{d['domain']}: Pareto front")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".png", dir=path.parent)
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+__all__ = ["SCHEMA", "Individual", "SearchResult", "Shape", "Space", "crossover", "crowding_distance", "dominates",
+           "evaluate_plan", "fast_non_dominated_sort", "load_front", "make_space", "mutate", "nsga2", "pareto_front",
+           "pick", "plan_from_shape", "plot_front", "random_genome", "rank_and_crowding", "repair",
+           "search_domain", "select_survivors", "tournament", "vocab_keep", "write_front"]
