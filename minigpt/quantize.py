@@ -14,9 +14,6 @@ quantized expert against the float one.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,21 +55,10 @@ def quantize_expert(src_dir: Path | str, out_dir: Path | str, cfg: QuantizeConfi
     """Quantize the HF expert in `src_dir` and save it (with its tokenizer) to `out_dir` atomically."""
     from minigpt.models import load_tokenizer
 
-    out_dir = Path(out_dir)
+    from minigpt.slim import save_expert
+
     model = load_quantized(src_dir, cfg, dtype=dtype)
-    tokenizer = load_tokenizer(src_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return save_expert(model, load_tokenizer(src_dir), Path(out_dir))
 
 
 def is_quantized(model: nn.Module) -> bool:
