@@ -135,21 +135,37 @@ def perplexity(folder: str, blocks: torch.Tensor, batch_size: int = 4) -> float:
 
 def heldout_ppl_after_recovery(pruned_dir: str, teacher_dir: str, cfg: RecoverConfig, block_size: int = 256,
                                heldout_blocks: int = 16, teacher_token_ids: tuple[int, ...] | None = None,
-                               modes: tuple[str, ...] = ("full", "lora", "distill")) -> dict[str, float]:
-    """Held-out PPL of `pruned_dir` before recovery and after each mode (licenses text: train / held-out halves)."""
+                               modes: tuple[str, ...] = ("full", "lora", "distill"),
+                               data_dir: Path | None = None) -> dict[str, float]:
+    """Held-out PPL of `pruned_dir` before recovery and after each mode, after equal steps.
+
+    With `data_dir` (a prepared domain, minigpt.corpora) the expert trains on its train shards and is measured on
+    its held-out documents: disjoint by document hash. Without it, the licenses text is cut into blocks, the first
+    `heldout_blocks` held out (disjoint blocks, but possibly of the same documents).
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    blocks = token_blocks(Path(pruned_dir), corpus_text(), block_size)
-    heldout, train = blocks[:heldout_blocks], blocks[heldout_blocks:]
     work = Path(tempfile.mkdtemp(prefix="minigpt-recovery-bench-"))
-    shard = work / "train.parquet"
-    pq.write_table(pa.table({"input_ids": pa.array(train.tolist(), type=pa.list_(pa.int32()))}), shard)
-    out = {"dense": perplexity(teacher_dir, token_blocks(Path(teacher_dir), corpus_text(), block_size)[:heldout_blocks])
-           if teacher_token_ids is None else float("nan"),
+    if data_dir is not None:
+        from minigpt.corpora import DomainData
+
+        data = DomainData.load(data_dir)
+        heldout_text = "\n\n".join(t for _, t in data.documents("heldout"))
+        heldout = token_blocks(Path(pruned_dir), heldout_text, block_size)[:heldout_blocks]
+        dense_heldout = token_blocks(Path(teacher_dir), heldout_text, block_size)[:heldout_blocks]
+        shards = tuple(str(p) for p in data.shards("train"))
+    else:
+        blocks = token_blocks(Path(pruned_dir), corpus_text(), block_size)
+        heldout, train = blocks[:heldout_blocks], blocks[heldout_blocks:]
+        dense_heldout = token_blocks(Path(teacher_dir), corpus_text(), block_size)[:heldout_blocks]
+        shard = work / "train.parquet"
+        pq.write_table(pa.table({"input_ids": pa.array(train.tolist(), type=pa.list_(pa.int32()))}), shard)
+        shards = (str(shard),)
+    out = {"dense": perplexity(teacher_dir, dense_heldout) if teacher_token_ids is None else float("nan"),
            "pruned": perplexity(pruned_dir, heldout)}
     for mode in modes:
-        task = RecoveryTask(domain=f"bench-{mode}", student_dir=pruned_dir, train_shards=(str(shard),),
+        task = RecoveryTask(domain=f"bench-{mode}", student_dir=pruned_dir, train_shards=shards,
                             out_dir=str(work / mode / "recovered"), checkpoint_dir=str(work / mode / "checkpoints"),
                             teacher_dir=teacher_dir, teacher_token_ids=teacher_token_ids)
         result = recover_all([task], dataclasses.replace(cfg, mode=mode))[task.domain]
@@ -167,6 +183,9 @@ def main() -> None:
     ap.add_argument("--zero", type=int, choices=(2, 3), default=2)
     ap.add_argument("--pruned", type=str, default=None, help="pruned expert folder: also measure held-out PPL")
     ap.add_argument("--teacher-token-ids", type=Path, default=None, help="JSON list (vocabulary-pruned expert)")
+    ap.add_argument("--data", type=Path, default=None, help="prepared domain folder (runs/<job>/data/<domain>): "
+                    "train on its train split, measure on its held-out documents")
+    ap.add_argument("--recover-steps", type=int, default=20, help="equal steps for full, lora and distill")
     args = ap.parse_args()
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -179,9 +198,12 @@ def main() -> None:
               "model": folder.name}
     if args.pruned:
         ids = tuple(json.loads(args.teacher_token_ids.read_text())) if args.teacher_token_ids else None
-        rcfg = RecoverConfig(steps=20, batch_size=2, workers=1, cpus_per_worker=float(os.cpu_count() or 1))
+        rcfg = RecoverConfig(steps=args.recover_steps, batch_size=2, workers=1,
+                             cpus_per_worker=float(os.cpu_count() or 1))
         result["heldout_ppl"] = heldout_ppl_after_recovery(args.pruned, str(folder), rcfg, args.block_size,
-                                                           teacher_token_ids=ids)
+                                                           teacher_token_ids=ids, data_dir=args.data)
+        for mode in ("full", "lora", "distill"):
+            result[f"{mode}_vs_pruned_ppl"] = round(result["heldout_ppl"][mode] / result["heldout_ppl"]["pruned"], 3)
     print(json.dumps(result), flush=True)
 
 

@@ -513,9 +513,13 @@ def status(run_dir: Path) -> list[dict]:
     records = book.all()
     job = Path(run_dir) / "job.yaml"
     domains: list[str] = []
+    optional = {"search": False, "quantize": False, "recover": True}  # stages a job may leave out
     if job.is_file():
         try:
-            domains = [d.name for d in C.load(job).domains]
+            cfg = C.load(job)
+            domains = [d.name for d in cfg.domains]
+            optional = {"search": cfg.search.enabled, "quantize": cfg.quantize.enabled,
+                        "recover": cfg.recover.enabled}
         except ConfigError:
             domains = []
     seen = {(r["stage"], r.get("domain")) for r in records}
@@ -526,6 +530,8 @@ def status(run_dir: Path) -> list[dict]:
             state = "interrupted"
         rows.append({"stage": r["stage"], "domain": r.get("domain"), "status": state, "error": r.get("error")})
     for stage in STAGES:
+        if not optional.get(stage, True):
+            continue
         targets = [None] if stage in ("evaluate", "report") else domains
         for d in targets:
             if (stage, d) not in seen:
