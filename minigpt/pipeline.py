@@ -1,9 +1,10 @@
 """Runs a job's stages in order; resumable.
 
 prepare -> calibrate -> [search] -> plan+slim -> recover -> [quantize] -> evaluate -> report ([optional]).
-Every stage (per domain where it can be) records a manifest in `<run>/_stages/` with a key: a hash of exactly the settings and inputs it depends on. A re-run skips
-a stage whose manifest says done with the same key and whose outputs exist, so changing `recover.steps` re-runs
-only recovery, evaluation and the report, while changing the calibration data re-runs everything downstream of it.
+Every stage (per domain where it can be) records a manifest in `<run>/_stages/` with a key: a hash of exactly the
+settings and inputs it depends on. A re-run skips a stage whose manifest says done with the same key and whose
+outputs exist, so changing `recover.steps` re-runs only recovery, evaluation and the report, while changing the
+calibration data re-runs everything downstream of it.
 
 Everything that can be checked cheaply is checked before the run folder is touched or a model is loaded.
 """
