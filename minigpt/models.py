@@ -303,11 +303,6 @@ def params_per_unit(model: nn.Module, coupling: list[Coupled]) -> int:
     return sum(params[c.name].numel() // params[c.name].shape[c.dim] * c.size for c in coupling)
 
 
-def check_model(model: nn.Module) -> Arch:
-    """Fail in one line for an architecture minigpt cannot prune."""
-    return arch_of(model)
-
-
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(total, non-embedding) parameter counts; tied weights are counted once."""
     seen: set[int] = set()

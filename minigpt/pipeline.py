@@ -18,7 +18,6 @@ import os
 import shutil
 import tempfile
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -177,11 +176,12 @@ class Pipeline:
         if cfg.search.enabled:
             self.search()
         self.slim()
-        results = self.recover() if cfg.recover.enabled else {}
+        if cfg.recover.enabled:
+            self.recover()
         if cfg.quantize.enabled:
             self.quantize()
         eval_data = self.evaluate()
-        summary = self.summarize(eval_data, results)
+        summary = self.summarize(eval_data)
         self.report(eval_data, summary)
         print_table(summary)
         failed = [d for d, r in summary["domains"].items() if r.get("recover_status") == "failed"]
@@ -199,7 +199,7 @@ class Pipeline:
     def prepare(self, domain: C.DomainConfig, tokenizer) -> None:
         from minigpt import corpora
 
-        key = _hash(self.cfg.model.source, str(self.model_dir), C.dump_section(self.cfg.data),
+        key = _hash(self.cfg.model.source, str(self.model_dir), self.cfg.section_hash("data"),
                     C.dump_section(domain))
         out = self.data_dir(domain.name)
         self._stage("prepare", domain.name, key, [out / "manifest.json"],
@@ -256,7 +256,7 @@ class Pipeline:
 
         cfg = self.cfg
         for d in cfg.domains:
-            key = _hash(self.keys[("calibrate", d.name)], C.dump_section(cfg.search))
+            key = _hash(self.keys[("calibrate", d.name)], cfg.section_hash("search"))
             out = self.search_path(d.name)
 
             def work(name=d.name, out=out):
@@ -296,7 +296,7 @@ class Pipeline:
             upstream = [self.keys[("calibrate", o.name)] for o in cfg.domains if contrastive or o.name == d.name]
             if cfg.search.enabled:  # the searched shape replaces the fixed-ratio plan
                 upstream = [self.keys[("search", d.name)]]
-            key = _hash(upstream, C.dump_section(cfg.prune), cfg.search.enabled)
+            key = _hash(upstream, cfg.section_hash("prune"), cfg.search.enabled)
 
             def work(name=d.name):
                 nonlocal dense, tokenizer
@@ -364,7 +364,7 @@ class Pipeline:
         cfg = self.cfg
         tasks, keys = [], {}
         for d in cfg.domains:
-            key = _hash(self.keys[("slim", d.name)], C.dump_section(cfg.recover))
+            key = _hash(self.keys[("slim", d.name)], cfg.section_hash("recover"))
             keys[d.name] = key
             self.keys[("recover", d.name)] = key
             out = self.expert_dir(d.name, "recovered")
@@ -387,7 +387,7 @@ class Pipeline:
         if not tasks:
             return {}
         results = R.recover_all(tasks, cfg.recover)
-        failed = []
+        ok, failed = [], []
         for t in tasks:
             r = results.get(t.domain)
             if r is not None and r.ok:
@@ -396,13 +396,13 @@ class Pipeline:
                 self.book.mark("recover", t.domain, keys[t.domain], "done", outputs=[t.out_dir],
                                steps=r.steps, final_loss=r.losses[-1] if r.losses else None,
                                tokens_per_s=r.tokens_per_s)
+                ok.append(t.domain)
             else:
                 err = r.error if r is not None else "no result"
                 self.book.mark("recover", t.domain, keys[t.domain], "failed", error=err)
                 failed.append(f"{t.domain} ({err.splitlines()[0] if err else '?'})")
-        ok = [t.domain for t in tasks if t.domain not in {f.split(' ')[0] for f in failed}]
         print(f"[recover] succeeded: {', '.join(ok) or 'none'}; failed: {', '.join(failed) or 'none'}", flush=True)
-        return {k: v for k, v in results.items()}
+        return results
 
     def quantize(self) -> None:
         """int8 weight quantization of each domain's final expert (recovered when it exists, else pruned)."""
@@ -413,7 +413,7 @@ class Pipeline:
             rec_ok = (self.book.read("recover", d.name) or {}).get("status") == "done"
             src = self.expert_dir(d.name, "recovered" if rec_ok else "pruned")
             upstream = self.keys.get(("recover", d.name)) if rec_ok else self.keys[("slim", d.name)]
-            key = _hash(upstream, str(src), C.dump_section(cfg.quantize))
+            key = _hash(upstream, str(src), cfg.section_hash("quantize"))
             out = self.expert_dir(d.name, "int8")
             self._stage("quantize", d.name, key, [out],
                         lambda src=src, out=out: Q.quantize_expert(src, out, cfg.quantize))
@@ -421,12 +421,13 @@ class Pipeline:
     def model_table(self) -> dict[str, str]:
         models = {"dense": str(self.model_dir)}
         for d in self.cfg.domains:
-            for kind in ("pruned", "recovered"):
-                p = self.expert_dir(d.name, kind)
-                if p.is_dir() and (kind == "pruned" or self.cfg.recover.enabled):
-                    if kind == "recovered" and (self.book.read("recover", d.name) or {}).get("status") != "done":
-                        continue
-                    models[f"{d.name}/{kind}"] = str(p)
+            pruned, recovered = self.expert_dir(d.name, "pruned"), self.expert_dir(d.name, "recovered")
+            if pruned.is_dir():
+                models[f"{d.name}/pruned"] = str(pruned)
+            # A recovered folder counts only when its stage is recorded as done (not a leftover of a failed run).
+            if self.cfg.recover.enabled and recovered.is_dir() and \
+                    (self.book.read("recover", d.name) or {}).get("status") == "done":
+                models[f"{d.name}/recovered"] = str(recovered)
             extras = sorted(p for p in (self.run_dir / "experts" / d.name).glob("search-*") if p.is_dir())
             if self.cfg.quantize.enabled:
                 extras.append(self.expert_dir(d.name, "int8"))
@@ -442,14 +443,14 @@ class Pipeline:
         models = self.model_table()
         upstream = [self.keys.get((s, d.name)) for d in cfg.domains for s in ("prepare", "slim", "recover",
                                                                               "quantize")]
-        key = _hash(upstream, sorted(models), C.dump_section(cfg.evaluate))
+        key = _hash(upstream, sorted(models), cfg.section_hash("evaluate"))
         out = self.run_dir / "eval.json"
         self._stage("evaluate", None, key, [out], lambda: E.evaluate_run(
             self.run_dir, models, [d.name for d in cfg.domains], cfg.evaluate, cfg.data.block_size))
         self.keys[("evaluate", None)] = key
         return json.loads(out.read_text())
 
-    def summarize(self, eval_data: dict, results: dict) -> dict:
+    def summarize(self, eval_data: dict) -> dict:
         rows = {}
         models = eval_data["models"]
         dense = models["dense"]
@@ -553,10 +554,4 @@ def _pid_alive(pid) -> bool:
 
 
 def run_job(cfg: JobConfig, job_path: str | None = None) -> dict:
-    try:
-        return Pipeline(cfg, job_path).run()
-    except (ConfigError, JobIncomplete):
-        raise
-    except Exception:
-        traceback.print_exc()
-        raise
+    return Pipeline(cfg, job_path).run()

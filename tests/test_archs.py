@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from minigpt import plan as P, slim as SL, stats as S
 from minigpt.config import ConfigError, PruneConfig, PRUNE_METHODS
-from minigpt.models import check_architecture, check_model, count_parameters, widths
+from minigpt.models import arch_of, check_architecture, count_parameters, widths
 
 KW = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
           num_key_value_heads=2, max_position_embeddings=64)
@@ -128,7 +128,7 @@ def test_unsupported_architecture_is_one_line(tmp_path):
                                          intermediate_size=32))
     with pytest.raises(ConfigError, match=r"unsupported architecture 'gpt_neox'; supported: llama, mistral, qwen2, "
                                           r"phi, gpt2$"):
-        check_model(m)
+        arch_of(m)
     m.config.save_pretrained(tmp_path)
     with pytest.raises(ConfigError, match="unsupported architecture"):
         check_architecture(tmp_path)
