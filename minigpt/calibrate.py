@@ -3,18 +3,21 @@
 * Workers (`CalibrationWorker`, one per GPU or CPU slot) load the model once and *pull* shards of any domain from
   the coordinator until none are left, so a slow worker never holds the job (work stealing by construction).
 * The coordinator (`Coordinator`) hands out shards, records each shard's partial statistics exactly once by shard
-  id (a retried or duplicated shard is ignored), writes it to the on-disk ledger atomically, and puts the shards of
-  a dead worker back in the queue. A restarted job finds finished shards in the ledger and skips them.
+  id (a retried or duplicated shard is ignored), writes them to the on-disk ledger atomically, and puts the shards
+  of a dead worker back in the queue. A restarted job finds finished shards in the ledger and skips them.
+* A worker sums consecutive shards of one domain and hands them in together (a *flush*): one ledger entry per
+  shard by default, one per run of shards when Gram statistics make a record large (hundreds of MB for a 135M
+  model, GBs for 7B). A shard is recorded only when its flush arrives, so a worker that dies before flushing loses
+  nothing but time: its shards go back in the queue.
 * The driver (`calibrate`) reads shards up front (an unreadable one fails with its path before any worker starts),
-  watches workers, replaces dead ones, and finally merges the ledger per domain in sorted shard order, so the
-  profile does not depend on how many workers ran or in which order shards finished.
+  watches workers, replaces dead ones, and finally merges the ledger per domain in sorted order, so the profile
+  does not depend on which worker did what (with flushes of several shards, only up to the order of fp64 sums).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -24,11 +27,12 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
-from safetensors.numpy import load_file as load_np, save_file as save_np
-from safetensors.torch import load_file, save_file
+from safetensors.numpy import load_file as load_np
+from safetensors.torch import load_file
 
 from minigpt import stats as S
 from minigpt.config import CalibrateConfig, ModelConfig
+from minigpt.io import atomic_save_np, atomic_write_text
 
 PROFILE_FORMAT = "minigpt.profile/1"
 
@@ -44,30 +48,36 @@ class Shard:
     path: str
 
 
-def _ledger_path(ledger: Path, shard_id: str) -> Path:
-    return ledger / f"{shard_id}.safetensors"
+def _ledger_path(ledger: Path, shard_ids: Sequence[str]) -> Path:
+    first = sorted(shard_ids)[0]
+    return ledger / (f"{first}.safetensors" if len(shard_ids) == 1 else f"{first}+{len(shard_ids)}.safetensors")
 
 
-def _atomic_save_np(arrays: dict[str, np.ndarray], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(fd)
-    save_np({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp)
-    os.replace(tmp, path)
+def _save_entry(ledger: Path, shard_ids: Sequence[str], arrays: dict[str, np.ndarray]) -> None:
+    """One ledger entry: the summed statistics of `shard_ids`, which it names in its metadata."""
+    ids = sorted(shard_ids)
+    atomic_save_np({k: np.ascontiguousarray(v) for k, v in arrays.items()}, _ledger_path(ledger, ids),
+                   metadata={"shards": json.dumps(ids)})
+
+
+def ledger_entries(ledger: Path) -> dict[Path, list[str]]:
+    """Readable ledger entries -> the shard ids each one sums. A torn or foreign file is removed (recomputed)."""
+    from safetensors import safe_open
+
+    out = {}
+    for path in sorted(Path(ledger).rglob("*.safetensors")) if Path(ledger).is_dir() else []:
+        try:
+            with safe_open(str(path), "np") as f:
+                out[path] = json.loads((f.metadata() or {})["shards"])
+        except Exception:
+            path.unlink()
+    return out
 
 
 def finished_shards(ledger: Path, shards: Sequence[Shard]) -> set[str]:
-    """Shard ids whose statistics are already in the ledger and readable."""
-    done = set()
-    for s in shards:
-        p = _ledger_path(ledger, s.shard_id)
-        if p.is_file():
-            try:
-                load_np(str(p))
-                done.add(s.shard_id)
-            except Exception:  # a torn or foreign file: recompute that shard
-                p.unlink()
-    return done
+    """Shard ids whose statistics are already in the ledger."""
+    wanted = {s.shard_id for s in shards}
+    return {sid for ids in ledger_entries(ledger).values() for sid in ids if sid in wanted}
 
 
 @ray.remote(num_cpus=0)
@@ -97,13 +107,16 @@ class Coordinator:
         # A list keeps the ObjectRef unresolved, so blocks travel straight from the store to the worker.
         return s.shard_id, s.domain, [self.refs[sid]]
 
-    def submit(self, worker_id: str, shard_id: str, arrays: dict[str, np.ndarray]) -> bool:
-        """Record a shard's statistics once; later copies of the same shard are ignored."""
-        self.in_flight.pop(shard_id, None)
-        if shard_id in self.recorded:
+    def submit(self, worker_id: str, shard_ids: list[str], arrays: dict[str, np.ndarray]) -> bool:
+        """Record the summed statistics of some shards once; a flush naming an already recorded shard is ignored
+        (its other shards, if any, are queued again so they are counted exactly once)."""
+        for sid in shard_ids:
+            self.in_flight.pop(sid, None)
+        if any(sid in self.recorded for sid in shard_ids):
+            self.pending.extendleft(sid for sid in shard_ids if sid not in self.recorded)
             return False
-        _atomic_save_np(arrays, _ledger_path(self.ledger, shard_id))
-        self.recorded.add(shard_id)
+        _save_entry(self.ledger, shard_ids, arrays)
+        self.recorded.update(shard_ids)
         self.tokens[worker_id] = self.tokens.get(worker_id, 0.0) + float(arrays["tokens"][0])
         self.g_done.set(len(self.recorded), tags={"job": "calibrate"})
         return True
@@ -125,12 +138,15 @@ class Coordinator:
 
 @ray.remote
 class CalibrationWorker:
-    def __init__(self, worker_id: str, model_cfg: ModelConfig, dtype: str, batch_size: int, threads: int):
+    def __init__(self, worker_id: str, model_cfg: ModelConfig, dtype: str, batch_size: int, threads: int,
+                 spec: S.StatSpec = S.StatSpec(), flush_shards: int = 1):
         from minigpt.models import load_model, resolve
 
         torch.set_num_threads(max(1, threads))
         self.worker_id = worker_id
         self.batch_size = batch_size
+        self.spec = spec
+        self.flush_shards = flush_shards  # 0: one flush per run of shards of a domain
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         # Each node resolves the model itself (an alias is prepared from its pip package on that node).
         self.model = load_model(resolve(model_cfg), dtype, model_cfg.trust_remote_code).to(self.device)
@@ -145,18 +161,34 @@ class CalibrationWorker:
     def run(self, coordinator, fail_after: int = -1) -> int:
         """Process shards until the coordinator has none left; returns how many this call processed."""
         n = 0
+        acc: S.Stats | None = None
+        held: list[str] = []
+        held_domain = None
+
+        def flush():
+            nonlocal acc, held
+            if held:
+                ray.get(coordinator.submit.remote(self.worker_id, held, S.to_numpy(acc)))
+            acc, held = None, []
+
         while True:
             item = ray.get(coordinator.next_shard.remote(self.worker_id))
             if item is None:
+                flush()
                 return n
             if n == fail_after:  # test hook: die holding a shard
                 os._exit(1)
             shard_id, domain, (ref,) = item
+            if domain != held_domain:
+                flush()
+                held_domain = domain
             blocks = torch.tensor(ray.get(ref), dtype=torch.long)  # copies the read-only store buffer
             t0 = time.perf_counter()
-            st = S.accumulate(self.model, blocks, self.batch_size)
+            acc = S.accumulate(self.model, blocks, self.batch_size, stats=acc, spec=self.spec)
             dt = time.perf_counter() - t0
-            ray.get(coordinator.submit.remote(self.worker_id, shard_id, S.to_numpy(st)))
+            held.append(shard_id)
+            if self.flush_shards and len(held) >= self.flush_shards:
+                flush()
             tokens = float(blocks.numel())
             self.c_tokens.inc(tokens, tags={"domain": domain, "worker": self.worker_id})
             self.g_speed.set(tokens / max(dt, 1e-9), tags={"worker": self.worker_id})
@@ -176,10 +208,18 @@ def read_shard_blocks(path: str) -> np.ndarray:
     return arr
 
 
-def calibrate(shards: Sequence[Shard], model_cfg: ModelConfig, cfg: CalibrateConfig, ledger: Path,
-              on_progress: Callable[[dict, list], None] | None = None, max_restarts: int = 3,
-              fail_after: dict[int, int] | None = None) -> dict[str, S.Stats]:
-    """Run every shard once across `cfg.workers` actors; return merged statistics per domain.
+def flush_size(cfg: CalibrateConfig, spec: S.StatSpec) -> int:
+    """Shards per flush: calibrate.flush_shards, or auto: 1 (a record per shard) for the small base statistics,
+    0 (one record per worker and run of a domain's shards) when second moments make each record large."""
+    if cfg.flush_shards:
+        return cfg.flush_shards
+    return 0 if spec.gram or spec.depth_spans else 1
+
+
+def run_shards(shards: Sequence[Shard], model_cfg: ModelConfig, cfg: CalibrateConfig, ledger: Path,
+               spec: S.StatSpec = S.StatSpec(), on_progress: Callable[[dict, list], None] | None = None,
+               max_restarts: int = 3, fail_after: dict[int, int] | None = None) -> None:
+    """Run every shard not yet in the ledger once across `cfg.workers` actors, recording their statistics.
 
     `on_progress(progress, workers)` is called after each event (tests use it to kill a worker);
     `fail_after` maps a worker index to a shard count after which it dies (tests only).
@@ -193,12 +233,20 @@ def calibrate(shards: Sequence[Shard], model_cfg: ModelConfig, cfg: CalibrateCon
     if todo:
         refs = {s.shard_id: ray.put(read_shard_blocks(s.path)) for s in todo}
         coord = Coordinator.remote(list(shards), refs, str(ledger), sorted(done))
-        _run_workers(coord, model_cfg, cfg, on_progress, max_restarts, fail_after or {})
+        _run_workers(coord, model_cfg, cfg, spec, on_progress, max_restarts, fail_after or {})
+
+
+def calibrate(shards: Sequence[Shard], model_cfg: ModelConfig, cfg: CalibrateConfig, ledger: Path,
+              spec: S.StatSpec = S.StatSpec(), **kw) -> dict[str, S.Stats]:
+    """run_shards, then the merged statistics of every domain (one profile per domain held at once by the
+    caller; the pipeline merges and saves domain by domain instead)."""
+    run_shards(shards, model_cfg, cfg, ledger, spec, **kw)
+    domains = sorted({s.domain for s in shards})
     return {d: merge_ledger(ledger, [s for s in shards if s.domain == d]) for d in domains}
 
 
-def _run_workers(coord, model_cfg: ModelConfig, cfg: CalibrateConfig, on_progress, max_restarts: int,
-                 fail_after: dict[int, int]) -> None:
+def _run_workers(coord, model_cfg: ModelConfig, cfg: CalibrateConfig, spec: S.StatSpec, on_progress,
+                 max_restarts: int, fail_after: dict[int, int]) -> None:
     threads = max(1, round(cfg.cpus_per_worker)) if cfg.gpus_per_worker == 0 else 1
     opts = {"num_cpus": cfg.cpus_per_worker, "num_gpus": cfg.gpus_per_worker, "max_restarts": 0}
     counter = iter(range(10**6))
@@ -207,7 +255,7 @@ def _run_workers(coord, model_cfg: ModelConfig, cfg: CalibrateConfig, on_progres
         i = next(counter)
         wid = f"w{i}"
         return wid, CalibrationWorker.options(name=f"minigpt-calib-{wid}-{os.getpid()}", **opts).remote(
-            wid, model_cfg, cfg.dtype, cfg.batch_size, threads), i
+            wid, model_cfg, cfg.dtype, cfg.batch_size, threads, spec, flush_size(cfg, spec)), i
 
     workers = {}
     for _ in range(cfg.workers):
@@ -257,26 +305,25 @@ def _run_workers(coord, model_cfg: ModelConfig, cfg: CalibrateConfig, on_progres
 
 
 def merge_ledger(ledger: Path, shards: Sequence[Shard]) -> S.Stats:
-    """Sum a domain's shard statistics in sorted shard order (deterministic whatever the worker count)."""
-    missing = [s.shard_id for s in shards if not _ledger_path(ledger, s.shard_id).is_file()]
+    """Sum a domain's ledger entries in sorted order; every shard must be covered exactly once."""
+    wanted = {s.shard_id for s in shards}
+    entries = sorted(((ids, p) for p, ids in ledger_entries(ledger).items() if set(ids) & wanted),
+                     key=lambda e: e[0][0])
+    covered = [sid for ids, _ in entries for sid in ids]
+    missing = sorted(wanted - set(covered))
     if missing:
         raise CalibrationError(f"{len(missing)} shard(s) missing from the ledger, e.g. {missing[0]}")
-    ordered = sorted(shards, key=lambda s: s.shard_id)
-    return S.merge(S.from_numpy(load_np(str(_ledger_path(ledger, s.shard_id)))) for s in ordered)
+    if len(covered) != len(set(covered)) or not set(covered) <= wanted:
+        raise CalibrationError(f"ledger {ledger} has overlapping or foreign entries for these shards; delete it to "
+                               "recalibrate")
+    return S.merge(S.from_numpy(load_np(str(p))) for _, p in entries)
 
 
 def save_profile(path: Path, stats: S.Stats, header: dict) -> None:
     """Profile = safetensors of the fp64 sums + a JSON header beside it (model, tokens, shards, statistics)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = {"format": PROFILE_FORMAT, "statistics": sorted(stats), "tokens": int(stats["tokens"].item()), **header}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(fd)
-    save_file({k: v.contiguous() for k, v in stats.items()}, tmp, metadata={"header": json.dumps(header)})
-    json_path = path.with_suffix(".json")
-    json_tmp = json_path.with_name(f".{json_path.name}.tmp")
-    json_tmp.write_text(json.dumps(header, indent=1))
-    os.replace(tmp, path)
-    os.replace(json_tmp, json_path)
+    atomic_save_np(S.to_numpy(stats), path, metadata={"header": json.dumps(header)})
+    atomic_write_text(path.with_suffix(".json"), json.dumps(header, indent=1))
 
 
 def load_profile(path: Path) -> tuple[S.Stats, dict]:

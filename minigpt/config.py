@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 BUILTIN_SOURCES = ("licenses", "python-stdlib", "hpo")
 FILE_SOURCES = ("text", "jsonl", "parquet")
 SOURCE_KINDS = FILE_SOURCES + ("hf",) + BUILTIN_SOURCES
-PRUNE_METHODS = ("contextual", "cus-prun", "taylor", "wanda-sp", "magnitude", "random", "depth")
+PRUNE_METHODS = ("contextual", "cus-prun", "taylor", "wanda-sp", "magnitude", "random", "depth", "obs")
 PRUNE_MODES = ("target", "threshold")
 RECOVER_MODES = ("full", "lora", "distill")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -112,9 +112,16 @@ class CalibrateConfig:
     gpus_per_worker: float = 0.0  # 1.0 on a GPU cluster
     batch_size: int = 4
     dtype: str = "float32"  # forward dtype; statistics are always accumulated in float64
+    # Largest profile (one domain's statistics, fp64) the job may collect; with Gram statistics a worker holds one
+    # while accumulating and the driver one while merging. Checked before any model loads.
+    memory_budget_gb: float = 4.0
+    flush_shards: int = 0  # shards a worker sums before recording them in the ledger; 0 = auto (1, or one
+    #                        domain's run of shards when Gram statistics make a per-shard record large)
 
     def __post_init__(self) -> None:
         _check(self.workers >= 1, "calibrate.workers must be >= 1")
+        _check(self.memory_budget_gb > 0, "calibrate.memory_budget_gb must be > 0")
+        _check(self.flush_shards >= 0, "calibrate.flush_shards must be >= 0 (0 = auto)")
         _check(self.cpus_per_worker > 0, "calibrate.cpus_per_worker must be > 0")
         _check(self.gpus_per_worker >= 0, "calibrate.gpus_per_worker must be >= 0")
         _check(self.batch_size >= 1, "calibrate.batch_size must be >= 1")
@@ -134,6 +141,12 @@ class PruneConfig:
     vocab_min_count: int = 1  # a token is kept when it occurs at least this often in the domain's profile
     cus_prun_strength: float = 1.0  # cus-prun: weight of the other corpora's relevance
     taylor_blocks: int = 8  # taylor: calibration blocks given a backward pass for first-order importance
+    # Least-squares compensation (minigpt.refit): the kept columns of each pruned output projection are refit so
+    # the layer reproduces the dense layer on the calibration data; for depth, a dropped span is replaced by a
+    # linear map folded into the block before it. Needs second-moment statistics from calibration.
+    reconstruct: bool = True
+    damp: float = 0.01  # ridge of every least-squares solve, relative to the mean diagonal of its Gram matrix
+    obs_batch: int = 0  # obs: units removed per OBS step; 0 = auto (a 64th of what a layer loses)
 
     def __post_init__(self) -> None:
         _check(self.method in PRUNE_METHODS, f"prune.method {self.method!r} is not one of {', '.join(PRUNE_METHODS)}")
@@ -146,6 +159,10 @@ class PruneConfig:
         _check(self.vocab_min_count >= 1, "prune.vocab_min_count must be >= 1")
         _check(self.cus_prun_strength >= 0, "prune.cus_prun_strength must be >= 0")
         _check(self.taylor_blocks >= 1, "prune.taylor_blocks must be >= 1")
+        _check(self.damp >= 0, "prune.damp must be >= 0")
+        _check(self.obs_batch >= 0, "prune.obs_batch must be >= 0 (0 = auto)")
+        _check(not (self.mode == "threshold" and self.method == "obs"),
+               "prune.mode threshold does not apply to obs (OBS ranks channels for a given width)")
 
 
 @dataclass(frozen=True)
@@ -270,7 +287,7 @@ class SearchConfig:
     def __post_init__(self) -> None:
         _check(self.objective in SEARCH_OBJECTIVES,
                f"search.objective {self.objective!r} is not one of {', '.join(SEARCH_OBJECTIVES)}")
-        _check(self.method in PRUNE_METHODS and self.method not in ("depth", "cus-prun", "taylor"),
+        _check(self.method in PRUNE_METHODS and self.method not in ("depth", "cus-prun", "taylor", "obs"),
                f"search.method {self.method!r} must be one of contextual, wanda-sp, magnitude, random")
         _check(self.population >= 4 and self.population % 2 == 0, "search.population must be an even number >= 4")
         _check(self.generations >= 1, "search.generations must be >= 1")

@@ -242,6 +242,16 @@ def attn_output(layer: nn.Module) -> nn.Module:
     return _get(layer, _block_arch(layer).attn_out)
 
 
+def mlp_output(layer: nn.Module) -> nn.Module:
+    """The module whose output is the block's MLP contribution to the residual stream (down_proj for Llama)."""
+    return _get(layer, _block_arch(layer).mlp_out)
+
+
+def kv_prunable(model_or_config) -> bool:
+    """Whether KV groups (with their query heads) of this architecture can be pruned into a stock checkpoint."""
+    return arch_of(model_or_config).qkv is not None
+
+
 def widths(model_or_config) -> dict[str, int]:
     """layers, intermediate, heads, kv_heads (= KV groups), head_dim, hidden, vocab of a supported model."""
     cfg = getattr(model_or_config, "config", model_or_config)

@@ -20,10 +20,12 @@ import torch
 from torch import nn
 
 from minigpt.config import ConfigError, PruneConfig
-from minigpt.models import (count_parameters, decoder_layers, kv_coupling, mlp_coupling, params_per_unit, widths)
+from minigpt.models import (count_parameters, decoder_layers, kv_coupling, kv_prunable, mlp_coupling,
+                            params_per_unit, widths)
+from minigpt.stats import StatSpec
 
-FORMAT = "minigpt.plan/2"
-_READS = ("minigpt.plan/1", FORMAT)
+FORMAT = "minigpt.plan/3"
+_READS = ("minigpt.plan/1", "minigpt.plan/2", FORMAT)
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,9 @@ class PruningPlan:
     vocab_keep: tuple[int, ...] | None = None  # old ids in new-id order; None: vocabulary untouched
     mode: str = "target"
     threshold: float | None = None
+    reconstruct: bool = False  # kept output-projection weights are refit by least squares (minigpt.refit)
+    damp: float = 0.01  # ridge of that refit, relative to the mean diagonal of the Gram matrix
+    replace: bool = False  # each run of dropped layers is replaced by a linear map folded into the block before
 
     @property
     def uniform(self) -> bool:
@@ -169,6 +174,16 @@ def uniform_mlp_width(model: nn.Module, target: float, multiple_of: int, *, alre
     return min(keep, width)
 
 
+@dataclass(frozen=True)
+class Shape:
+    """What a uniform plan is made of: the kept layers, one MLP width, one KV group count, a vocabulary cut."""
+
+    kept_layers: tuple[int, ...]
+    mlp_width: int
+    kv_groups: int
+    vocab_min_count: int = 0  # 0 = vocabulary untouched
+
+
 def _top(scores: torch.Tensor, keep: int) -> list[tuple[int, ...]]:
     # Ties broken by index (stable sort) so equal scores give a deterministic plan.
     order = torch.sort(scores.double(), dim=1, descending=True, stable=True).indices[:, :keep]
@@ -184,108 +199,174 @@ def threshold_width(scores: torch.Tensor, threshold: float, multiple_of: int) ->
     return int(min(max(keep, multiple_of), s.shape[1]))
 
 
-def _vocab_keep(scores_vocab: torch.Tensor, tokenizer, min_count: int) -> tuple[int, ...]:
+def vocab_keep(token_counts: torch.Tensor, tokenizer, min_count: int) -> tuple[int, ...] | None:
+    """Old ids kept by a vocabulary cut: tokens seen >= min_count times, closed under merges (minigpt.vocab);
+    None for min_count 0 (no cut)."""
+    if min_count == 0:
+        return None
     from minigpt import vocab as V
 
     if tokenizer is None:
-        raise ConfigError("prune.vocab needs the base model's tokenizer to build the plan")
-    seen = torch.nonzero(scores_vocab >= min_count).reshape(-1).tolist()
+        raise ConfigError("a vocabulary cut needs the base model's tokenizer to build the plan")
+    seen = torch.nonzero(token_counts.double() >= min_count).reshape(-1).tolist()
     return tuple(V.closure(tokenizer, seen))
+
+
+def depth_layers(model_or_config, target: float) -> int:
+    """How many whole layers remove closest to `target` of the non-embedding parameters (at least 1)."""
+    w = widths(model_or_config)
+    return min(max(1, round(target * _non_embedding(model_or_config) / _layer_params(model_or_config))),
+               w["layers"] - 1)
+
+
+def _layer_params(model) -> int:
+    return sum(p.numel() for p in decoder_layers(model)[0].parameters())
+
+
+def _non_embedding(model) -> int:
+    return count_parameters(model)[1]
+
+
+def stat_spec(prune_cfg: PruneConfig, model_or_config) -> StatSpec:
+    """The optional statistics a job's prune settings need from calibration (minigpt.stats)."""
+    gram = prune_cfg.reconstruct or prune_cfg.method == "obs"
+    spans = (depth_layers(model_or_config, prune_cfg.target),) if prune_cfg.method == "depth" and \
+        prune_cfg.reconstruct else ()
+    return StatSpec(gram=gram and prune_cfg.method != "depth", depth_spans=spans)
+
+
+def replacement_span(stats: Mapping[str, torch.Tensor], n: int, damp: float) -> tuple[int, list[float]]:
+    """The first layer of the n-layer span whose least-squares replacement leaves the smallest residual, relative
+    to the residual stream after the span; and that relative residual for every start (inf where impossible).
+
+    Layer 0 is never cut (no block before it carries a replacement)."""
+    from minigpt import refit
+
+    key = f"depth_cross_{n}"
+    if key not in stats:
+        raise refit.RefitError(f"the profile has no {key}: calibrate with prune.method depth at this target")
+    L = stats["mlp_out_gram"].shape[0]
+    rel = [float("inf")] * L
+    for first in range(1, L - n + 1):
+        k = first - 1
+        A, C, bsq = stats["mlp_out_gram"][k], stats[key][k], float(stats[f"depth_bsq_{n}"][k])
+        err = refit.replacement_error(A, C, bsq, refit.replacement(A, C, damp))
+        # Normalised by the energy of the residual stream leaving the span, so early and late spans compare.
+        energy = float(stats["hidden_sq_sum"][first + n].sum()) if first + n < L else bsq
+        rel[first] = err / max(energy, 1e-30)
+    best = min(range(L), key=lambda i: (rel[i], i))
+    return best, rel
+
+
+def target_shape(model: nn.Module, prune_cfg: PruneConfig, scores, stats: Mapping[str, torch.Tensor]) -> Shape:
+    """The uniform shape a fixed-ratio job asks for: depth drops layers, otherwise KV groups then MLP width."""
+    w = widths(model)
+    L, G = w["layers"], w["kv_heads"]
+    if prune_cfg.method == "depth":
+        n = depth_layers(model, prune_cfg.target)
+        if prune_cfg.reconstruct:
+            first, _ = replacement_span(stats, n, prune_cfg.damp)
+            dropped = set(range(first, first + n))
+        else:
+            # Lowest block influence = the layer whose output is most similar to its input; ties: later first.
+            dropped = set(sorted(range(L), key=lambda i: (float(scores.layer[i]), -i))[:n])
+        return Shape(tuple(i for i in range(L) if i not in dropped), w["intermediate"], G)
+    kv_width = G
+    already = 0
+    if prune_cfg.kv_groups:
+        if not kv_prunable(model):
+            kv_coupling(model)  # raises the architecture's one-line reason
+        if prune_cfg.kv_groups > G:
+            raise ConfigError(f"prune.kv_groups {prune_cfg.kv_groups} exceeds the model's {G} KV groups")
+        kv_width = prune_cfg.kv_groups
+        already = L * (G - kv_width) * params_per_unit(model, kv_coupling(model))
+    if prune_cfg.mode == "threshold":
+        mlp_width = threshold_width(scores.mlp, prune_cfg.threshold, prune_cfg.multiple_of)
+    else:
+        mlp_width = uniform_mlp_width(model, prune_cfg.target, prune_cfg.multiple_of, already_removed=already)
+    return Shape(tuple(range(L)), mlp_width, kv_width)
+
+
+def plan_from_shape(scores, model: nn.Module, shape: Shape, *, domain: str, method: str,
+                    vocab: tuple[int, ...] | None = None, base_model: str = "", profile: str = "",
+                    target: float | None = None, mode: str = "target", threshold: float | None = None,
+                    reconstruct: bool = False, damp: float = 0.01, replace: bool = False,
+                    protect: tuple[int, ...] = ()) -> PruningPlan:
+    """The one plan builder: in each kept layer the `mlp_width` top-scoring MLP channels and the `kv_groups`
+    top-scoring KV groups of `scores` (a scoring.Scores), and `vocab` (old ids, see vocab_keep).
+
+    `protect` is an explicit opt-in to NON-UNIFORM widths: those layers keep every channel and group. Such a plan
+    is NOT a stock checkpoint for these architectures (one intermediate_size per model): it can be evaluated with
+    slim.mask, and slim.slim refuses it.
+    """
+    w = widths(model)
+    L, G, I = w["layers"], w["kv_heads"], w["intermediate"]
+    if not shape.kept_layers or not all(0 <= i < L for i in shape.kept_layers):
+        raise ValueError(f"shape keeps layers {shape.kept_layers}, model has {L}")
+    if not 1 <= shape.mlp_width <= I or not 1 <= shape.kv_groups <= G:
+        raise ValueError(f"shape widths {shape.mlp_width}/{shape.kv_groups} do not fit {I}/{G}")
+    if shape.kv_groups != G and scores.kv is None:
+        if not kv_prunable(model):
+            kv_coupling(model)  # raises the architecture's one-line reason
+        raise ConfigError(f"method {method!r} gives no KV group scores")
+    protect_set = {i % L for i in protect}
+    mlp = [tuple(range(I)) if i in protect_set else k for i, k in enumerate(_top(scores.mlp, shape.mlp_width))]
+    kv = _top(scores.kv, shape.kv_groups) if shape.kv_groups != G else [None] * L
+    kv = [None if i in protect_set else k for i, k in enumerate(kv)]
+    kept = list(shape.kept_layers)
+    dropped = tuple(i for i in range(L) if i not in set(kept))
+    params = predict_params(model, mlp_width=[len(mlp[i]) for i in kept],
+                            kv_width=[G if kv[i] is None else len(kv[i]) for i in kept], dropped=len(dropped),
+                            vocab=len(vocab) if vocab is not None else w["vocab"])
+    removed = 1 - params["non_embedding"] / params["dense_non_embedding"]
+    return PruningPlan(domain=domain, method=method, target=removed if target is None else target,
+                       model_type=model.config.model_type, num_layers=L, intermediate_size=I,
+                       layers=tuple(LayerPlan(i, mlp[i], kv[i]) for i in kept), params=params,
+                       base_model=base_model, profile=profile, kv_groups=G, dropped_layers=dropped,
+                       vocab_size=w["vocab"], vocab_keep=vocab, mode=mode, threshold=threshold,
+                       reconstruct=reconstruct, damp=damp, replace=replace and bool(dropped))
 
 
 def build_plan(profile_stats: Mapping[str, torch.Tensor], model: nn.Module, prune_cfg: PruneConfig, *, domain: str,
                other_profiles: Mapping[str, Mapping[str, torch.Tensor]] | None = None, base_model: str = "",
                profile: str = "", grad_stats: Mapping[str, torch.Tensor] | None = None,
                tokenizer=None, protect_layers: tuple[int, ...] = ()) -> PruningPlan:
-    """One call from a domain profile to a plan, for every method (see minigpt.scoring).
+    """One call from a domain profile and a job's prune settings to a plan, for every method (minigpt.scoring).
 
     `other_profiles` (other domains / a general corpus) feed cus-prun; `grad_stats` (stats.taylor_sums) feed taylor;
-    `tokenizer` is needed only with prune.vocab.
-
-    `protect_layers` is an explicit opt-in to NON-UNIFORM widths: those layers keep every channel and group and the
-    others share the whole cut. Such a plan is NOT a stock checkpoint for these architectures (one
-    intermediate_size per model): it can be evaluated with slim.mask, and slim.slim refuses it.
+    `tokenizer` is needed only with prune.vocab. `protect_layers`: see plan_from_shape (non-uniform, not stock).
     """
     from minigpt import scoring
 
+    if protect_layers and (prune_cfg.method == "depth" or prune_cfg.mode == "threshold"):
+        raise ConfigError("protect_layers applies to target-mode channel/group pruning only")
     others = {k: v for k, v in (other_profiles or {}).items() if k != domain}
-    scores = scoring.score_all(prune_cfg.method, profile_stats, model, seed=prune_cfg.seed, others=others or None,
-                               grad=grad_stats) if prune_cfg.method != "cus-prun" else \
-        scoring.cus_prun(profile_stats, model, others=others, strength=prune_cfg.cus_prun_strength)
-    w = widths(model)
-    L, G = w["layers"], w["kv_heads"]
-    _, non_emb = count_parameters(model)
-    dropped: tuple[int, ...] = ()
-    kv_width = G
-    if prune_cfg.method == "depth":
-        layer_params = sum(p.numel() for p in decoder_layers(model)[0].parameters())
-        n = min(max(1, round(prune_cfg.target * non_emb / layer_params)), L - 1)
-        # Lowest block influence = the layer whose output is most similar to its input; ties: later layers first.
-        order = sorted(range(L), key=lambda i: (float(scores.layer[i]), -i))
-        dropped = tuple(sorted(order[:n]))
-        mlp_width = w["intermediate"]
-    else:
-        already = 0
-        if prune_cfg.kv_groups:
-            if scores.kv is None:
-                kv_coupling(model)  # raises the architecture's one-line reason
-            if prune_cfg.kv_groups > G:
-                raise ConfigError(f"prune.kv_groups {prune_cfg.kv_groups} exceeds the model's {G} KV groups")
-            kv_width = prune_cfg.kv_groups
-            already = L * (G - kv_width) * params_per_unit(model, kv_coupling(model))
-        if prune_cfg.mode == "threshold":
-            mlp_width = threshold_width(scores.mlp, prune_cfg.threshold, prune_cfg.multiple_of)
-        else:
-            mlp_width = uniform_mlp_width(model, prune_cfg.target, prune_cfg.multiple_of, already_removed=already)
-    kept_layers = [i for i in range(L) if i not in dropped]
-    mlp_keep = _top(scores.mlp, mlp_width)
-    kv_keep = _top(scores.kv, kv_width) if kv_width != G else [None] * L
-    mlp_widths = [mlp_width] * len(kept_layers)
-    kv_widths = [kv_width] * len(kept_layers)
+    # Shapes that do not depend on the scores are fixed first: OBS scores depend on how much each layer loses.
+    needs_scores_first = prune_cfg.method == "depth" or prune_cfg.mode == "threshold"
+    scores = scoring.score_all(prune_cfg, profile_stats, model, others=others, grad=grad_stats) \
+        if needs_scores_first else None
+    shape = target_shape(model, prune_cfg, scores, profile_stats)
     if protect_layers:
-        if prune_cfg.method == "depth" or prune_cfg.mode == "threshold":
-            raise ConfigError("protect_layers applies to target-mode channel/group pruning only")
-        protect = {i % L for i in protect_layers}
-        n = L - len(protect)
-        already = n * (G - kv_width) * params_per_unit(model, kv_coupling(model)) if kv_width != G else 0
-        mlp_width = uniform_mlp_width(model, prune_cfg.target, prune_cfg.multiple_of, already_removed=already,
-                                      layers=n)
-        mlp_keep = [tuple(range(w["intermediate"])) if i in protect else k for i, k in
-                    enumerate(_top(scores.mlp, mlp_width))]
-        kv_keep = [None if i in protect else k for i, k in enumerate(kv_keep)]
-        mlp_widths = [len(mlp_keep[i]) for i in kept_layers]
-        kv_widths = [G if kv_keep[i] is None else len(kv_keep[i]) for i in kept_layers]
-    vocab_keep = _vocab_keep(scores.vocab, tokenizer, prune_cfg.vocab_min_count) if prune_cfg.vocab else None
-    params = predict_params(model, mlp_width=mlp_widths, kv_width=kv_widths, dropped=len(dropped),
-                            vocab=len(vocab_keep) if vocab_keep is not None else w["vocab"])
-    return PruningPlan(domain=domain, method=prune_cfg.method, target=prune_cfg.target,
-                       model_type=model.config.model_type, num_layers=L, intermediate_size=w["intermediate"],
-                       layers=tuple(LayerPlan(i, mlp_keep[i], kv_keep[i]) for i in kept_layers), params=params,
-                       base_model=base_model, profile=profile, kv_groups=G, dropped_layers=dropped,
-                       vocab_size=w["vocab"], vocab_keep=vocab_keep, mode=prune_cfg.mode,
-                       threshold=prune_cfg.threshold if prune_cfg.mode == "threshold" else None)
-
-
-def build_uniform(scores: torch.Tensor, model: nn.Module, *, domain: str, method: str, target: float,
-                  multiple_of: int = 8, base_model: str = "", profile: str = "") -> PruningPlan:
-    """MLP channels only: keep the top-scoring channels of every layer, the same number in each."""
-    w = widths(model)
-    if tuple(scores.shape) != (w["layers"], w["intermediate"]):
-        raise ValueError(f"scores shape {tuple(scores.shape)} does not match the model "
-                         f"({w['layers']}, {w['intermediate']})")
-    keep = uniform_mlp_width(model, target, multiple_of)
-    kept = _top(scores, keep)
-    params = predict_params(model, mlp_width=keep, kv_width=w["kv_heads"], dropped=0, vocab=w["vocab"])
-    return PruningPlan(domain=domain, method=method, target=target, model_type=model.config.model_type,
-                       num_layers=w["layers"], intermediate_size=w["intermediate"],
-                       layers=tuple(LayerPlan(i, kept[i]) for i in range(w["layers"])),
-                       params=params, base_model=base_model, profile=profile, kv_groups=w["kv_heads"],
-                       vocab_size=w["vocab"])
+        # The protected layers keep everything, so the others share the whole cut.
+        w = widths(model)
+        n = w["layers"] - len({i % w["layers"] for i in protect_layers})
+        already = n * (w["kv_heads"] - shape.kv_groups) * params_per_unit(model, kv_coupling(model)) \
+            if shape.kv_groups != w["kv_heads"] else 0
+        shape = Shape(shape.kept_layers, uniform_mlp_width(model, prune_cfg.target, prune_cfg.multiple_of,
+                                                           already_removed=already, layers=n), shape.kv_groups)
+    if scores is None:
+        scores = scoring.score_all(prune_cfg, profile_stats, model, others=others, grad=grad_stats, shape=shape)
+    vocab = vocab_keep(scores.vocab, tokenizer, prune_cfg.vocab_min_count) if prune_cfg.vocab else None
+    return plan_from_shape(scores, model, shape, domain=domain, method=prune_cfg.method, vocab=vocab,
+                           base_model=base_model, profile=profile, target=prune_cfg.target, mode=prune_cfg.mode,
+                           threshold=prune_cfg.threshold if prune_cfg.mode == "threshold" else None,
+                           reconstruct=prune_cfg.reconstruct, damp=prune_cfg.damp,
+                           replace=prune_cfg.method == "depth" and prune_cfg.reconstruct, protect=protect_layers)
 
 
 def removed_fraction(plan: PruningPlan) -> float:
     return 1 - plan.params["non_embedding"] / plan.params["dense_non_embedding"]
 
 
-__all__ = ["FORMAT", "LayerPlan", "PruningPlan", "build_plan", "build_uniform", "predict_params",
-           "threshold_width", "uniform_mlp_width", "removed_fraction"]
+__all__ = ["FORMAT", "LayerPlan", "PruningPlan", "Shape", "build_plan", "plan_from_shape", "predict_params",
+           "removed_fraction", "stat_spec", "target_shape", "threshold_width", "uniform_mlp_width", "vocab_keep"]

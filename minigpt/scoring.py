@@ -12,7 +12,10 @@ Methods (the seed papers):
   wanda-sp    structured Wanda: sum |W| * ||X|| over a structure's output weights.
   magnitude   data-free: L2 norm of the structure's coupled weights.
   random      seeded uniform baseline.
-  depth       block influence: 1 - mean cos(layer input, layer output); the plan drops the least influential layers.
+  depth       block influence: 1 - mean cos(layer input, layer output); the plan drops the least influential layers
+              (with prune.reconstruct: the contiguous span whose linear replacement leaves the least residual).
+  obs         structured Optimal Brain Surgeon (SlimGPT, ZipLM): per layer, greedy removal by the OBS error on the
+              Gram matrix of the output projection's input (needs the Gram statistics).
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from minigpt.config import ConfigError
-from minigpt.models import decoder_layers, kv_coupling, mlp_coupling, widths
+from minigpt.config import ConfigError, PruneConfig
+from minigpt.models import arch_of, decoder_layers, kv_coupling, kv_prunable, mlp_coupling, widths
 
 Stats = Mapping[str, torch.Tensor]
 
@@ -46,44 +49,35 @@ def _group_heads(per_head: torch.Tensor, groups: int) -> torch.Tensor:
     return per_head.reshape(per_head.shape[0], groups, -1).sum(-1)
 
 
-def _has_kv(model: nn.Module) -> bool:
-    try:
-        kv_coupling(model)
-        return True
-    except ConfigError:
-        return False
-
-
 def block_influence(stats: Stats) -> torch.Tensor:
     return 1 - stats["block_cos_sum"].double() / _tokens(stats)
 
 
-def _head_rms(stats: Stats, model: nn.Module) -> torch.Tensor:
+def _head_rms(stats: Stats) -> torch.Tensor:
     """RMS norm of each query head's output per token [L, H]."""
     return (stats["head_sq_sum"].double() / _tokens(stats)).sqrt()
 
 
 def _finish(stats: Stats, model: nn.Module, mlp: torch.Tensor, kv: torch.Tensor | None) -> Scores:
-    return Scores(mlp=mlp.double(), kv=kv.double() if kv is not None and _has_kv(model) else None,
+    return Scores(mlp=mlp.double(), kv=kv.double() if kv is not None and kv_prunable(model) else None,
                   layer=block_influence(stats), vocab=stats["token_counts"].double())
 
 
-def contextual(stats: Stats, model: nn.Module, **_) -> Scores:
+def contextual(stats: Stats, model: nn.Module) -> Scores:
     """Mini-GPTs: mean |activation| of each MLP channel on the domain; a KV group by its query heads' output RMS."""
     mlp = stats["mlp_abs_sum"].double() / _tokens(stats)
-    kv = _group_heads(_head_rms(stats, model), widths(model)["kv_heads"])
+    kv = _group_heads(_head_rms(stats), widths(model)["kv_heads"])
     return _finish(stats, model, mlp, kv)
 
 
 def _relevance(stats: Stats, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-layer normalised mean |activation| (channels) and head RMS (groups), so corpora compare on one scale."""
     mlp = stats["mlp_abs_sum"].double() / _tokens(stats)
-    kv = _group_heads(_head_rms(stats, model), widths(model)["kv_heads"])
+    kv = _group_heads(_head_rms(stats), widths(model)["kv_heads"])
     return mlp / mlp.mean(1, keepdim=True).clamp_min(1e-12), kv / kv.mean(1, keepdim=True).clamp_min(1e-12)
 
 
-def cus_prun(stats: Stats, model: nn.Module, *, others: Mapping[str, Stats] | None = None, strength: float = 1.0,
-             **_) -> Scores:
+def cus_prun(stats: Stats, model: nn.Module, *, others: Mapping[str, Stats] | None, strength: float = 1.0) -> Scores:
     """Cus-Prun: keep what the domain uses; push down what is relevant only to the other corpora.
 
     score = r_d - strength * max(0, max_o r_o - r_d), with r the per-layer normalised relevance on each corpus.
@@ -101,7 +95,7 @@ def cus_prun(stats: Stats, model: nn.Module, *, others: Mapping[str, Stats] | No
     return _finish(stats, model, mlp, kv)
 
 
-def taylor(stats: Stats, model: nn.Module, *, grad: Stats | None = None, **_) -> Scores:
+def taylor(stats: Stats, model: nn.Module, *, grad: Stats | None) -> Scores:
     """LLM-Pruner: mean over batches of sum |w * dL/dw| over each coupled group (from stats.taylor_sums)."""
     if grad is None or "taylor_mlp" not in grad:
         raise ConfigError("prune.method taylor needs gradient statistics (minigpt.stats.taylor_sums)")
@@ -119,12 +113,12 @@ def _out_weight_norms(model: nn.Module, coupling) -> list[torch.Tensor]:
     return rows
 
 
-def wanda_sp(stats: Stats, model: nn.Module, **_) -> Scores:
+def wanda_sp(stats: Stats, model: nn.Module) -> Scores:
     """Structured Wanda: sum_i |W_out[i, j]| * ||X_j|| with ||X_j|| the RMS of the structure's input activation."""
     rms = (stats["mlp_sq_sum"].double() / _tokens(stats)).sqrt()
     mlp = torch.stack(_out_weight_norms(model, mlp_coupling(model))) * rms
     kv = None
-    if _has_kv(model):
+    if kv_prunable(model):
         w = widths(model)
         col = torch.stack(_out_weight_norms(model, kv_coupling(model)))  # [L, H * head_dim]
         # Only per-head norms are profiled: spread each head's mean square evenly over its head_dim inputs.
@@ -147,14 +141,14 @@ def _coupled_l2(model: nn.Module, coupling, units: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def magnitude(stats: Stats, model: nn.Module, **_) -> Scores:
+def magnitude(stats: Stats, model: nn.Module) -> Scores:
     """Data-free baseline: L2 norm of each structure's coupled weights."""
     w = widths(model)
-    kv = _coupled_l2(model, kv_coupling(model), w["kv_heads"]) if _has_kv(model) else None
+    kv = _coupled_l2(model, kv_coupling(model), w["kv_heads"]) if kv_prunable(model) else None
     return _finish(stats, model, _coupled_l2(model, mlp_coupling(model), w["intermediate"]), kv)
 
 
-def random(stats: Stats, model: nn.Module, *, seed: int = 0, **_) -> Scores:
+def random(stats: Stats, model: nn.Module, *, seed: int = 0) -> Scores:
     """Baseline: seeded uniform scores."""
     g = torch.Generator().manual_seed(seed)
     w = widths(model)
@@ -163,11 +157,73 @@ def random(stats: Stats, model: nn.Module, *, seed: int = 0, **_) -> Scores:
     return _finish(stats, model, mlp, kv)
 
 
-def depth(stats: Stats, model: nn.Module, **_) -> Scores:
+def depth(stats: Stats, model: nn.Module) -> Scores:
     """Block influence only: channels and groups are not ranked (the plan drops whole layers)."""
     w = widths(model)
     return _finish(stats, model, torch.ones(w["layers"], w["intermediate"], dtype=torch.float64),
                    torch.ones(w["layers"], w["kv_heads"], dtype=torch.float64))
+
+
+def _order_scores(order: list[int], units: int) -> torch.Tensor:
+    """Removal order -> scores: the k-th unit removed scores k, every unit OBS keeps scores len(order)."""
+    s = torch.full((units,), float(len(order)), dtype=torch.float64)
+    s[torch.as_tensor(order, dtype=torch.long)] = torch.arange(len(order), dtype=torch.float64)
+    return s
+
+
+def obs(stats: Stats, model: nn.Module, *, shape, damp: float = 0.01, batch: int = 0) -> Scores:
+    """Structured OBS (SlimGPT / ZipLM): per layer, the units greedy OBS removes to reach the shape's widths on the
+    Gram matrix of the output projection's input (minigpt.refit.obs_order) score lowest, in removal order.
+
+    The scores only mean something at the shape's widths (OBS is greedy and path-dependent); `batch` units are
+    removed per step (0: a 64th of the units to remove, at least 1)."""
+    from minigpt import refit
+
+    if shape is None:
+        raise ConfigError("prune.method obs needs the target widths before scoring (prune.mode target)")
+    if "mlp_gram" not in stats:
+        raise refit.RefitError("prune.method obs needs the profile's Gram statistics (mlp_gram, attn_gram)")
+    w = widths(model)
+    L, I, G = w["layers"], w["intermediate"], w["kv_heads"]
+    conv1d = arch_of(model).conv1d
+    mlp_c = next(c for c in mlp_coupling(model) if c.output)
+    mlp = torch.zeros(L, I, dtype=torch.float64)
+    kv = torch.zeros(L, G, dtype=torch.float64) if kv_prunable(model) else None
+    for i, layer in enumerate(decoder_layers(model)):
+        params = dict(layer.named_parameters())
+        remove = I - shape.mlp_width
+        if remove:
+            W = params[mlp_c.name].detach()
+            W = W.T if conv1d else W
+            order, _ = refit.obs_order(W, stats["mlp_gram"][i], 1, damp, remove=remove,
+                                       batch=batch or max(1, remove // 64))
+            mlp[i] = _order_scores(order, I)
+        if kv is not None and shape.kv_groups < G:
+            kv_c = next(c for c in kv_coupling(model) if c.output)
+            W = params[kv_c.name].detach()
+            order, _ = refit.obs_order(W, stats["attn_gram"][i], kv_c.size, damp, remove=G - shape.kv_groups)
+            kv[i] = _order_scores(order, G)
+    return _finish(stats, model, mlp, kv)
+
+
+def score_all(prune_cfg: PruneConfig | str, stats: Stats, model: nn.Module, *, others: Mapping[str, Stats] | None = None,
+              grad: Stats | None = None, shape=None) -> Scores:
+    """Scores of the method `prune_cfg.method` (or a method name, with default settings), each method given exactly
+    the inputs it uses: other corpora (cus-prun), gradient sums (taylor), the target widths (obs)."""
+    cfg = prune_cfg if isinstance(prune_cfg, PruneConfig) else None
+    method = cfg.method if cfg is not None else prune_cfg
+    if method not in METHODS:
+        raise ConfigError(f"unknown prune.method {method!r}; known: {', '.join(METHODS)}")
+    cfg = cfg or PruneConfig(method=method)
+    if method == "cus-prun":
+        return cus_prun(stats, model, others=others, strength=cfg.cus_prun_strength)
+    if method == "taylor":
+        return taylor(stats, model, grad=grad)
+    if method == "random":
+        return random(stats, model, seed=cfg.seed)
+    if method == "obs":
+        return obs(stats, model, shape=shape, damp=cfg.damp, batch=cfg.obs_batch)
+    return METHODS[method](stats, model)
 
 
 METHODS: dict[str, Callable[..., Scores]] = {
@@ -178,19 +234,8 @@ METHODS: dict[str, Callable[..., Scores]] = {
     "magnitude": magnitude,
     "random": random,
     "depth": depth,
+    "obs": obs,
 }
 
 
-def score_all(method: str, stats: Stats, model: nn.Module, *, seed: int = 0,
-              others: Mapping[str, Stats] | None = None, grad: Stats | None = None) -> Scores:
-    if method not in METHODS:
-        raise ConfigError(f"unknown prune.method {method!r}; known: {', '.join(METHODS)}")
-    return METHODS[method](stats, model, seed=seed, others=others, grad=grad)
-
-
-def score(method: str, stats: Stats, model: nn.Module, seed: int = 0, **kw) -> torch.Tensor:
-    """MLP channel scores only [L, I] (the original interface)."""
-    return score_all(method, stats, model, seed=seed, **kw).mlp
-
-
-__all__ = ["Scores", "METHODS", "score", "score_all", "block_influence"]
+__all__ = ["METHODS", "Scores", "block_influence", "score_all"]

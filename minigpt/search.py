@@ -42,9 +42,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from minigpt.config import ConfigError, SearchConfig
+from minigpt.config import ConfigError, PruneConfig, SearchConfig
 from minigpt.models import widths
-from minigpt.plan import LayerPlan, PruningPlan, predict_params
+from minigpt.plan import PruningPlan, Shape, plan_from_shape, vocab_keep
 
 SCHEMA = "minigpt.search/1"
 
@@ -183,14 +183,6 @@ class Space:
                      vocab_min_count=self.vocab_min_counts[int(g[self.layers + 2])])
 
 
-@dataclass(frozen=True)
-class Shape:
-    kept_layers: tuple[int, ...]
-    mlp_width: int
-    kv_groups: int
-    vocab_min_count: int  # 0 = vocabulary untouched
-
-
 def make_space(model_or_config, cfg: SearchConfig) -> Space:
     w = widths(model_or_config)
     mlp = sorted({min(w["intermediate"], max(cfg.multiple_of, round(f * w["intermediate"] / cfg.multiple_of)
@@ -313,52 +305,6 @@ def pareto_front(individuals: Sequence[Individual]) -> list[Individual]:
     return sorted(front, key=lambda p: tuple(p.objectives))
 
 
-# ============================================================================= shapes -> plans (profile only)
-
-
-def _top(scores: torch.Tensor, keep: int) -> list[tuple[int, ...]]:
-    # The same rule as plan.build_plan: highest scores, ties by index (stable), kept indices ascending.
-    order = torch.sort(scores.double(), dim=1, descending=True, stable=True).indices[:, :keep]
-    return [tuple(r) for r in torch.sort(order, dim=1).values.tolist()]
-
-
-def vocab_keep(token_counts: torch.Tensor, tokenizer, min_count: int) -> tuple[int, ...] | None:
-    """Old ids kept by a vocabulary cut: tokens seen >= min_count times, closed under merges (minigpt.vocab)."""
-    if min_count == 0:
-        return None
-    from minigpt import vocab as V
-
-    if tokenizer is None:
-        raise ConfigError("search.vocab_min_counts cuts the vocabulary, which needs the base model's tokenizer")
-    seen = torch.nonzero(token_counts.double() >= min_count).reshape(-1).tolist()
-    return tuple(V.closure(tokenizer, seen))
-
-
-def plan_from_shape(scores, model: nn.Module, shape: Shape, *, domain: str, method: str,
-                    vocab: tuple[int, ...] | None = None, base_model: str = "", profile: str = "") -> PruningPlan:
-    """A uniform PruningPlan for `shape`: in each kept layer the `mlp_width` top-scoring MLP channels and the
-    `kv_groups` top-scoring KV groups of `scores` (a scoring.Scores), and `vocab` (old ids, see vocab_keep)."""
-    w = widths(model)
-    L, G = w["layers"], w["kv_heads"]
-    if not shape.kept_layers or not all(0 <= i < L for i in shape.kept_layers):
-        raise ValueError(f"shape keeps layers {shape.kept_layers}, model has {L}")
-    if not 1 <= shape.mlp_width <= w["intermediate"] or not 1 <= shape.kv_groups <= G:
-        raise ValueError(f"shape widths {shape.mlp_width}/{shape.kv_groups} do not fit {w['intermediate']}/{G}")
-    mlp = _top(scores.mlp, shape.mlp_width)
-    if shape.kv_groups != G and scores.kv is None:
-        raise ConfigError(f"{model.config.model_type!r} KV groups cannot be pruned; search with search.kv false")
-    kv = _top(scores.kv, shape.kv_groups) if shape.kv_groups != G else [None] * L
-    kept = list(shape.kept_layers)
-    dropped = tuple(i for i in range(L) if i not in set(kept))
-    params = predict_params(model, mlp_width=shape.mlp_width, kv_width=shape.kv_groups, dropped=len(dropped),
-                            vocab=len(vocab) if vocab is not None else w["vocab"])
-    return PruningPlan(domain=domain, method=f"search:{method}", target=1 - params["non_embedding"] /
-                       params["dense_non_embedding"], model_type=model.config.model_type, num_layers=L,
-                       intermediate_size=w["intermediate"], layers=tuple(LayerPlan(i, mlp[i], kv[i]) for i in kept),
-                       params=params, base_model=base_model, profile=profile, kv_groups=G, dropped_layers=dropped,
-                       vocab_size=w["vocab"], vocab_keep=vocab)
-
-
 # ============================================================================== evaluating one candidate
 
 
@@ -475,14 +421,14 @@ def search_domain(profile_stats: Mapping[str, torch.Tensor], model_dir: str | Pa
     dense = load_model(model_dir, dtype=dtype)
     space = make_space(dense, cfg)
     tokenizer = load_tokenizer(model_dir) if any(c for c in space.vocab_min_counts) else None
-    scores = scoring.score_all(cfg.method, profile_stats, dense, seed=cfg.seed)
+    scores = scoring.score_all(PruneConfig(method=cfg.method, seed=cfg.seed), profile_stats, dense)
     if len(space.kv_groups) > 1 and scores.kv is None:
         raise ConfigError(f"{dense.config.model_type!r} KV groups cannot be pruned; set search.kv false")
     vocabs = {c: vocab_keep(profile_stats["token_counts"], tokenizer, c) for c in space.vocab_min_counts}
 
     def plan_of(genome: np.ndarray) -> PruningPlan:
         shape = space.shape(genome)
-        return plan_from_shape(scores, dense, shape, domain=domain, method=cfg.method,
+        return plan_from_shape(scores, dense, shape, domain=domain, method=f"search:{cfg.method}",
                                vocab=vocabs[shape.vocab_min_count], base_model=base_model, profile=profile)
 
     latency = (cfg.latency_batch, cfg.latency_seq_len, cfg.latency_repeats) if cfg.objective == "latency" else None

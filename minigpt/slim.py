@@ -2,7 +2,8 @@
 
 The slimmed model is built from a new config written here (same architecture, smaller widths, fewer layers,
 smaller vocabulary) and filled with sliced tensors through a strict state-dict load, so a plan that does not fit
-the model fails loudly. `mask` is the reference used by tests: the dense model with the same MLP channels, KV
+the model fails loudly. Compensated plans (minigpt.refit) pass new values for the kept output projections, given
+in the dense shapes, which are cut like every other weight: only kept weights change values. `mask` is the reference used by tests: the dense model with the same MLP channels, KV
 groups and layers silenced must give the same logits (vocabulary: the dense logits restricted to the kept ids).
 """
 
@@ -12,6 +13,7 @@ import copy
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -68,10 +70,22 @@ def _param_name(model: nn.Module, tensor: torch.Tensor) -> str:
     return next(n for n, p in model.named_parameters(remove_duplicate=False) if p is tensor)
 
 
+def _check_weights(model: nn.Module, weights: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """New values for some dense parameters (minigpt.refit.compensation): same names and shapes as the model's."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, value in (weights or {}).items():
+        if name not in params or params[name].shape != value.shape:
+            raise ValueError(f"replacement weight {name} {tuple(value.shape)} does not match the model")
+    return dict(weights or {})
+
+
 @torch.no_grad()
-def slim(model: nn.Module, plan: PruningPlan) -> nn.Module:
-    """Return a new, physically smaller model; `model` is left untouched."""
+def slim(model: nn.Module, plan: PruningPlan, weights: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+    """Return a new, physically smaller model; `model` is left untouched.
+
+    `weights` (dense shapes, e.g. minigpt.refit.compensation) replace the named parameters before they are cut."""
     _check(model, plan)
+    weights = _check_weights(model, weights)
     arch = arch_of(model)
     new_cfg = slim_config(model, plan)
     mlp = {c.name: c for c in mlp_coupling(model)}
@@ -80,6 +94,7 @@ def slim(model: nn.Module, plan: PruningPlan) -> nn.Module:
     prefix = arch.layers + "."
     state = {}
     for key, value in model.state_dict().items():
+        value = weights.get(key, value)
         if not key.startswith(prefix):
             state[key] = value
             continue
@@ -129,10 +144,14 @@ def slim(model: nn.Module, plan: PruningPlan) -> nn.Module:
 
 
 @torch.no_grad()
-def mask(model: nn.Module, plan: PruningPlan) -> nn.Module:
+def mask(model: nn.Module, plan: PruningPlan, weights: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
     """Silence, in place, what the plan removes: the output-projection inputs of removed MLP channels and KV groups,
-    and the whole residual contribution (output projections and their biases) of dropped layers."""
+    and the whole residual contribution (output projections and their biases) of dropped layers. `weights` are
+    written into the model first (as in slim)."""
     _check(model, plan)
+    params_by_name = dict(model.named_parameters(remove_duplicate=False))
+    for name, value in _check_weights(model, weights).items():
+        params_by_name[name].copy_(value)
     arch = arch_of(model)
     w = widths(model)
     layers = decoder_layers(model)
@@ -154,11 +173,18 @@ def mask(model: nn.Module, plan: PruningPlan) -> nn.Module:
     return model
 
 
-def slim_expert(model: nn.Module, tokenizer, plan: PruningPlan):
-    """(slimmed model, tokenizer): the tokenizer is rewritten when the plan prunes the vocabulary."""
+def slim_expert(model: nn.Module, tokenizer, plan: PruningPlan, stats: Mapping[str, torch.Tensor] | None = None):
+    """(slimmed model, tokenizer): a plan with `reconstruct` is compensated from the profile `stats`
+    (minigpt.refit); the tokenizer is rewritten when the plan prunes the vocabulary."""
+    from minigpt import refit
     from minigpt import vocab as V
 
-    small = slim(model, plan)
+    weights = None
+    if plan.reconstruct or plan.replace:
+        if stats is None:
+            raise refit.RefitError(f"plan for {plan.domain!r} refits weights: slimming it needs its profile")
+        weights = refit.compensation(model, plan, stats)
+    small = slim(model, plan, weights)
     if plan.vocab_keep is not None:
         tokenizer = V.prune_tokenizer(tokenizer, plan.vocab_keep)
     return small, tokenizer

@@ -1,10 +1,11 @@
 """Calibration statistics: forward hooks that accumulate fp64 sums, and pure functions that merge them.
 
 A `Stats` is a plain dict name -> float64 tensor. Every entry is a *sum* (never a mean), and the token count is
-itself an entry, so merging is element-wise addition: associative, commutative, and N workers give exactly the
-profile one worker gives on the same batches. Means and scores are derived later (minigpt.scoring).
+itself an entry, so merging is element-wise addition: associative, commutative, and N workers give the profile one
+worker gives on the same batches (up to the order of fp64 additions). Means, scores and least-squares solutions are
+derived later (minigpt.scoring, minigpt.refit).
 
-Entries (L layers, I MLP channels, H attention heads, D hidden size, V vocabulary):
+Always collected (L layers, I MLP channels, H attention heads, D hidden size, V vocabulary):
   tokens          [1]     token positions seen
   mlp_abs_sum     [L, I]  sum |a| of each layer's down-projection input (the Mini-GPTs statistic)
   mlp_sq_sum      [L, I]  sum a^2 of the same (for ||X|| in wanda-sp style scores)
@@ -12,41 +13,87 @@ Entries (L layers, I MLP channels, H attention heads, D hidden size, V vocabular
   hidden_sq_sum   [L, D]  sum a^2 of the residual stream entering each layer
   block_cos_sum   [L]     sum of cos(layer input, layer output) per token (block influence, for depth pruning)
   token_counts    [V]     occurrences of each token id
+
+Second moments, collected only when a `StatSpec` asks (least-squares compensation, structured OBS, depth with
+replacement); Q = H * head_dim is the attention output projection's input width:
+  mlp_gram        [L, I, I]  sum x x^T of the down-projection input x        (gram)
+  mlp_sum         [L, I]     sum x of the same (intercepts, for layers with a bias)
+  attn_gram       [L, Q, Q]  sum x x^T of the attention output projection's input
+  attn_sum        [L, Q]     sum x of the same
+  mlp_out_gram    [L, D, D]  sum a^T a of each block's MLP output a            (depth_spans)
+  depth_cos       [L+1, L+1] sum cos(h_i, h_j) over tokens, h_i the residual stream entering layer i (h_L: leaving)
+  depth_cross_<n> [L, D, D]  sum a_k^T b_k with b_k = h_{k+1+n} - h_{k+1} + a_k: the part of the residual after a
+                             cut of the n layers k+1..k+n that block k's remapped MLP output must supply (ReplaceMe)
+  depth_bsq_<n>   [L]        sum |b_k|^2 (the residual left by a replacement, predicted without a forward pass)
+Rows of depth_cross_<n> / depth_bsq_<n> whose span runs past the last layer stay zero.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from minigpt.config import ConfigError
-from minigpt.models import attn_output, decoder_layers, kv_coupling, mlp_coupling, mlp_parts, widths
+from minigpt.models import (attn_output, decoder_layers, kv_coupling, kv_prunable, mlp_coupling, mlp_output,
+                            mlp_parts, widths)
 
 Stats = dict[str, torch.Tensor]
 
-STAT_NAMES = ("tokens", "mlp_abs_sum", "mlp_sq_sum", "head_sq_sum", "hidden_sq_sum", "block_cos_sum", "token_counts")
+BASE_NAMES = ("tokens", "mlp_abs_sum", "mlp_sq_sum", "head_sq_sum", "hidden_sq_sum", "block_cos_sum", "token_counts")
+GRAM_NAMES = ("mlp_gram", "mlp_sum", "attn_gram", "attn_sum")
 
 
-def empty_stats(num_layers: int, intermediate: int, heads: int, hidden: int, vocab: int) -> Stats:
-    z = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
-    return {
-        "tokens": z(1),
-        "mlp_abs_sum": z(num_layers, intermediate),
-        "mlp_sq_sum": z(num_layers, intermediate),
-        "head_sq_sum": z(num_layers, heads),
-        "hidden_sq_sum": z(num_layers, hidden),
-        "block_cos_sum": z(num_layers),
-        "token_counts": z(vocab),
-    }
+@dataclass(frozen=True)
+class StatSpec:
+    """Which optional statistics a calibration pass collects (the base statistics are always collected)."""
+
+    gram: bool = False  # second moments of the output projections' inputs (compensation, OBS)
+    depth_spans: tuple[int, ...] = ()  # cut lengths n whose replacement moments are collected
+
+    def __post_init__(self) -> None:
+        if any(n < 1 for n in self.depth_spans) or len(set(self.depth_spans)) != len(self.depth_spans):
+            raise ValueError(f"depth_spans must be distinct positive span lengths, got {self.depth_spans}")
+        object.__setattr__(self, "depth_spans", tuple(sorted(self.depth_spans)))
 
 
-def stats_for_model(model: nn.Module) -> Stats:
-    w = widths(model)
-    return empty_stats(w["layers"], w["intermediate"], w["heads"], w["hidden"], w["vocab"])
+def stat_shapes(model_or_config, spec: StatSpec = StatSpec()) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every statistic a pass with `spec` collects, from the config alone."""
+    w = widths(model_or_config)
+    L, I, H, D, V = w["layers"], w["intermediate"], w["heads"], w["hidden"], w["vocab"]
+    Q = H * w["head_dim"]
+    shapes = {"tokens": (1,), "mlp_abs_sum": (L, I), "mlp_sq_sum": (L, I), "head_sq_sum": (L, H),
+              "hidden_sq_sum": (L, D), "block_cos_sum": (L,), "token_counts": (V,)}
+    if spec.gram:
+        shapes.update(mlp_gram=(L, I, I), mlp_sum=(L, I), attn_gram=(L, Q, Q), attn_sum=(L, Q))
+    if spec.depth_spans:
+        shapes.update(mlp_out_gram=(L, D, D), depth_cos=(L + 1, L + 1))
+        for n in spec.depth_spans:
+            shapes[f"depth_cross_{n}"] = (L, D, D)
+            shapes[f"depth_bsq_{n}"] = (L,)
+    return shapes
+
+
+def stats_bytes(model_or_config, spec: StatSpec = StatSpec()) -> int:
+    """Bytes of one profile (fp64) collected with `spec`: what a worker holds per domain and a profile weighs."""
+    return 8 * sum(int(np.prod(s)) for s in stat_shapes(model_or_config, spec).values())
+
+
+def spec_of(stats: Mapping[str, torch.Tensor]) -> StatSpec:
+    """The StatSpec a profile was collected with (read back from its entries)."""
+    spans = tuple(int(k.rsplit("_", 1)[1]) for k in stats if k.startswith("depth_cross_"))
+    return StatSpec(gram="mlp_gram" in stats, depth_spans=spans)
+
+
+def empty_stats(model_or_config, spec: StatSpec = StatSpec()) -> Stats:
+    return {k: torch.zeros(s, dtype=torch.float64) for k, s in stat_shapes(model_or_config, spec).items()}
+
+
+def stats_for_model(model: nn.Module, spec: StatSpec = StatSpec()) -> Stats:
+    return empty_stats(model, spec)
 
 
 def merge(parts: Iterable[Mapping[str, torch.Tensor]]) -> Stats:
@@ -78,56 +125,129 @@ def _first_tensor(x):
     return x[0] if isinstance(x, tuple | list) else x
 
 
-@contextmanager
-def collecting(model: nn.Module, stats: Stats):
-    """Register hooks that add one forward pass's statistics into `stats` (in place); removed on exit."""
-    heads = widths(model)["heads"]
-    handles = []
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """x^T x of a [N, m] batch: the product in the activation's precision (fp32 at least), the sum in fp64."""
+    x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    return (x.T @ x).double()
 
-    def add_rows(name: str, layer: int, a: torch.Tensor, fn) -> None:
-        flat = a.reshape(-1, a.shape[-1])
-        stats[name][layer] += fn(flat).sum(0, dtype=torch.float64) if fn else flat.sum(0, dtype=torch.float64)
 
-    for i, layer in enumerate(decoder_layers(model)):
-        _, down = mlp_parts(layer)
+class _Collector:
+    """Hooks on one model that add each forward pass's statistics into `stats` (in place)."""
 
-        def mlp_hook(_m, args, i=i):
+    def __init__(self, model: nn.Module, stats: Stats, spec: StatSpec):
+        self.model, self.stats, self.spec = model, stats, spec
+        self.heads = widths(model)["heads"]
+        self.handles = []
+        self.hidden: dict[int, torch.Tensor] = {}  # depth: residual stream h_i of the current batch, flattened
+        self.mlp_out: dict[int, torch.Tensor] = {}  # depth: each block's MLP output a_k of the current batch
+        for i, layer in enumerate(decoder_layers(model)):
+            _, down = mlp_parts(layer)
+            self.handles.append(down.register_forward_pre_hook(self._mlp_hook(i)))
+            self.handles.append(attn_output(layer).register_forward_pre_hook(self._attn_hook(i)))
+            self.handles.append(layer.register_forward_hook(self._block_hook(i), with_kwargs=True))
+            if spec.depth_spans:
+                self.handles.append(mlp_output(layer).register_forward_hook(self._mlp_out_hook(i)))
+
+    def _add(self, name: str, layer: int, value: torch.Tensor) -> None:
+        self.stats[name][layer] += value
+
+    def _mlp_hook(self, i: int):
+        def hook(_m, args):
             a = args[0].detach()
-            add_rows("mlp_abs_sum", i, a, torch.abs)
-            add_rows("mlp_sq_sum", i, a, torch.square)
+            flat = a.reshape(-1, a.shape[-1])
+            self._add("mlp_abs_sum", i, flat.abs().sum(0, dtype=torch.float64))
+            self._add("mlp_sq_sum", i, flat.square().sum(0, dtype=torch.float64))
+            if self.spec.gram:
+                self._add("mlp_gram", i, _gram(flat))
+                self._add("mlp_sum", i, flat.sum(0, dtype=torch.float64))
+        return hook
 
-        def head_hook(_m, args, i=i):
+    def _attn_hook(self, i: int):
+        def hook(_m, args):
             a = args[0].detach()
-            per_head = a.reshape(*a.shape[:-1], heads, a.shape[-1] // heads).float()
-            add_rows("head_sq_sum", i, per_head.square().sum(-1), None)
+            flat = a.reshape(-1, a.shape[-1])
+            per_head = flat.reshape(flat.shape[0], self.heads, -1).float()
+            self._add("head_sq_sum", i, per_head.square().sum(-1).sum(0, dtype=torch.float64))
+            if self.spec.gram:
+                self._add("attn_gram", i, _gram(flat))
+                self._add("attn_sum", i, flat.sum(0, dtype=torch.float64))
+        return hook
 
-        def block_hook(_m, args, kwargs, output, i=i):
+    def _block_hook(self, i: int):
+        def hook(_m, args, kwargs, output):
             x = (args[0] if args else kwargs["hidden_states"]).detach()
             y = _first_tensor(output).detach()
-            add_rows("hidden_sq_sum", i, x, torch.square)
+            self._add("hidden_sq_sum", i, x.reshape(-1, x.shape[-1]).square().sum(0, dtype=torch.float64))
             cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)
-            stats["block_cos_sum"][i] += cos.sum(dtype=torch.float64)
+            self.stats["block_cos_sum"][i] += cos.sum(dtype=torch.float64)
+            if self.spec.depth_spans:
+                if i == 0:
+                    self.hidden[0] = x.reshape(-1, x.shape[-1]).float()
+                self.hidden[i + 1] = y.reshape(-1, y.shape[-1]).float()
+        return hook
 
-        handles.append(down.register_forward_pre_hook(mlp_hook))
-        handles.append(attn_output(layer).register_forward_pre_hook(head_hook))
-        handles.append(layer.register_forward_hook(block_hook, with_kwargs=True))
-    try:
-        yield stats
-    finally:
-        for h in handles:
+    def _mlp_out_hook(self, i: int):
+        def hook(_m, _args, output):
+            a = _first_tensor(output).detach()
+            self.mlp_out[i] = a.reshape(-1, a.shape[-1]).float()
+        return hook
+
+    def end_batch(self) -> None:
+        """Depth moments need every layer's activations of a batch at once: added here, after the forward."""
+        if not self.spec.depth_spans:
+            return
+        h, a, st = self.hidden, self.mlp_out, self.stats
+        L = len(a)
+        unit = [torch.nn.functional.normalize(h[i], dim=-1) for i in range(L + 1)]
+        for i in range(L + 1):
+            for j in range(i + 1, L + 1):
+                c = (unit[i] * unit[j]).sum(dtype=torch.float64)
+                st["depth_cos"][i, j] += c
+                st["depth_cos"][j, i] += c
+            st["depth_cos"][i, i] += unit[i].shape[0]
+        for k in range(L):
+            st["mlp_out_gram"][k] += _gram(a[k])
+            for n in self.spec.depth_spans:
+                if k + 1 + n > L:
+                    continue
+                b = h[k + 1 + n] - h[k + 1] + a[k]
+                st[f"depth_cross_{n}"][k] += (a[k].T @ b).double()
+                st[f"depth_bsq_{n}"][k] += b.square().sum(dtype=torch.float64)
+        self.hidden.clear()
+        self.mlp_out.clear()
+
+    def remove(self) -> None:
+        for h in self.handles:
             h.remove()
 
 
+@contextmanager
+def collecting(model: nn.Module, stats: Stats, spec: StatSpec = StatSpec()):
+    """Hooks that add one forward pass's statistics into `stats`; call `.end_batch()` after each forward."""
+    collector = _Collector(model, stats, spec)
+    try:
+        yield collector
+    finally:
+        collector.remove()
+
+
 @torch.inference_mode()
-def accumulate(model: nn.Module, blocks: torch.Tensor, batch_size: int, stats: Stats | None = None) -> Stats:
-    """Run `blocks` [N, T] through the model's decoder (no lm_head: it affects no statistic) and add their stats."""
+def accumulate(model: nn.Module, blocks: torch.Tensor, batch_size: int, stats: Stats | None = None,
+               spec: StatSpec | None = None) -> Stats:
+    """Run `blocks` [N, T] through the model's decoder (no lm_head: it affects no statistic) and add their stats.
+
+    `spec` defaults to the one `stats` was built with (base statistics only for a fresh dict)."""
     if stats is None:
-        stats = stats_for_model(model)
+        spec = spec or StatSpec()
+        stats = stats_for_model(model, spec)
+    elif spec is None:
+        spec = spec_of(stats)
     device = next(model.parameters()).device
-    with collecting(model, stats):
+    with collecting(model, stats, spec) as collector:
         for start in range(0, blocks.shape[0], batch_size):
             ids = blocks[start:start + batch_size].to(device)
             model.base_model(input_ids=ids, use_cache=False)
+            collector.end_batch()
             stats["tokens"] += ids.numel()
             stats["token_counts"] += torch.bincount(ids.reshape(-1).cpu(), minlength=stats["token_counts"].numel()
                                                     ).to(torch.float64)
@@ -148,10 +268,7 @@ def taylor_sums(model: nn.Module, blocks: torch.Tensor, batch_size: int) -> Stat
            "taylor_mlp": torch.zeros(w["layers"], w["intermediate"], dtype=torch.float64),
            "taylor_kv": torch.zeros(w["layers"], w["kv_heads"], dtype=torch.float64)}
     mlp = mlp_coupling(model)
-    try:
-        kv = kv_coupling(model)
-    except ConfigError:  # e.g. GPT-2: no prunable KV groups
-        kv = []
+    kv = kv_coupling(model) if kv_prunable(model) else []  # e.g. GPT-2: no prunable KV groups
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

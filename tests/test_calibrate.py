@@ -47,13 +47,13 @@ def _cfg(workers):
     return CalibrateConfig(workers=workers, cpus_per_worker=0.5, batch_size=2)
 
 
-def _direct(model, shards, domain):
+def _direct(model, shards, domain, spec=S.StatSpec()):
     import pyarrow.parquet as pq
 
     parts = []
     for s in sorted((s for s in shards if s.domain == domain), key=lambda s: s.shard_id):
         ids = torch.tensor(pq.read_table(s.path).column("input_ids").to_pylist())
-        parts.append(S.accumulate(model, ids, batch_size=2))
+        parts.append(S.accumulate(model, ids, batch_size=2, spec=spec))
     return S.merge(parts)
 
 
@@ -74,6 +74,24 @@ def test_two_workers_equal_one_worker_and_a_direct_pass(ray_local, setup, tmp_pa
         for k in direct:
             torch.testing.assert_close(two[d][k], direct[k], rtol=1e-9, atol=1e-12)
     assert one["a"]["tokens"].item() == 5 * 3 * 16
+
+
+def test_gram_statistics_merge_exactly_across_workers_with_grouped_flushes(ray_local, setup, tmp_path):
+    """Second moments are summed per run of shards before they reach the ledger (a record per shard would be
+    huge); 2 workers still give the 1-worker and the direct profile, and a worker that dies before its flush
+    loses nothing."""
+    root, model, shards = setup
+    mcfg = ModelConfig(source=str(root / "model"))
+    spec = S.StatSpec(gram=True, depth_spans=(1,))
+    one = calibrate(shards, mcfg, _cfg(1), tmp_path / "g1", spec=spec)
+    two = calibrate(shards, mcfg, _cfg(2), tmp_path / "g2", spec=spec, fail_after={1: 2})
+    assert len(list((tmp_path / "g1").rglob("*.safetensors"))) == 2  # one flush per domain with one worker
+    for d in ("a", "b"):
+        direct = _direct(model, shards, d, spec)
+        assert "mlp_gram" in two[d] and "depth_cross_1" in two[d]
+        for k in direct:
+            torch.testing.assert_close(one[d][k], direct[k], rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(two[d][k], direct[k], rtol=1e-9, atol=1e-9)
 
 
 def test_killed_worker_gives_the_fault_free_profile(ray_local, setup, tmp_path):

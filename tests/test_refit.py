@@ -1,0 +1,222 @@
+"""Least-squares compensation, structured OBS and depth replacement against their closed forms (minigpt.refit)."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from minigpt import plan as P, refit, scoring, slim as SL, stats as S
+from minigpt.config import PruneConfig
+from minigpt.models import count_parameters
+from tests.conftest import make_tiny_llama
+
+GRAM = S.StatSpec(gram=True)
+
+
+def _blocks(n=6, t=16, seed=0):
+    return torch.randint(0, 128, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def prof(model):
+    return S.accumulate(model, _blocks(), batch_size=2, spec=S.StatSpec(gram=True, depth_spans=(1, 2)))
+
+
+def _random_problem(d=5, m=12, n=200, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, m, generator=g, dtype=torch.float64)
+    W = torch.randn(d, m, generator=g, dtype=torch.float64)
+    return W, X
+
+
+def test_gram_statistics_match_direct_computation(model):
+    blocks = _blocks(2)
+    seen = {}
+    layer = model.model.layers[1]
+    h1 = layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.update(mlp=a[0].detach()))
+    h2 = layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.update(attn=a[0].detach()))
+    st = S.accumulate(model, blocks, batch_size=2, spec=GRAM)
+    h1.remove(), h2.remove()
+    for key, x in (("mlp", seen["mlp"]), ("attn", seen["attn"])):
+        x = x.double().reshape(-1, x.shape[-1])
+        torch.testing.assert_close(st[f"{key}_gram"][1], x.T @ x, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(st[f"{key}_sum"][1], x.sum(0), rtol=1e-6, atol=1e-8)
+    assert S.spec_of(st) == GRAM and S.stats_bytes(model, GRAM) == 8 * sum(v.numel() for v in st.values())
+
+
+def test_gram_and_depth_sums_merge_exactly(model):
+    spec = S.StatSpec(gram=True, depth_spans=(2,))
+    blocks = _blocks(8)
+    whole = S.accumulate(model, blocks, batch_size=2, spec=spec)
+    merged = S.merge(reversed([S.accumulate(model, blocks[i:i + 2], batch_size=2, spec=spec) for i in (0, 2, 4, 6)]))
+    assert set(merged) == set(whole) and "depth_cross_2" in whole and "attn_gram" in whole
+    for k in whole:
+        torch.testing.assert_close(merged[k], whole[k], rtol=1e-9, atol=1e-9)
+
+
+def test_keeping_every_input_returns_the_original_weights():
+    W, X = _random_problem()
+    G = X.T @ X
+    out, _ = refit.ridge_refit(W, G, range(12), damp=0.01)
+    torch.testing.assert_close(out, W, rtol=1e-6, atol=1e-6)
+    b = torch.randn(5, dtype=torch.float64)
+    out, nb = refit.ridge_refit(W, G, range(12), 0.01, bias=b, x_sum=X.sum(0), count=200)
+    torch.testing.assert_close(out, W, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(nb, b, rtol=1e-6, atol=1e-6)
+
+
+def test_refit_is_exact_when_removed_inputs_are_combinations_of_kept_ones():
+    W, X = _random_problem()
+    X[:, 9] = 0.5 * X[:, 0] - 2.0 * X[:, 3]
+    X[:, 11] = X[:, 1] + X[:, 2]
+    keep = [i for i in range(12) if i not in (9, 11)]
+    out, _ = refit.ridge_refit(W, X.T @ X, keep, damp=0.0)
+    torch.testing.assert_close(X[:, keep] @ out.T, X @ W.T, rtol=1e-8, atol=1e-8)
+    # Without the refit the same cut loses the removed inputs' contribution.
+    assert (X[:, keep] @ W[:, keep].T - X @ W.T).abs().max() > 0.1
+
+
+def test_refit_fits_the_bias_as_a_constant_input():
+    W, X = _random_problem()
+    X[:, 7] = 3.0  # a constant input: removing it is exactly compensated by the bias
+    b = torch.randn(5, dtype=torch.float64)
+    keep = [i for i in range(12) if i != 7]
+    out, nb = refit.ridge_refit(W, X.T @ X, keep, 0.0, bias=b, x_sum=X.sum(0), count=X.shape[0])
+    torch.testing.assert_close(X[:, keep] @ out.T + nb, X @ W.T + b, rtol=1e-8, atol=1e-8)
+
+
+def test_one_obs_step_equals_its_closed_form():
+    W, X = _random_problem()
+    G = X.T @ X
+    H = G + 0.01 * G.diagonal().mean() * torch.eye(12, dtype=torch.float64)
+    Hinv = torch.linalg.inv(H)
+    cost = W.square().sum(0) / Hinv.diagonal()
+    order, errors = refit.obs_order(W, G, 1, damp=0.01, remove=1)
+    j = int(cost.argmin())
+    assert order == [j] and errors[0] == pytest.approx(float(cost[j]), rel=1e-9)
+    # The OBS update of the remaining weights is the ridge refit on what is left, and the error it predicts is the
+    # objective's increase.
+    keep = [i for i in range(12) if i != j]
+    W_obs = W - W[:, [j]] @ Hinv[[j], :] / Hinv[j, j]
+    refit_w, _ = refit.ridge_refit(W, G, keep, damp=0.01)
+    torch.testing.assert_close(W_obs[:, keep], refit_w, rtol=1e-8, atol=1e-8)
+    D = W.clone()
+    D[:, keep] -= refit_w
+    assert float(torch.trace(D @ H @ D.T)) == pytest.approx(errors[0], rel=1e-8)
+
+
+def test_grouped_obs_removes_whole_groups_and_batches_agree_on_errors():
+    W, X = _random_problem(m=12)
+    G = X.T @ X
+    order, errors = refit.obs_order(W, G, group=3, damp=0.01, remove=2)
+    assert len(order) == 2 and len(set(order)) == 2 and all(0 <= u < 4 for u in order)
+    assert errors[1] >= errors[0] > 0
+    _, batched = refit.obs_order(W, G, group=1, damp=0.01, remove=6, batch=3)
+    _, single = refit.obs_order(W, G, group=1, damp=0.01, remove=6, batch=1)
+    assert single[-1] <= batched[-1] * (1 + 1e-9)  # greedy one at a time is never worse than in batches
+
+
+def test_depth_replacement_is_exact_on_linear_layers():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 6, generator=g, dtype=torch.float64)
+    M = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    b = a @ M  # the span acts linearly on what block k contributes
+    A, C = a.T @ a, a.T @ b
+    T = refit.replacement(A, C, damp=0.0)
+    torch.testing.assert_close(T, M, rtol=1e-8, atol=1e-8)
+    assert abs(refit.replacement_error(A, C, float(b.square().sum()), T)) < 1e-6
+    assert refit.runs((3, 4, 7, 9, 10, 11)) == [(3, 2), (7, 1), (9, 3)]
+
+
+def test_depth_replacement_finds_and_folds_an_exactly_replaceable_span():
+    """Layer 2 of a 4-layer model is made to act linearly (its MLP adds 0.5 x block 1's MLP output to the
+    residual stream; its attention is silent). The replacement of that span is then exact: it is chosen, its
+    predicted residual is ~0, and the model with layer 2 dropped and T folded into block 1 reproduces the dense
+    model's logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=8, intermediate_size=16, num_hidden_layers=4, num_attention_heads=2,
+                      num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False)
+    m = LlamaForCausalLM(cfg).eval()
+    a1 = {}
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3) if p.dim() == 2 else None
+        m.model.layers[2].self_attn.o_proj.weight.zero_()
+    # Layer 2's MLP output replaced by 0.5 x layer 1's MLP output (a linear function of what block 1 supplies).
+    h1 = m.model.layers[1].mlp.register_forward_hook(lambda mod, i, o: a1.update(a=o))
+    h2 = m.model.layers[2].mlp.register_forward_hook(lambda mod, i, o: 0.5 * a1["a"])
+    ids = torch.randint(0, 64, (16, 16), generator=torch.Generator().manual_seed(1))
+    st = S.accumulate(m, ids, 4, spec=S.StatSpec(depth_spans=(1,)))
+    with torch.no_grad():
+        dense_logits = m(ids[:2]).logits
+    h2.remove(), h1.remove()
+    first, rel = P.replacement_span(st, 1, damp=0.0)
+    assert first == 2 and rel[2] < 1e-6 < min(rel[1], rel[3]) and rel[0] == float("inf")
+    scores = scoring.score_all("depth", st, m)
+    plan = P.plan_from_shape(scores, m, P.Shape((0, 1, 3), 16, 2), domain="d", method="depth", replace=True,
+                             damp=0.0)
+    w = refit.compensation(m, plan, st, damp=0.0)
+    assert set(w) == {"model.layers.1.mlp.down_proj.weight"}
+    small = SL.slim(m, plan, w)
+    with torch.no_grad():
+        torch.testing.assert_close(small(ids[:2]).logits, dense_logits, rtol=1e-4, atol=1e-4)
+        plain = SL.slim(m, plan)(ids[:2]).logits
+    assert (plain - dense_logits).abs().max() > 1e-2  # dropping without the replacement is not exact
+
+
+@pytest.mark.parametrize("method, kv", [("wanda-sp", 0), ("contextual", 1), ("obs", 1), ("magnitude", 0)])
+def test_compensated_slim_equals_compensated_mask_and_reloads(model, prof, method, kv, tmp_path):
+    plan = P.build_plan(prof, model, PruneConfig(method=method, target=0.3, kv_groups=kv, multiple_of=4), domain="d")
+    assert plan.reconstruct
+    weights = refit.compensation(model, plan, prof)
+    names = {f"model.layers.{i}.mlp.down_proj.weight" for i in range(3)}
+    if kv:
+        names |= {f"model.layers.{i}.self_attn.o_proj.weight" for i in range(3)}
+    assert set(weights) == names
+    small = SL.slim(model, plan, weights)
+    ref = SL.mask(copy.deepcopy(model), plan, weights)
+    ids = _blocks(2, seed=9)
+    with torch.no_grad():
+        torch.testing.assert_close(small(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+    assert count_parameters(small) == (plan.params["total"], plan.params["non_embedding"])
+    small.save_pretrained(tmp_path / "m")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, small(ids).logits)
+
+
+def test_compensation_lowers_the_layer_error_for_every_activation_aware_method(model, prof):
+    """The refit minimises each pruned layer's output error on the calibration data, so it must beat keeping the
+    surviving weights as they are, for any selection."""
+    x = {}
+    layer = model.model.layers[1]
+    h = layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: x.update(x=a[0].detach().reshape(-1, 64)))
+    with torch.no_grad():
+        model(_blocks(6))  # the calibration tokens of `prof`
+    h.remove()
+    X = x["x"].double()
+    W = layer.mlp.down_proj.weight.double()
+    for method in ("contextual", "wanda-sp", "obs", "magnitude", "random"):
+        plan = P.build_plan(prof, model, PruneConfig(method=method, target=0.3, multiple_of=4), domain="d")
+        keep = list(plan.layers[1].mlp_keep)
+        new = refit.compensation(model, plan, prof)["model.layers.1.mlp.down_proj.weight"].double()
+        plain = (X[:, keep] @ W[:, keep].T - X @ W.T).square().sum()
+        fitted = (X @ new.T - X @ W.T).square().sum()
+        assert fitted < plain, method
+
+
+def test_missing_gram_statistics_name_the_fix(model):
+    base = S.accumulate(model, _blocks(2), batch_size=2)
+    plan = P.build_plan(base, model, PruneConfig(target=0.3, multiple_of=4), domain="d")
+    with pytest.raises(refit.RefitError, match="prune.reconstruct"):
+        refit.compensation(model, plan, base)
+    with pytest.raises(refit.RefitError, match="Gram"):
+        P.build_plan(base, model, PruneConfig(method="obs", target=0.3, multiple_of=4), domain="d")
