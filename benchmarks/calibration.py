@@ -3,6 +3,9 @@
 * calib_vs_plain:   calibration tokens/s (hooks + fp64 sums) / plain `model(ids)` tokens/s, same batches, same threads.
 * calib_vs_decoder: the same against a decoder-only forward (calibration skips lm_head, which no statistic needs,
                     so this isolates the cost of the hooks themselves).
+* gram_vs_decoder:  calibration with the Gram statistics (prune.reconstruct / obs: x x^T of every output
+                    projection's input) against the decoder-only forward.
+* depth_vs_decoder: calibration with Gram and depth-replacement moments for one cut length.
 * workers2_vs_1:    Ray calibration tokens/s with 2 workers / 1 worker (1 thread each), same shards, actor
                     start-up and model load subtracted (needs 2 idle cores to mean anything).
 
@@ -73,7 +76,14 @@ def main() -> None:
     def calib():
         S.accumulate(model, blocks, args.batch)
 
-    rates1 = _best_rates({"plain": plain, "decoder": decoder, "calib": calib}, tokens, args.repeats)
+    def gram():
+        S.accumulate(model, blocks, args.batch, spec=S.StatSpec(gram=True))
+
+    def depth():
+        S.accumulate(model, blocks, args.batch, spec=S.StatSpec(gram=True, depth_spans=(6,)))
+
+    rates1 = _best_rates({"plain": plain, "decoder": decoder, "calib": calib, "gram": gram, "depth": depth}, tokens,
+                         args.repeats)
     plain_r, dec_r, calib_r = rates1["plain"], rates1["decoder"], rates1["calib"]
 
     # End to end on Ray with 1 then 2 workers (1 thread each) over more blocks. Each calibrate() call starts its
@@ -100,9 +110,13 @@ def main() -> None:
     print(f"plain forward     {plain_r:8.0f} tok/s")
     print(f"decoder forward   {dec_r:8.0f} tok/s")
     print(f"calibration       {calib_r:8.0f} tok/s")
+    print(f"  + Gram          {rates1['gram']:8.0f} tok/s")
+    print(f"  + Gram + depth  {rates1['depth']:8.0f} tok/s")
     print(f"ray, 1 worker     {rates[1]:8.0f} tok/s (steady state)")
     print(f"ray, 2 workers    {rates[2]:8.0f} tok/s (steady state)")
     print(json.dumps({"calib_vs_plain": round(calib_r / plain_r, 3), "calib_vs_decoder": round(calib_r / dec_r, 3),
+                      "gram_vs_decoder": round(rates1["gram"] / dec_r, 3),
+                      "depth_vs_decoder": round(rates1["depth"] / dec_r, 3),
                       "workers2_vs_1": round(rates[2] / rates[1], 3), "calib_tokens_per_s": round(calib_r),
                       "threads": args.threads}))
 

@@ -1,62 +1,61 @@
-"""Pruning methods compared on SmolLM2-135M with the demo domains, no recovery, one run.
+"""Pruning methods compared on SmolLM2-135M for the demo domains, with and without least-squares compensation.
 
-For each method the demo domains (licenses / hpo / python-stdlib; calib 8192, held-out 4096 tokens, block 256) are
-profiled once, a plan removing `--target` of the non-embedding parameters is built per domain, the model is slimmed
-physically, and the expert's held-out perplexity and bits per byte on its own domain are printed next to the dense
-model's. Then the two comparisons that test the contextual claim:
-  * each method's perplexity against random's and magnitude's (ratio < 1 = better than the baseline);
-  * a mask calibrated on domain D against masks calibrated on each other domain, all evaluated on D
-    (ratio > 1 = calibrating on the right domain helps).
+For each demo domain (licenses / hpo / python-stdlib) the model is profiled once on the domain's calibration split
+with every statistic (base sums, Gram matrices, depth-replacement moments for the cut lengths the targets need).
+Then for every method, every target (share of non-embedding parameters removed) and compensation off / on
+(`prune.reconstruct`), a plan is built, the model is slimmed physically into a stock checkpoint and scored, with
+no training, on two kinds of text:
+  * `other`:   text of the same domain from OTHER sources than the job reads (benchmarks/othertext.py: SPDX
+               licence texts, MONDO disease definitions, attrs/click/jinja2 code) - the figure that counts;
+  * `heldout`: the domain's own held-out split (documents of the same source never calibrated on).
+Each figure is perplexity / the dense model's perplexity on the same text.
 
-A method may carry options: `wanda-sp+protect` keeps layers `--protect` whole and cuts the rest harder (non-uniform
-widths: NOT a stock checkpoint, so it is evaluated as the masked dense model), `contextual+kv2` also removes KV
-groups down to 2 per layer.
+Prints a table per text kind, then one line of JSON whose keys name what they are: `best_<pct>_<domain>` is the
+lowest ratio to dense on other-source text over the stock-checkpoint methods at that target (uniform widths; the
+winning method is in `best_method_<pct>_<domain>`), `gain_<method>_<pct>` the mean over domains of the ratio
+without compensation / with it (> 1: compensation helps).
 
-Prints a table, then one line of JSON. Usage:
-  .venv/bin/python benchmarks/methods.py [--target 0.2] [--work runs/bench-methods] [--methods contextual,...]
+Usage:
+  .venv/bin/python benchmarks/methods.py [--targets 0.2,0.3,0.5] [--methods obs,wanda-sp,...] [--damps 0.01]
+                                         [--calib-tokens 16384] [--work runs/bench-methods]
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from minigpt import corpora, plan as P, slim as SL, stats as S
-from minigpt.config import DataConfig, DomainConfig, ModelConfig, PruneConfig, SourceConfig
-from minigpt.models import count_parameters, load_model, load_tokenizer, resolve
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import othertext  # noqa: E402
+
+from minigpt import corpora, plan as P, refit, slim as SL, stats as S  # noqa: E402
+from minigpt.config import DataConfig, DomainConfig, ModelConfig, PruneConfig, SourceConfig  # noqa: E402
+from minigpt.evaluate import lm_metrics  # noqa: E402
+from minigpt.models import count_parameters, load_model, load_tokenizer, resolve  # noqa: E402
 
 DOMAINS = {"legal": "licenses", "medical": "hpo", "code": "python-stdlib"}
-METHODS = ("contextual", "cus-prun", "taylor", "wanda-sp", "magnitude", "random", "depth")
+METHODS = ("obs", "wanda-sp", "contextual", "cus-prun", "taylor", "depth", "magnitude", "random")
 
 
-def _metrics(model, tokenizer, texts, args) -> dict:
-    try:
-        from minigpt.evaluate import lm_metrics
-    except ImportError:  # pragma: no cover - evaluate.py is finished by another engineer
-        raise SystemExit("minigpt.evaluate.lm_metrics is not importable")
-    with torch.inference_mode():
-        return lm_metrics(model, tokenizer, texts, args.block_size, args.batch, max_blocks=args.max_blocks)
-
-
-def _profile(model, data: corpora.DomainData, path: Path, batch: int, taylor_blocks: int) -> tuple[dict, dict]:
+def _profile(model, blocks, spec: S.StatSpec, path: Path, batch: int, taylor_blocks: int) -> tuple[dict, dict]:
+    """Every statistic of one domain (cached on disk: the Gram pass is the slow part of a run)."""
     if path.is_file():
         saved = load_file(str(path))
-        return ({k: v for k, v in saved.items() if not k.startswith("taylor")},
-                {k: v for k, v in saved.items() if k.startswith("taylor")})
-    blocks = corpora.read_blocks(data.shards("calib"))
+        if set(S.stat_shapes(model, spec)) <= set(saved):
+            return ({k: v for k, v in saved.items() if not k.startswith("taylor")},
+                    {k: v for k, v in saved.items() if k.startswith("taylor")})
     t0 = time.time()
-    prof = S.accumulate(model, blocks, batch_size=batch)
+    prof = S.accumulate(model, blocks, batch_size=batch, spec=spec)
     t1 = time.time()
-    # Gradients cost ~3x a forward; LLM-Pruner itself estimates importance from a handful of samples.
     grad = S.taylor_sums(model, blocks[:taylor_blocks], batch_size=batch)
-    print(f"[bench] {data.domain}: profile {t1 - t0:.0f}s, taylor sums ({taylor_blocks} blocks) "
-          f"{time.time() - t1:.0f}s", flush=True)
+    print(f"[bench] profile {blocks.numel()} tokens {t1 - t0:.0f}s, taylor sums {time.time() - t1:.0f}s", flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in {**prof, **grad}.items()}, str(path))
     return prof, grad
@@ -64,105 +63,107 @@ def _profile(model, data: corpora.DomainData, path: Path, batch: int, taylor_blo
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--target", type=float, default=0.2)
-    ap.add_argument("--work", default="runs/bench-methods")
+    ap.add_argument("--targets", default="0.2,0.3,0.5")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--damps", default="0.01", help="prune.damp values to compare (compensated runs)")
+    ap.add_argument("--calib-tokens", type=int, default=16384)
+    ap.add_argument("--work", default="runs/bench-methods")
     ap.add_argument("--block-size", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--max-blocks", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--max-blocks", type=int, default=16, help="blocks of each evaluation text")
     ap.add_argument("--taylor-blocks", type=int, default=8)
-    ap.add_argument("--protect", default="0,-2,-1", help="layers kept whole by '<method>+protect' (non-stock)")
-    ap.add_argument("--cross", default="contextual", help="methods for the calibrated-on-D vs other-domain test")
+    ap.add_argument("--domains", default=",".join(DOMAINS))
+    ap.add_argument("--no-plain", action="store_true", help="only compensated runs")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     t0 = time.time()
+    targets = [float(t) for t in args.targets.split(",")]
+    methods = [m for m in args.methods.split(",") if m]
+    damps = [float(d) for d in args.damps.split(",")]
+    domains = [d for d in args.domains.split(",") if d]
     work = Path(args.work)
+    othertext.ensure_sources()
     folder = resolve(ModelConfig(source="smollm2-135m"))
     dense = load_model(folder)
     tok = load_tokenizer(folder)
-    data_cfg = DataConfig(block_size=args.block_size, calib_tokens=8192, heldout_tokens=4096, train_tokens=256)
+    # Half the documents calibrate: the licences corpus is small and least squares wants many tokens.
+    data_cfg = DataConfig(block_size=args.block_size, calib_tokens=args.calib_tokens, heldout_tokens=4096,
+                          train_tokens=256, calib_fraction=0.5, heldout_fraction=0.2)
+    # The standard targets' cut lengths are always collected, so the cached profiles serve every run.
+    spans = {P.depth_layers(dense, t) for t in (0.2, 0.3, 0.5, *targets)}
+    spec = S.StatSpec(gram=True, depth_spans=tuple(sorted(spans)))
+    print(f"[bench] profile per domain: {S.stats_bytes(dense, spec) / 2**30:.2f} GiB", flush=True)
 
-    datas, texts, profiles, grads = {}, {}, {}, {}
-    for name, kind in DOMAINS.items():
-        out = work / "data" / name
+    texts, profiles, grads = {}, {}, {}
+    for name in domains:
+        out = work / "data" / f"{name}-{args.calib_tokens}"
         try:
-            datas[name] = corpora.DomainData.load(out)
+            data = corpora.DomainData.load(out)
         except FileNotFoundError:
-            datas[name] = corpora.prepare_domain(DomainConfig(name, (SourceConfig(kind=kind),)), data_cfg, tok, out)
-        texts[name] = [t for _, t in datas[name].documents("heldout")]
-        profiles[name], grads[name] = _profile(dense, datas[name], work / "profiles" / f"{name}.safetensors",
-                                               args.batch, args.taylor_blocks)
+            data = corpora.prepare_domain(DomainConfig(name, (SourceConfig(kind=DOMAINS[name]),)), data_cfg, tok, out)
+        texts[name] = {"other": othertext.other_texts(name),
+                       "heldout": [t for _, t in data.documents("heldout")]}
+        blocks = corpora.read_blocks(data.shards("calib"))
+        profiles[name], grads[name] = _profile(dense, blocks, spec, work / "profiles" / f"{name}-{args.calib_tokens}"
+                                               ".safetensors", args.batch, args.taylor_blocks)
     print(f"[bench] data + profiles ready in {time.time() - t0:.0f}s", flush=True)
 
-    results: dict = {"dense": {d: _metrics(dense, tok, texts[d], args) for d in DOMAINS}}
-    removed: dict[str, float] = {}
-    methods = [m for m in args.methods.split(",") if m]
-    protect = tuple(int(i) for i in args.protect.split(",") if i)
-    for spec in methods:
-        # "method+protect": non-uniform widths (protected layers keep everything); not a stock checkpoint, so it
-        # is evaluated as the masked dense model. "method+kvN": also keep N KV groups per layer.
-        method, *opts = spec.split("+")
-        kv = next((int(o[2:]) for o in opts if o.startswith("kv")), 0)
-        cfg = PruneConfig(method=method, target=args.target, kv_groups=kv)
-        results[spec] = {}
-        for d in DOMAINS:
-            plan = P.build_plan(profiles[d], dense, cfg, domain=d, other_profiles=profiles, grad_stats=grads[d],
-                                protect_layers=protect if "protect" in opts else ())
-            if plan.uniform:
-                small = SL.slim(dense, plan)
-                assert count_parameters(small) == (plan.params["total"], plan.params["non_embedding"])
-            else:
-                small = SL.mask(copy.deepcopy(dense), plan)
-            removed[spec] = P.removed_fraction(plan)
-            results[spec][d] = _metrics(small, tok, texts[d], args)
-            del small
-        print(f"[bench] {spec} done ({time.time() - t0:.0f}s)", flush=True)
+    def metrics(model, d):
+        with torch.inference_mode():
+            return {kind: lm_metrics(model, tok, tx, args.block_size, args.batch, max_blocks=args.max_blocks)["ppl"]
+                    for kind, tx in texts[d].items()}
 
-    cross: dict = {}
-    for method in [m for m in args.cross.split(",") if m]:
-        cfg = PruneConfig(method=method, target=args.target)
-        cross[method] = {}
-        for d in DOMAINS:
-            cross[method][d] = {}
-            for c in DOMAINS:
-                if c == d:
-                    cross[method][d][c] = results.get(method, {}).get(d) or None
-                if cross[method][d].get(c):
-                    continue
-                plan = P.build_plan(profiles[c], dense, cfg, domain=c, other_profiles=profiles, grad_stats=grads[c])
-                cross[method][d][c] = _metrics(SL.slim(dense, plan), tok, texts[d], args)
-        print(f"[bench] cross-domain {method} done ({time.time() - t0:.0f}s)", flush=True)
+    dense_ppl = {d: metrics(dense, d) for d in domains}
+    rows = []  # (method, target, label, domain) -> ratios
+    results: dict = {}
+    variants = ([("plain", False, 0.01)] if not args.no_plain else []) + \
+        [(f"refit@{dm:g}" if len(damps) > 1 else "refit", True, dm) for dm in damps]
+    for target in targets:
+        for method in methods:
+            for label, reconstruct, damp in variants:
+                key = f"{method}/{label}/{target:g}"
+                results[key] = {}
+                for d in domains:
+                    cfg = PruneConfig(method=method, target=target, reconstruct=reconstruct, damp=damp)
+                    t1 = time.time()
+                    plan = P.build_plan(profiles[d], dense, cfg, domain=d, other_profiles=profiles,
+                                        grad_stats=grads[d])
+                    weights = refit.compensation(dense, plan, profiles[d]) if reconstruct else None
+                    small = SL.slim(dense, plan, weights)
+                    assert count_parameters(small) == (plan.params["total"], plan.params["non_embedding"])
+                    ppl = metrics(small, d)
+                    results[key][d] = {kind: ppl[kind] / dense_ppl[d][kind] for kind in ppl}
+                    results[key][d]["removed"] = P.removed_fraction(plan)
+                    results[key][d]["seconds_plan_slim"] = round(time.time() - t1, 1)
+                    del small
+                rows.append(key)
+                print(f"[bench] {key}: " + ", ".join(f"{d} {results[key][d]['other']:.3f}/{results[key][d]['heldout']:.3f}"
+                                                     for d in domains) + f" ({time.time() - t0:.0f}s)", flush=True)
 
-    # ---- report
-    names = list(DOMAINS)
-    print(f"\nSmolLM2-135M, {args.target:.0%} of non-embedding parameters removed, no recovery; held-out "
-          f"{args.max_blocks} blocks x {args.block_size} per domain")
-    print(f"{'method':<20} {'removed':>8} " + " ".join(f"{d + ' ppl':>12} {'bpb':>6} {'x dense':>7}" for d in names))
-    for m, per in results.items():
-        frac = removed.get(m, 0.0)
-        row = " ".join(f"{per[d]['ppl']:>12.2f} {per[d]['bits_per_byte']:>6.3f} "
-                       f"{per[d]['ppl'] / results['dense'][d]['ppl']:>7.2f}" for d in names)
-        print(f"{m:<20} {frac:>8.1%} {row}")
-    print("\nperplexity ratio against the baselines (< 1: better than the baseline)")
-    for m in methods:
-        parts = []
-        for base in ("random", "magnitude"):
-            if base in results and m.split("+")[0] != base:
-                parts.append(f"vs {base}: " + ", ".join(f"{d} {results[m][d]['ppl'] / results[base][d]['ppl']:.3g}"
-                                                       for d in names))
-        print(f"  {m:<12} " + " | ".join(parts))
-    print("\ncalibrated on the right domain vs another (ppl on D with a mask calibrated on C / calibrated on D)")
-    for m, table in cross.items():
-        for d in names:
-            own = table[d][d]["ppl"]
-            print(f"  {m:<12} eval {d:<8} " + ", ".join(f"calib {c}: {table[d][c]['ppl'] / own:.3f}"
-                                                     for c in names if c != d))
-    best = min(methods, key=lambda m: max(results[m][d]["ppl"] / results["dense"][d]["ppl"] for d in names))
-    worst = max(results[best][d]["ppl"] / results["dense"][d]["ppl"] for d in names)
-    print(f"\nbest method: {best}, worst-domain perplexity {worst:.2f}x dense (aim: <= 1.15x); {time.time() - t0:.0f}s")
-    print(json.dumps({"target": args.target, "removed": removed, "results": results, "cross": cross, "best": best}))
+    for kind in ("other", "heldout"):
+        print(f"\nSmolLM2-135M, no training; perplexity / dense on {kind} text "
+              f"({args.max_blocks} blocks x {args.block_size} per domain); dense: "
+              + ", ".join(f"{d} {dense_ppl[d][kind]:.2f}" for d in domains))
+        print(f"{'method':<26}{'removed':>8} " + " ".join(f"{d:>9}" for d in domains))
+        for key in rows:
+            r = results[key]
+            print(f"{key:<26}{r[domains[0]]['removed']:>8.1%} " + " ".join(f"{r[d][kind]:>9.3f}" for d in domains))
+
+    figures: dict = {}
+    for target in targets:
+        pct = round(target * 100)
+        for d in domains:
+            cands = {k: results[k][d]["other"] for k in rows if k.endswith(f"/{target:g}")}
+            best = min(cands, key=cands.get)
+            figures[f"best_{pct}_{d}"] = round(cands[best], 3)
+            figures[f"best_method_{pct}_{d}"] = best.rsplit("/", 1)[0]
+        for method in methods:
+            plain = f"{method}/plain/{target:g}"
+            fit = next((k for k in rows if k.startswith(f"{method}/refit") and k.endswith(f"/{target:g}")), None)
+            if plain in results and fit:
+                gains = [results[plain][d]["other"] / results[fit][d]["other"] for d in domains]
+                figures[f"gain_{method}_{pct}"] = round(sum(gains) / len(gains), 3)
+    print(f"\n[bench] {time.time() - t0:.0f}s")
+    print(json.dumps({**figures, "dense_ppl": dense_ppl, "results": results}))
 
 
 if __name__ == "__main__":

@@ -147,6 +147,7 @@ class PruneConfig:
     reconstruct: bool = True
     damp: float = 0.01  # ridge of every least-squares solve, relative to the mean diagonal of its Gram matrix
     obs_batch: int = 0  # obs: units removed per OBS step; 0 = auto (a 64th of what a layer loses)
+    sequential: bool = False  # choose and refit layer by layer on the pruned model's own activations (SlimGPT order)
 
     def __post_init__(self) -> None:
         _check(self.method in PRUNE_METHODS, f"prune.method {self.method!r} is not one of {', '.join(PRUNE_METHODS)}")
@@ -161,6 +162,10 @@ class PruneConfig:
         _check(self.taylor_blocks >= 1, "prune.taylor_blocks must be >= 1")
         _check(self.damp >= 0, "prune.damp must be >= 0")
         _check(self.obs_batch >= 0, "prune.obs_batch must be >= 0 (0 = auto)")
+        _check(not self.sequential or (self.mode == "target" and self.method in
+                                        ("contextual", "wanda-sp", "magnitude", "random", "obs")),
+               "prune.sequential needs prune.mode target and a method among contextual, wanda-sp, magnitude, "
+               "random, obs")
         _check(not (self.mode == "threshold" and self.method == "obs"),
                "prune.mode threshold does not apply to obs (OBS ranks channels for a given width)")
 

@@ -141,6 +141,15 @@ def load_model(folder: Path | str, dtype: str = "float32", trust_remote_code: bo
     return model
 
 
+def skeleton(folder: Path | str, trust_remote_code: bool = False) -> nn.Module:
+    """The model's modules on the meta device: shapes and parameter counts from config.json, no weights loaded."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+
+
 def load_tokenizer(folder: Path | str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 

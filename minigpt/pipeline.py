@@ -87,6 +87,7 @@ class Pipeline:
         self.book = StageBook(self.run_dir)
         self.job_path = job_path
         self.model_dir: Path | None = None
+        self.spec = None  # the StatSpec calibration collects (check_statistics)
         self.keys: dict[tuple[str, str | None], str] = {}
 
     # ------------------------------------------------------------------------------------------ checks
@@ -111,6 +112,22 @@ class Pipeline:
                                   ) from None
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise ConfigError(f"output_dir {self.run_dir} exists and is not a folder")
+
+    def check_statistics(self) -> None:
+        """Size the profile the prune settings need from the config alone; too big for the budget: one line."""
+        from minigpt import models, plan as P, stats as S
+
+        skel = models.skeleton(self.model_dir, self.cfg.model.trust_remote_code)
+        self.spec = P.stat_spec(self.cfg.prune, skel)
+        size = S.stats_bytes(skel, self.spec)
+        extras = ", ".join(filter(None, ["Gram matrices" if self.spec.gram else "",
+                                         f"depth spans {list(self.spec.depth_spans)}" if self.spec.depth_spans else ""]))
+        print(f"[calibrate] profile: {size / 2**30:.2f} GiB per domain (fp64 sums{', ' + extras if extras else ''})",
+              flush=True)
+        budget = self.cfg.calibrate.memory_budget_gb
+        if size > budget * 2**30:
+            raise ConfigError(f"the statistics of one domain need {size / 2**30:.2f} GiB, over "
+                              f"calibrate.memory_budget_gb={budget:g}; raise it, or set prune.reconstruct=false")
 
     def check_resources(self) -> None:
         from minigpt import raylib
@@ -158,6 +175,7 @@ class Pipeline:
         cfg = self.cfg
         self.validate()
         self.model_dir = models.resolve(cfg.model)  # prepares an alias once (cached)
+        self.check_statistics()
         raylib.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
         self.check_resources()
         tokenizer = models.load_tokenizer(self.model_dir, cfg.model.trust_remote_code)
@@ -210,7 +228,7 @@ class Pipeline:
 
         cfg = self.cfg
         calib_key = {d.name: _hash(self.keys[("prepare", d.name)], cfg.model.dtype, cfg.calibrate.dtype,
-                                   cfg.calibrate.batch_size) for d in cfg.domains}
+                                   cfg.calibrate.batch_size, self.spec) for d in cfg.domains}
         todo = [d.name for d in cfg.domains
                 if not self.book.is_done("calibrate", d.name, calib_key[d.name], [self.profile_path(d.name)])]
         for d in cfg.domains:
@@ -224,18 +242,21 @@ class Pipeline:
             shards += [K.Shard(f"{name}/{calib_key[name]}/{p.stem}", name, str(p)) for p in data.shards("calib")]
         for name in todo:
             self.book.mark("calibrate", name, calib_key[name], "running")
+        ledger = self.run_dir / "profiles" / "_ledger"
         try:
-            profiles = K.calibrate(shards, self.cfg.model, cfg.calibrate, self.run_dir / "profiles" / "_ledger")
+            K.run_shards(shards, self.cfg.model, cfg.calibrate, ledger, self.spec)
         except BaseException as e:
             for name in todo:
                 self.book.mark("calibrate", name, calib_key[name], "failed", error=f"{e.__class__.__name__}: {e}")
             raise
-        for name in todo:
-            n_shards = sum(1 for s in shards if s.domain == name)
-            K.save_profile(self.profile_path(name), profiles[name],
-                           {"model": cfg.model.source, "domain": name, "shards": n_shards,
+        for name in todo:  # one domain's profile in memory at a time (Gram statistics are large)
+            mine = [s for s in shards if s.domain == name]
+            profile = K.merge_ledger(ledger, mine)
+            K.save_profile(self.profile_path(name), profile,
+                           {"model": cfg.model.source, "domain": name, "shards": len(mine),
                             "calibrate_dtype": cfg.calibrate.dtype})
-            print(K.summarize(name, profiles[name]), flush=True)
+            print(K.summarize(name, profile), flush=True)
+            del profile
             self.book.mark("calibrate", name, calib_key[name], "done", outputs=[str(self.profile_path(name))])
 
     def profile_path(self, domain: str) -> Path:
@@ -285,7 +306,7 @@ class Pipeline:
         return picked
 
     def slim(self) -> None:
-        from minigpt import corpora, models, slim as SL
+        from minigpt import calibrate as K, corpora, models, slim as SL
 
         cfg = self.cfg
         dense = None
@@ -309,9 +330,14 @@ class Pipeline:
                     for k, extra in enumerate(picked[1:], start=1):  # further front points: slimmed and evaluated
                         small, tok = SL.slim_expert(dense, tokenizer, extra)
                         SL.save_expert(small, tok, self.expert_dir(name, f"search-{k}"))
+                    stats = weights = None
+                elif cfg.prune.sequential:
+                    stats = K.load_profile(self.profile_path(name))[0]
+                    plan, weights = self._sequential_plan(name, dense, tokenizer, stats)
                 else:
-                    plan = self._fixed_ratio_plan(name, dense, tokenizer)
-                small, tok = SL.slim_expert(dense, tokenizer, plan)
+                    stats, weights = K.load_profile(self.profile_path(name))[0], None
+                    plan = self._fixed_ratio_plan(name, dense, tokenizer, stats)
+                small, tok = SL.slim_expert(dense, tokenizer, plan, stats, weights)
                 total, non_emb = models.count_parameters(small)
                 if (total, non_emb) != (plan.params["total"], plan.params["non_embedding"]):
                     raise RuntimeError(f"slimmed {name} has {total}/{non_emb} parameters, plan predicts "
@@ -328,16 +354,42 @@ class Pipeline:
                       f"KV groups {plan.kv_groups} -> {plan.kv_width or plan.kv_groups}, layers {plan.num_layers} -> "
                       f"{plan.num_layers - len(plan.dropped_layers)}"
                       + (f", vocab {plan.vocab_size} -> {len(plan.vocab_keep)}" if plan.vocab_keep else "")
+                      + (", kept weights refit by least squares" if plan.reconstruct and not plan.replace else "")
+                      + (f", dropped layers {list(plan.dropped_layers)} replaced by a linear map" if plan.replace
+                         else "")
                       + f"; non-embedding {dense_ne / 1e6:.1f}M -> {non_emb / 1e6:.1f}M "
                       f"({1 - non_emb / dense_ne:.1%} removed)", flush=True)
 
             self._stage("slim", d.name, key, [self.plan_path(d.name), self.expert_dir(d.name, "pruned")], work)
 
-    def _fixed_ratio_plan(self, name: str, dense, tokenizer):
+    def _sequential_plan(self, name: str, dense, tokenizer, stats):
+        """Layer-by-layer choice and refit on Ray actors that each keep the activations of a share of the domain's
+        calibration blocks (minigpt.sequential)."""
+        import ray
+
+        from minigpt import corpora, plan as P, sequential as Q
+        from minigpt.models import decoder_layers
+
+        cfg = self.cfg
+        blocks = corpora.read_blocks(corpora.DomainData.load(self.data_dir(name)).shards("calib"))
+        shares = [s for s in blocks.tensor_split(min(cfg.calibrate.workers, len(blocks))) if len(s)]
+        runners = Q.ray_runners(str(self.model_dir), shares, cfg.calibrate.batch_size, cfg.calibrate.dtype,
+                                cfg.calibrate.cpus_per_worker, cfg.calibrate.gpus_per_worker)
+        vocab = P.vocab_keep(stats["token_counts"], tokenizer, cfg.prune.vocab_min_count) if cfg.prune.vocab else None
+        n_layers = len(decoder_layers(dense))
+        try:
+            return Q.prune_sequential(dense, runners, cfg.prune, domain=name, remote=True, vocab=vocab,
+                                      base_model=cfg.model.source, profile=str(self.profile_path(name)),
+                                      on_layer=lambda i: print(f"[slim] {name}: sequential, layer {i + 1}/{n_layers}"
+                                                               " pruned and refit", flush=True))
+        finally:
+            for r in runners:
+                ray.kill(r)
+
+    def _fixed_ratio_plan(self, name: str, dense, tokenizer, stats):
         from minigpt import calibrate as K, corpora, plan as P, stats as S
 
         cfg = self.cfg
-        stats, _ = K.load_profile(self.profile_path(name))
         others = {o.name: K.load_profile(self.profile_path(o.name))[0]
                   for o in cfg.domains if o.name != name} if cfg.prune.method == "cus-prun" else None
         grad = None

@@ -56,6 +56,7 @@ class PruningPlan:
     reconstruct: bool = False  # kept output-projection weights are refit by least squares (minigpt.refit)
     damp: float = 0.01  # ridge of that refit, relative to the mean diagonal of the Gram matrix
     replace: bool = False  # each run of dropped layers is replaced by a linear map folded into the block before
+    sequential: bool = False  # chosen and refit layer by layer on the pruned model's activations (minigpt.sequential)
 
     @property
     def uniform(self) -> bool:

@@ -185,6 +185,44 @@ def runs(dropped: Sequence[int]) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
+def layer_compensation(model: nn.Module, index: int, mlp_keep: Sequence[int] | None,
+                       kv_keep: Sequence[int] | None, stats: Mapping[str, torch.Tensor], damp: float,
+                       reconstruct: bool = True) -> dict[str, torch.Tensor]:
+    """New values (dense shapes, fp64) of layer `index`'s output projections for the kept MLP channels / KV groups
+    (None: all kept): refit on the layer's rows of `stats` (`mlp_gram`, `attn_gram` and their sums), or, with
+    reconstruct=False, the original weights with the removed columns zeroed (the mask)."""
+    arch = arch_of(model)
+    w = widths(model)
+    layer = decoder_layers(model)[index]
+    count = float(stats["tokens"].item())
+    out: dict[str, torch.Tensor] = {}
+    parts = [(arch.mlp_out, next(c for c in mlp_coupling(model) if c.output), w["intermediate"], mlp_keep,
+              "mlp_gram", "mlp_sum")]
+    if arch.qkv is not None:
+        parts.append((arch.attn_out, next(c for c in kv_coupling(model) if c.output), w["kv_heads"], kv_keep,
+                      "attn_gram", "attn_sum"))
+    for module, coupled, units, keep, gram, xsum in parts:
+        if keep is None or len(keep) == units:
+            continue
+        mod = layer.get_submodule(module)
+        W = _as_out_in(mod.weight, arch.conv1d).double()
+        cols = unit_index(coupled, keep)
+        bias = getattr(mod, "bias", None)
+        if reconstruct:
+            _require(stats, gram, xsum)
+            Wk, b = ridge_refit(W, stats[gram][index], cols, damp, bias=bias, x_sum=stats[xsum][index], count=count)
+        else:
+            Wk, b = W[:, cols], None
+        full = torch.zeros_like(W)
+        full[:, cols] = Wk
+        name = f"{arch.layers}.{index}.{module}"
+        out[f"{name}.weight"] = _as_out_in(full, arch.conv1d)
+        if b is not None:
+            out[f"{name}.bias"] = b
+    return out
+
+
+@torch.no_grad()
 def compensation(model: nn.Module, plan, stats: Mapping[str, torch.Tensor], damp: float | None = None
                  ) -> dict[str, torch.Tensor]:
     """New values (dense shapes, dtype of the model) for the output projections a plan changes.
@@ -196,34 +234,11 @@ def compensation(model: nn.Module, plan, stats: Mapping[str, torch.Tensor], damp
     """
     damp = plan.damp if damp is None else damp
     arch = arch_of(model)
-    w = widths(model)
     layers = decoder_layers(model)
-    prefix = arch.layers
-    mlp_out = next(c for c in mlp_coupling(model) if c.output)
-    kv_out = next(c for c in kv_coupling(model) if c.output) if arch.qkv is not None else None
-    count = float(stats["tokens"].item())
     out: dict[str, torch.Tensor] = {}
-
-    def refit(layer_idx: int, module: str, coupled, units: int, keep, gram: str, xsum: str) -> None:
-        if keep is None or len(keep) == units:
-            return
-        _require(stats, gram, xsum)
-        mod = layers[layer_idx].get_submodule(module)
-        W = _as_out_in(mod.weight, arch.conv1d)
-        cols = unit_index(coupled, keep)
-        bias = getattr(mod, "bias", None)
-        Wk, b = ridge_refit(W, stats[gram][layer_idx], cols, damp, bias=bias, x_sum=stats[xsum][layer_idx],
-                            count=count)
-        full = torch.zeros_like(W, dtype=torch.float64)
-        full[:, cols] = Wk
-        out[f"{prefix}.{layer_idx}.{module}.weight"] = _as_out_in(full, arch.conv1d)
-        if b is not None:
-            out[f"{prefix}.{layer_idx}.{module}.bias"] = b
-
-    for lp in plan.layers:
-        refit(lp.index, arch.mlp_out, mlp_out, w["intermediate"], lp.mlp_keep, "mlp_gram", "mlp_sum")
-        if kv_out is not None:
-            refit(lp.index, arch.attn_out, kv_out, w["kv_heads"], lp.kv_keep, "attn_gram", "attn_sum")
+    if plan.reconstruct:
+        for lp in plan.layers:
+            out.update(layer_compensation(model, lp.index, lp.mlp_keep, lp.kv_keep, stats, damp))
     if getattr(plan, "replace", False):
         for first, n in runs(plan.dropped_layers):
             k = first - 1
@@ -231,7 +246,7 @@ def compensation(model: nn.Module, plan, stats: Mapping[str, torch.Tensor], damp
                 continue  # nothing before the first layer to carry a replacement: plain dropping
             _require(stats, "mlp_out_gram", f"depth_cross_{n}")
             T = replacement(stats["mlp_out_gram"][k], stats[f"depth_cross_{n}"][k], damp)
-            name = f"{prefix}.{k}.{arch.mlp_out}"
+            name = f"{arch.layers}.{k}.{arch.mlp_out}"
             mod = layers[k].get_submodule(arch.mlp_out)
             W = out.get(f"{name}.weight")
             W = _as_out_in(W if W is not None else mod.weight.double(), arch.conv1d)
@@ -244,4 +259,4 @@ def compensation(model: nn.Module, plan, stats: Mapping[str, torch.Tensor], damp
     return {k: v.to(dtype) for k, v in out.items()}
 
 
-__all__ = ["RefitError", "compensation", "obs_order", "replacement", "replacement_error", "ridge_refit", "runs"]
+__all__ = ["RefitError", "compensation", "layer_compensation", "obs_order", "replacement", "replacement_error", "ridge_refit", "runs"]

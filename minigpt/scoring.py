@@ -20,7 +20,7 @@ Methods (the seed papers):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -171,12 +171,14 @@ def _order_scores(order: list[int], units: int) -> torch.Tensor:
     return s
 
 
-def obs(stats: Stats, model: nn.Module, *, shape, damp: float = 0.01, batch: int = 0) -> Scores:
+def obs(stats: Stats, model: nn.Module, *, shape, damp: float = 0.01, batch: int = 0,
+        layers: Sequence[int] | None = None) -> Scores:
     """Structured OBS (SlimGPT / ZipLM): per layer, the units greedy OBS removes to reach the shape's widths on the
     Gram matrix of the output projection's input (minigpt.refit.obs_order) score lowest, in removal order.
 
     The scores only mean something at the shape's widths (OBS is greedy and path-dependent); `batch` units are
-    removed per step (0: a 64th of the units to remove, at least 1)."""
+    removed per step (0: a 64th of the units to remove, at least 1). `layers` limits the work to those layers
+    (sequential pruning scores one layer at a time); the others score zero."""
     from minigpt import refit
 
     if shape is None:
@@ -190,6 +192,8 @@ def obs(stats: Stats, model: nn.Module, *, shape, damp: float = 0.01, batch: int
     mlp = torch.zeros(L, I, dtype=torch.float64)
     kv = torch.zeros(L, G, dtype=torch.float64) if kv_prunable(model) else None
     for i, layer in enumerate(decoder_layers(model)):
+        if layers is not None and i not in layers:
+            continue
         params = dict(layer.named_parameters())
         remove = I - shape.mlp_width
         if remove:
@@ -207,7 +211,7 @@ def obs(stats: Stats, model: nn.Module, *, shape, damp: float = 0.01, batch: int
 
 
 def score_all(prune_cfg: PruneConfig | str, stats: Stats, model: nn.Module, *, others: Mapping[str, Stats] | None = None,
-              grad: Stats | None = None, shape=None) -> Scores:
+              grad: Stats | None = None, shape=None, layers: Sequence[int] | None = None) -> Scores:
     """Scores of the method `prune_cfg.method` (or a method name, with default settings), each method given exactly
     the inputs it uses: other corpora (cus-prun), gradient sums (taylor), the target widths (obs)."""
     cfg = prune_cfg if isinstance(prune_cfg, PruneConfig) else None
@@ -222,7 +226,7 @@ def score_all(prune_cfg: PruneConfig | str, stats: Stats, model: nn.Module, *, o
     if method == "random":
         return random(stats, model, seed=cfg.seed)
     if method == "obs":
-        return obs(stats, model, shape=shape, damp=cfg.damp, batch=cfg.obs_batch)
+        return obs(stats, model, shape=shape, damp=cfg.damp, batch=cfg.obs_batch, layers=layers)
     return METHODS[method](stats, model)
 
 

@@ -173,14 +173,15 @@ def mask(model: nn.Module, plan: PruningPlan, weights: Mapping[str, torch.Tensor
     return model
 
 
-def slim_expert(model: nn.Module, tokenizer, plan: PruningPlan, stats: Mapping[str, torch.Tensor] | None = None):
+def slim_expert(model: nn.Module, tokenizer, plan: PruningPlan, stats: Mapping[str, torch.Tensor] | None = None,
+                weights: Mapping[str, torch.Tensor] | None = None):
     """(slimmed model, tokenizer): a plan with `reconstruct` is compensated from the profile `stats`
-    (minigpt.refit); the tokenizer is rewritten when the plan prunes the vocabulary."""
+    (minigpt.refit) unless its new `weights` are given (sequential pruning computes them itself); the tokenizer is
+    rewritten when the plan prunes the vocabulary."""
     from minigpt import refit
     from minigpt import vocab as V
 
-    weights = None
-    if plan.reconstruct or plan.replace:
+    if weights is None and (plan.reconstruct or plan.replace):
         if stats is None:
             raise refit.RefitError(f"plan for {plan.domain!r} refits weights: slimming it needs its profile")
         weights = refit.compensation(model, plan, stats)

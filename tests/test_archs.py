@@ -1,5 +1,6 @@
 """Every method on every supported architecture: the slimmed model loads with plain transformers, has the parameter
-count the plan predicts, and its logits equal the dense model with the same structures masked."""
+count the plan predicts, and its logits equal the dense model with the same structures masked — with the kept
+weights refit by least squares (prune.reconstruct, the default) and without."""
 
 import copy
 import json
@@ -8,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from minigpt import plan as P, slim as SL, stats as S
+from minigpt import plan as P, refit, slim as SL, stats as S
 from minigpt.config import ConfigError, PruneConfig, PRUNE_METHODS
 from minigpt.models import arch_of, check_architecture, count_parameters, widths
 
@@ -47,7 +48,8 @@ IDS = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(5))
 def _profiles(model):
     calib = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(1))
     other = torch.randint(0, 48, (4, 16), generator=torch.Generator().manual_seed(2))
-    return (S.accumulate(model, calib, 2), S.accumulate(model, other, 2), S.taylor_sums(model, calib, 2))
+    spec = S.StatSpec(gram=True, depth_spans=(1,))
+    return (S.accumulate(model, calib, 2, spec=spec), S.accumulate(model, other, 2), S.taylor_sums(model, calib, 2))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -56,11 +58,13 @@ def test_every_method_slims_to_masked_dense(arch, tmp_path):
     prof, other, grad = _profiles(model)
     for method in PRUNE_METHODS:
         variants = [0] if arch == "gpt2" or method == "depth" else [0, 1]
-        for kv in variants:
-            cfg = PruneConfig(method=method, target=0.3, kv_groups=kv)
+        for kv, reconstruct in [(kv, r) for kv in variants for r in (True, False) if method != "obs" or r]:
+            cfg = PruneConfig(method=method, target=0.3, kv_groups=kv, reconstruct=reconstruct)
             plan = P.build_plan(prof, model, cfg, domain="d", other_profiles={"o": other}, grad_stats=grad)
-            small = SL.slim(model, plan)
-            ref = SL.mask(copy.deepcopy(model), plan)
+            weights = refit.compensation(model, plan, prof) if reconstruct else None
+            assert bool(weights) == reconstruct
+            small = SL.slim(model, plan, weights)
+            ref = SL.mask(copy.deepcopy(model), plan, weights)
             with torch.no_grad():
                 torch.testing.assert_close(small(IDS).logits, ref(IDS).logits, rtol=1e-5, atol=1e-5)
             assert count_parameters(small) == (plan.params["total"], plan.params["non_embedding"])

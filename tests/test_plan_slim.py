@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
-from minigpt import scoring, slim, stats as S
-from minigpt.config import ConfigError
+from minigpt import plan as P, slim, stats as S
+from minigpt.config import ConfigError, PruneConfig
 from minigpt.models import count_parameters
-from minigpt.plan import LayerPlan, PruningPlan, build_uniform, uniform_mlp_width
+from minigpt.plan import LayerPlan, PruningPlan, uniform_mlp_width
 from tests.conftest import make_tiny_llama
 
 
@@ -21,11 +21,15 @@ def _profile(model):
     return S.accumulate(model, blocks, batch_size=2)
 
 
+def _plan(model, method, target=0.3, prof=None, **kw):
+    cfg = PruneConfig(method=method, target=target, reconstruct=False, **kw)
+    return P.build_plan(_profile(model) if prof is None else prof, model, cfg, domain="d")
+
+
 @pytest.mark.parametrize("method", ["contextual", "wanda-sp", "magnitude", "random"])
 def test_slimmed_logits_equal_masked_dense(method):
     model = make_tiny_llama()
-    scores = scoring.score(method, _profile(model), model, seed=3)
-    plan = build_uniform(scores, model, domain="d", method=method, target=0.3, multiple_of=8)
+    plan = _plan(model, method, seed=3)
     small = slim.slim(model, plan)
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -40,8 +44,7 @@ def test_slimmed_logits_equal_masked_dense(method):
 
 def test_slim_reaches_target_fraction():
     model = make_tiny_llama(inter=256, hidden=32)
-    plan = build_uniform(scoring.contextual(_profile(model), model).mlp, model, domain="d", method="contextual",
-                         target=0.25, multiple_of=8)
+    plan = _plan(model, "contextual", target=0.25)
     removed = 1 - plan.params["non_embedding"] / plan.params["dense_non_embedding"]
     assert abs(removed - 0.25) < 0.03
     assert plan.mlp_width % 8 == 0
@@ -50,7 +53,7 @@ def test_slim_reaches_target_fraction():
 def test_contextual_keeps_highest_mean_activation():
     model = make_tiny_llama()
     prof = _profile(model)
-    plan = build_uniform(scoring.contextual(prof, model).mlp, model, domain="d", method="contextual", target=0.3)
+    plan = _plan(model, "contextual", prof=prof)
     mean = prof["mlp_abs_sum"][0] / prof["tokens"]
     kept = set(plan.layers[0].mlp_keep)
     dropped = [j for j in range(64) if j not in kept]
@@ -61,7 +64,7 @@ def test_save_reload_with_plain_transformers(tmp_path):
     from minigpt.models import load_tokenizer
 
     model = make_tiny_llama()
-    plan = build_uniform(scoring.random(_profile(model), model).mlp, model, domain="d", method="random", target=0.3)
+    plan = _plan(model, "random")
     small = slim.slim(model, plan)
     # A tiny tokenizer is enough to check the folder layout; the real one is exercised in the slow test.
     from tokenizers import Tokenizer, models as tm
@@ -85,8 +88,8 @@ def test_unreachable_target_is_a_config_error():
 
 def test_plan_rejects_wrong_model():
     model = make_tiny_llama()
-    plan = build_uniform(torch.rand(3, 64, dtype=torch.float64), model, domain="d", method="random", target=0.3)
-    with pytest.raises(ValueError):
+    plan = _plan(model, "random")
+    with pytest.raises(ValueError, match="plan is for 3 layers x 64 channels, model has 2 x 64"):
         slim.slim(make_tiny_llama(layers=2), plan)
 
 
@@ -129,7 +132,8 @@ def _vocab_plan(model, tok, prune_cfg=None):
 
     ids = torch.tensor([tok.encode(DOMAIN_TEXT) * 2])
     prof = S.accumulate(model, ids, batch_size=1)
-    return build_plan(prof, model, prune_cfg or PruneConfig(target=0.2, vocab=True), domain="d", tokenizer=tok), ids
+    cfg = prune_cfg or PruneConfig(target=0.2, vocab=True, reconstruct=False)
+    return build_plan(prof, model, cfg, domain="d", tokenizer=tok), ids
 
 
 @needs_tokenizer

@@ -220,3 +220,30 @@ def test_missing_gram_statistics_name_the_fix(model):
         refit.compensation(model, plan, base)
     with pytest.raises(refit.RefitError, match="Gram"):
         P.build_plan(base, model, PruneConfig(method="obs", target=0.3, multiple_of=4), domain="d")
+
+
+def test_sequential_pruning_is_exact_across_runners_and_slims_to_its_masked_model(model):
+    from minigpt import sequential as Q
+
+    blocks = _blocks(8)
+    cfg = PruneConfig(method="wanda-sp", target=0.3, kv_groups=1, multiple_of=4, sequential=True)
+    one, w1 = Q.prune_sequential(model, [Q.LayerRunner(model, blocks, 2)], cfg, domain="d")
+    two, w2 = Q.prune_sequential(model, [Q.LayerRunner(model, blocks[:4], 2), Q.LayerRunner(model, blocks[4:], 2)],
+                                 cfg, domain="d")
+    assert one.layers == two.layers and one.sequential and one.uniform and set(w1) == set(w2)
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-7, atol=1e-7)
+    # Layer 0's attention sees the dense model's inputs, so it is chosen and refit exactly as one-shot would; what
+    # comes after sees pruned activations.
+    prof = S.accumulate(model, blocks, 2, spec=GRAM)
+    shot = P.build_plan(prof, model, PruneConfig(method="wanda-sp", target=0.3, kv_groups=1, multiple_of=4),
+                        domain="d")
+    assert shot.layers[0].kv_keep == one.layers[0].kv_keep and shot.layers != one.layers
+    name = "model.layers.0.self_attn.o_proj.weight"
+    torch.testing.assert_close(refit.compensation(model, shot, prof)[name], w1[name], rtol=1e-5, atol=1e-6)
+    ids = _blocks(2, seed=9)
+    small = SL.slim(model, one, w1)
+    with torch.no_grad():
+        torch.testing.assert_close(small(ids).logits, SL.mask(copy.deepcopy(model), one, w1)(ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+    assert count_parameters(small) == (one.params["total"], one.params["non_embedding"])

@@ -1,0 +1,200 @@
+"""Sequential pruning: layer by layer, each layer chosen and refit on the partly pruned model's own activations.
+
+One-shot compensation (minigpt.refit on the dense profile) refits every layer for the inputs the *dense* model
+feeds it. Pruned layers change what later layers see; SlimGPT's order follows that: prune layer 0, run the pruned
+layer, pruned layer 1 is chosen and refit on those outputs, and so on. Within a layer the attention groups go first,
+then the MLP channels are chosen on the outputs of the pruned attention. The refit target is always the layer's
+full width applied to the same (pruned-model) inputs.
+
+`LayerRunner` holds what one worker needs: a copy of the model being pruned, the residual stream of its share of
+the calibration blocks, and the arguments each layer is called with (masks, rotary tables: captured once from the
+model's own forward, so every architecture works as its modeling code built them). It answers three calls: `stats`
+(one layer's sums on the current activations), `apply` (write a layer's new weights) and `advance` (run the pruned
+layer to move the activations one layer on). `prune_sequential` drives any number of runners - in-process, or Ray
+actors (`ray_runners`) each holding the hidden states of its own shards - through that protocol: the driver sums
+the runners' statistics (exact, as everywhere), chooses and solves, and broadcasts the layer.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from minigpt import refit, scoring, stats as S
+from minigpt.config import ConfigError, PruneConfig
+from minigpt.models import decoder_layers, widths
+from minigpt.plan import PruningPlan, Shape, plan_from_shape, target_shape
+
+
+class _Captured(Exception):
+    pass
+
+
+class LayerRunner:
+    """One worker's side of sequential pruning (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, blocks: torch.Tensor, batch_size: int):
+        self.model = copy.deepcopy(model).eval()
+        self.layers = decoder_layers(self.model)
+        self.hidden: list[torch.Tensor] = []  # residual stream entering the next layer, per batch
+        self.calls: list[list[tuple[tuple, dict]]] = []  # per batch, per layer: (extra args, kwargs)
+        self.tokens = 0
+        for start in range(0, blocks.shape[0], batch_size):
+            ids = blocks[start:start + batch_size]
+            self.hidden.append(self._capture(ids))
+            self.tokens += ids.numel()
+
+    @torch.inference_mode()
+    def _capture(self, ids: torch.Tensor) -> torch.Tensor:
+        """Run the decoder once; keep layer 0's input and the arguments every layer receives."""
+        calls: list[tuple[tuple, dict]] = [None] * len(self.layers)  # type: ignore[list-item]
+        first: list[torch.Tensor] = []
+
+        def hook(i):
+            def pre(_m, args, kwargs):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                if i == 0:
+                    first.append(hidden.detach())
+                kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                calls[i] = (tuple(args[1:]), kw)
+            return pre
+
+        handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(self.layers)]
+        try:
+            self.model.base_model(input_ids=ids, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        self.calls.append(calls)
+        return first[0]
+
+    def _run(self, index: int, b: int) -> torch.Tensor:
+        args, kw = self.calls[b][index]
+        out = self.layers[index](self.hidden[b], *args, **kw)
+        return out[0] if isinstance(out, tuple | list) else out
+
+    @torch.inference_mode()
+    def stats(self, index: int) -> dict:
+        """Gram statistics of layer `index` on the current activations (rows of other layers stay zero)."""
+        st = S.stats_for_model(self.model, S.StatSpec(gram=True))
+        with S.collecting(self.model, st, S.StatSpec(gram=True)):
+            for b in range(len(self.hidden)):
+                self._run(index, b)
+        st["tokens"] += self.tokens
+        return S.to_numpy(st)
+
+    @torch.no_grad()
+    def apply(self, weights: Mapping[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        for name, value in weights.items():
+            params[name].copy_(torch.as_tensor(value, dtype=params[name].dtype))
+
+    @torch.inference_mode()
+    def advance(self, index: int) -> None:
+        self.hidden = [self._run(index, b) for b in range(len(self.hidden))]
+
+
+def _merged(runners, index: int, remote: bool) -> dict[str, torch.Tensor]:
+    if remote:
+        import ray
+
+        parts = ray.get([r.stats.remote(index) for r in runners])
+    else:
+        parts = [r.stats(index) for r in runners]
+    return S.merge(S.from_numpy(p) for p in parts)
+
+
+def _broadcast(runners, remote: bool, method: str, *args) -> None:
+    if remote:
+        import ray
+
+        ray.get([getattr(r, method).remote(*args) for r in runners])
+    else:
+        for r in runners:
+            getattr(r, method)(*args)
+
+
+def prune_sequential(model: nn.Module, runners: Sequence, prune_cfg: PruneConfig, *, domain: str,
+                     shape: Shape | None = None, remote: bool = False, base_model: str = "", profile: str = "",
+                     vocab: tuple[int, ...] | None = None, on_layer=None) -> tuple[PruningPlan, dict[str, torch.Tensor]]:
+    """Choose and refit one layer at a time; returns the plan and the new weights (dense shapes) to slim with.
+
+    `runners` are LayerRunner objects (or Ray actor handles of them with remote=True) over disjoint shares of the
+    calibration blocks; `shape` defaults to the job's uniform target shape. Only width pruning is sequential (a
+    depth cut has no per-layer order to follow)."""
+    if prune_cfg.method in ("depth", "cus-prun", "taylor") or prune_cfg.mode != "target":
+        raise ConfigError(f"prune.sequential supports target-mode width pruning with contextual, wanda-sp, "
+                          f"magnitude, random or obs, not {prune_cfg.method!r} ({prune_cfg.mode})")
+    work = copy.deepcopy(model).eval()  # the driver's copy: scored and refit layer by layer
+    w = widths(work)
+    shape = shape or target_shape(work, prune_cfg, None, {})
+    mlp_keep: list = [None] * w["layers"]
+    kv_keep: list = [None] * w["layers"]
+    weights: dict[str, torch.Tensor] = {}
+    for i in range(w["layers"]):
+        for part in ("attn", "mlp"):
+            if part == "attn" and shape.kv_groups == w["kv_heads"]:
+                continue
+            if part == "mlp" and shape.mlp_width == w["intermediate"]:
+                continue
+            st = _merged(runners, i, remote)
+            scores = scoring.score_all(prune_cfg, st, work, shape=shape, layers=[i])
+            keep = tuple(sorted(torch.sort(scores.kv[i] if part == "attn" else scores.mlp[i], descending=True,
+                                           stable=True).indices[:shape.kv_groups if part == "attn" else
+                                                                shape.mlp_width].tolist()))
+            if part == "attn":
+                kv_keep[i] = keep
+                new = refit.layer_compensation(work, i, None, keep, st, prune_cfg.damp, prune_cfg.reconstruct)
+            else:
+                mlp_keep[i] = keep
+                new = refit.layer_compensation(work, i, keep, None, st, prune_cfg.damp, prune_cfg.reconstruct)
+            new = {k: v.to(next(work.parameters()).dtype) for k, v in new.items()}
+            params = dict(work.named_parameters())
+            with torch.no_grad():
+                for k, v in new.items():
+                    params[k].copy_(v)
+            weights.update(new)
+            _broadcast(runners, remote, "apply", new)
+        _broadcast(runners, remote, "advance", i)
+        if on_layer:
+            on_layer(i)
+    plan = plan_from_shape(_FixedScores(mlp_keep, kv_keep, w), model, shape, domain=domain, method=prune_cfg.method,
+                           base_model=base_model, profile=profile, target=prune_cfg.target, vocab=vocab,
+                           reconstruct=prune_cfg.reconstruct, damp=prune_cfg.damp)
+    return dataclasses.replace(plan, sequential=True), weights
+
+
+class _FixedScores:
+    """Scores that make plan_from_shape keep exactly the chosen units."""
+
+    def __init__(self, mlp_keep, kv_keep, w):
+        L = w["layers"]
+        self.mlp = torch.zeros(L, w["intermediate"], dtype=torch.float64)
+        self.kv = torch.zeros(L, w["kv_heads"], dtype=torch.float64)
+        for i in range(L):
+            self.mlp[i, list(mlp_keep[i] or range(w["intermediate"]))] = 1
+            self.kv[i, list(kv_keep[i] or range(w["kv_heads"]))] = 1
+
+
+def ray_runners(model_dir: str, shards: Sequence[torch.Tensor], batch_size: int, dtype: str = "float32",
+                cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0) -> list:
+    """One LayerRunner actor per share of the calibration blocks, each loading the model itself."""
+    import ray
+
+    @ray.remote
+    class _Runner(LayerRunner):
+        def __init__(self, folder, blocks, batch):
+            from minigpt.models import load_model
+
+            torch.set_num_threads(max(1, int(cpus_per_worker)))
+            super().__init__(load_model(folder, dtype), torch.as_tensor(blocks), batch)
+
+    opts = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker}
+    return [_Runner.options(**opts).remote(str(model_dir), b.numpy(), batch_size) for b in shards]
+
+
+__all__ = ["LayerRunner", "prune_sequential", "ray_runners"]
