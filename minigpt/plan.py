@@ -54,7 +54,7 @@ class PruningPlan:
     mode: str = "target"
     threshold: float | None = None
     reconstruct: bool = False  # kept output-projection weights are refit by least squares (minigpt.refit)
-    damp: float = 0.01  # ridge of that refit, relative to the mean diagonal of the Gram matrix
+    damp: float = 0.1  # ridge of that refit, relative to the mean diagonal of the Gram matrix
     replace: bool = False  # each run of dropped layers is replaced by a linear map folded into the block before
     sequential: bool = False  # chosen and refit layer by layer on the pruned model's activations (minigpt.sequential)
 
@@ -233,7 +233,8 @@ def stat_spec(prune_cfg: PruneConfig, model_or_config) -> StatSpec:
     gram = prune_cfg.reconstruct or prune_cfg.method == "obs"
     spans = (depth_layers(model_or_config, prune_cfg.target),) if prune_cfg.method == "depth" and \
         prune_cfg.reconstruct else ()
-    return StatSpec(gram=gram and prune_cfg.method != "depth", depth_spans=spans)
+    # Sequential pruning sums each layer's Gram matrices itself, one layer at a time (minigpt.sequential).
+    return StatSpec(gram=gram and prune_cfg.method != "depth" and not prune_cfg.sequential, depth_spans=spans)
 
 
 def replacement_span(stats: Mapping[str, torch.Tensor], n: int, damp: float) -> tuple[int, list[float]]:
@@ -291,7 +292,7 @@ def target_shape(model: nn.Module, prune_cfg: PruneConfig, scores, stats: Mappin
 def plan_from_shape(scores, model: nn.Module, shape: Shape, *, domain: str, method: str,
                     vocab: tuple[int, ...] | None = None, base_model: str = "", profile: str = "",
                     target: float | None = None, mode: str = "target", threshold: float | None = None,
-                    reconstruct: bool = False, damp: float = 0.01, replace: bool = False,
+                    reconstruct: bool = False, damp: float = 0.1, replace: bool = False,
                     protect: tuple[int, ...] = ()) -> PruningPlan:
     """The one plan builder: in each kept layer the `mlp_width` top-scoring MLP channels and the `kv_groups`
     top-scoring KV groups of `scores` (a scoring.Scores), and `vocab` (old ids, see vocab_keep).

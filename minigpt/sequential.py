@@ -79,9 +79,10 @@ class LayerRunner:
 
     @torch.inference_mode()
     def stats(self, index: int) -> dict:
-        """Gram statistics of layer `index` on the current activations (rows of other layers stay zero)."""
-        st = S.stats_for_model(self.model, S.StatSpec(gram=True))
-        with S.collecting(self.model, st, S.StatSpec(gram=True)):
+        """Statistics of layer `index` alone (Gram matrices included) on the current activations."""
+        spec = S.StatSpec(gram=True)
+        st = S.layer_stats_for_model(self.model, spec)
+        with S.collecting(self.model, st, spec, layer=index):
             for b in range(len(self.hidden)):
                 self._run(index, b)
         st["tokens"] += self.tokens
@@ -98,14 +99,15 @@ class LayerRunner:
         self.hidden = [self._run(index, b) for b in range(len(self.hidden))]
 
 
-def _merged(runners, index: int, remote: bool) -> dict[str, torch.Tensor]:
+def _merged(runners, index: int, num_layers: int, remote: bool) -> dict:
+    """The runners' sums for one layer, merged (exactly: they are sums) and laid out as a whole-model profile."""
     if remote:
         import ray
 
         parts = ray.get([r.stats.remote(index) for r in runners])
     else:
         parts = [r.stats(index) for r in runners]
-    return S.merge(S.from_numpy(p) for p in parts)
+    return S.layer_view(S.merge(S.from_numpy(p) for p in parts), index, num_layers)
 
 
 def _broadcast(runners, remote: bool, method: str, *args) -> None:
@@ -141,7 +143,7 @@ def prune_sequential(model: nn.Module, runners: Sequence, prune_cfg: PruneConfig
                 continue
             if part == "mlp" and shape.mlp_width == w["intermediate"]:
                 continue
-            st = _merged(runners, i, remote)
+            st = _merged(runners, i, w["layers"], remote)
             scores = scoring.score_all(prune_cfg, st, work, shape=shape, layers=[i])
             keep = tuple(sorted(torch.sort(scores.kv[i] if part == "attn" else scores.mlp[i], descending=True,
                                            stable=True).indices[:shape.kv_groups if part == "attn" else

@@ -132,24 +132,34 @@ def _gram(x: torch.Tensor) -> torch.Tensor:
 
 
 class _Collector:
-    """Hooks on one model that add each forward pass's statistics into `stats` (in place)."""
+    """Hooks on one model that add each forward pass's statistics into `stats` (in place).
 
-    def __init__(self, model: nn.Module, stats: Stats, spec: StatSpec):
+    With `layer` set, only that decoder layer is hooked and its statistics go to row 0 of a one-layer `stats`
+    (layer_stats_for_model): what sequential pruning sums per layer without holding every layer's Gram matrices."""
+
+    def __init__(self, model: nn.Module, stats: Stats, spec: StatSpec, layer: int | None = None):
         self.model, self.stats, self.spec = model, stats, spec
         self.heads = widths(model)["heads"]
         self.handles = []
         self.hidden: dict[int, torch.Tensor] = {}  # depth: residual stream h_i of the current batch, flattened
         self.mlp_out: dict[int, torch.Tensor] = {}  # depth: each block's MLP output a_k of the current batch
-        for i, layer in enumerate(decoder_layers(model)):
-            _, down = mlp_parts(layer)
-            self.handles.append(down.register_forward_pre_hook(self._mlp_hook(i)))
-            self.handles.append(attn_output(layer).register_forward_pre_hook(self._attn_hook(i)))
-            self.handles.append(layer.register_forward_hook(self._block_hook(i), with_kwargs=True))
-            if spec.depth_spans:
-                self.handles.append(mlp_output(layer).register_forward_hook(self._mlp_out_hook(i)))
+        if layer is not None and spec.depth_spans:
+            raise ValueError("depth moments span several layers; they cannot be collected for one layer")
+        self.only = layer
+        for i, block in enumerate(decoder_layers(model)):
+            if layer is None or i == layer:
+                self._register(i, block)
+
+    def _register(self, i: int, block: nn.Module) -> None:
+        _, down = mlp_parts(block)
+        self.handles.append(down.register_forward_pre_hook(self._mlp_hook(i)))
+        self.handles.append(attn_output(block).register_forward_pre_hook(self._attn_hook(i)))
+        self.handles.append(block.register_forward_hook(self._block_hook(i), with_kwargs=True))
+        if self.spec.depth_spans:
+            self.handles.append(mlp_output(block).register_forward_hook(self._mlp_out_hook(i)))
 
     def _add(self, name: str, layer: int, value: torch.Tensor) -> None:
-        self.stats[name][layer] += value
+        self.stats[name][0 if self.only is not None else layer] += value
 
     def _mlp_hook(self, i: int):
         def hook(_m, args):
@@ -179,7 +189,7 @@ class _Collector:
             y = _first_tensor(output).detach()
             self._add("hidden_sq_sum", i, x.reshape(-1, x.shape[-1]).square().sum(0, dtype=torch.float64))
             cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)
-            self.stats["block_cos_sum"][i] += cos.sum(dtype=torch.float64)
+            self._add("block_cos_sum", i, cos.sum(dtype=torch.float64))
             if self.spec.depth_spans:
                 if i == 0:
                     self.hidden[0] = x.reshape(-1, x.shape[-1]).float()
@@ -221,10 +231,47 @@ class _Collector:
             h.remove()
 
 
+def layer_stats_for_model(model: nn.Module, spec: StatSpec = StatSpec(gram=True)) -> Stats:
+    """Empty statistics of ONE decoder layer (layer dimension 1; token counts and vocabulary as usual)."""
+    shapes = stat_shapes(model, spec)
+    L = widths(model)["layers"]
+    return {k: torch.zeros((1, *s[1:]) if s and s[0] == L and k != "token_counts" else s, dtype=torch.float64)
+            for k, s in shapes.items()}
+
+
+def layer_view(stats: Mapping[str, torch.Tensor], layer: int, num_layers: int) -> Stats:
+    """A one-layer profile laid out as a whole-model one: small per-layer entries are zero-padded to every layer,
+    large ones (Gram matrices) answer only for `layer`, so scoring and refitting code reads row `layer` as usual."""
+    out: Stats = {}
+    for k, v in stats.items():
+        if v.dim() >= 1 and v.shape[0] == 1 and k not in ("tokens", "token_counts"):
+            if v.dim() >= 3:
+                out[k] = _OneRow(v[0], layer)
+            else:
+                full = torch.zeros((num_layers, *v.shape[1:]), dtype=v.dtype)
+                full[layer] = v[0]
+                out[k] = full
+        else:
+            out[k] = v
+    return out
+
+
+class _OneRow:
+    """Row `layer` of a per-layer statistic whose other rows were never collected."""
+
+    def __init__(self, row: torch.Tensor, layer: int):
+        self.row, self.layer = row, layer
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if i != self.layer:
+            raise IndexError(f"only layer {self.layer} of this statistic was collected, not {i}")
+        return self.row
+
+
 @contextmanager
-def collecting(model: nn.Module, stats: Stats, spec: StatSpec = StatSpec()):
+def collecting(model: nn.Module, stats: Stats, spec: StatSpec = StatSpec(), layer: int | None = None):
     """Hooks that add one forward pass's statistics into `stats`; call `.end_batch()` after each forward."""
-    collector = _Collector(model, stats, spec)
+    collector = _Collector(model, stats, spec, layer)
     try:
         yield collector
     finally:
