@@ -15,6 +15,10 @@ lowest ratio to dense on other-source text over the stock-checkpoint methods at 
 winning method is in `best_method_<pct>_<domain>`), `gain_<method>_<pct>` the mean over domains of the ratio
 without compensation / with it (> 1: compensation helps).
 
+A method may carry options: `wanda-sp+alloc` lets the allocation choose the stock shape (replaced layers, KV
+groups, MLP width; prune.allocate), `wanda-sp+seq` prunes and refits layer by layer on the pruned model's own
+activations (prune.sequential; compensated runs only).
+
 Usage:
   .venv/bin/python benchmarks/methods.py [--targets 0.2,0.3,0.5] [--methods obs,wanda-sp,...] [--damps 0.01]
                                          [--calib-tokens 16384] [--work runs/bench-methods]
@@ -35,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import othertext  # noqa: E402
 
-from minigpt import corpora, plan as P, refit, slim as SL, stats as S  # noqa: E402
+from minigpt import corpora, plan as P, refit, sequential, slim as SL, stats as S  # noqa: E402
 from minigpt.config import DataConfig, DomainConfig, ModelConfig, PruneConfig, SourceConfig  # noqa: E402
 from minigpt.evaluate import lm_metrics  # noqa: E402
 from minigpt.models import count_parameters, load_model, load_tokenizer, resolve  # noqa: E402
@@ -90,10 +94,13 @@ def main() -> None:
                           train_tokens=256, calib_fraction=0.5, heldout_fraction=0.2)
     # The standard targets' cut lengths are always collected, so the cached profiles serve every run.
     spans = {P.depth_layers(dense, t) for t in (0.2, 0.3, 0.5, *targets)}
+    if any("+alloc" in m for m in methods):
+        for t in targets:
+            spans |= set(P.stat_spec(PruneConfig(target=t, allocate=True), dense).depth_spans)
     spec = S.StatSpec(gram=True, depth_spans=tuple(sorted(spans)))
     print(f"[bench] profile per domain: {S.stats_bytes(dense, spec) / 2**30:.2f} GiB", flush=True)
 
-    texts, profiles, grads = {}, {}, {}
+    texts, profiles, grads, calib = {}, {}, {}, {}
     for name in domains:
         out = work / "data" / f"{name}-{args.calib_tokens}"
         try:
@@ -102,7 +109,7 @@ def main() -> None:
             data = corpora.prepare_domain(DomainConfig(name, (SourceConfig(kind=DOMAINS[name]),)), data_cfg, tok, out)
         texts[name] = {"other": othertext.other_texts(name),
                        "heldout": [t for _, t in data.documents("heldout")]}
-        blocks = corpora.read_blocks(data.shards("calib"))
+        blocks = calib[name] = corpora.read_blocks(data.shards("calib"))
         profiles[name], grads[name] = _profile(dense, blocks, spec, work / "profiles" / f"{name}-{args.calib_tokens}"
                                                ".safetensors", args.batch, args.taylor_blocks)
     print(f"[bench] data + profiles ready in {time.time() - t0:.0f}s", flush=True)
@@ -118,21 +125,31 @@ def main() -> None:
     variants = ([("plain", False, 0.01)] if not args.no_plain else []) + \
         [(f"refit@{dm:g}" if len(damps) > 1 else "refit", True, dm) for dm in damps]
     for target in targets:
-        for method in methods:
+        for spec_name in methods:
+            method, *opts = spec_name.split("+")
             for label, reconstruct, damp in variants:
-                key = f"{method}/{label}/{target:g}"
+                if "seq" in opts and not reconstruct:
+                    continue
+                key = f"{spec_name}/{label}/{target:g}"
                 results[key] = {}
                 for d in domains:
-                    cfg = PruneConfig(method=method, target=target, reconstruct=reconstruct, damp=damp)
+                    cfg = PruneConfig(method=method, target=target, reconstruct=reconstruct, damp=damp,
+                                      allocate="alloc" in opts, sequential="seq" in opts)
                     t1 = time.time()
-                    plan = P.build_plan(profiles[d], dense, cfg, domain=d, other_profiles=profiles,
-                                        grad_stats=grads[d])
-                    weights = refit.compensation(dense, plan, profiles[d]) if reconstruct else None
+                    if cfg.sequential:
+                        plan, weights = sequential.prune_sequential(
+                            dense, [sequential.LayerRunner(dense, calib[d], args.batch)], cfg, domain=d)
+                    else:
+                        plan = P.build_plan(profiles[d], dense, cfg, domain=d, other_profiles=profiles,
+                                            grad_stats=grads[d])
+                        weights = refit.compensation(dense, plan, profiles[d]) if reconstruct else None
                     small = SL.slim(dense, plan, weights)
                     assert count_parameters(small) == (plan.params["total"], plan.params["non_embedding"])
                     ppl = metrics(small, d)
                     results[key][d] = {kind: ppl[kind] / dense_ppl[d][kind] for kind in ppl}
                     results[key][d]["removed"] = P.removed_fraction(plan)
+                    results[key][d]["shape"] = [plan.mlp_width, plan.kv_width or plan.kv_groups,
+                                                len(plan.dropped_layers)]
                     results[key][d]["seconds_plan_slim"] = round(time.time() - t1, 1)
                     del small
                 rows.append(key)
@@ -157,6 +174,8 @@ def main() -> None:
             figures[f"best_{pct}_{d}"] = round(cands[best], 3)
             figures[f"best_method_{pct}_{d}"] = best.rsplit("/", 1)[0]
         for method in methods:
+            if "+" in method:
+                continue
             plain = f"{method}/plain/{target:g}"
             fit = next((k for k in rows if k.startswith(f"{method}/refit") and k.endswith(f"/{target:g}")), None)
             if plain in results and fit:

@@ -196,16 +196,16 @@ class CalibrationWorker:
 
 
 def read_shard_blocks(path: str) -> np.ndarray:
-    import pyarrow.parquet as pq
+    """One shard's blocks (int32, for the object store); a bad shard is a CalibrationError naming its path."""
+    from minigpt.corpora import read_blocks
 
     try:
-        col = pq.read_table(path, columns=["input_ids"]).column("input_ids").to_pylist()
-        arr = np.asarray(col, dtype=np.int32)
-    except Exception as e:
-        raise CalibrationError(f"cannot read shard {path}: {e.__class__.__name__}: {e}") from None
-    if arr.ndim != 2 or arr.shape[0] == 0:
-        raise CalibrationError(f"cannot read shard {path}: expected equal-length input_ids blocks")
-    return arr
+        arr = read_blocks([path])
+    except ValueError as e:
+        raise CalibrationError(str(e)) from None
+    if arr.shape[0] == 0:
+        raise CalibrationError(f"cannot read shard {path}: it holds no token blocks")
+    return arr.numpy().astype(np.int32)
 
 
 def flush_size(cfg: CalibrateConfig, spec: S.StatSpec) -> int:

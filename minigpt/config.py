@@ -148,6 +148,7 @@ class PruneConfig:
     damp: float = 0.1  # ridge of every least-squares solve, relative to the mean diagonal of its Gram matrix
     obs_batch: int = 0  # obs: units removed per OBS step; 0 = auto (a 64th of what a layer loses)
     sequential: bool = False  # choose and refit layer by layer on the pruned model's own activations (SlimGPT order)
+    allocate: bool = False  # choose the stock shape (replaced layers, KV groups, MLP width) by predicted error
 
     def __post_init__(self) -> None:
         _check(self.method in PRUNE_METHODS, f"prune.method {self.method!r} is not one of {', '.join(PRUNE_METHODS)}")
@@ -166,6 +167,8 @@ class PruneConfig:
                                         ("contextual", "wanda-sp", "magnitude", "random", "obs")),
                "prune.sequential needs prune.mode target and a method among contextual, wanda-sp, magnitude, "
                "random, obs")
+        _check(not self.allocate or (self.mode == "target" and self.method != "depth" and not self.sequential),
+               "prune.allocate needs prune.mode target, a width method (not depth) and prune.sequential false")
         _check(not (self.mode == "threshold" and self.method == "obs"),
                "prune.mode threshold does not apply to obs (OBS ranks channels for a given width)")
 

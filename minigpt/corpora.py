@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 import torch
 
 from minigpt.config import ConfigError, DataConfig, DomainConfig, SourceConfig
+from minigpt.io import replace_dir
 
 SPLITS = ("calib", "heldout", "train")  # preparation order: the splits that can fail come first
 SPLIT_NAMES = {"calib": "calibration", "heldout": "held-out", "train": "training"}
@@ -497,17 +498,6 @@ def _write_documents(path: Path, documents: Sequence[tuple[str, str]]) -> None:
     pq.write_table(table, path)
 
 
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """os.rename tmp onto out_dir, moving an existing out_dir aside first (rename cannot replace a folder)."""
-    old = None
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.rename(out_dir, old / out_dir.name)
-    os.rename(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 # --------------------------------------------------------------------------------------------- DomainData
 
 
@@ -578,16 +568,23 @@ class DomainData:
 
 
 def read_blocks(paths: Sequence[Path | str]) -> torch.Tensor:
-    """Token blocks of the given shards, in order, as a LongTensor [n_blocks, block_size]."""
+    """Token blocks of the given shards, in order, as a LongTensor [n_blocks, block_size]: the one reader of the
+    shard format (docs/contracts.md) that calibration, recovery and the benchmarks use. An unreadable shard or
+    blocks of unequal length raise ValueError naming the file."""
     arrays = []
-    width = 0
+    width = None
     for p in paths:
-        col = pq.read_table(p, columns=["input_ids"]).column("input_ids").combine_chunks()
+        try:
+            col = pq.read_table(p, columns=["input_ids"]).column("input_ids").combine_chunks()
+        except Exception as e:
+            raise ValueError(f"cannot read shard {p}: {e.__class__.__name__}: {e}") from None
         if len(col) == 0:
             continue
-        values = col.flatten().to_numpy().astype(np.int64)
-        width = len(values) // len(col)
-        arrays.append(values.reshape(len(col), width))
+        lengths = col.value_lengths().to_numpy(zero_copy_only=False)
+        if (lengths != lengths[0]).any() or (width is not None and lengths[0] != width):
+            raise ValueError(f"cannot read shard {p}: input_ids blocks of unequal length")
+        width = int(lengths[0])
+        arrays.append(col.flatten().to_numpy(zero_copy_only=False).astype(np.int64).reshape(len(col), width))
     if not arrays:
         return torch.zeros((0, 0), dtype=torch.long)
     return torch.from_numpy(np.concatenate(arrays))
@@ -667,7 +664,7 @@ def prepare_domain(domain: DomainConfig, data: DataConfig, tokenizer: Any, out_d
             "finished": True,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

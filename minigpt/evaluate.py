@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minigpt.config import ConfigError, EvaluateConfig
+from minigpt.io import json_safe
 
 SCHEMA = "minigpt.eval/1"
 SPLITS = ("calib", "train", "heldout")
@@ -515,22 +516,12 @@ def _speed_model(folder: str, cfg: EvaluateConfig) -> dict:
     return speed_metrics(model, cfg.speed_batch, cfg.speed_seq_len, cfg.speed_repeats)
 
 
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def write_json_atomic(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(_json_safe(data), f, indent=2, allow_nan=False)
+            json.dump(json_safe(data), f, indent=2, allow_nan=False)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:
@@ -610,4 +601,4 @@ def evaluate_run(run_dir: Path, models: dict[str, str], domains: list[str], cfg:
             "config": dataclasses.asdict(cfg), "models": ordered}
     write_json_atomic(run_dir / "eval.json", data)
     print(f"[evaluate] wrote {run_dir / 'eval.json'}", flush=True)
-    return _json_safe(data)
+    return json_safe(data)

@@ -11,6 +11,7 @@ Everything that can be checked cheaply is checked before the run folder is touch
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -325,12 +326,16 @@ class Pipeline:
                     dense = models.load_model(self.model_dir, "float32", cfg.model.trust_remote_code)
                     tokenizer = models.load_tokenizer(self.model_dir, cfg.model.trust_remote_code)
                 if cfg.search.enabled:
-                    picked = self.picked_plans(name)
+                    # The picked shapes are compensated like fixed-ratio plans when prune.reconstruct is on; the
+                    # search itself scores its candidates uncompensated (known limit, see the README).
+                    stats, weights = (K.load_profile(self.profile_path(name))[0] if cfg.prune.reconstruct
+                                      else None), None
+                    picked = [dataclasses.replace(p, reconstruct=cfg.prune.reconstruct, damp=cfg.prune.damp)
+                              for p in self.picked_plans(name)]
                     plan = picked[0]
                     for k, extra in enumerate(picked[1:], start=1):  # further front points: slimmed and evaluated
-                        small, tok = SL.slim_expert(dense, tokenizer, extra)
+                        small, tok = SL.slim_expert(dense, tokenizer, extra, stats)
                         SL.save_expert(small, tok, self.expert_dir(name, f"search-{k}"))
-                    stats = weights = None
                 elif cfg.prune.sequential:
                     stats = K.load_profile(self.profile_path(name))[0]
                     plan, weights = self._sequential_plan(name, dense, tokenizer, stats)

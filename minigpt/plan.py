@@ -230,9 +230,13 @@ def _non_embedding(model) -> int:
 
 def stat_spec(prune_cfg: PruneConfig, model_or_config) -> StatSpec:
     """The optional statistics a job's prune settings need from calibration (minigpt.stats)."""
-    gram = prune_cfg.reconstruct or prune_cfg.method == "obs"
+    from minigpt.allocate import depth_options
+
+    gram = prune_cfg.reconstruct or prune_cfg.method == "obs" or prune_cfg.allocate
     spans = (depth_layers(model_or_config, prune_cfg.target),) if prune_cfg.method == "depth" and \
         prune_cfg.reconstruct else ()
+    if prune_cfg.allocate:
+        spans = depth_options(depth_layers(model_or_config, prune_cfg.target))
     # Sequential pruning sums each layer's Gram matrices itself, one layer at a time (minigpt.sequential).
     return StatSpec(gram=gram and prune_cfg.method != "depth" and not prune_cfg.sequential, depth_spans=spans)
 
@@ -253,8 +257,9 @@ def replacement_span(stats: Mapping[str, torch.Tensor], n: int, damp: float) -> 
         k = first - 1
         A, C, bsq = stats["mlp_out_gram"][k], stats[key][k], float(stats[f"depth_bsq_{n}"][k])
         err = refit.replacement_error(A, C, bsq, refit.replacement(A, C, damp))
-        # Normalised by the energy of the residual stream leaving the span, so early and late spans compare.
-        energy = float(stats["hidden_sq_sum"][first + n].sum()) if first + n < L else bsq
+        # Normalised by the energy of the residual stream leaving the span, so early and late spans compare (for
+        # a span that ends the model, the stream entering its last layer stands in).
+        energy = float(stats["hidden_sq_sum"][min(first + n, L - 1)].sum())
         rel[first] = err / max(energy, 1e-30)
     best = min(range(L), key=lambda i: (rel[i], i))
     return best, rel
@@ -273,6 +278,12 @@ def target_shape(model: nn.Module, prune_cfg: PruneConfig, scores, stats: Mappin
             # Lowest block influence = the layer whose output is most similar to its input; ties: later first.
             dropped = set(sorted(range(L), key=lambda i: (float(scores.layer[i]), -i))[:n])
         return Shape(tuple(i for i in range(L) if i not in dropped), w["intermediate"], G)
+    if prune_cfg.allocate:
+        from minigpt.allocate import allocate
+
+        best, _ = allocate(model, stats, prune_cfg)
+        span = set(range(best.first, best.first + best.depth)) if best.depth else set()
+        return Shape(tuple(i for i in range(L) if i not in span), best.mlp_width, best.kv_groups)
     kv_width = G
     already = 0
     if prune_cfg.kv_groups:
@@ -363,7 +374,8 @@ def build_plan(profile_stats: Mapping[str, torch.Tensor], model: nn.Module, prun
                            base_model=base_model, profile=profile, target=prune_cfg.target, mode=prune_cfg.mode,
                            threshold=prune_cfg.threshold if prune_cfg.mode == "threshold" else None,
                            reconstruct=prune_cfg.reconstruct, damp=prune_cfg.damp,
-                           replace=prune_cfg.method == "depth" and prune_cfg.reconstruct, protect=protect_layers)
+                           replace=prune_cfg.reconstruct and (prune_cfg.method == "depth" or prune_cfg.allocate),
+                           protect=protect_layers)
 
 
 def removed_fraction(plan: PruningPlan) -> float:

@@ -205,25 +205,13 @@ def zero_stage(ds: dict[str, Any]) -> int:
 
 
 def load_blocks(shards: tuple[str, ...] | list[str]) -> torch.Tensor:
-    """All blocks of the shards as one int64 [n_blocks, block_size] tensor (docs/contracts.md shard format)."""
-    import numpy as np
-    import pyarrow.parquet as pq
+    """All blocks of the train shards as one int64 [n_blocks, block_size] tensor (minigpt.corpora.read_blocks)."""
+    from minigpt.corpora import read_blocks
 
-    parts = []
-    width = None
-    for shard in shards:
-        col = pq.read_table(shard, columns=["input_ids"]).column("input_ids").combine_chunks()
-        if len(col) == 0:
-            continue
-        lengths = col.value_lengths().to_numpy(zero_copy_only=False)
-        w = int(lengths[0])
-        if (lengths != w).any() or (width is not None and w != width):
-            raise ValueError(f"{shard}: input_ids blocks of unequal length")
-        width = w
-        parts.append(np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.int64).reshape(-1, w))
-    if not parts:
+    blocks = read_blocks(shards)
+    if blocks.shape[0] == 0:
         raise ValueError(f"no token blocks in {len(shards)} train shard(s)")
-    return torch.from_numpy(np.concatenate(parts))
+    return blocks
 
 
 def check_tasks(tasks: list[RecoveryTask], cfg: RecoverConfig) -> None:

@@ -74,7 +74,7 @@ def ridge_refit(W: torch.Tensor, G: torch.Tensor, keep: Sequence[int] | torch.Te
 
     See the module docstring. All maths in fp64; returns fp64 tensors.
     """
-    W, G = W.double(), G.double()
+    W, G = W.detach().double(), G.double()
     keep = torch.as_tensor(list(keep) if not torch.is_tensor(keep) else keep, dtype=torch.long)
     m = W.shape[1]
     lam = _ridge(G, damp)
@@ -105,7 +105,7 @@ def obs_order(W: torch.Tensor, G: torch.Tensor, group: int = 1, damp: float = 0.
     `batch` > 1 removes that many of the cheapest units per step with one joint (exact) update, which is faster and
     slightly less greedy. The error is sum over tokens of |W x - W' x|^2 + lam |W - W'|^2 (the objective).
     """
-    W, G = W.double().clone(), G.double()
+    W, G = W.detach().double().clone(), G.double()
     m = W.shape[1]
     if m % group:
         raise ValueError(f"{m} columns do not split into units of {group}")

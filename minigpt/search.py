@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from minigpt.config import ConfigError, PruneConfig, SearchConfig
+from minigpt.io import json_safe
 from minigpt.models import widths
 from minigpt.plan import PruningPlan, Shape, plan_from_shape, vocab_keep
 
@@ -496,17 +497,6 @@ def pick(result: SearchResult, points: int = 1, budget: float = 0.0) -> list[Pru
     return [front[i]["plan"] for i in idx]
 
 
-def _json_safe(obj: Any) -> Any:
-    # A destroyed candidate's perplexity overflows to inf; strict JSON has no inf, so it is written as null.
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def write_front(path: Path, result: SearchResult) -> Path:
     """Write the front JSON atomically (temporary sibling, then os.replace)."""
     path = Path(path)
@@ -514,7 +504,7 @@ def write_front(path: Path, result: SearchResult) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(_json_safe(result.to_json()), f, indent=1, allow_nan=False)
+            json.dump(json_safe(result.to_json()), f, indent=1, allow_nan=False)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

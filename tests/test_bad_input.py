@@ -122,3 +122,16 @@ def test_empty_domain_and_too_many_resources(base, capsys):
         assert "domain 'a'" in err and "calib" in err
     finally:
         ray.shutdown()
+
+
+def test_statistics_over_the_memory_budget_stop_before_any_model_loads(base, capsys, monkeypatch):
+    import minigpt.models as M
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded before the statistics were sized")
+
+    monkeypatch.setattr(M, "load_model", no_loading)
+    tmp, job = base
+    job["calibrate"] = {"memory_budget_gb": 0.0001}
+    err = _run(tmp, job, capsys)
+    assert "GiB, over calibrate.memory_budget_gb=0.0001" in err and "prune.reconstruct=false" in err

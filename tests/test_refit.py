@@ -247,3 +247,28 @@ def test_sequential_pruning_is_exact_across_runners_and_slims_to_its_masked_mode
         torch.testing.assert_close(small(ids).logits, SL.mask(copy.deepcopy(model), one, w1)(ids).logits,
                                    rtol=1e-5, atol=1e-5)
     assert count_parameters(small) == (one.params["total"], one.params["non_embedding"])
+
+
+def test_allocation_picks_the_stock_shape_with_the_least_predicted_error(model):
+    from minigpt import allocate as A
+
+    spec = P.stat_spec(PruneConfig(target=0.3, allocate=True), model)
+    assert spec.gram and spec.depth_spans == A.depth_options(P.depth_layers(model, 0.3))
+    prof = S.accumulate(model, _blocks(8), batch_size=2, spec=spec)
+    cfg = PruneConfig(target=0.3, allocate=True, multiple_of=4)
+    best, cands = A.allocate(model, prof, cfg)
+    assert best == min(cands, key=lambda c: (c.predicted, -c.mlp_width))
+    assert {c.kv_groups for c in cands} == {1, 2} and all(abs(c.removed - 0.3) < 0.06 for c in cands)
+    # Its MLP-only candidate's prediction is the OBS error of that cut, summed over layers, relative to the energy.
+    mlp_only = next(c for c in cands if c.depth == 0 and c.kv_groups == 2)
+    expect = 0.0
+    for i, layer in enumerate(model.model.layers):
+        _, err = refit.obs_order(layer.mlp.down_proj.weight, prof["mlp_gram"][i], 1, cfg.damp,
+                                 remove=64 - mlp_only.mlp_width, batch=1)
+        expect += err[-1] / float(prof["hidden_sq_sum"][i].sum())
+    assert mlp_only.predicted == pytest.approx(expect, rel=1e-9)
+    plan = P.build_plan(prof, model, cfg, domain="d")
+    assert (plan.mlp_width, plan.kv_width or 2, len(plan.dropped_layers)) == (best.mlp_width, best.kv_groups,
+                                                                               best.depth)
+    small, _ = SL.slim_expert(model, None, plan, prof)
+    assert count_parameters(small) == (plan.params["total"], plan.params["non_embedding"])

@@ -1,0 +1,112 @@
+"""Allocation within stock shapes: the mix of dropped layers, KV groups and MLP width that meets a size target with
+the least *predicted* reconstruction error, computed from the profile alone (no forward pass).
+
+A stock checkpoint has one MLP width and one KV group count for every layer, but a target can be met many ways:
+narrower MLPs everywhere, or one KV group fewer and wider MLPs, or an n-layer span replaced by a linear map
+(minigpt.refit.replacement) and the rest narrowed less. Each way's damage is predicted in one currency: the
+squared error a change adds to the residual stream over the calibration tokens, relative to the energy of the
+residual stream where it is added, summed over layers:
+  * MLP channels: the cumulative error of greedy structured OBS removing k channels of layer l (refit.obs_order,
+    which is exactly the increase of the least-squares objective the compensation minimises);
+  * KV groups: the same for whole groups of the attention output projection;
+  * a replaced span: the least-squares residual of its replacement (plan.replacement_span).
+Relative errors add across layers as a first-order model of how the output degrades. `allocate` evaluates every
+stock shape on a small grid and returns the cheapest; benchmarks/methods.py measures whether it pays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from minigpt.config import ConfigError, PruneConfig
+from minigpt.models import (arch_of, count_parameters, decoder_layers, kv_coupling, kv_prunable, mlp_coupling,
+                            params_per_unit, widths)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    depth: int  # layers cut (one span, replaced)
+    first: int  # first layer of the span (-1: none)
+    kv_groups: int
+    mlp_width: int
+    predicted: float  # summed relative error
+    removed: float  # share of non-embedding parameters removed
+
+
+def depth_options(max_layers: int) -> tuple[int, ...]:
+    """Span lengths offered to the allocation (each costs one D x D moment per layer in the profile)."""
+    return tuple(sorted({n for n in (1, 2, 4, max_layers // 2, max_layers) if n >= 1}))
+
+
+def _energy(stats: Mapping[str, torch.Tensor], layer: int) -> float:
+    return max(float(stats["hidden_sq_sum"][layer].sum()), 1e-30)
+
+
+def _curve(W: torch.Tensor, G: torch.Tensor, group: int, damp: float, remove: int) -> list[float]:
+    from minigpt import refit
+
+    if remove <= 0:
+        return [0.0]
+    _, errors = refit.obs_order(W, G, group, damp, remove=remove, batch=max(1, remove // 64))
+    return [0.0, *errors]
+
+
+def allocate(model: nn.Module, stats: Mapping[str, torch.Tensor], prune_cfg: PruneConfig
+             ) -> tuple[Candidate, list[Candidate]]:
+    """(the cheapest stock shape for prune_cfg.target, every candidate evaluated) — see the module docstring."""
+    from minigpt import plan as P
+
+    if "mlp_gram" not in stats:
+        raise ConfigError("prune.allocate needs the profile's Gram statistics (prune.reconstruct true)")
+    w = widths(model)
+    L, I, G = w["layers"], w["intermediate"], w["kv_heads"]
+    conv1d = arch_of(model).conv1d
+    _, non_emb = count_parameters(model)
+    layer_params = sum(p.numel() for p in decoder_layers(model)[0].parameters())
+    kv_unit = params_per_unit(model, kv_coupling(model)) if kv_prunable(model) else 0
+    kv_options = range(G, 0, -1) if kv_prunable(model) else [G]
+    spans = [n for n in depth_options(P.depth_layers(model, prune_cfg.target)) if f"depth_cross_{n}" in stats]
+    # The widest MLP cut any candidate needs: every layer kept, every KV group kept.
+    min_width = P.uniform_mlp_width(model, prune_cfg.target, prune_cfg.multiple_of)
+    mlp_out = next(c for c in mlp_coupling(model) if c.output)
+    kv_out = next(c for c in kv_coupling(model) if c.output) if kv_prunable(model) else None
+    mlp_rel, kv_rel = [], []
+    for i, layer in enumerate(decoder_layers(model)):
+        params = dict(layer.named_parameters())
+        Wm = params[mlp_out.name].detach()
+        mlp_rel.append([e / _energy(stats, i) for e in
+                        _curve(Wm.T if conv1d else Wm, stats["mlp_gram"][i], 1, prune_cfg.damp, I - min_width)])
+        if kv_out is not None:
+            kv_rel.append([e / _energy(stats, i) for e in
+                           _curve(params[kv_out.name].detach(), stats["attn_gram"][i], kv_out.size, prune_cfg.damp,
+                                  G - 1)])
+    out: list[Candidate] = []
+    for n in [0, *spans]:
+        first, rel = P.replacement_span(stats, n, prune_cfg.damp) if n else (-1, [0.0])
+        kept = [i for i in range(L) if not (n and first <= i < first + n)]
+        for kv in kv_options:
+            already = n * layer_params + len(kept) * (G - kv) * kv_unit
+            try:
+                width = P.uniform_mlp_width(model, prune_cfg.target, prune_cfg.multiple_of, already_removed=already,
+                                            layers=len(kept)) if already < prune_cfg.target * non_emb else I
+            except ConfigError:
+                continue
+            if I - width >= len(mlp_rel[0]):
+                continue  # beyond the OBS curve (cannot happen with the widest cut computed above)
+            removed = (already + len(kept) * (I - width) * params_per_unit(model, mlp_coupling(model))) / non_emb
+            if removed > prune_cfg.target + 0.02:
+                continue  # the layers and groups alone overshoot the target
+            pred = sum(mlp_rel[i][I - width] for i in kept) + (rel[first] if n else 0.0)
+            if kv_out is not None:
+                pred += sum(kv_rel[i][G - kv] for i in kept)
+            out.append(Candidate(n, first, kv, width, pred, removed))
+    if not out:
+        raise ConfigError(f"prune.allocate found no stock shape for prune.target {prune_cfg.target}")
+    return min(out, key=lambda c: (c.predicted, -c.mlp_width)), out
+
+
+__all__ = ["Candidate", "allocate", "depth_options"]
