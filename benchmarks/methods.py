@@ -17,7 +17,8 @@ without compensation / with it (> 1: compensation helps).
 
 A method may carry options: `wanda-sp+alloc` lets the allocation choose the stock shape (replaced layers, KV
 groups, MLP width; prune.allocate), `wanda-sp+seq` prunes and refits layer by layer on the pruned model's own
-activations (prune.sequential; compensated runs only).
+activations (prune.sequential; compensated runs only), `+q2` keeps 2 query heads in every KV group, `+kv2` keeps 2 KV
+groups per layer.
 
 Usage:
   .venv/bin/python benchmarks/methods.py [--targets 0.2,0.3,0.5] [--methods obs,wanda-sp,...] [--damps 0.01]
@@ -134,7 +135,9 @@ def main() -> None:
                 results[key] = {}
                 for d in domains:
                     cfg = PruneConfig(method=method, target=target, reconstruct=reconstruct, damp=damp,
-                                      allocate="alloc" in opts, sequential="seq" in opts)
+                                      allocate="alloc" in opts, sequential="seq" in opts,
+                                      q_heads=next((int(o[1:]) for o in opts if o[:1] == "q" and o[1:].isdigit()), 0),
+                                      kv_groups=next((int(o[2:]) for o in opts if o[:2] == "kv"), 0))
                     t1 = time.time()
                     if cfg.sequential:
                         plan, weights = sequential.prune_sequential(
@@ -148,8 +151,8 @@ def main() -> None:
                     ppl = metrics(small, d)
                     results[key][d] = {kind: ppl[kind] / dense_ppl[d][kind] for kind in ppl}
                     results[key][d]["removed"] = P.removed_fraction(plan)
-                    results[key][d]["shape"] = [plan.mlp_width, plan.kv_width or plan.kv_groups,
-                                                len(plan.dropped_layers)]
+                    results[key][d]["shape"] = {"mlp": plan.mlp_width, "kv": plan.kv_width or plan.kv_groups,
+                                                "q_per_group": plan.q_width, "dropped": len(plan.dropped_layers)}
                     results[key][d]["seconds_plan_slim"] = round(time.time() - t1, 1)
                     del small
                 rows.append(key)

@@ -8,7 +8,9 @@ squared error a change adds to the residual stream over the calibration tokens, 
 residual stream where it is added, summed over layers:
   * MLP channels: the cumulative error of greedy structured OBS removing k channels of layer l (refit.obs_order,
     which is exactly the increase of the least-squares objective the compensation minimises);
-  * KV groups: the same for whole groups of the attention output projection;
+  * KV groups: the same for whole groups of the attention output projection; query heads: the same for the
+    heads of each group, the same number leaving every group (summed over groups; scaled by the share of groups
+    kept when groups go too);
   * a replaced span: the least-squares residual of its replacement (plan.replacement_span).
 Relative errors add across layers as a first-order model of how the output degrades. `allocate` evaluates every
 stock shape on a small grid and returns the cheapest; benchmarks/methods.py measures whether it pays.
@@ -24,7 +26,7 @@ from torch import nn
 
 from minigpt.config import ConfigError, PruneConfig
 from minigpt.models import (arch_of, count_parameters, decoder_layers, kv_coupling, kv_prunable, mlp_coupling,
-                            params_per_unit, widths)
+                            params_per_unit, q_coupling, widths)
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class Candidate:
     depth: int  # layers cut (one span, replaced)
     first: int  # first layer of the span (-1: none)
     kv_groups: int
+    q_heads: int  # query heads kept per KV group
     mlp_width: int
     predicted: float  # summed relative error
     removed: float  # share of non-embedding parameters removed
@@ -46,12 +49,13 @@ def _energy(stats: Mapping[str, torch.Tensor], layer: int) -> float:
     return max(float(stats["hidden_sq_sum"][layer].sum()), 1e-30)
 
 
-def _curve(W: torch.Tensor, G: torch.Tensor, group: int, damp: float, remove: int) -> list[float]:
+def _curve(W: torch.Tensor, G: torch.Tensor, group: int, damp: float, remove: int, candidates=None) -> list[float]:
     from minigpt import refit
 
     if remove <= 0:
         return [0.0]
-    _, errors = refit.obs_order(W, G, group, damp, remove=remove, batch=max(1, remove // 64))
+    _, errors = refit.obs_order(W, G, group, damp, remove=remove, batch=max(1, remove // 64),
+                                candidates=None if candidates is None else list(candidates))
     return [0.0, *errors]
 
 
@@ -68,28 +72,35 @@ def allocate(model: nn.Module, stats: Mapping[str, torch.Tensor], prune_cfg: Pru
     _, non_emb = count_parameters(model)
     layer_params = sum(p.numel() for p in decoder_layers(model)[0].parameters())
     kv_unit = params_per_unit(model, kv_coupling(model)) if kv_prunable(model) else 0
+    q_unit = params_per_unit(model, q_coupling(model)) if kv_prunable(model) else 0
     kv_options = range(G, 0, -1) if kv_prunable(model) else [G]
+    per_group = w["heads"] // G
+    q_options = range(per_group, 0, -1) if kv_prunable(model) else [per_group]
     spans = [n for n in depth_options(P.depth_layers(model, prune_cfg.target)) if f"depth_cross_{n}" in stats]
     # The widest MLP cut any candidate needs: every layer kept, every KV group kept.
     min_width = P.uniform_mlp_width(model, prune_cfg.target, prune_cfg.multiple_of)
     mlp_out = next(c for c in mlp_coupling(model) if c.output)
     kv_out = next(c for c in kv_coupling(model) if c.output) if kv_prunable(model) else None
-    mlp_rel, kv_rel = [], []
+    q_out = next(c for c in q_coupling(model) if c.output) if kv_prunable(model) else None
+    mlp_rel, kv_rel, q_rel = [], [], []
     for i, layer in enumerate(decoder_layers(model)):
         params = dict(layer.named_parameters())
         Wm = params[mlp_out.name].detach()
         mlp_rel.append([e / _energy(stats, i) for e in
                         _curve(Wm.T if conv1d else Wm, stats["mlp_gram"][i], 1, prune_cfg.damp, I - min_width)])
         if kv_out is not None:
-            kv_rel.append([e / _energy(stats, i) for e in
-                           _curve(params[kv_out.name].detach(), stats["attn_gram"][i], kv_out.size, prune_cfg.damp,
-                                  G - 1)])
+            Wo, Go = params[kv_out.name].detach(), stats["attn_gram"][i]
+            kv_rel.append([e / _energy(stats, i) for e in _curve(Wo, Go, kv_out.size, prune_cfg.damp, G - 1)])
+            # r heads out of every group: each group's own OBS curve, summed over the groups.
+            curves = [_curve(Wo, Go, q_out.size, prune_cfg.damp, per_group - 1,
+                             candidates=range(g * per_group, (g + 1) * per_group)) for g in range(G)]
+            q_rel.append([sum(c[r] for c in curves) / _energy(stats, i) for r in range(per_group)])
     out: list[Candidate] = []
     for n in [0, *spans]:
         first, rel = P.replacement_span(stats, n, prune_cfg.damp) if n else (-1, [0.0])
         kept = [i for i in range(L) if not (n and first <= i < first + n)]
-        for kv in kv_options:
-            already = n * layer_params + len(kept) * (G - kv) * kv_unit
+        for kv, q in [(kv, q) for kv in kv_options for q in q_options]:
+            already = n * layer_params + len(kept) * ((G - kv) * kv_unit + kv * (per_group - q) * q_unit)
             try:
                 width = P.uniform_mlp_width(model, prune_cfg.target, prune_cfg.multiple_of, already_removed=already,
                                             layers=len(kept)) if already < prune_cfg.target * non_emb else I
@@ -102,8 +113,8 @@ def allocate(model: nn.Module, stats: Mapping[str, torch.Tensor], prune_cfg: Pru
                 continue  # the layers and groups alone overshoot the target
             pred = sum(mlp_rel[i][I - width] for i in kept) + (rel[first] if n else 0.0)
             if kv_out is not None:
-                pred += sum(kv_rel[i][G - kv] for i in kept)
-            out.append(Candidate(n, first, kv, width, pred, removed))
+                pred += sum(kv_rel[i][G - kv] + q_rel[i][per_group - q] * kv / G for i in kept)
+            out.append(Candidate(n, first, kv, q, width, pred, removed))
     if not out:
         raise ConfigError(f"prune.allocate found no stock shape for prune.target {prune_cfg.target}")
     return min(out, key=lambda c: (c.predicted, -c.mlp_width)), out

@@ -137,6 +137,7 @@ class PruneConfig:
     mode: str = "target"  # target: cut to `target`; threshold: keep channels scoring >= threshold x layer mean
     threshold: float = 0.5  # threshold mode (the Mini-GPTs paper's): relative to each layer's mean score
     kv_groups: int = 0  # KV groups (each with its query heads) kept per layer; 0 = keep all
+    q_heads: int = 0  # query heads kept in each KV group (the same number in every group); 0 = keep all
     vocab: bool = False  # also prune the vocabulary to tokens seen on the domain (rewrites the tokenizer)
     vocab_min_count: int = 1  # a token is kept when it occurs at least this often in the domain's profile
     cus_prun_strength: float = 1.0  # cus-prun: weight of the other corpora's relevance
@@ -158,15 +159,16 @@ class PruneConfig:
         _check(not (self.mode == "threshold" and self.method == "depth"), "prune.mode threshold does not apply to depth")
         _check(self.threshold > 0, "prune.threshold must be > 0")
         _check(self.kv_groups >= 0, "prune.kv_groups must be >= 0 (0 = keep every KV group)")
+        _check(self.q_heads >= 0, "prune.q_heads must be >= 0 (0 = keep every query head)")
         _check(self.vocab_min_count >= 1, "prune.vocab_min_count must be >= 1")
         _check(self.cus_prun_strength >= 0, "prune.cus_prun_strength must be >= 0")
         _check(self.taylor_blocks >= 1, "prune.taylor_blocks must be >= 1")
         _check(self.damp >= 0, "prune.damp must be >= 0")
         _check(self.obs_batch >= 0, "prune.obs_batch must be >= 0 (0 = auto)")
-        _check(not self.sequential or (self.mode == "target" and self.method in
+        _check(not self.sequential or (self.mode == "target" and not self.q_heads and self.method in
                                         ("contextual", "wanda-sp", "magnitude", "random", "obs")),
-               "prune.sequential needs prune.mode target and a method among contextual, wanda-sp, magnitude, "
-               "random, obs")
+               "prune.sequential needs prune.mode target, prune.q_heads 0 and a method among contextual, wanda-sp, "
+               "magnitude, random, obs")
         _check(not self.allocate or (self.mode == "target" and self.method != "depth" and not self.sequential),
                "prune.allocate needs prune.mode target, a width method (not depth) and prune.sequential false")
         _check(not (self.mode == "threshold" and self.method == "obs"),

@@ -310,6 +310,22 @@ def kv_coupling(model: nn.Module) -> list[Coupled]:
     return parts
 
 
+def q_coupling(model: nn.Module) -> list[Coupled]:
+    """Where one query head lives: its query rows (+ bias) and its output-projection columns (head_dim each).
+    Removing the same number of query heads from every KV group keeps a grouped-query model valid."""
+    arch = arch_of(model)
+    if arch.qkv is None:
+        kv_coupling(model)  # raises the architecture's one-line reason
+    head_dim = widths(model)["head_dim"]
+    names = _param_names(decoder_layers(model)[0])
+    q = arch.qkv[0]
+    parts = [Coupled(f"{q}.weight", 0, head_dim, False)]
+    if f"{q}.bias" in names:
+        parts.append(Coupled(f"{q}.bias", 0, head_dim, False))
+    parts.append(Coupled(f"{arch.attn_out}.weight", 1, head_dim, True))
+    return parts
+
+
 def unit_index(c: Coupled, units) -> torch.Tensor:
     """Indices along `c.dim` covered by the given unit numbers (sorted as given)."""
     units = torch.as_tensor(list(units), dtype=torch.long)

@@ -1,7 +1,7 @@
 """PruningPlan: what each layer keeps, as plain JSON data, and how to build one from a profile and a size target.
 
 A plan names, per kept layer, the MLP channels and KV groups kept (sorted ascending; a KV group carries its query
-heads), the layers dropped, and optionally the vocabulary kept (`vocab_keep[new_id] = old_id`). Widths are uniform
+heads), optionally the query heads kept inside the kept groups (the same number in each), the layers dropped, and optionally the vocabulary kept (`vocab_keep[new_id] = old_id`). Widths are uniform
 across layers and the MLP width is rounded to a multiple (default 8), so the slimmed model is the stock
 architecture with a smaller config. The plan records the parameter counts it predicts, computed from the dense
 model's shapes; slimming is tested against them.
@@ -21,7 +21,7 @@ from torch import nn
 
 from minigpt.config import ConfigError, PruneConfig
 from minigpt.models import (count_parameters, decoder_layers, kv_coupling, kv_prunable, mlp_coupling,
-                            params_per_unit, widths)
+                            params_per_unit, q_coupling, widths)
 from minigpt.stats import StatSpec
 
 FORMAT = "minigpt.plan/3"
@@ -33,6 +33,7 @@ class LayerPlan:
     index: int  # the layer's index in the dense model
     mlp_keep: tuple[int, ...]
     kv_keep: tuple[int, ...] | None = None  # None: every KV group kept
+    q_keep: tuple[int, ...] | None = None  # query heads kept (dense indices, the same number in each kept group)
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class PruningPlan:
     def uniform(self) -> bool:
         """Same MLP width and KV group count in every kept layer: the stock architecture with a smaller config."""
         try:
-            self.mlp_width, self.kv_width
+            self.mlp_width, self.kv_width, self.q_width
         except ValueError:
             return False
         return True
@@ -73,6 +74,19 @@ class PruningPlan:
         if len(widths_) != 1:
             raise ValueError(f"plan has non-uniform MLP widths {sorted(widths_)}")
         return widths_.pop()
+
+    @property
+    def q_width(self) -> int | None:
+        """Query heads kept per KV group, or None when every kept group keeps all of its heads."""
+        if all(lp.q_keep is None for lp in self.layers):
+            return None
+        per_group = set()
+        for lp in self.layers:
+            groups = len(lp.kv_keep) if lp.kv_keep is not None else self.kv_groups
+            per_group.add(len(lp.q_keep) // groups if lp.q_keep is not None else None)
+        if len(per_group) != 1 or None in per_group:
+            raise ValueError(f"plan has non-uniform query heads per group {sorted(map(str, per_group))}")
+        return per_group.pop()
 
     @property
     def kv_width(self) -> int | None:
@@ -88,7 +102,8 @@ class PruningPlan:
         d = asdict(self)
         d["format"] = FORMAT
         d["layers"] = [{"index": lp.index, "mlp_keep": list(lp.mlp_keep),
-                        "kv_keep": None if lp.kv_keep is None else list(lp.kv_keep)} for lp in self.layers]
+                        "kv_keep": None if lp.kv_keep is None else list(lp.kv_keep),
+                        "q_keep": None if lp.q_keep is None else list(lp.q_keep)} for lp in self.layers]
         d["dropped_layers"] = list(self.dropped_layers)
         d["vocab_keep"] = None if self.vocab_keep is None else list(self.vocab_keep)
         return json.dumps(d, indent=1)
@@ -98,9 +113,9 @@ class PruningPlan:
         d = json.loads(text)
         if d.pop("format", None) not in _READS:
             raise ValueError(f"not a {FORMAT} plan")
-        d["layers"] = tuple(LayerPlan(int(x["index"]), tuple(int(i) for i in x["mlp_keep"]),
-                                      None if x.get("kv_keep") is None else tuple(int(i) for i in x["kv_keep"]))
-                            for x in d["layers"])
+        ints = lambda v: None if v is None else tuple(int(i) for i in v)  # noqa: E731
+        d["layers"] = tuple(LayerPlan(int(x["index"]), ints(x["mlp_keep"]), ints(x.get("kv_keep")),
+                                      ints(x.get("q_keep"))) for x in d["layers"])
         d["dropped_layers"] = tuple(int(i) for i in d.get("dropped_layers", ()))
         if d.get("vocab_keep") is not None:
             d["vocab_keep"] = tuple(int(i) for i in d["vocab_keep"])
@@ -136,8 +151,9 @@ def _vocab_row_params(model: nn.Module) -> tuple[int, int]:
 
 
 def predict_params(model: nn.Module, *, mlp_width: int | list[int], kv_width: int | list[int], dropped: int,
-                   vocab: int) -> dict[str, int]:
-    """Parameter counts after slimming, from the dense model's shapes alone. Widths are per kept layer or uniform."""
+                   vocab: int, q_heads: int = 0) -> dict[str, int]:
+    """Parameter counts after slimming, from the dense model's shapes alone. Widths are per kept layer or uniform;
+    `q_heads` > 0 is the query heads kept in each kept KV group."""
     w = widths(model)
     total, non_emb = count_parameters(model)
     kept_layers = w["layers"] - dropped
@@ -147,6 +163,9 @@ def predict_params(model: nn.Module, *, mlp_width: int | list[int], kv_width: in
     removed = sum(w["intermediate"] - m for m in mlp_widths) * params_per_unit(model, mlp_coupling(model))
     if any(k != w["kv_heads"] for k in kv_widths):
         removed += sum(w["kv_heads"] - k for k in kv_widths) * params_per_unit(model, kv_coupling(model))
+    per_group = w["heads"] // w["kv_heads"]
+    if q_heads and q_heads != per_group:
+        removed += sum(kv_widths) * (per_group - q_heads) * params_per_unit(model, q_coupling(model))
     removed += dropped * layer_params
     emb_row, other_row = _vocab_row_params(model)
     rows = w["vocab"] - vocab
@@ -183,6 +202,7 @@ class Shape:
     mlp_width: int
     kv_groups: int
     vocab_min_count: int = 0  # 0 = vocabulary untouched
+    q_heads: int = 0  # query heads kept per KV group; 0 = all
 
 
 def _top(scores: torch.Tensor, keep: int) -> list[tuple[int, ...]]:
@@ -283,7 +303,8 @@ def target_shape(model: nn.Module, prune_cfg: PruneConfig, scores, stats: Mappin
 
         best, _ = allocate(model, stats, prune_cfg)
         span = set(range(best.first, best.first + best.depth)) if best.depth else set()
-        return Shape(tuple(i for i in range(L) if i not in span), best.mlp_width, best.kv_groups)
+        return Shape(tuple(i for i in range(L) if i not in span), best.mlp_width, best.kv_groups,
+                     q_heads=best.q_heads)
     kv_width = G
     already = 0
     if prune_cfg.kv_groups:
@@ -293,11 +314,19 @@ def target_shape(model: nn.Module, prune_cfg: PruneConfig, scores, stats: Mappin
             raise ConfigError(f"prune.kv_groups {prune_cfg.kv_groups} exceeds the model's {G} KV groups")
         kv_width = prune_cfg.kv_groups
         already = L * (G - kv_width) * params_per_unit(model, kv_coupling(model))
+    per_group = w["heads"] // G
+    if prune_cfg.q_heads:
+        if not kv_prunable(model):
+            q_coupling(model)  # raises the architecture's one-line reason
+        if prune_cfg.q_heads > per_group:
+            raise ConfigError(f"prune.q_heads {prune_cfg.q_heads} exceeds the model's {per_group} query heads per "
+                              "KV group")
+        already += L * kv_width * (per_group - prune_cfg.q_heads) * params_per_unit(model, q_coupling(model))
     if prune_cfg.mode == "threshold":
         mlp_width = threshold_width(scores.mlp, prune_cfg.threshold, prune_cfg.multiple_of)
     else:
         mlp_width = uniform_mlp_width(model, prune_cfg.target, prune_cfg.multiple_of, already_removed=already)
-    return Shape(tuple(range(L)), mlp_width, kv_width)
+    return Shape(tuple(range(L)), mlp_width, kv_width, q_heads=prune_cfg.q_heads)
 
 
 def plan_from_shape(scores, model: nn.Module, shape: Shape, *, domain: str, method: str,
@@ -305,8 +334,9 @@ def plan_from_shape(scores, model: nn.Module, shape: Shape, *, domain: str, meth
                     target: float | None = None, mode: str = "target", threshold: float | None = None,
                     reconstruct: bool = False, damp: float = 0.1, replace: bool = False,
                     protect: tuple[int, ...] = ()) -> PruningPlan:
-    """The one plan builder: in each kept layer the `mlp_width` top-scoring MLP channels and the `kv_groups`
-    top-scoring KV groups of `scores` (a scoring.Scores), and `vocab` (old ids, see vocab_keep).
+    """The one plan builder: in each kept layer the `mlp_width` top-scoring MLP channels, the `kv_groups`
+    top-scoring KV groups and, in each kept group, its `q_heads` top-scoring query heads of `scores` (a
+    scoring.Scores), and `vocab` (old ids, see vocab_keep).
 
     `protect` is an explicit opt-in to NON-UNIFORM widths: those layers keep every channel and group. Such a plan
     is NOT a stock checkpoint for these architectures (one intermediate_size per model): it can be evaluated with
@@ -322,19 +352,36 @@ def plan_from_shape(scores, model: nn.Module, shape: Shape, *, domain: str, meth
         if not kv_prunable(model):
             kv_coupling(model)  # raises the architecture's one-line reason
         raise ConfigError(f"method {method!r} gives no KV group scores")
+    per_group = w["heads"] // G
+    q_heads = shape.q_heads if shape.q_heads and shape.q_heads != per_group else 0
+    if q_heads and (getattr(scores, "q", None) is None or not 1 <= q_heads <= per_group):
+        if not kv_prunable(model):
+            q_coupling(model)  # raises the architecture's one-line reason
+        raise ConfigError(f"method {method!r} gives no query-head scores" if q_heads <= per_group else
+                          f"{q_heads} query heads per group do not fit the model's {per_group}")
+    if protect and q_heads:
+        raise ConfigError("protect_layers does not combine with query-head pruning")
     protect_set = {i % L for i in protect}
     mlp = [tuple(range(I)) if i in protect_set else k for i, k in enumerate(_top(scores.mlp, shape.mlp_width))]
     kv = _top(scores.kv, shape.kv_groups) if shape.kv_groups != G else [None] * L
     kv = [None if i in protect_set else k for i, k in enumerate(kv)]
+    q: list = [None] * L
+    if q_heads:
+        for i in range(L):
+            groups = kv[i] if kv[i] is not None else range(G)
+            # In each kept group its best q_heads heads: the same number everywhere keeps the model valid.
+            q[i] = tuple(sorted(g * per_group + int(h) for g in groups for h in
+                                torch.sort(scores.q[i, g * per_group:(g + 1) * per_group].double(), descending=True,
+                                           stable=True).indices[:q_heads]))
     kept = list(shape.kept_layers)
     dropped = tuple(i for i in range(L) if i not in set(kept))
     params = predict_params(model, mlp_width=[len(mlp[i]) for i in kept],
                             kv_width=[G if kv[i] is None else len(kv[i]) for i in kept], dropped=len(dropped),
-                            vocab=len(vocab) if vocab is not None else w["vocab"])
+                            vocab=len(vocab) if vocab is not None else w["vocab"], q_heads=q_heads)
     removed = 1 - params["non_embedding"] / params["dense_non_embedding"]
     return PruningPlan(domain=domain, method=method, target=removed if target is None else target,
                        model_type=model.config.model_type, num_layers=L, intermediate_size=I,
-                       layers=tuple(LayerPlan(i, mlp[i], kv[i]) for i in kept), params=params,
+                       layers=tuple(LayerPlan(i, mlp[i], kv[i], q[i]) for i in kept), params=params,
                        base_model=base_model, profile=profile, kv_groups=G, dropped_layers=dropped,
                        vocab_size=w["vocab"], vocab_keep=vocab, mode=mode, threshold=threshold,
                        reconstruct=reconstruct, damp=damp, replace=replace and bool(dropped))

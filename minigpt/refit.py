@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from minigpt.models import arch_of, decoder_layers, kv_coupling, mlp_coupling, unit_index, widths
+from minigpt.models import arch_of, decoder_layers, kv_coupling, mlp_coupling, q_coupling, unit_index, widths
 
 
 class RefitError(ValueError):
@@ -98,19 +98,21 @@ def ridge_refit(W: torch.Tensor, G: torch.Tensor, keep: Sequence[int] | torch.Te
 
 
 def obs_order(W: torch.Tensor, G: torch.Tensor, group: int = 1, damp: float = 0.01, *, remove: int | None = None,
-              batch: int = 1) -> tuple[list[int], list[float]]:
+              batch: int = 1, candidates: Sequence[int] | None = None) -> tuple[list[int], list[float]]:
     """Structured OBS: (units in the order greedy OBS removes them, cumulative error after each removal).
 
     Units are `group` consecutive columns of W [d, m]. `remove` stops after that many units (default: all but one);
     `batch` > 1 removes that many of the cheapest units per step with one joint (exact) update, which is faster and
     slightly less greedy. The error is sum over tokens of |W x - W' x|^2 + lam |W - W'|^2 (the objective).
+    `candidates` limits which units may be removed (the others stay and absorb the compensation).
     """
     W, G = W.detach().double().clone(), G.double()
     m = W.shape[1]
     if m % group:
         raise ValueError(f"{m} columns do not split into units of {group}")
     units = m // group
-    remove = units - 1 if remove is None else min(remove, units)
+    allowed = set(range(units) if candidates is None else candidates)
+    remove = min(len(allowed) - (candidates is None), units - 1 if remove is None else remove)
     H, _ = _damped(G, damp)
     Hinv = torch.cholesky_inverse(_cholesky(H))
     alive = list(range(units))  # units still present, in the column order of W / Hinv
@@ -126,6 +128,7 @@ def obs_order(W: torch.Tensor, G: torch.Tensor, group: int = 1, damp: float = 0.
             blocks = Hinv[cols[:, :, None], cols[:, None, :]]  # [n, g, g]
             Wq = W[:, cols].permute(1, 0, 2)  # [n, d, g]
             cost = (Wq @ torch.linalg.inv(blocks) * Wq).sum((1, 2))
+        cost = torch.where(torch.tensor([u in allowed for u in alive]), cost, torch.full_like(cost, float("inf")))
         k = min(batch, remove - len(order))
         pick = torch.topk(cost, k, largest=False).indices.sort().values
         Q = cols[pick].reshape(-1)
@@ -187,10 +190,11 @@ def runs(dropped: Sequence[int]) -> list[tuple[int, int]]:
 @torch.no_grad()
 def layer_compensation(model: nn.Module, index: int, mlp_keep: Sequence[int] | None,
                        kv_keep: Sequence[int] | None, stats: Mapping[str, torch.Tensor], damp: float,
-                       reconstruct: bool = True) -> dict[str, torch.Tensor]:
-    """New values (dense shapes, fp64) of layer `index`'s output projections for the kept MLP channels / KV groups
-    (None: all kept): refit on the layer's rows of `stats` (`mlp_gram`, `attn_gram` and their sums), or, with
-    reconstruct=False, the original weights with the removed columns zeroed (the mask)."""
+                       reconstruct: bool = True, q_keep: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+    """New values (dense shapes, fp64) of layer `index`'s output projections for the kept MLP channels / KV groups /
+    query heads (None: all kept; q_keep, when given, names the attention columns kept): refit on the layer's rows of
+    `stats` (`mlp_gram`, `attn_gram` and their sums), or, with reconstruct=False, the original weights with the
+    removed columns zeroed (the mask)."""
     arch = arch_of(model)
     w = widths(model)
     layer = decoder_layers(model)[index]
@@ -198,7 +202,10 @@ def layer_compensation(model: nn.Module, index: int, mlp_keep: Sequence[int] | N
     out: dict[str, torch.Tensor] = {}
     parts = [(arch.mlp_out, next(c for c in mlp_coupling(model) if c.output), w["intermediate"], mlp_keep,
               "mlp_gram", "mlp_sum")]
-    if arch.qkv is not None:
+    if arch.qkv is not None and q_keep is not None:
+        parts.append((arch.attn_out, next(c for c in q_coupling(model) if c.output), w["heads"], q_keep,
+                      "attn_gram", "attn_sum"))
+    elif arch.qkv is not None:
         parts.append((arch.attn_out, next(c for c in kv_coupling(model) if c.output), w["kv_heads"], kv_keep,
                       "attn_gram", "attn_sum"))
     for module, coupled, units, keep, gram, xsum in parts:
@@ -228,7 +235,7 @@ def compensation(model: nn.Module, plan, stats: Mapping[str, torch.Tensor], damp
     """New values (dense shapes, dtype of the model) for the output projections a plan changes.
 
     MLP channels: the kept columns of the MLP output projection are refit on `mlp_gram` (and its bias on
-    `mlp_sum`); KV groups: the kept columns of the attention output projection on `attn_gram`; a run of dropped
+    `mlp_sum`); KV groups and query heads: the kept columns of the attention output projection on `attn_gram`; a run of dropped
     layers k+1..k+n: block k's MLP output projection is multiplied by its replacement map (depth_cross_<n>). Removed
     columns are zero. Keys are full parameter names of `model`.
     """
@@ -238,7 +245,8 @@ def compensation(model: nn.Module, plan, stats: Mapping[str, torch.Tensor], damp
     out: dict[str, torch.Tensor] = {}
     if plan.reconstruct:
         for lp in plan.layers:
-            out.update(layer_compensation(model, lp.index, lp.mlp_keep, lp.kv_keep, stats, damp))
+            out.update(layer_compensation(model, lp.index, lp.mlp_keep, lp.kv_keep, stats, damp,
+                                          q_keep=lp.q_keep))
     if getattr(plan, "replace", False):
         for first, n in runs(plan.dropped_layers):
             k = first - 1

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from minigpt.config import ConfigError, PruneConfig
-from minigpt.models import arch_of, decoder_layers, kv_coupling, kv_prunable, mlp_coupling, widths
+from minigpt.models import arch_of, decoder_layers, kv_coupling, kv_prunable, mlp_coupling, q_coupling, widths
 
 Stats = Mapping[str, torch.Tensor]
 
@@ -38,6 +38,7 @@ class Scores:
     kv: torch.Tensor | None  # [L, G]
     layer: torch.Tensor  # [L], block influence (higher = the layer changes its input more)
     vocab: torch.Tensor  # [V], token counts on the domain
+    q: torch.Tensor | None = None  # [L, H] per query head (pruned inside KV groups); None where there is none
 
 
 def _tokens(stats: Stats) -> torch.Tensor:
@@ -58,23 +59,29 @@ def _head_rms(stats: Stats) -> torch.Tensor:
     return (stats["head_sq_sum"].double() / _tokens(stats)).sqrt()
 
 
-def _finish(stats: Stats, model: nn.Module, mlp: torch.Tensor, kv: torch.Tensor | None) -> Scores:
-    return Scores(mlp=mlp.double(), kv=kv.double() if kv is not None and kv_prunable(model) else None,
-                  layer=block_influence(stats), vocab=stats["token_counts"].double())
+def _finish(stats: Stats, model: nn.Module, mlp: torch.Tensor, kv: torch.Tensor | None,
+            q: torch.Tensor | None = None) -> Scores:
+    prunable = kv_prunable(model)
+    return Scores(mlp=mlp.double(), kv=kv.double() if kv is not None and prunable else None,
+                  layer=block_influence(stats), vocab=stats["token_counts"].double(),
+                  q=q.double() if q is not None and prunable else None)
 
 
 def contextual(stats: Stats, model: nn.Module) -> Scores:
     """Mini-GPTs: mean |activation| of each MLP channel on the domain; a KV group by its query heads' output RMS."""
     mlp = stats["mlp_abs_sum"].double() / _tokens(stats)
     kv = _group_heads(_head_rms(stats), widths(model)["kv_heads"])
-    return _finish(stats, model, mlp, kv)
+    return _finish(stats, model, mlp, kv, _head_rms(stats))
 
 
-def _relevance(stats: Stats, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-layer normalised mean |activation| (channels) and head RMS (groups), so corpora compare on one scale."""
+def _relevance(stats: Stats, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-layer normalised mean |activation| (channels), head RMS (groups) and head RMS (query heads), so corpora
+    compare on one scale."""
     mlp = stats["mlp_abs_sum"].double() / _tokens(stats)
-    kv = _group_heads(_head_rms(stats), widths(model)["kv_heads"])
-    return mlp / mlp.mean(1, keepdim=True).clamp_min(1e-12), kv / kv.mean(1, keepdim=True).clamp_min(1e-12)
+    q = _head_rms(stats)
+    kv = _group_heads(q, widths(model)["kv_heads"])
+    norm = lambda x: x / x.mean(1, keepdim=True).clamp_min(1e-12)  # noqa: E731
+    return norm(mlp), norm(kv), norm(q)
 
 
 def cus_prun(stats: Stats, model: nn.Module, *, others: Mapping[str, Stats] | None, strength: float = 1.0) -> Scores:
@@ -86,13 +93,10 @@ def cus_prun(stats: Stats, model: nn.Module, *, others: Mapping[str, Stats] | No
     """
     if not others:
         raise ConfigError("prune.method cus-prun needs other corpora (other domains or a general corpus) to contrast")
-    mlp_d, kv_d = _relevance(stats, model)
+    mine = _relevance(stats, model)
     rel = [_relevance(o, model) for o in others.values()]
-    mlp_o = torch.stack([r[0] for r in rel]).amax(0)
-    kv_o = torch.stack([r[1] for r in rel]).amax(0)
-    mlp = mlp_d - strength * (mlp_o - mlp_d).clamp_min(0)
-    kv = kv_d - strength * (kv_o - kv_d).clamp_min(0)
-    return _finish(stats, model, mlp, kv)
+    contrast = [d - strength * (torch.stack([r[k] for r in rel]).amax(0) - d).clamp_min(0) for k, d in enumerate(mine)]
+    return _finish(stats, model, *contrast)
 
 
 def taylor(stats: Stats, model: nn.Module, *, grad: Stats | None) -> Scores:
@@ -125,6 +129,7 @@ def wanda_sp(stats: Stats, model: nn.Module) -> Scores:
         head_rms = (stats["head_sq_sum"].double() / _tokens(stats) / w["head_dim"]).sqrt()
         per_head = col.reshape(col.shape[0], w["heads"], w["head_dim"]).sum(-1) * head_rms
         kv = _group_heads(per_head, w["kv_heads"])
+        return _finish(stats, model, mlp, kv, per_head)
     return _finish(stats, model, mlp, kv)
 
 
@@ -145,7 +150,8 @@ def magnitude(stats: Stats, model: nn.Module) -> Scores:
     """Data-free baseline: L2 norm of each structure's coupled weights."""
     w = widths(model)
     kv = _coupled_l2(model, kv_coupling(model), w["kv_heads"]) if kv_prunable(model) else None
-    return _finish(stats, model, _coupled_l2(model, mlp_coupling(model), w["intermediate"]), kv)
+    q = _coupled_l2(model, q_coupling(model), w["heads"]) if kv_prunable(model) else None
+    return _finish(stats, model, _coupled_l2(model, mlp_coupling(model), w["intermediate"]), kv, q)
 
 
 def random(stats: Stats, model: nn.Module, *, seed: int = 0) -> Scores:
@@ -154,7 +160,8 @@ def random(stats: Stats, model: nn.Module, *, seed: int = 0) -> Scores:
     w = widths(model)
     mlp = torch.rand(stats["mlp_abs_sum"].shape, generator=g, dtype=torch.float64)
     kv = torch.rand((w["layers"], w["kv_heads"]), generator=g, dtype=torch.float64)
-    return _finish(stats, model, mlp, kv)
+    q = torch.rand((w["layers"], w["heads"]), generator=g, dtype=torch.float64)
+    return _finish(stats, model, mlp, kv, q)
 
 
 def depth(stats: Stats, model: nn.Module) -> Scores:
@@ -191,6 +198,7 @@ def obs(stats: Stats, model: nn.Module, *, shape, damp: float = 0.01, batch: int
     mlp_c = next(c for c in mlp_coupling(model) if c.output)
     mlp = torch.zeros(L, I, dtype=torch.float64)
     kv = torch.zeros(L, G, dtype=torch.float64) if kv_prunable(model) else None
+    q = torch.zeros(L, w["heads"], dtype=torch.float64) if kv_prunable(model) else None
     for i, layer in enumerate(decoder_layers(model)):
         if layers is not None and i not in layers:
             continue
@@ -207,7 +215,17 @@ def obs(stats: Stats, model: nn.Module, *, shape, damp: float = 0.01, batch: int
             W = params[kv_c.name].detach()
             order, _ = refit.obs_order(W, stats["attn_gram"][i], kv_c.size, damp, remove=G - shape.kv_groups)
             kv[i] = _order_scores(order, G)
-    return _finish(stats, model, mlp, kv)
+        per_group = w["heads"] // G
+        if q is not None and shape.q_heads and shape.q_heads < per_group:
+            # Within each group on its own (the same number leaves every group), the other heads absorbing.
+            q_c = next(c for c in q_coupling(model) if c.output)
+            W = params[q_c.name].detach()
+            for g in range(G):
+                heads = list(range(g * per_group, (g + 1) * per_group))
+                order, _ = refit.obs_order(W, stats["attn_gram"][i], q_c.size, damp,
+                                           remove=per_group - shape.q_heads, candidates=heads)
+                q[i, heads] = _order_scores(order, w["heads"])[heads]
+    return _finish(stats, model, mlp, kv, q)
 
 
 def score_all(prune_cfg: PruneConfig | str, stats: Stats, model: nn.Module, *, others: Mapping[str, Stats] | None = None,

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from minigpt.config import ConfigError
-from minigpt.models import arch_of, config_key, decoder_layers, kv_coupling, mlp_coupling, unit_index, widths
+from minigpt.models import (arch_of, config_key, decoder_layers, kv_coupling, mlp_coupling, q_coupling, unit_index,
+                            widths)
 from minigpt.plan import PruningPlan
 
 
@@ -49,9 +50,10 @@ def slim_config(model: nn.Module, plan: PruningPlan):
     d = model.config.to_dict()
     d[config_key(arch, "intermediate")] = plan.mlp_width
     d[config_key(arch, "layers")] = len(plan.layers)
-    kv = plan.kv_width
-    if kv is not None:
-        per_group = w["heads"] // w["kv_heads"]
+    kv, q = plan.kv_width, plan.q_width
+    if kv is not None or q is not None:
+        kv = kv if kv is not None else w["kv_heads"]
+        per_group = q if q is not None else w["heads"] // w["kv_heads"]
         d[config_key(arch, "heads")] = kv * per_group
         d[config_key(arch, "kv_heads")] = kv
         d[config_key(arch, "head_dim")] = w["head_dim"]  # otherwise re-derived from hidden_size / heads
@@ -90,6 +92,7 @@ def slim(model: nn.Module, plan: PruningPlan, weights: Mapping[str, torch.Tensor
     new_cfg = slim_config(model, plan)
     mlp = {c.name: c for c in mlp_coupling(model)}
     kv = {c.name: c for c in kv_coupling(model)} if plan.kv_width is not None else {}
+    qh = {c.name: c for c in q_coupling(model)} if plan.q_width is not None else {}
     kept = {lp.index: (j, lp) for j, lp in enumerate(plan.layers)}
     prefix = arch.layers + "."
     state = {}
@@ -104,7 +107,9 @@ def slim(model: nn.Module, plan: PruningPlan, weights: Mapping[str, torch.Tensor
         j, lp = kept[int(idx)]
         if rel in mlp:
             value = value.index_select(mlp[rel].dim, unit_index(mlp[rel], lp.mlp_keep))
-        if rel in kv and lp.kv_keep is not None:
+        if rel in qh and lp.q_keep is not None:  # query rows / output columns: by kept head
+            value = value.index_select(qh[rel].dim, unit_index(qh[rel], lp.q_keep))
+        elif rel in kv and lp.kv_keep is not None:
             value = value.index_select(kv[rel].dim, unit_index(kv[rel], lp.kv_keep))
         state[f"{prefix}{j}.{rel}"] = value.clone()
     if plan.vocab_keep is not None:
@@ -157,9 +162,11 @@ def mask(model: nn.Module, plan: PruningPlan, weights: Mapping[str, torch.Tensor
     layers = decoder_layers(model)
     mlp_out = [c for c in mlp_coupling(model) if c.output]
     kv_out = [c for c in kv_coupling(model) if c.output] if any(lp.kv_keep is not None for lp in plan.layers) else []
+    q_out = [c for c in q_coupling(model) if c.output] if any(lp.q_keep is not None for lp in plan.layers) else []
     for lp in plan.layers:
         params = dict(layers[lp.index].named_parameters())
-        for couplings, keep, units in ((mlp_out, lp.mlp_keep, w["intermediate"]), (kv_out, lp.kv_keep, w["kv_heads"])):
+        for couplings, keep, units in ((mlp_out, lp.mlp_keep, w["intermediate"]), (kv_out, lp.kv_keep, w["kv_heads"]),
+                                       (q_out, lp.q_keep, w["heads"])):
             if keep is None:
                 continue
             drop = sorted(set(range(units)) - set(keep))

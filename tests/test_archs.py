@@ -57,9 +57,11 @@ def test_every_method_slims_to_masked_dense(arch, tmp_path):
     model = make(arch)
     prof, other, grad = _profiles(model)
     for method in PRUNE_METHODS:
-        variants = [0] if arch == "gpt2" or method == "depth" else [0, 1]
-        for kv, reconstruct in [(kv, r) for kv in variants for r in (True, False) if method != "obs" or r]:
-            cfg = PruneConfig(method=method, target=0.3, kv_groups=kv, reconstruct=reconstruct)
+        variants = [(0, 0)] if arch == "gpt2" or method == "depth" else [(0, 0), (1, 0), (0, 1), (1, 1)]
+        if method == "taylor":  # first-order sums exist per KV group, not per query head
+            variants = [v for v in variants if not v[1]]
+        for (kv, q), reconstruct in [(v, r) for v in variants for r in (True, False) if method != "obs" or r]:
+            cfg = PruneConfig(method=method, target=0.3, kv_groups=kv, q_heads=q, reconstruct=reconstruct)
             plan = P.build_plan(prof, model, cfg, domain="d", other_profiles={"o": other}, grad_stats=grad)
             weights = refit.compensation(model, plan, prof) if reconstruct else None
             assert bool(weights) == reconstruct
@@ -69,8 +71,10 @@ def test_every_method_slims_to_masked_dense(arch, tmp_path):
                 torch.testing.assert_close(small(IDS).logits, ref(IDS).logits, rtol=1e-5, atol=1e-5)
             assert count_parameters(small) == (plan.params["total"], plan.params["non_embedding"])
             assert plan.params["non_embedding"] < plan.params["dense_non_embedding"]
-            if kv:
-                assert widths(small)["kv_heads"] == 1 and widths(small)["heads"] == 2
+            if kv or q:
+                assert widths(small)["kv_heads"] == (1 if kv else 2)
+                assert widths(small)["heads"] == widths(small)["kv_heads"] * (1 if q else 2)
+                assert small.config.head_dim == widths(model)["head_dim"]
             if method == "depth":
                 blocks = small.model.layers if arch != "gpt2" else small.transformer.h
                 assert len(blocks) == 3 - len(plan.dropped_layers)

@@ -126,3 +126,27 @@ def test_protected_layers_are_an_explicit_non_stock_opt_in(model, prof):
         slim.slim(model, plan)
     masked = slim.mask(copy.deepcopy(model), plan)  # the evaluation path for such plans
     assert (masked.model.layers[1].mlp.down_proj.weight == 0).all(0).sum() == 64 - len(plan.layers[1].mlp_keep)
+
+
+def test_query_heads_are_pruned_evenly_inside_kv_groups(model, prof):
+    from minigpt import slim
+
+    plan = P.build_plan(prof, model, PruneConfig(target=0.3, q_heads=1, reconstruct=False), domain="d")
+    rms = (prof["head_sq_sum"] / prof["tokens"]).sqrt()
+    for lp in plan.layers:  # 4 heads in 2 groups: each group keeps its stronger head (wanda-sp scores)
+        assert len(lp.q_keep) == 2 and {h // 2 for h in lp.q_keep} == {0, 1}
+    assert plan.q_width == 1 and plan.kv_width is None and plan.uniform
+    small = slim.slim(model, plan)
+    assert small.config.num_attention_heads == 2 and small.config.num_key_value_heads == 2
+    assert small.config.head_dim == 8
+    out = small.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 7)
+    ctx = P.build_plan(prof, model, PruneConfig(method="contextual", target=0.3, q_heads=1, reconstruct=False),
+                       domain="d")
+    for lp in ctx.layers:
+        assert all(rms[lp.index, h] >= rms[lp.index, h ^ 1] for h in lp.q_keep)
+    with pytest.raises(ConfigError, match="no query-head scores"):
+        P.build_plan(prof, model, PruneConfig(method="taylor", target=0.3, q_heads=1, reconstruct=False),
+                     domain="d", grad_stats=S.taylor_sums(model, _blocks(n=2), 2))
+    with pytest.raises(ConfigError, match="exceeds the model's 2 query heads"):
+        P.build_plan(prof, model, PruneConfig(target=0.3, q_heads=3, reconstruct=False), domain="d")

@@ -258,9 +258,10 @@ def test_allocation_picks_the_stock_shape_with_the_least_predicted_error(model):
     cfg = PruneConfig(target=0.3, allocate=True, multiple_of=4)
     best, cands = A.allocate(model, prof, cfg)
     assert best == min(cands, key=lambda c: (c.predicted, -c.mlp_width))
-    assert {c.kv_groups for c in cands} == {1, 2} and all(abs(c.removed - 0.3) < 0.06 for c in cands)
+    assert {c.kv_groups for c in cands} == {1, 2} and {c.q_heads for c in cands} == {1, 2}
+    assert all(abs(c.removed - 0.3) < 0.06 for c in cands)
     # Its MLP-only candidate's prediction is the OBS error of that cut, summed over layers, relative to the energy.
-    mlp_only = next(c for c in cands if c.depth == 0 and c.kv_groups == 2)
+    mlp_only = next(c for c in cands if c.depth == 0 and c.kv_groups == 2 and c.q_heads == 2)
     expect = 0.0
     for i, layer in enumerate(model.model.layers):
         _, err = refit.obs_order(layer.mlp.down_proj.weight, prof["mlp_gram"][i], 1, cfg.damp,
@@ -268,7 +269,13 @@ def test_allocation_picks_the_stock_shape_with_the_least_predicted_error(model):
         expect += err[-1] / float(prof["hidden_sq_sum"][i].sum())
     assert mlp_only.predicted == pytest.approx(expect, rel=1e-9)
     plan = P.build_plan(prof, model, cfg, domain="d")
-    assert (plan.mlp_width, plan.kv_width or 2, len(plan.dropped_layers)) == (best.mlp_width, best.kv_groups,
-                                                                               best.depth)
+    assert (plan.mlp_width, plan.kv_width or 2, plan.q_width or 2, len(plan.dropped_layers)) == \
+        (best.mlp_width, best.kv_groups, best.q_heads, best.depth)
     small, _ = SL.slim_expert(model, None, plan, prof)
     assert count_parameters(small) == (plan.params["total"], plan.params["non_embedding"])
+
+
+def test_obs_removes_only_candidate_units():
+    W, X = _random_problem(m=12)
+    order, errors = refit.obs_order(W, X.T @ X, group=2, damp=0.01, remove=2, candidates=[3, 4, 5])
+    assert len(order) == 2 and set(order) <= {3, 4, 5} and errors[1] >= errors[0]
