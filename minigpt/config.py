@@ -130,7 +130,7 @@ class CalibrateConfig:
 
 @dataclass(frozen=True)
 class PruneConfig:
-    method: str = "wanda-sp"  # with reconstruct: the best measured stock-checkpoint method (README, methods bench)
+    method: str = "obs"  # with reconstruct: the best measured stock-checkpoint method (README, benchmarks/methods.py)
     target: float = 0.25  # fraction of non-embedding parameters to remove
     multiple_of: int = 8  # kept MLP width is rounded to a multiple of this
     seed: int = 0  # for the random baseline

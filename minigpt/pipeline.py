@@ -356,7 +356,9 @@ class Pipeline:
                 plan.save(self.plan_path(name))
                 dense_ne = plan.params["dense_non_embedding"]
                 print(f"[slim] {name}: {plan.method}, MLP {plan.intermediate_size} -> {plan.mlp_width}, "
-                      f"KV groups {plan.kv_groups} -> {plan.kv_width or plan.kv_groups}, layers {plan.num_layers} -> "
+                      f"KV groups {plan.kv_groups} -> {plan.kv_width or plan.kv_groups}"
+                      + (f" ({plan.q_width} query heads each)" if plan.q_width else "")
+                      + f", layers {plan.num_layers} -> "
                       f"{plan.num_layers - len(plan.dropped_layers)}"
                       + (f", vocab {plan.vocab_size} -> {len(plan.vocab_keep)}" if plan.vocab_keep else "")
                       + (", kept weights refit by least squares" if plan.reconstruct and not plan.replace else "")

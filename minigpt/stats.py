@@ -118,7 +118,7 @@ def to_numpy(stats: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
 
 
 def from_numpy(arrays: Mapping[str, np.ndarray]) -> Stats:
-    return {k: torch.from_numpy(np.asarray(v, dtype=np.float64)).clone() for k, v in arrays.items()}
+    return {k: torch.from_numpy(np.array(v, dtype=np.float64)) for k, v in arrays.items()}  # a writable copy
 
 
 def _first_tensor(x):
