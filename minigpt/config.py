@@ -146,7 +146,7 @@ class PruneConfig:
     # the layer reproduces the dense layer on the calibration data; for depth, a dropped span is replaced by a
     # linear map folded into the block before it. Needs second-moment statistics from calibration.
     reconstruct: bool = True
-    damp: float = 0.1  # ridge of every least-squares solve, relative to the mean diagonal of its Gram matrix
+    damp: float = 0.01  # ridge of every least-squares solve, relative to the mean diagonal of its Gram matrix
     obs_batch: int = 0  # obs: units removed per OBS step; 0 = auto (a 64th of what a layer loses)
     sequential: bool = False  # choose and refit layer by layer on the pruned model's own activations (SlimGPT order)
     allocate: bool = False  # choose the stock shape (replaced layers, KV groups, MLP width) by predicted error

@@ -55,7 +55,7 @@ class PruningPlan:
     mode: str = "target"
     threshold: float | None = None
     reconstruct: bool = False  # kept output-projection weights are refit by least squares (minigpt.refit)
-    damp: float = 0.1  # ridge of that refit, relative to the mean diagonal of the Gram matrix
+    damp: float = 0.01  # ridge of that refit, relative to the mean diagonal of the Gram matrix
     replace: bool = False  # each run of dropped layers is replaced by a linear map folded into the block before
     sequential: bool = False  # chosen and refit layer by layer on the pruned model's activations (minigpt.sequential)
 
@@ -332,7 +332,7 @@ def target_shape(model: nn.Module, prune_cfg: PruneConfig, scores, stats: Mappin
 def plan_from_shape(scores, model: nn.Module, shape: Shape, *, domain: str, method: str,
                     vocab: tuple[int, ...] | None = None, base_model: str = "", profile: str = "",
                     target: float | None = None, mode: str = "target", threshold: float | None = None,
-                    reconstruct: bool = False, damp: float = 0.1, replace: bool = False,
+                    reconstruct: bool = False, damp: float = 0.01, replace: bool = False,
                     protect: tuple[int, ...] = ()) -> PruningPlan:
     """The one plan builder: in each kept layer the `mlp_width` top-scoring MLP channels, the `kv_groups`
     top-scoring KV groups and, in each kept group, its `q_heads` top-scoring query heads of `scores` (a
