@@ -140,10 +140,11 @@ def obs_order(W: torch.Tensor, G: torch.Tensor, group: int = 1, damp: float = 0.
         keep = torch.ones(n * group, dtype=torch.bool)
         keep[Q] = False
         W, Hinv = W[:, keep], Hinv[keep][:, keep]
-        for p in pick.tolist():
+        gone = set(pick.tolist())
+        for p in sorted(gone):
             order.append(alive[p])
             errors.append(total)
-        alive = [u for i, u in enumerate(alive) if i not in set(pick.tolist())]
+        alive = [u for i, u in enumerate(alive) if i not in gone]
     return order, errors
 
 

@@ -24,11 +24,11 @@ def prof(model):
 
 def test_contextual_threshold_mode_keeps_the_mean_survivor_count(model, prof):
     scores = scoring.contextual(prof, model).mlp
-    plan = P.build_plan(prof, model, PruneConfig(mode="threshold", threshold=1.0, multiple_of=4), domain="d")
+    plan = P.build_plan(prof, model, PruneConfig(method="contextual", mode="threshold", threshold=1.0, multiple_of=4), domain="d")
     survivors = (scores >= scores.mean(1, keepdim=True)).sum(1).double().mean()
     assert plan.mlp_width == max(4, round(float(survivors) / 4) * 4)
     assert plan.threshold == 1.0 and plan.mode == "threshold"
-    higher = P.build_plan(prof, model, PruneConfig(mode="threshold", threshold=1.5, multiple_of=4), domain="d")
+    higher = P.build_plan(prof, model, PruneConfig(method="contextual", mode="threshold", threshold=1.5, multiple_of=4), domain="d")
     assert higher.mlp_width <= plan.mlp_width
 
 
@@ -99,11 +99,11 @@ def test_depth_drops_the_most_similar_layers(model, prof):
 
 
 def test_kv_groups_and_target_combine(model, prof):
-    plan = P.build_plan(prof, model, PruneConfig(target=0.4, kv_groups=1), domain="d")
+    plan = P.build_plan(prof, model, PruneConfig(method="contextual", target=0.4, kv_groups=1), domain="d")
     assert plan.kv_width == 1 and all(len(lp.kv_keep) == 1 for lp in plan.layers)
     assert P.removed_fraction(plan) == pytest.approx(0.4, abs=0.06)
     with pytest.raises(ConfigError, match="exceeds the model's 2 KV groups"):
-        P.build_plan(prof, model, PruneConfig(kv_groups=3), domain="d")
+        P.build_plan(prof, model, PruneConfig(method="contextual", kv_groups=3), domain="d")
 
 
 @pytest.mark.parametrize("bad, match", [({"mode": "cut"}, "prune.mode"), ({"method": "sparsegpt"}, "prune.method"),
@@ -119,7 +119,7 @@ def test_protected_layers_are_an_explicit_non_stock_opt_in(model, prof):
 
     from minigpt import slim
 
-    plan = P.build_plan(prof, model, PruneConfig(target=0.15), domain="d", protect_layers=(0, -1))
+    plan = P.build_plan(prof, model, PruneConfig(method="contextual", target=0.15), domain="d", protect_layers=(0, -1))
     assert [len(lp.mlp_keep) for lp in plan.layers][::2] == [64, 64] and len(plan.layers[1].mlp_keep) < 64
     assert not plan.uniform and P.removed_fraction(plan) == pytest.approx(0.15, abs=0.03)
     with pytest.raises(ConfigError, match="not a stock 'llama' config"):
@@ -131,7 +131,7 @@ def test_protected_layers_are_an_explicit_non_stock_opt_in(model, prof):
 def test_query_heads_are_pruned_evenly_inside_kv_groups(model, prof):
     from minigpt import slim
 
-    plan = P.build_plan(prof, model, PruneConfig(target=0.3, q_heads=1, reconstruct=False), domain="d")
+    plan = P.build_plan(prof, model, PruneConfig(method="wanda-sp", target=0.3, q_heads=1, reconstruct=False), domain="d")
     rms = (prof["head_sq_sum"] / prof["tokens"]).sqrt()
     for lp in plan.layers:  # 4 heads in 2 groups: each group keeps its stronger head (wanda-sp scores)
         assert len(lp.q_keep) == 2 and {h // 2 for h in lp.q_keep} == {0, 1}
@@ -149,4 +149,4 @@ def test_query_heads_are_pruned_evenly_inside_kv_groups(model, prof):
         P.build_plan(prof, model, PruneConfig(method="taylor", target=0.3, q_heads=1, reconstruct=False),
                      domain="d", grad_stats=S.taylor_sums(model, _blocks(n=2), 2))
     with pytest.raises(ConfigError, match="exceeds the model's 2 query heads"):
-        P.build_plan(prof, model, PruneConfig(target=0.3, q_heads=3, reconstruct=False), domain="d")
+        P.build_plan(prof, model, PruneConfig(method="wanda-sp", target=0.3, q_heads=3, reconstruct=False), domain="d")

@@ -132,7 +132,7 @@ def _vocab_plan(model, tok, prune_cfg=None):
 
     ids = torch.tensor([tok.encode(DOMAIN_TEXT) * 2])
     prof = S.accumulate(model, ids, batch_size=1)
-    cfg = prune_cfg or PruneConfig(target=0.2, vocab=True, reconstruct=False)
+    cfg = prune_cfg or PruneConfig(method="contextual", target=0.2, vocab=True, reconstruct=False)
     return build_plan(prof, model, cfg, domain="d", tokenizer=tok), ids
 
 

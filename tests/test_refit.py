@@ -215,7 +215,7 @@ def test_compensation_lowers_the_layer_error_for_every_activation_aware_method(m
 
 def test_missing_gram_statistics_name_the_fix(model):
     base = S.accumulate(model, _blocks(2), batch_size=2)
-    plan = P.build_plan(base, model, PruneConfig(target=0.3, multiple_of=4), domain="d")
+    plan = P.build_plan(base, model, PruneConfig(method="wanda-sp", target=0.3, multiple_of=4), domain="d")
     with pytest.raises(refit.RefitError, match="prune.reconstruct"):
         refit.compensation(model, plan, base)
     with pytest.raises(refit.RefitError, match="Gram"):
