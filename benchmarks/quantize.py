@@ -50,7 +50,7 @@ def main() -> None:
     if not args.expert and not (expert / "config.json").is_file():
         dense = load_model(folder)
         prof = ST.accumulate(dense, corpora.read_blocks(data.shards("calib")), batch_size=4)
-        plan = P.build_plan(prof, dense, PruneConfig(method="contextual", target=args.target), domain="legal")
+        plan = P.build_plan(prof, dense, PruneConfig(method="contextual", target=args.target, reconstruct=False), domain="legal")
         SL.save_expert(SL.slim(dense, plan), tok, expert)
         del dense
     speed = tuple(int(x) for x in args.speed.split(","))

@@ -95,8 +95,8 @@ def main() -> None:
         if not lo <= p["removed"] <= hi:
             continue
         try:
-            plan = P.build_plan(prof, dense, PruneConfig(method=args.method, target=p["removed"], multiple_of=1),
-                                domain=args.domain)
+            cfg = PruneConfig(method=args.method, target=p["removed"], multiple_of=1, reconstruct=False)
+            plan = P.build_plan(prof, dense, cfg, domain=args.domain)
         except ConfigError as e:
             print(f"[bench] no fixed-ratio plan at {p['removed']:.1%}: {e}")
             continue
