@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from minigpt.config import ConfigError, PruneConfig
-from minigpt.models import (arch_of, count_parameters, decoder_layers, kv_coupling, kv_prunable, mlp_coupling,
-                            params_per_unit, q_coupling, widths)
+from minigpt.models import (arch_of, count_parameters, decoder_layers, kv_coupling, kv_prunable, layer_params,
+                            mlp_coupling, params_per_unit, q_coupling, widths)
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def allocate(model: nn.Module, stats: Mapping[str, torch.Tensor], prune_cfg: Pru
     L, I, G = w["layers"], w["intermediate"], w["kv_heads"]
     conv1d = arch_of(model).conv1d
     _, non_emb = count_parameters(model)
-    layer_params = sum(p.numel() for p in decoder_layers(model)[0].parameters())
+    block = layer_params(model)
     kv_unit = params_per_unit(model, kv_coupling(model)) if kv_prunable(model) else 0
     q_unit = params_per_unit(model, q_coupling(model)) if kv_prunable(model) else 0
     kv_options = range(G, 0, -1) if kv_prunable(model) else [G]
@@ -100,14 +100,14 @@ def allocate(model: nn.Module, stats: Mapping[str, torch.Tensor], prune_cfg: Pru
         first, rel = P.replacement_span(stats, n, prune_cfg.damp) if n else (-1, [0.0])
         kept = [i for i in range(L) if not (n and first <= i < first + n)]
         for kv, q in [(kv, q) for kv in kv_options for q in q_options]:
-            already = n * layer_params + len(kept) * ((G - kv) * kv_unit + kv * (per_group - q) * q_unit)
+            already = n * block + len(kept) * ((G - kv) * kv_unit + kv * (per_group - q) * q_unit)
             try:
                 width = P.uniform_mlp_width(model, prune_cfg.target, prune_cfg.multiple_of, already_removed=already,
                                             layers=len(kept)) if already < prune_cfg.target * non_emb else I
             except ConfigError:
                 continue
             if I - width >= len(mlp_rel[0]):
-                continue  # beyond the OBS curve (cannot happen with the widest cut computed above)
+                continue  # a cut spread over fewer layers can be deeper than the curves were computed for
             removed = (already + len(kept) * (I - width) * params_per_unit(model, mlp_coupling(model))) / non_emb
             if removed > prune_cfg.target + 0.02:
                 continue  # the layers and groups alone overshoot the target

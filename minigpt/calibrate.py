@@ -56,8 +56,7 @@ def _ledger_path(ledger: Path, shard_ids: Sequence[str]) -> Path:
 def _save_entry(ledger: Path, shard_ids: Sequence[str], arrays: dict[str, np.ndarray]) -> None:
     """One ledger entry: the summed statistics of `shard_ids`, which it names in its metadata."""
     ids = sorted(shard_ids)
-    atomic_save_np({k: np.ascontiguousarray(v) for k, v in arrays.items()}, _ledger_path(ledger, ids),
-                   metadata={"shards": json.dumps(ids)})
+    atomic_save_np(arrays, _ledger_path(ledger, ids), metadata={"shards": json.dumps(ids)})
 
 
 def ledger_entries(ledger: Path) -> dict[Path, list[str]]:

@@ -338,6 +338,11 @@ def params_per_unit(model: nn.Module, coupling: list[Coupled]) -> int:
     return sum(params[c.name].numel() // params[c.name].shape[c.dim] * c.size for c in coupling)
 
 
+def layer_params(model: nn.Module) -> int:
+    """Parameters of one decoder block (every block of a supported model has the same)."""
+    return sum(p.numel() for p in decoder_layers(model)[0].parameters())
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(total, non-embedding) parameter counts; tied weights are counted once."""
     seen: set[int] = set()

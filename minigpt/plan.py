@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from minigpt.config import ConfigError, PruneConfig
-from minigpt.models import (count_parameters, decoder_layers, kv_coupling, kv_prunable, mlp_coupling,
-                            params_per_unit, q_coupling, widths)
+from minigpt.models import (count_parameters, kv_coupling, kv_prunable, layer_params, mlp_coupling, params_per_unit,
+                            q_coupling, widths)
 from minigpt.stats import StatSpec
 
 FORMAT = "minigpt.plan/3"
@@ -159,14 +159,13 @@ def predict_params(model: nn.Module, *, mlp_width: int | list[int], kv_width: in
     kept_layers = w["layers"] - dropped
     mlp_widths = mlp_width if isinstance(mlp_width, list) else [mlp_width] * kept_layers
     kv_widths = kv_width if isinstance(kv_width, list) else [kv_width] * kept_layers
-    layer_params = sum(p.numel() for p in decoder_layers(model)[0].parameters())
     removed = sum(w["intermediate"] - m for m in mlp_widths) * params_per_unit(model, mlp_coupling(model))
     if any(k != w["kv_heads"] for k in kv_widths):
         removed += sum(w["kv_heads"] - k for k in kv_widths) * params_per_unit(model, kv_coupling(model))
     per_group = w["heads"] // w["kv_heads"]
     if q_heads and q_heads != per_group:
         removed += sum(kv_widths) * (per_group - q_heads) * params_per_unit(model, q_coupling(model))
-    removed += dropped * layer_params
+    removed += dropped * layer_params(model)
     emb_row, other_row = _vocab_row_params(model)
     rows = w["vocab"] - vocab
     return {"dense_total": total, "dense_non_embedding": non_emb,
@@ -205,7 +204,8 @@ class Shape:
     q_heads: int = 0  # query heads kept per KV group; 0 = all
 
 
-def _top(scores: torch.Tensor, keep: int) -> list[tuple[int, ...]]:
+def top_units(scores: torch.Tensor, keep: int) -> list[tuple[int, ...]]:
+    """Per row of `scores` [rows, units], the `keep` highest-scoring units, ascending."""
     # Ties broken by index (stable sort) so equal scores give a deterministic plan.
     order = torch.sort(scores.double(), dim=1, descending=True, stable=True).indices[:, :keep]
     return [tuple(r) for r in torch.sort(order, dim=1).values.tolist()]
@@ -236,16 +236,8 @@ def vocab_keep(token_counts: torch.Tensor, tokenizer, min_count: int) -> tuple[i
 def depth_layers(model_or_config, target: float) -> int:
     """How many whole layers remove closest to `target` of the non-embedding parameters (at least 1)."""
     w = widths(model_or_config)
-    return min(max(1, round(target * _non_embedding(model_or_config) / _layer_params(model_or_config))),
+    return min(max(1, round(target * count_parameters(model_or_config)[1] / layer_params(model_or_config))),
                w["layers"] - 1)
-
-
-def _layer_params(model) -> int:
-    return sum(p.numel() for p in decoder_layers(model)[0].parameters())
-
-
-def _non_embedding(model) -> int:
-    return count_parameters(model)[1]
 
 
 def stat_spec(prune_cfg: PruneConfig, model_or_config) -> StatSpec:
@@ -362,8 +354,8 @@ def plan_from_shape(scores, model: nn.Module, shape: Shape, *, domain: str, meth
     if protect and q_heads:
         raise ConfigError("protect_layers does not combine with query-head pruning")
     protect_set = {i % L for i in protect}
-    mlp = [tuple(range(I)) if i in protect_set else k for i, k in enumerate(_top(scores.mlp, shape.mlp_width))]
-    kv = _top(scores.kv, shape.kv_groups) if shape.kv_groups != G else [None] * L
+    mlp = [tuple(range(I)) if i in protect_set else k for i, k in enumerate(top_units(scores.mlp, shape.mlp_width))]
+    kv = top_units(scores.kv, shape.kv_groups) if shape.kv_groups != G else [None] * L
     kv = [None if i in protect_set else k for i, k in enumerate(kv)]
     q: list = [None] * L
     if q_heads:
@@ -430,4 +422,5 @@ def removed_fraction(plan: PruningPlan) -> float:
 
 
 __all__ = ["FORMAT", "LayerPlan", "PruningPlan", "Shape", "build_plan", "plan_from_shape", "predict_params",
-           "removed_fraction", "stat_spec", "target_shape", "threshold_width", "uniform_mlp_width", "vocab_keep"]
+           "removed_fraction", "stat_spec", "target_shape", "threshold_width", "top_units", "uniform_mlp_width",
+           "vocab_keep"]

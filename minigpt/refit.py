@@ -128,7 +128,8 @@ def obs_order(W: torch.Tensor, G: torch.Tensor, group: int = 1, damp: float = 0.
             blocks = Hinv[cols[:, :, None], cols[:, None, :]]  # [n, g, g]
             Wq = W[:, cols].permute(1, 0, 2)  # [n, d, g]
             cost = (Wq @ torch.linalg.inv(blocks) * Wq).sum((1, 2))
-        cost = torch.where(torch.tensor([u in allowed for u in alive]), cost, torch.full_like(cost, float("inf")))
+        if candidates is not None:  # units that must stay are never picked
+            cost = torch.where(torch.tensor([u in allowed for u in alive]), cost, torch.full_like(cost, float("inf")))
         k = min(batch, remove - len(order))
         pick = torch.topk(cost, k, largest=False).indices.sort().values
         Q = cols[pick].reshape(-1)

@@ -27,7 +27,7 @@ from torch import nn
 from minigpt import refit, scoring, stats as S
 from minigpt.config import ConfigError, PruneConfig
 from minigpt.models import decoder_layers, widths
-from minigpt.plan import PruningPlan, Shape, plan_from_shape, target_shape
+from minigpt.plan import PruningPlan, Shape, plan_from_shape, target_shape, top_units
 
 
 class _Captured(Exception):
@@ -145,9 +145,8 @@ def prune_sequential(model: nn.Module, runners: Sequence, prune_cfg: PruneConfig
                 continue
             st = _merged(runners, i, w["layers"], remote)
             scores = scoring.score_all(prune_cfg, st, work, shape=shape, layers=[i])
-            keep = tuple(sorted(torch.sort(scores.kv[i] if part == "attn" else scores.mlp[i], descending=True,
-                                           stable=True).indices[:shape.kv_groups if part == "attn" else
-                                                                shape.mlp_width].tolist()))
+            row, width = (scores.kv[i], shape.kv_groups) if part == "attn" else (scores.mlp[i], shape.mlp_width)
+            keep = top_units(row[None], width)[0]
             if part == "attn":
                 kv_keep[i] = keep
                 new = refit.layer_compensation(work, i, None, keep, st, prune_cfg.damp, prune_cfg.reconstruct)
@@ -164,22 +163,21 @@ def prune_sequential(model: nn.Module, runners: Sequence, prune_cfg: PruneConfig
         _broadcast(runners, remote, "advance", i)
         if on_layer:
             on_layer(i)
-    plan = plan_from_shape(_FixedScores(mlp_keep, kv_keep, w), model, shape, domain=domain, method=prune_cfg.method,
+    plan = plan_from_shape(_chosen(mlp_keep, kv_keep, w), model, shape, domain=domain, method=prune_cfg.method,
                            base_model=base_model, profile=profile, target=prune_cfg.target, vocab=vocab,
                            reconstruct=prune_cfg.reconstruct, damp=prune_cfg.damp)
     return dataclasses.replace(plan, sequential=True), weights
 
 
-class _FixedScores:
-    """Scores that make plan_from_shape keep exactly the chosen units."""
-
-    def __init__(self, mlp_keep, kv_keep, w):
-        L = w["layers"]
-        self.mlp = torch.zeros(L, w["intermediate"], dtype=torch.float64)
-        self.kv = torch.zeros(L, w["kv_heads"], dtype=torch.float64)
-        for i in range(L):
-            self.mlp[i, list(mlp_keep[i] or range(w["intermediate"]))] = 1
-            self.kv[i, list(kv_keep[i] or range(w["kv_heads"]))] = 1
+def _chosen(mlp_keep, kv_keep, w) -> scoring.Scores:
+    """Scores under which plan_from_shape keeps exactly the units chosen layer by layer."""
+    L = w["layers"]
+    mlp = torch.zeros(L, w["intermediate"], dtype=torch.float64)
+    kv = torch.zeros(L, w["kv_heads"], dtype=torch.float64)
+    for i in range(L):
+        mlp[i, list(mlp_keep[i] or range(w["intermediate"]))] = 1
+        kv[i, list(kv_keep[i] or range(w["kv_heads"]))] = 1
+    return scoring.Scores(mlp=mlp, kv=kv, layer=torch.zeros(L, dtype=torch.float64), vocab=torch.zeros(0))
 
 
 def ray_runners(model_dir: str, shards: Sequence[torch.Tensor], batch_size: int, dtype: str = "float32",

@@ -21,7 +21,6 @@ replacement); Q = H * head_dim is the attention output projection's input width:
   attn_gram       [L, Q, Q]  sum x x^T of the attention output projection's input
   attn_sum        [L, Q]     sum x of the same
   mlp_out_gram    [L, D, D]  sum a^T a of each block's MLP output a            (depth_spans)
-  depth_cos       [L+1, L+1] sum cos(h_i, h_j) over tokens, h_i the residual stream entering layer i (h_L: leaving)
   depth_cross_<n> [L, D, D]  sum a_k^T b_k with b_k = h_{k+1+n} - h_{k+1} + a_k: the part of the residual after a
                              cut of the n layers k+1..k+n that block k's remapped MLP output must supply (ReplaceMe)
   depth_bsq_<n>   [L]        sum |b_k|^2 (the residual left by a replacement, predicted without a forward pass)
@@ -42,10 +41,6 @@ from minigpt.models import (attn_output, decoder_layers, kv_coupling, kv_prunabl
                             mlp_parts, widths)
 
 Stats = dict[str, torch.Tensor]
-
-BASE_NAMES = ("tokens", "mlp_abs_sum", "mlp_sq_sum", "head_sq_sum", "hidden_sq_sum", "block_cos_sum", "token_counts")
-GRAM_NAMES = ("mlp_gram", "mlp_sum", "attn_gram", "attn_sum")
-
 
 @dataclass(frozen=True)
 class StatSpec:
@@ -70,7 +65,7 @@ def stat_shapes(model_or_config, spec: StatSpec = StatSpec()) -> dict[str, tuple
     if spec.gram:
         shapes.update(mlp_gram=(L, I, I), mlp_sum=(L, I), attn_gram=(L, Q, Q), attn_sum=(L, Q))
     if spec.depth_spans:
-        shapes.update(mlp_out_gram=(L, D, D), depth_cos=(L + 1, L + 1))
+        shapes["mlp_out_gram"] = (L, D, D)
         for n in spec.depth_spans:
             shapes[f"depth_cross_{n}"] = (L, D, D)
             shapes[f"depth_bsq_{n}"] = (L,)
@@ -88,12 +83,9 @@ def spec_of(stats: Mapping[str, torch.Tensor]) -> StatSpec:
     return StatSpec(gram="mlp_gram" in stats, depth_spans=spans)
 
 
-def empty_stats(model_or_config, spec: StatSpec = StatSpec()) -> Stats:
+def stats_for_model(model_or_config, spec: StatSpec = StatSpec()) -> Stats:
+    """Zeroed statistics of every entry `spec` collects."""
     return {k: torch.zeros(s, dtype=torch.float64) for k, s in stat_shapes(model_or_config, spec).items()}
-
-
-def stats_for_model(model: nn.Module, spec: StatSpec = StatSpec()) -> Stats:
-    return empty_stats(model, spec)
 
 
 def merge(parts: Iterable[Mapping[str, torch.Tensor]]) -> Stats:
@@ -208,13 +200,6 @@ class _Collector:
             return
         h, a, st = self.hidden, self.mlp_out, self.stats
         L = len(a)
-        unit = [torch.nn.functional.normalize(h[i], dim=-1) for i in range(L + 1)]
-        for i in range(L + 1):
-            for j in range(i + 1, L + 1):
-                c = (unit[i] * unit[j]).sum(dtype=torch.float64)
-                st["depth_cos"][i, j] += c
-                st["depth_cos"][j, i] += c
-            st["depth_cos"][i, i] += unit[i].shape[0]
         for k in range(L):
             st["mlp_out_gram"][k] += _gram(a[k])
             for n in self.spec.depth_spans:
