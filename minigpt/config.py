@@ -93,6 +93,7 @@ class DataConfig:
     max_document_chars: int = 4000  # longer documents are cut at paragraph breaks into several documents
     blocks_per_shard: int = 8
     salt: str = "minigpt"
+    seed: int = 0  # where each document's window starts when a budget is spread over a split (minigpt.corpora)
 
     def __post_init__(self) -> None:
         _check(self.block_size >= 8, "data.block_size must be at least 8")
@@ -103,6 +104,7 @@ class DataConfig:
                "data.calib_fraction and heldout_fraction must be in (0, 1) and sum to less than 1")
         _check(self.max_document_chars >= 100, "data.max_document_chars must be at least 100")
         _check(self.blocks_per_shard > 0, "data.blocks_per_shard must be positive")
+        _check(self.seed >= 0, "data.seed must be >= 0")
 
 
 @dataclass(frozen=True)

