@@ -23,6 +23,7 @@ from pathlib import Path
 from minigpt import corpora, plan as P, raylib, search as SE, slim as SL, stats as ST
 from minigpt.calibrate import load_profile, save_profile
 from minigpt.config import ConfigError, DataConfig, DomainConfig, ModelConfig, PruneConfig, SearchConfig, SourceConfig
+from minigpt.io import json_safe
 from minigpt.evaluate import lm_metrics
 from minigpt.models import load_model, load_tokenizer, resolve
 
@@ -147,7 +148,7 @@ def main() -> None:
     print(f"\nANSWER: the search found a plan that beats the fixed-ratio plan at equal size on held-out loss "
           f"(bits per byte) in {wins} of {len(comparisons)} sizes ({'yes' if wins else 'no'}); "
           f"{time.time() - t0:.0f}s total")
-    print(json.dumps(SE._json_safe({"domain": args.domain, "search_seconds": result.seconds,
+    print(json.dumps(json_safe({"domain": args.domain, "search_seconds": result.seconds,
                                     "evaluated": result.history[-1]["evaluated"],
                                     "front": [{k: p[k] for k in ("shape", "params", "removed", "bits_per_byte", "loss")}
                                               for p in result.front],

@@ -6,8 +6,8 @@ and groups of each kept layer, the tokens seen at least n times), so no new cali
 minimises two objectives together, size (total parameters, or measured forward latency) and quality (bits per byte
 of the slimmed candidate on a small evaluation slice), and returns the Pareto front.
 
-The genetic algorithm is pure numpy on a seeded Generator (fast_non_dominated_sort, crowding_distance, tournament,
-crossover, mutate, nsga2) and is tested on hand-made points. Candidates of a generation are evaluated in parallel
+The genetic algorithm is minigpt.nsga (pure numpy, seeded); this module gives it the genome of a shape (Space,
+random_genome, mutate, repair) and the objectives. Candidates of a generation are evaluated in parallel
 by a small pool of Ray actors that keep the dense model loaded; each candidate is slimmed physically (so every plan
 on the front is known to slim into a loadable stock model) and scored with evaluate.lm_metrics.
 
@@ -30,11 +30,9 @@ Front JSON (schema "minigpt.search/1")::
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,104 +41,13 @@ import torch
 from torch import nn
 
 from minigpt.config import ConfigError, PruneConfig, SearchConfig
-from minigpt.io import json_safe
+from minigpt import nsga
+from minigpt.io import atomic_file, atomic_write_json
 from minigpt.models import widths
+from minigpt.nsga import Individual, pareto_front
 from minigpt.plan import PruningPlan, Shape, plan_from_shape, vocab_keep
 
 SCHEMA = "minigpt.search/1"
-
-# ============================================================================ NSGA-II: pure maths, minimisation
-
-
-def dominates(a: np.ndarray, b: np.ndarray) -> bool:
-    """a Pareto-dominates b: no worse in every objective and strictly better in one (all minimised)."""
-    return bool(np.all(a <= b) and np.any(a < b))
-
-
-def fast_non_dominated_sort(objectives: np.ndarray) -> list[list[int]]:
-    """Deb et al. 2002: indices of the points grouped into fronts, best (non-dominated) first; each front sorted."""
-    f = np.asarray(objectives, dtype=np.float64)
-    n = len(f)
-    dominated_by: list[list[int]] = [[] for _ in range(n)]  # points that i dominates
-    count = np.zeros(n, dtype=np.int64)  # how many points dominate i
-    for i in range(n):
-        for j in range(i + 1, n):
-            if dominates(f[i], f[j]):
-                dominated_by[i].append(j)
-                count[j] += 1
-            elif dominates(f[j], f[i]):
-                dominated_by[j].append(i)
-                count[i] += 1
-    fronts = [[i for i in range(n) if count[i] == 0]]
-    while fronts[-1]:
-        nxt = []
-        for i in fronts[-1]:
-            for j in dominated_by[i]:
-                count[j] -= 1
-                if count[j] == 0:
-                    nxt.append(j)
-        fronts.append(sorted(nxt))
-    return fronts[:-1]
-
-
-def crowding_distance(objectives: np.ndarray) -> np.ndarray:
-    """Crowding distance of the points of one front: per objective, the normalised gap between each point's two
-    neighbours, summed; the extreme points of every objective get infinity so they always survive."""
-    f = np.asarray(objectives, dtype=np.float64)
-    n, m = f.shape
-    dist = np.zeros(n)
-    if n <= 2:
-        return np.full(n, np.inf)
-    for k in range(m):
-        order = np.argsort(f[:, k], kind="stable")
-        lo, hi = f[order[0], k], f[order[-1], k]
-        dist[order[0]] = dist[order[-1]] = np.inf
-        if hi == lo:
-            continue
-        gaps = (f[order[2:], k] - f[order[:-2], k]) / (hi - lo)
-        dist[order[1:-1]] += gaps
-    return dist
-
-
-def rank_and_crowding(objectives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Front number (0 = non-dominated) and crowding distance within its front, for every point."""
-    n = len(objectives)
-    rank = np.zeros(n, dtype=np.int64)
-    crowd = np.zeros(n)
-    for r, front in enumerate(fast_non_dominated_sort(objectives)):
-        rank[front] = r
-        crowd[front] = crowding_distance(np.asarray(objectives)[front])
-    return rank, crowd
-
-
-def select_survivors(objectives: np.ndarray, n: int) -> list[int]:
-    """NSGA-II environmental selection: whole fronts in rank order, the last one cut by largest crowding distance
-    (ties by index, so the selection is deterministic)."""
-    chosen: list[int] = []
-    for front in fast_non_dominated_sort(objectives):
-        if len(chosen) + len(front) <= n:
-            chosen += front
-            continue
-        crowd = crowding_distance(np.asarray(objectives)[front])
-        order = sorted(range(len(front)), key=lambda i: (-crowd[i], front[i]))
-        chosen += [front[i] for i in order[:n - len(chosen)]]
-        break
-    return chosen
-
-
-def tournament(rng: np.random.Generator, rank: np.ndarray, crowd: np.ndarray, k: int) -> list[int]:
-    """k binary tournaments: the lower rank wins, then the larger crowding distance, then a coin flip."""
-    winners = []
-    for _ in range(k):
-        a, b = (int(x) for x in rng.choice(len(rank), size=2, replace=False))
-        if rank[a] != rank[b]:
-            winners.append(a if rank[a] < rank[b] else b)
-        elif crowd[a] != crowd[b]:
-            winners.append(a if crowd[a] > crowd[b] else b)
-        else:
-            winners.append(a if rng.random() < 0.5 else b)
-    return winners
-
 
 # ---------------------------------------------------------------------------------------------- genomes
 
@@ -214,14 +121,6 @@ def random_genome(rng: np.random.Generator, space: Space) -> np.ndarray:
     return repair(rng, np.concatenate([flags, np.array(rest, dtype=np.int64)]), space)
 
 
-def crossover(rng: np.random.Generator, a: np.ndarray, b: np.ndarray, prob: float) -> tuple[np.ndarray, np.ndarray]:
-    """Uniform crossover with probability `prob` (else the parents are copied)."""
-    if rng.random() >= prob:
-        return a.copy(), b.copy()
-    swap = rng.random(len(a)) < 0.5
-    return np.where(swap, b, a), np.where(swap, a, b)
-
-
 def mutate(rng: np.random.Generator, genome: np.ndarray, space: Space, prob: float) -> np.ndarray:
     """Each gene mutates with probability `prob`: a layer flag flips; an option index moves one step up or down
     (neighbouring widths are the likely improvements; a step keeps the search local, as in bit-flip mutation)."""
@@ -237,73 +136,18 @@ def mutate(rng: np.random.Generator, genome: np.ndarray, space: Space, prob: flo
     return repair(rng, g, space)
 
 
-@dataclass
-class Individual:
-    genome: np.ndarray
-    objectives: np.ndarray
-    info: dict = field(default_factory=dict)
-
-
 def nsga2(evaluate: Callable[[list[np.ndarray]], list[tuple[Sequence[float], dict]]], space: Space, *,
           population: int, generations: int, seed: int, crossover_prob: float = 0.9, mutation_prob: float = 0.0,
           initial: Sequence[np.ndarray] = (),
           on_generation: Callable[[int, list[Individual]], None] | None = None) -> tuple[list[Individual], list]:
-    """Run NSGA-II. `evaluate` takes a batch of new genomes and returns, per genome, (objectives to minimise, info).
-
-    The initial population holds the full shape (it anchors the large end of the front), the `initial` genomes
-    (e.g. Space.uniform: a warm start from the fixed-ratio family) and random genomes. Each
-    generation makes `population` children by tournament, crossover and mutation, and keeps the best `population`
-    of parents + children. A genome is evaluated once (a cache keyed by the genome), so a seed reproduces the whole
-    run as long as `evaluate` is deterministic. Returns (final population, history of every generation).
-    """
-    rng = np.random.default_rng(seed)
+    """NSGA-II (minigpt.nsga) over the genomes of `space`. The initial population holds the full shape (it anchors
+    the large end of the front), the `initial` genomes (e.g. Space.uniform: a warm start from the fixed-ratio
+    family) and random genomes; each gene mutates with `mutation_prob` (0: one gene per genome on average)."""
     pm = mutation_prob or 1.0 / space.n_genes
-    cache: dict[tuple[int, ...], Individual] = {}
-
-    def key(g: np.ndarray) -> tuple[int, ...]:
-        return tuple(int(x) for x in g)
-
-    def run(genomes: list[np.ndarray]) -> list[Individual]:
-        new = list({key(g): g for g in genomes if key(g) not in cache}.values())
-        for g, (obj, info) in zip(new, evaluate(new) if new else []):
-            cache[key(g)] = Individual(g, np.asarray(obj, dtype=np.float64), info)
-        return [cache[key(g)] for g in genomes]
-
-    start = ([space.full()] + [np.asarray(g, dtype=np.int64) for g in initial])[:population]
-    start += [random_genome(rng, space) for _ in range(population - len(start))]
-    pop = run(start)
-    history = []
-
-    def record(gen: int) -> None:
-        objs = np.stack([p.objectives for p in pop])
-        front = [pop[i] for i in fast_non_dominated_sort(objs)[0]]
-        history.append({"generation": gen, "evaluated": len(cache),
-                        "front": sorted([[float(x) for x in p.objectives] for p in front])})
-        if on_generation is not None:
-            on_generation(gen, pop)
-
-    record(0)
-    for gen in range(1, generations + 1):
-        rank, crowd = rank_and_crowding(np.stack([p.objectives for p in pop]))
-        parents = tournament(rng, rank, crowd, population)
-        children = []
-        for i in range(0, population, 2):
-            a, b = crossover(rng, pop[parents[i]].genome, pop[parents[i + 1]].genome, crossover_prob)
-            children += [mutate(rng, a, space, pm), mutate(rng, b, space, pm)]
-        union = pop + run(children)
-        # The same genome may be both parent and child; keep one copy so duplicates do not crowd the front.
-        unique = list({key(p.genome): p for p in union}.values())
-        objs = np.stack([p.objectives for p in unique])
-        pop = [unique[i] for i in select_survivors(objs, min(population, len(unique)))]
-        record(gen)
-    return pop, history
-
-
-def pareto_front(individuals: Sequence[Individual]) -> list[Individual]:
-    """The non-dominated individuals, sorted by the first objective then the second."""
-    objs = np.stack([p.objectives for p in individuals])
-    front = [individuals[i] for i in fast_non_dominated_sort(objs)[0]]
-    return sorted(front, key=lambda p: tuple(p.objectives))
+    return nsga.nsga2(evaluate, population=population, generations=generations, seed=seed,
+                      random_genome=lambda rng: random_genome(rng, space),
+                      mutate=lambda rng, g: mutate(rng, g, space, pm), initial=[space.full(), *initial],
+                      crossover_prob=crossover_prob, on_generation=on_generation)
 
 
 # ============================================================================== evaluating one candidate
@@ -498,19 +342,9 @@ def pick(result: SearchResult, points: int = 1, budget: float = 0.0) -> list[Pru
 
 
 def write_front(path: Path, result: SearchResult) -> Path:
-    """Write the front JSON atomically (temporary sibling, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(json_safe(result.to_json()), f, indent=1, allow_nan=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write the front JSON atomically (non-finite numbers as null)."""
+    atomic_write_json(path, result.to_json())
+    return Path(path)
 
 
 def load_front(path: Path) -> dict:
@@ -544,17 +378,11 @@ def plot_front(data: dict | SearchResult, path: Path, baselines: Sequence[dict] 
     ax.set_title(f"{d['domain']}: Pareto front")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
+    with atomic_file(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
-__all__ = ["SCHEMA", "Individual", "SearchResult", "Shape", "Space", "crossover", "crowding_distance", "dominates",
-           "evaluate_plan", "fast_non_dominated_sort", "load_front", "make_space", "mutate", "nsga2", "pareto_front",
-           "pick", "plan_from_shape", "plot_front", "random_genome", "rank_and_crowding", "repair",
-           "search_domain", "select_survivors", "tournament", "vocab_keep", "write_front"]
+__all__ = ["SCHEMA", "SearchResult", "Shape", "Space", "evaluate_plan", "load_front", "make_space", "mutate", "nsga2",
+           "pick", "plan_from_shape", "plot_front", "random_genome", "repair", "search_domain", "write_front"]

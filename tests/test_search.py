@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from minigpt import nsga as N
 from minigpt import search as S
 from minigpt.config import ConfigError, SearchConfig
 
@@ -21,35 +22,35 @@ def test_non_dominated_sort_on_hand_made_points():
     pts = np.array([[1, 5], [2, 3], [3, 4], [4, 1], [5, 5], [2, 3], [6, 6]], dtype=float)
     # [1,5] [2,3] [4,1] and the duplicate [2,3] are non-dominated; [3,4] is beaten by [2,3]; [5,5] by [3,4];
     # [6,6] by everything.
-    assert S.fast_non_dominated_sort(pts) == [[0, 1, 3, 5], [2], [4], [6]]
-    assert S.dominates(pts[1], pts[2]) and not S.dominates(pts[1], pts[5]) and not S.dominates(pts[0], pts[3])
+    assert N.fast_non_dominated_sort(pts) == [[0, 1, 3, 5], [2], [4], [6]]
+    assert N.dominates(pts[1], pts[2]) and not N.dominates(pts[1], pts[5]) and not N.dominates(pts[0], pts[3])
 
 
 def test_crowding_distance_on_hand_made_points():
     front = np.array([[0, 10], [1, 6], [3, 3], [10, 0]], dtype=float)
-    d = S.crowding_distance(front)
+    d = N.crowding_distance(front)
     assert np.isinf(d[0]) and np.isinf(d[3])
     # Point 1: neighbours [0,10] and [3,3] -> (3-0)/10 + (10-3)/10; point 2: neighbours [1,6], [10,0].
     assert d[1] == pytest.approx(0.3 + 0.7)
     assert d[2] == pytest.approx(0.9 + 0.6)
-    assert np.all(np.isinf(S.crowding_distance(front[:2])))
+    assert np.all(np.isinf(N.crowding_distance(front[:2])))
 
 
 def test_survivors_take_whole_fronts_then_the_least_crowded():
     pts = np.array([[0, 10], [1, 6], [3, 3], [10, 0], [2, 9], [11, 11]], dtype=float)
     # Front 0 = points 0-3; with room for 3, the extremes (inf) survive and point 2 (1.5) beats point 1 (1.0).
-    assert sorted(S.select_survivors(pts, 3)) == [0, 2, 3]
-    assert sorted(S.select_survivors(pts, 5)) == [0, 1, 2, 3, 4]
-    rank, crowd = S.rank_and_crowding(pts)
+    assert sorted(N.select_survivors(pts, 3)) == [0, 2, 3]
+    assert sorted(N.select_survivors(pts, 5)) == [0, 1, 2, 3, 4]
+    rank, crowd = N.rank_and_crowding(pts)
     assert rank.tolist() == [0, 0, 0, 0, 1, 2]
 
 
 def test_tournament_prefers_rank_then_crowding():
     rng = np.random.default_rng(0)
     rank, crowd = np.array([0, 1]), np.array([0.0, np.inf])
-    assert S.tournament(rng, rank, crowd, 5) == [0] * 5
+    assert N.tournament(rng, rank, crowd, 5) == [0] * 5
     rank, crowd = np.array([0, 0]), np.array([0.5, 2.0])
-    assert S.tournament(rng, rank, crowd, 5) == [1] * 5
+    assert N.tournament(rng, rank, crowd, 5) == [1] * 5
 
 
 def test_operators_respect_the_space():
@@ -57,10 +58,10 @@ def test_operators_respect_the_space():
     rng = np.random.default_rng(3)
     for _ in range(200):
         a, b = S.random_genome(rng, space), S.random_genome(rng, space)
-        for g in (*S.crossover(rng, a, b, 1.0), S.mutate(rng, a, space, 0.5)):
+        for g in (*N.crossover(rng, a, b, 1.0), S.mutate(rng, a, space, 0.5)):
             assert g[:6].sum() >= 2 and set(g[:6].tolist()) <= {0, 1}
             assert all(0 <= g[6 + i] < n for i, n in enumerate((3, 2, 2)))
-    child1, child2 = S.crossover(rng, a, b, 1.0)
+    child1, child2 = N.crossover(rng, a, b, 1.0)
     assert np.array_equal(np.sort(np.stack([child1, child2]), 0), np.sort(np.stack([a, b]), 0))
     assert space.shape(space.full()) == S.Shape(tuple(range(6)), 32, 2, 0)
 
@@ -81,14 +82,14 @@ def _toy(space):
 def test_nsga2_is_reproducible_and_improves():
     space = S.Space(layers=8, mlp_widths=(8, 16, 24, 32), kv_groups=(1,), vocab_min_counts=(0,))
     runs = [S.nsga2(_toy(space), space, population=8, generations=6, seed=s) for s in (7, 7, 8)]
-    fronts = [[tuple(p.genome.tolist()) for p in S.pareto_front(pop)] for pop, _ in runs]
+    fronts = [[tuple(p.genome.tolist()) for p in N.pareto_front(pop)] for pop, _ in runs]
     assert fronts[0] == fronts[1]
     assert runs[0][1] == runs[1][1]
     # Elitism: the first objective's best-known loss at each size never gets worse, and layer 0 is kept on the front
     # except at the very smallest sizes.
     pop, history = runs[0]
     assert len(history) == 7 and history[-1]["evaluated"] > history[0]["evaluated"]
-    assert all(p.genome[0] == 1 for p in S.pareto_front(pop) if p.objectives[0] > 4)
+    assert all(p.genome[0] == 1 for p in N.pareto_front(pop) if p.objectives[0] > 4)
 
 
 # ----------------------------------------------------------------------------------------- model helpers
