@@ -32,8 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minigpt.config import RecoverConfig  # noqa: E402
 from minigpt.models import cache_root  # noqa: E402
-from minigpt.recover import (RecoveryTask, batch_indices, build_engine, build_student, deepspeed_config,  # noqa: E402
-                             lr_factor, next_token_loss, param_groups, recover_all, train_step)
+from minigpt.recover import deepspeed_config, recover_all  # noqa: E402
+from minigpt.training import (RecoveryTask, batch_indices, build_engine, build_student, lr_factor,  # noqa: E402
+                              next_token_loss, param_groups, train_step)
 
 LICENSES = Path("/usr/share/common-licenses")
 

@@ -18,10 +18,9 @@ import pytest
 import torch
 
 from minigpt.config import ConfigError, RecoverConfig
-from minigpt.recover import (RecoveryTask, batch_indices, check_resources, concurrent_domains, deepspeed_config,
-                             distill_loss, latest_tag, load_blocks, lr_factor, next_token_loss, recover_all)
-
-TOKENIZER_DIR = Path("/root/.cache/minigpt/models/smollm2-135m-b179c9523d0e6a0f")
+from minigpt.recover import check_resources, concurrent_domains, deepspeed_config, recover_all
+from minigpt.training import (RecoveryTask, batch_indices, distill_loss, latest_tag, load_blocks, lr_factor,
+                              next_token_loss)
 BLOCK = 32
 VOCAB = 49152  # the real tokenizer's
 
@@ -104,7 +103,7 @@ def test_recover_config_validates_new_fields():
 # ------------------------------------------------------------------------------------------------- fixtures
 
 
-def _tiny_llama(path: Path, vocab: int, seed: int, with_tokenizer: bool = True) -> str:
+def _tiny_llama(path: Path, vocab: int, seed: int, tokenizer_dir: Path) -> str:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -113,8 +112,7 @@ def _tiny_llama(path: Path, vocab: int, seed: int, with_tokenizer: bool = True) 
                                          max_position_embeddings=128, tie_word_embeddings=True,
                                          initializer_range=0.2))  # big enough for LoRA to move logits
     model.save_pretrained(path)
-    if with_tokenizer:
-        AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
     return str(path)
 
 
@@ -170,8 +168,8 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="module")
-def student(tmp_path_factory):
-    return _tiny_llama(tmp_path_factory.mktemp("student") / "pruned", VOCAB, seed=0)
+def student(tmp_path_factory, smollm2_dir):
+    return _tiny_llama(tmp_path_factory.mktemp("student") / "pruned", VOCAB, seed=0, tokenizer_dir=smollm2_dir)
 
 
 @pytest.fixture(scope="module")
@@ -217,10 +215,10 @@ def test_lora_merges_and_a_failing_domain_does_not_stop_the_other(ray_cluster, s
 
 
 @pytest.mark.slow
-def test_distill_zero3_vocab_pruned_student_resumes_after_a_kill(ray_cluster, tmp_path):
+def test_distill_zero3_vocab_pruned_student_resumes_after_a_kill(ray_cluster, tmp_path, smollm2_dir):
     keep = tuple(range(0, 2048, 4))  # student row i = teacher id 4 * i
-    teacher = _tiny_llama(tmp_path / "teacher", VOCAB, seed=1)
-    small = _tiny_llama(tmp_path / "pruned", len(keep), seed=2)
+    teacher = _tiny_llama(tmp_path / "teacher", VOCAB, seed=1, tokenizer_dir=smollm2_dir)
+    small = _tiny_llama(tmp_path / "pruned", len(keep), seed=2, tokenizer_dir=smollm2_dir)
     data = _shards(tmp_path / "data", offset=10)
     cfg = replace(BASE, mode="distill", deepspeed_config="jobs/deepspeed/zero3.json", distill_alpha=0.5,
                   checkpoint_every=2)
@@ -236,6 +234,7 @@ def test_distill_zero3_vocab_pruned_student_resumes_after_a_kill(ray_cluster, tm
     assert r.resumed_from == 2 and r.steps == 6 and len(r.losses) == 6  # continued from the checkpoint, not 0
     assert _falls(r.losses)
     _assert_plain_checkpoint(r.out_dir, len(keep))
+    assert not Path(task.checkpoint_dir).exists()  # the expert is final: its checkpoints are gone
 
     t0 = time.monotonic()
     again = recover_all([task], cfg)["medical"]
