@@ -51,13 +51,18 @@ METHODS = ("obs", "wanda-sp", "contextual", "cus-prun", "taylor", "depth", "magn
 
 def _profile(model, blocks, spec: S.StatSpec, path: Path, batch: int, taylor_blocks: int) -> tuple[dict, dict]:
     """Every statistic of one domain (cached on disk: the Gram pass is the slow part of a run)."""
-    if path.is_file():
-        saved = load_file(str(path))
-        if set(S.stat_shapes(model, spec)) <= set(saved):
-            return ({k: v for k, v in saved.items() if not k.startswith("taylor")},
-                    {k: v for k, v in saved.items() if k.startswith("taylor")})
+    saved = load_file(str(path)) if path.is_file() else {}
+    prof = {k: v for k, v in saved.items() if not k.startswith("taylor")}
+    grad = {k: v for k, v in saved.items() if k.startswith("taylor")}
+    stale = {k for k, s in S.stat_shapes(model, spec).items() if k not in prof or tuple(prof[k].shape) != s}
+    if not stale and "taylor_resid" in grad:
+        return prof, grad
     t0 = time.time()
-    prof = S.accumulate(model, blocks, batch_size=batch, spec=spec)
+    if stale:
+        # Only what is stale is collected again (e.g. the depth moments after their layout changed).
+        again = S.StatSpec(gram=spec.gram and any(k.endswith("gram") and "out" not in k for k in stale)
+                           or "tokens" in stale, depth_spans=spec.depth_spans)
+        prof.update(S.accumulate(model, blocks, batch_size=batch, spec=again))
     t1 = time.time()
     grad = S.taylor_sums(model, blocks[:taylor_blocks], batch_size=batch)
     print(f"[bench] profile {blocks.numel()} tokens {t1 - t0:.0f}s, taylor sums {time.time() - t1:.0f}s", flush=True)

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from minigpt.config import ConfigError, PruneConfig
-from minigpt.models import (count_parameters, kv_coupling, kv_prunable, layer_params, mlp_coupling, params_per_unit,
-                            q_coupling, widths)
+from minigpt.models import (check_replacement, count_parameters, depth_replaceable, kv_coupling, kv_prunable,
+                            layer_params, mlp_coupling, params_per_unit, q_coupling, widths)
 from minigpt.stats import StatSpec
 
 FORMAT = "minigpt.plan/3"
@@ -247,16 +247,24 @@ def stat_spec(prune_cfg: PruneConfig, model_or_config) -> StatSpec:
     gram = prune_cfg.reconstruct or prune_cfg.method == "obs" or prune_cfg.allocate
     spans = (depth_layers(model_or_config, prune_cfg.target),) if prune_cfg.method == "depth" and \
         prune_cfg.reconstruct else ()
-    if prune_cfg.allocate:
-        spans = depth_options(depth_layers(model_or_config, prune_cfg.target))
+    if spans:
+        check_replacement(model_or_config)  # post-norm blocks (Gemma 3, OLMo 2): stop before calibrating
+    if prune_cfg.allocate:  # without replaceable spans, allocation chooses among width shapes only
+        spans = depth_options(depth_layers(model_or_config, prune_cfg.target)) \
+            if depth_replaceable(model_or_config) else ()
     # Sequential pruning sums each layer's Gram matrices itself, one layer at a time (minigpt.sequential).
     return StatSpec(gram=gram and prune_cfg.method != "depth" and not prune_cfg.sequential, depth_spans=spans)
 
 
-def replacement_span(stats: Mapping[str, torch.Tensor], n: int, damp: float) -> tuple[int, list[float]]:
-    """The first layer of the n-layer span whose least-squares replacement leaves the smallest residual, relative
-    to the residual stream after the span; and that relative residual for every start (inf where impossible).
+def replacement_span(stats: Mapping[str, torch.Tensor], n: int, damp: float,
+                     fisher: torch.Tensor | None = None) -> tuple[int, list[float]]:
+    """The first layer of the n-layer span whose least-squares replacement leaves the smallest error, and that error
+    for every start (inf where impossible).
 
+    With `fisher` ([L + 1, D], stats.taylor_sums' taylor_resid) the residual of each channel is priced by the
+    squared loss gradient of the stream leaving the span: a first-order estimate of the loss it adds, in the
+    currency minigpt.allocate compares every change in. Without it, the residual is relative to the energy of the
+    stream leaving the span (for a span that ends the model, the stream entering its last layer stands in).
     Layer 0 is never cut (no block before it carries a replacement)."""
     from minigpt import refit
 
@@ -267,24 +275,30 @@ def replacement_span(stats: Mapping[str, torch.Tensor], n: int, damp: float) -> 
     rel = [float("inf")] * L
     for first in range(1, L - n + 1):
         k = first - 1
-        A, C, bsq = stats["mlp_out_gram"][k], stats[key][k], float(stats[f"depth_bsq_{n}"][k])
+        A, C, bsq = stats["mlp_out_gram"][k], stats[key][k], stats[f"depth_bsq_{n}"][k]
         err = refit.replacement_error(A, C, bsq, refit.replacement(A, C, damp))
-        # Normalised by the energy of the residual stream leaving the span, so early and late spans compare (for
-        # a span that ends the model, the stream entering its last layer stands in).
-        energy = float(stats["hidden_sq_sum"][min(first + n, L - 1)].sum())
-        rel[first] = err / max(energy, 1e-30)
+        if fisher is not None:
+            rel[first] = float((err * fisher[first + n].double()).sum())
+        else:
+            energy = float(stats["hidden_sq_sum"][min(first + n, L - 1)].sum())
+            rel[first] = float(err.sum()) / max(energy, 1e-30)
     best = min(range(L), key=lambda i: (rel[i], i))
     return best, rel
 
 
-def target_shape(model: nn.Module, prune_cfg: PruneConfig, scores, stats: Mapping[str, torch.Tensor]) -> Shape:
-    """The uniform shape a fixed-ratio job asks for: depth drops layers, otherwise KV groups then MLP width."""
+def target_shape(model: nn.Module, prune_cfg: PruneConfig, scores, stats: Mapping[str, torch.Tensor],
+                 grad_stats: Mapping[str, torch.Tensor] | None = None) -> Shape:
+    """The uniform shape a fixed-ratio job asks for: depth drops layers, otherwise KV groups then MLP width.
+
+    `grad_stats` (stats.taylor_sums), when it carries taylor_resid, prices depth replacements by the loss they add;
+    prune.allocate needs it."""
+    fisher = (grad_stats or {}).get("taylor_resid")
     w = widths(model)
     L, G = w["layers"], w["kv_heads"]
     if prune_cfg.method == "depth":
         n = depth_layers(model, prune_cfg.target)
         if prune_cfg.reconstruct:
-            first, _ = replacement_span(stats, n, prune_cfg.damp)
+            first, _ = replacement_span(stats, n, prune_cfg.damp, fisher)
             dropped = set(range(first, first + n))
         else:
             # Lowest block influence = the layer whose output is most similar to its input; ties: later first.
@@ -293,7 +307,7 @@ def target_shape(model: nn.Module, prune_cfg: PruneConfig, scores, stats: Mappin
     if prune_cfg.allocate:
         from minigpt.allocate import allocate
 
-        best, _ = allocate(model, stats, prune_cfg)
+        best, _ = allocate(model, stats, prune_cfg, fisher)
         span = set(range(best.first, best.first + best.depth)) if best.depth else set()
         return Shape(tuple(i for i in range(L) if i not in span), best.mlp_width, best.kv_groups,
                      q_heads=best.q_heads)
@@ -397,7 +411,7 @@ def build_plan(profile_stats: Mapping[str, torch.Tensor], model: nn.Module, prun
     needs_scores_first = prune_cfg.method == "depth" or prune_cfg.mode == "threshold"
     scores = scoring.score_all(prune_cfg, profile_stats, model, others=others, grad=grad_stats) \
         if needs_scores_first else None
-    shape = target_shape(model, prune_cfg, scores, profile_stats)
+    shape = target_shape(model, prune_cfg, scores, profile_stats, grad_stats)
     if protect_layers:
         # The protected layers keep everything, so the others share the whole cut.
         w = widths(model)

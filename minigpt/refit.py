@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from minigpt.models import arch_of, decoder_layers, kv_coupling, mlp_coupling, q_coupling, unit_index, widths
+from minigpt.models import arch_of, check_replacement, decoder_layers, kv_coupling, mlp_coupling, q_coupling, unit_index, widths
 
 
 class RefitError(ValueError):
@@ -157,10 +157,11 @@ def replacement(A: torch.Tensor, C: torch.Tensor, damp: float = 0.01) -> torch.T
     return torch.cholesky_solve(C + lam * eye, _cholesky(H))
 
 
-def replacement_error(A: torch.Tensor, C: torch.Tensor, bsq: float, T: torch.Tensor) -> float:
-    """sum |a T - b|^2 from the sums alone: |b|^2 - 2 tr(T^T C) + tr(T^T A T)."""
+def replacement_error(A: torch.Tensor, C: torch.Tensor, bsq: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+    """sum over tokens of (a T - b)_d^2 for every output channel d, from the sums alone (bsq = sum b^2 per channel):
+    bsq_d - 2 (T^T C)_dd + (T^T A T)_dd."""
     T = T.double()
-    return float(bsq - 2 * (T * C.double()).sum() + (T * (A.double() @ T)).sum())
+    return bsq.double() - 2 * (T * C.double()).sum(0) + (T * (A.double() @ T)).sum(0)
 
 
 # ------------------------------------------------------------------------------------ model glue
@@ -250,6 +251,7 @@ def compensation(model: nn.Module, plan, stats: Mapping[str, torch.Tensor], damp
             out.update(layer_compensation(model, lp.index, lp.mlp_keep, lp.kv_keep, stats, damp,
                                           q_keep=lp.q_keep))
     if getattr(plan, "replace", False):
+        check_replacement(model)
         for first, n in runs(plan.dropped_layers):
             k = first - 1
             if k < 0:

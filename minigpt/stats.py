@@ -23,7 +23,8 @@ replacement); Q = H * head_dim is the attention output projection's input width:
   mlp_out_gram    [L, D, D]  sum a^T a of each block's MLP output a            (depth_spans)
   depth_cross_<n> [L, D, D]  sum a_k^T b_k with b_k = h_{k+1+n} - h_{k+1} + a_k: the part of the residual after a
                              cut of the n layers k+1..k+n that block k's remapped MLP output must supply (ReplaceMe)
-  depth_bsq_<n>   [L]        sum |b_k|^2 (the residual left by a replacement, predicted without a forward pass)
+  depth_bsq_<n>   [L, D]     sum b_k^2 per residual channel (with the two above, the residual a replacement leaves in
+                             each channel, predicted without a forward pass)
 Rows of depth_cross_<n> / depth_bsq_<n> whose span runs past the last layer stay zero.
 """
 
@@ -38,7 +39,7 @@ import torch
 from torch import nn
 
 from minigpt.models import (attn_output, decoder_layers, kv_coupling, kv_prunable, mlp_coupling, mlp_output,
-                            mlp_parts, widths)
+                            mlp_parts, per_unit, residual_scale, widths)
 
 Stats = dict[str, torch.Tensor]
 
@@ -68,7 +69,7 @@ def stat_shapes(model_or_config, spec: StatSpec = StatSpec()) -> dict[str, tuple
         shapes["mlp_out_gram"] = (L, D, D)
         for n in spec.depth_spans:
             shapes[f"depth_cross_{n}"] = (L, D, D)
-            shapes[f"depth_bsq_{n}"] = (L,)
+            shapes[f"depth_bsq_{n}"] = (L, D)
     return shapes
 
 
@@ -132,6 +133,7 @@ class _Collector:
     def __init__(self, model: nn.Module, stats: Stats, spec: StatSpec, layer: int | None = None):
         self.model, self.stats, self.spec = model, stats, spec
         self.heads = widths(model)["heads"]
+        self.scale = residual_scale(model)  # Granite: what a block adds to the stream is scaled after mlp_output
         self.handles = []
         self.hidden: dict[int, torch.Tensor] = {}  # depth: residual stream h_i of the current batch, flattened
         self.mlp_out: dict[int, torch.Tensor] = {}  # depth: each block's MLP output a_k of the current batch
@@ -191,7 +193,7 @@ class _Collector:
     def _mlp_out_hook(self, i: int):
         def hook(_m, _args, output):
             a = _first_tensor(output).detach()
-            self.mlp_out[i] = a.reshape(-1, a.shape[-1]).float()
+            self.mlp_out[i] = a.reshape(-1, a.shape[-1]).float() * self.scale
         return hook
 
     def end_batch(self) -> None:
@@ -207,7 +209,7 @@ class _Collector:
                     continue
                 b = h[k + 1 + n] - h[k + 1] + a[k]
                 st[f"depth_cross_{n}"][k] += (a[k].T @ b).double()
-                st[f"depth_bsq_{n}"][k] += b.square().sum(dtype=torch.float64)
+                st[f"depth_bsq_{n}"][k] += b.square().sum(0, dtype=torch.float64)
         self.hidden.clear()
         self.mlp_out.clear()
 
@@ -292,18 +294,41 @@ def taylor_sums(model: nn.Module, blocks: torch.Tensor, batch_size: int) -> Stat
     For every batch the next-token loss is back-propagated and sum |w * dL/dw| is added per MLP channel (its input
     rows, biases and output column) and per KV group (its key/value rows, its query heads' rows and their output
     projection columns). Entries: taylor_batches [1], taylor_mlp [L, I], taylor_kv [L, G] (zeros where the
-    architecture's heads cannot be pruned). Gradients are cleared afterwards; the weights are not changed.
+    architecture's heads cannot be pruned), and taylor_resid [L + 1, D]: sum over tokens of (dL/dh)^2 per channel of
+    the residual stream h entering each layer (row L: leaving the last one) - the diagonal empirical Fisher that
+    prices an error added to the stream there (minigpt.allocate). Gradients are cleared afterwards; the weights are
+    not changed.
     """
     w = widths(model)
     layers = decoder_layers(model)
     out = {"taylor_batches": torch.zeros(1, dtype=torch.float64),
            "taylor_mlp": torch.zeros(w["layers"], w["intermediate"], dtype=torch.float64),
-           "taylor_kv": torch.zeros(w["layers"], w["kv_heads"], dtype=torch.float64)}
+           "taylor_kv": torch.zeros(w["layers"], w["kv_heads"], dtype=torch.float64),
+           "taylor_resid": torch.zeros(w["layers"] + 1, w["hidden"], dtype=torch.float64)}
+
+    def grad_sq(row: int):
+        def add(g: torch.Tensor) -> None:
+            out["taylor_resid"][row] += g.detach().reshape(-1, g.shape[-1]).double().square().sum(0).cpu()
+        return add
+
+    def watch_input(i: int):
+        def hook(_m, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            if x.requires_grad:
+                x.register_hook(grad_sq(i))
+        return hook
+
+    def watch_output(_m, _args, _kwargs, output):
+        y = _first_tensor(output)
+        if y.requires_grad:
+            y.register_hook(grad_sq(len(layers)))
     mlp = mlp_coupling(model)
     kv = kv_coupling(model) if kv_prunable(model) else []  # e.g. GPT-2: no prunable KV groups
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    handles = [layer.register_forward_pre_hook(watch_input(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles.append(layers[-1].register_forward_hook(watch_output, with_kwargs=True))
     try:
         for start in range(0, blocks.shape[0], batch_size):
             ids = blocks[start:start + batch_size].to(device)
@@ -320,9 +345,11 @@ def taylor_sums(model: nn.Module, blocks: torch.Tensor, batch_size: int) -> Stat
                             contrib = (p.detach().double() * p.grad.double()).abs()
                             per_index = contrib.sum(dim=[d for d in range(p.dim()) if d != c.dim]) if p.dim() > 1 \
                                 else contrib
-                            out[key][i] += per_index.reshape(n, c.size).sum(1).cpu()
+                            out[key][i] += per_unit(c, per_index, n).sum(1).cpu()
             out["taylor_batches"] += 1
     finally:
+        for h in handles:
+            h.remove()
         model.zero_grad(set_to_none=True)
         model.train(was_training)
     return out

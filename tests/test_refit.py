@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from minigpt import plan as P, refit, scoring, slim as SL, stats as S
-from minigpt.config import PruneConfig
+from minigpt.config import ConfigError, PruneConfig
 from minigpt.models import count_parameters
 from tests.conftest import make_tiny_llama
 
@@ -130,7 +130,11 @@ def test_depth_replacement_is_exact_on_linear_layers():
     A, C = a.T @ a, a.T @ b
     T = refit.replacement(A, C, damp=0.0)
     torch.testing.assert_close(T, M, rtol=1e-8, atol=1e-8)
-    assert abs(refit.replacement_error(A, C, float(b.square().sum()), T)) < 1e-6
+    err = refit.replacement_error(A, C, b.square().sum(0), T)
+    assert err.shape == (6,) and err.abs().max() < 1e-6
+    # A replacement that is off leaves exactly |a (T - M)|^2 in each channel.
+    T2 = T + 0.1 * torch.eye(6, dtype=torch.float64)
+    torch.testing.assert_close(refit.replacement_error(A, C, b.square().sum(0), T2), (a @ T2 - b).square().sum(0))
     assert refit.runs((3, 4, 7, 9, 10, 11)) == [(3, 2), (7, 1), (9, 3)]
 
 
@@ -255,20 +259,33 @@ def test_allocation_picks_the_stock_shape_with_the_least_predicted_error(model):
     spec = P.stat_spec(PruneConfig(target=0.3, allocate=True), model)
     assert spec.gram and spec.depth_spans == A.depth_options(P.depth_layers(model, 0.3))
     prof = S.accumulate(model, _blocks(8), batch_size=2, spec=spec)
+    grad = S.taylor_sums(model, _blocks(4), batch_size=2)
+    fisher = grad["taylor_resid"]
     cfg = PruneConfig(target=0.3, allocate=True, multiple_of=4)
-    best, cands = A.allocate(model, prof, cfg)
+    with pytest.raises(ConfigError, match="taylor_resid"):
+        A.allocate(model, prof, cfg, None)
+    best, cands = A.allocate(model, prof, cfg, fisher)
     assert best == min(cands, key=lambda c: (c.predicted, -c.mlp_width))
     assert {c.kv_groups for c in cands} == {1, 2} and {c.q_heads for c in cands} == {1, 2}
     assert all(abs(c.removed - 0.3) < 0.06 for c in cands)
-    # Its MLP-only candidate's prediction is the OBS error of that cut, summed over layers, relative to the energy.
+    # Its MLP-only candidate's prediction is the OBS error of that cut in each output channel, priced by the squared
+    # loss gradient of the stream it is added to, summed over layers: computed here from the refit itself.
     mlp_only = next(c for c in cands if c.depth == 0 and c.kv_groups == 2 and c.q_heads == 2)
     expect = 0.0
     for i, layer in enumerate(model.model.layers):
-        _, err = refit.obs_order(layer.mlp.down_proj.weight, prof["mlp_gram"][i], 1, cfg.damp,
-                                 remove=64 - mlp_only.mlp_width, batch=1)
-        expect += err[-1] / float(prof["hidden_sq_sum"][i].sum())
-    assert mlp_only.predicted == pytest.approx(expect, rel=1e-9)
-    plan = P.build_plan(prof, model, cfg, domain="d")
+        W, G = layer.mlp.down_proj.weight.detach().double(), prof["mlp_gram"][i]
+        order, _ = refit.obs_order(W * fisher[i + 1].sqrt()[:, None], G, 1, cfg.damp,
+                                   remove=64 - mlp_only.mlp_width, batch=1)
+        keep = sorted(set(range(64)) - set(order))
+        W2 = torch.zeros_like(W)
+        W2[:, keep] = refit.ridge_refit(W, G, keep, cfg.damp)[0]
+        lam = refit._ridge(G, cfg.damp)
+        D = W - W2  # the objective: sum_t |D x|^2 + lam |D|^2, priced per output channel
+        expect += float(((D @ G * D).sum(1) + lam * D.square().sum(1)) @ fisher[i + 1])
+    assert mlp_only.predicted == pytest.approx(expect, rel=1e-6)
+    # Every price is positive where the loss depends on the stream.
+    assert fisher.shape == (len(model.model.layers) + 1, 32) and bool((fisher > 0).all())
+    plan = P.build_plan(prof, model, cfg, domain="d", grad_stats=grad)
     assert (plan.mlp_width, plan.kv_width or 2, plan.q_width or 2, len(plan.dropped_layers)) == \
         (best.mlp_width, best.kv_groups, best.q_heads, best.depth)
     small, _ = SL.slim_expert(model, None, plan, prof)
