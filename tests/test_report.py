@@ -22,10 +22,12 @@ def model(ppls: list[float], non_emb: int, latency: float, speedup: float | None
                   "latency_ms": latency, "latency_ms_min": latency, "tokens_per_s": 128e3 / latency,
                   "speedup_vs_dense": speedup},
         "domains": {d: {"loss": 2.0, "ppl": p, "bits_per_byte": 0.3 * p ** 0.25, "tokens": 4080, "bytes": 19000,
-                        "blocks": 16} for d, p in zip(DOMAINS, ppls)},
+                        "blocks": 16, "ppl_ci": [0.9 * p, 1.1 * p], "documents_measured": 40}
+                    for d, p in zip(DOMAINS, ppls)},
         "mcq": None,
         "general": None,
-        "sample": " a <b>bold</b> | piped ``` sample",
+        "samples": {d: {"prompt": f"The {d} text begins", "text": " a <b>bold</b> | piped ``` sample"}
+                    for d in DOMAINS},
         "seconds": 1.0,
     }
 
@@ -38,8 +40,14 @@ def eval_data() -> dict:
         models[f"{d}/pruned"] = model(base, 80_000_000, 240.0, 1.25)
         models[f"{d}/recovered"] = model([b * 0.8 for b in base], 80_000_000, 240.0, 1.25)
     models["legal/recovered"]["domains"]["code"]["ppl"] = None  # a non-finite value written as null
+    for label, res in models.items():  # paired ratios to dense, as minigpt.metrics.add_intervals writes them
+        for d, cell in res["domains"].items():
+            r = cell["ppl"] / models["dense"]["domains"][d]["ppl"] if cell["ppl"] else None
+            cell.update(ppl_ratio=r, ppl_ratio_ci=[r * 0.95, r * 1.05] if r else None)
+        if label != "dense":
+            res["samples"] = {label.split("/")[0]: res["samples"][label.split("/")[0]]}
     return {"schema": "minigpt.eval/1", "domains": DOMAINS, "dense": "dense", "block_size": 256,
-            "config": {"sample_prompt": "The answer is"}, "models": models}
+            "config": {"confidence": 0.9}, "models": models}
 
 
 class Page(HTMLParser):
@@ -77,18 +85,31 @@ def test_full_report(tmp_path):
              for d in DOMAINS}
     data = eval_data()
     data["models"]["legal/recovered"]["mcq"] = {"n": 10, "accuracy": 0.3, "accuracy_norm": 0.4, "chance": 0.25,
-                                                "by_subject": {}}
+                                                "accuracy_ci": [0.1, 0.6], "by_subject": {}, "harness": "lm-eval 0.4"}
     md, page = write_report(tmp_path, data, plans, extra={"name": "demo", "wall time": "12 min"})
 
     html_text = page.read_text()
     doc = parse(html_text)
     assert len(doc.imgs) == 3 and all(is_png_uri(s) for s in doc.imgs)
-    assert not doc.external and doc.tables >= len(DOMAINS) + 3
+    assert not doc.external and doc.tables >= len(DOMAINS) + 4
     assert "<b>bold</b>" not in html_text  # model text is escaped
     text = md.read_text()
+    sections = re.findall(r"^## (.+)$", text, flags=re.M)
+    assert sections[0] == "Headline"
+    # The headline: one row per shipped expert (recovered, not pruned), with size, speed, own-domain ratio and its
+    # interval, and its ratios on the other domains (code/recovered: 0.8 x 30/12 and 0.8 x 40/15; legal/recovered has
+    # no finite perplexity on code, so only medical's 0.8 x 40/15).
+    head = text[text.index("## Headline"):text.index("## Held-out quality")]
+    assert "| code/recovered | 80.00M | 0.753× | 1.250× | 3.600× [3.420×–3.780×] | 2.00–2.13× | 40 |" in head
+    assert "| legal/recovered | 80.00M | 0.753× | 1.250× | 1.200× [1.140×–1.260×] | 2.13× | 40 |" in head
+    assert "legal/pruned" not in head and "medical/recovered" in head and "code/recovered" in head
+    assert "legal/recovered: 25% fewer non-embedding parameters, 1.25× the dense speed; held-out perplexity " \
+           "1.20× dense [1.14–1.26] on legal, 2.13× dense on the other domains." in head
     for d in DOMAINS:
         assert f"Domain: {d}" in text and f"{d}/recovered" in text
-    assert "| legal/pruned | 18.000 |" in text and "1.500×" in text  # ppl and ratio to dense (18 / 12)
+        assert f"**{d}: prompt**" in text and f"The {d} text begins" in text
+    assert "| legal/pruned | 18.00 [16.20–19.80] | 1.500× [1.425×–1.575×] |" in text  # ppl, ratio to dense (18 / 12)
+    assert "[90% CI]" in text and "30.0% [10.0%–60.0%]" in text  # the configured confidence; MCQ interval
     refs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert len(refs) == 3
     for ref in refs:
@@ -96,11 +117,33 @@ def test_full_report(tmp_path):
     assert "Multiple choice" in text and "demo" in text
 
 
+def test_console_table_prints_intervals():
+    from minigpt.report import console_table
+
+    out = console_table(eval_data()).splitlines()
+    assert "90% bootstrap interval" in out[0]
+    legal = next(line for line in out if line.startswith("legal"))
+    assert "12.00 [10.80–13.20]" in legal and "1.50× [1.42×–1.58×]" in legal and "1.20× [1.14×–1.26×]" in legal
+    assert legal.rstrip().endswith("24.7%")
+
+
+def test_no_plot_of_a_constant(tmp_path):
+    data = eval_data()
+    uniform = {d: {"domain": d, "intermediate_size": 1536,
+                   "layers": [{"index": i, "mlp_keep": list(range(1024))} for i in range(30)]} for d in DOMAINS}
+    md, page = write_report(tmp_path, data, uniform)
+    assert "mlp_widths.png" not in md.read_text()  # every layer keeps 1024 channels: the table says it
+    one = {"schema": "minigpt.eval/1", "domains": ["legal"], "dense": "dense",
+           "models": {"dense": data["models"]["dense"]}}
+    md, page = write_report(tmp_path, one)
+    assert parse(page.read_text()).imgs == []  # one model, one domain: a single point and a single cell
+
+
 def test_report_tolerates_missing_pieces_and_rewrites(tmp_path):
     data = eval_data()
     data["dense"] = None
     del data["models"]["dense"]
-    bad_plans = {"legal": {"layers": [{"mlp_keep": [1, 2]}, {"index": 1}]}, "code": {}}
+    bad_plans = {"legal": {"layers": [{"mlp_keep": [1, 2]}, {"index": 1}, {"mlp_keep": [1, 2, 3]}]}, "code": {}}
     md, page = write_report(tmp_path, data, bad_plans)
     doc = parse(page.read_text())
     assert len(doc.imgs) == 3 and all(is_png_uri(s) for s in doc.imgs)
