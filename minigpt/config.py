@@ -367,6 +367,12 @@ class JobConfig:
         if not self.output_dir:
             object.__setattr__(self, "output_dir", f"runs/{self.name}")
 
+    def domain(self, name: str) -> DomainConfig:
+        for d in self.domains:
+            if d.name == name:
+                return d
+        raise KeyError(f"no domain {name!r} in job {self.name!r}")
+
     def to_dict(self) -> dict[str, Any]:
         raw = dataclasses.asdict(self)
         raw["domains"] = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in raw["domains"]}

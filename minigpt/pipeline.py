@@ -1,79 +1,213 @@
-"""Runs a job's stages in order; resumable.
+"""Runs a job's stages in order, resumably, from one stage table.
 
-prepare -> calibrate -> [search] -> plan+slim -> recover -> [quantize] -> evaluate -> report ([optional]).
-Every stage (per domain where it can be) records a manifest in `<run>/_stages/` with a key: a hash of exactly the
-settings and inputs it depends on. A re-run skips a stage whose manifest says done with the same key and whose
-outputs exist, so changing `recover.steps` re-runs only recovery, evaluation and the report, while changing the
-calibration data re-runs everything downstream of it.
+prepare -> calibrate -> [search] -> slim -> [recover] -> [quantize] -> evaluate -> report ([optional]: when the job
+enables it). Each row of `STAGES` names a stage's upstream stages, the config settings it depends on, its outputs
+(paths of the one `RunLayout`) and its run function (minigpt.stages). One generic keeper, `Pipeline.run_stage`,
+does the bookkeeping for all of them: per stage and domain a manifest in `<run>/_stages/` holding a key (a hash of
+the settings, of anything else the stage reads, and of the key and status of every upstream unit it read) and its
+status. A re-run skips a unit whose manifest says done with the same key and whose outputs exist, so changing
+`recover.steps` re-runs only recovery and what is downstream of it, while changing `data.*` re-runs everything.
+Invalidation is the key alone; recovery checkpoints are minigpt.recover's to keep or delete.
+
+`status` reads the manifests without the job running: a unit recorded done whose upstream units have since changed
+(re-running, interrupted, failed or done with another key) is `stale`, so an interrupted recovery never leaves an
+earlier evaluation and report looking current.
 
 Everything that can be checked cheaply is checked before the run folder is touched or a model is loaded.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from minigpt import config as C
+from minigpt import config as C, stages as S
 from minigpt.config import ConfigError, JobConfig
+from minigpt.io import atomic_write_text
+
 
 class JobIncomplete(RuntimeError):
     """Some domains failed; every other domain's outputs, the evaluation and the report were still written."""
 
 
-STAGES = ("prepare", "calibrate", "search", "slim", "recover", "quantize", "evaluate", "report")
+# ------------------------------------------------------------------------------------------ run layout
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Every path of a run folder (docs/contracts.md); stages read and write only through it."""
+
+    run_dir: Path
+
+    def data_dir(self, domain: str) -> Path:
+        return self.run_dir / "data" / domain
+
+    def profile(self, domain: str) -> Path:
+        return self.run_dir / "profiles" / f"{domain}.safetensors"
+
+    @property
+    def ledger(self) -> Path:
+        return self.run_dir / "profiles" / "_ledger"
+
+    def search(self, domain: str) -> Path:
+        return self.run_dir / "search" / f"{domain}.json"
+
+    def search_png(self, domain: str) -> Path:
+        return self.run_dir / "search" / f"{domain}.png"
+
+    def plan(self, domain: str) -> Path:
+        return self.run_dir / "plans" / f"{domain}.json"
+
+    def expert(self, domain: str, kind: str) -> Path:
+        """experts/<domain>/<kind>: pruned, recovered, int8, train (re-tokenized shards), search-<k>."""
+        return self.run_dir / "experts" / domain / kind
+
+    def checkpoints(self, domain: str) -> Path:
+        return self.expert(domain, "checkpoints")
+
+    @property
+    def job_yaml(self) -> Path:
+        return self.run_dir / "job.yaml"
+
+    @property
+    def eval_json(self) -> Path:
+        return self.run_dir / "eval.json"
+
+    @property
+    def summary(self) -> Path:
+        return self.run_dir / "summary.json"
+
+    @property
+    def stages(self) -> Path:
+        return self.run_dir / "_stages"
+
+
+# ------------------------------------------------------------------------------------------ stage table
+
+Unit = str | None  # a domain, or None for a stage of the whole job
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One row of the stage table.
+
+    upstream: (stage, scope) pairs whose units' keys and statuses feed this stage's key; scope "same" is the
+    same domain, "all" every domain. A disabled upstream stage is left out. settings: dotted config paths hashed
+    into the key. extra: anything else the stage reads (not in the config) that must change its key.
+    Exactly one of run_one (one domain at a time) and run_many (the list of units to do, with a finish callback)
+    is set.
+    """
+
+    name: str
+    outputs: Callable[[RunLayout, Unit], list[Path]]
+    upstream: Callable[[JobConfig], tuple[tuple[str, str], ...]] = lambda cfg: ()
+    settings: tuple[str, ...] = ()
+    extra: Callable[[Pipeline, Unit], Any] = lambda p, u: None
+    enabled: Callable[[JobConfig], bool] = lambda cfg: True
+    per_domain: bool = True
+    run_one: Callable[[Pipeline, str], None] | None = None
+    run_many: Callable[..., None] | None = None
+
+
+def _slim_upstream(cfg: JobConfig) -> tuple[tuple[str, str], ...]:
+    if cfg.search.enabled:  # the searched shape replaces the fixed-ratio plan
+        return (("search", "same"),)
+    # cus-prun contrasts a domain with the others, so its plan depends on their profiles too.
+    return (("calibrate", "all" if cfg.prune.method == "cus-prun" else "same"),)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("prepare", lambda L, d: [L.data_dir(d) / "manifest.json"], settings=("model.source", "data"),
+          extra=lambda p, d: (str(p.model_dir), C.dump_section(p.cfg.domain(d))), run_one=S.prepare),
+    Stage("calibrate", lambda L, d: [L.profile(d)], lambda cfg: (("prepare", "same"),),
+          settings=("model.dtype", "calibrate.dtype", "calibrate.batch_size"), extra=lambda p, d: p.spec,
+          run_many=S.calibrate),
+    Stage("search", lambda L, d: [L.search(d), L.search_png(d)], lambda cfg: (("calibrate", "same"),),
+          settings=("search",), enabled=lambda cfg: cfg.search.enabled, run_one=S.search),
+    Stage("slim", lambda L, d: [L.plan(d), L.expert(d, "pruned")], _slim_upstream,
+          settings=("prune", "search.enabled"), run_one=S.slim),
+    Stage("recover", lambda L, d: [L.expert(d, "recovered")], lambda cfg: (("slim", "same"),),
+          settings=("recover",), enabled=lambda cfg: cfg.recover.enabled, run_many=S.recover),
+    Stage("quantize", lambda L, d: [L.expert(d, "int8")], lambda cfg: (("slim", "same"), ("recover", "same")),
+          settings=("quantize",), extra=lambda p, d: str(S.final_expert(p, d)),
+          enabled=lambda cfg: cfg.quantize.enabled, run_one=S.quantize),
+    Stage("evaluate", lambda L, u: [L.eval_json],
+          lambda cfg: tuple((s, "all") for s in ("prepare", "slim", "recover", "quantize")),
+          settings=("evaluate", "data.block_size"), extra=lambda p, u: sorted(S.model_table(p)), per_domain=False,
+          run_many=S.evaluate),
+    Stage("report", lambda L, u: [L.run_dir / "report.md", L.run_dir / "report.html"],
+          lambda cfg: (("evaluate", "all"),), extra=lambda p, u: (p.summary, sorted(S.searches(p))),
+          per_domain=False, run_many=S.report),
+)
+STAGE = {s.name: s for s in STAGES}
 
 
 def _hash(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def _setting(raw: dict, path: str) -> Any:
+    for part in path.split("."):
+        raw = raw[part]
+    return raw
+
+
+def _label(stage: str, unit: Unit) -> str:
+    return f"{stage}/{unit}" if unit else stage
+
+
+def _units(stage: Stage, domains: list[str]) -> list[Unit]:
+    return list(domains) if stage.per_domain else [None]
+
+
+def _upstream_units(cfg: JobConfig, stage: Stage, unit: Unit, domains: list[str]) -> list[tuple[str, Unit]]:
+    """The (stage, unit) pairs a unit of `stage` reads, in table order; disabled stages left out."""
+    out = []
+    for name, scope in stage.upstream(cfg):
+        up = STAGE[name]
+        if not up.enabled(cfg):
+            continue
+        targets = [None] if not up.per_domain else (domains if scope == "all" or unit is None else [unit])
+        out += [(name, d) for d in targets]
+    return out
+
+
+# ------------------------------------------------------------------------------------------ stage book
 
 
 class StageBook:
-    """The `_stages/` folder: one JSON manifest per stage (and domain) with status, key and outputs."""
+    """The `_stages/` folder: one JSON manifest per stage (and domain) with status, key, upstream and outputs."""
 
-    def __init__(self, run_dir: Path):
-        self.dir = run_dir / "_stages"
+    def __init__(self, layout: RunLayout):
+        self.dir = layout.stages
 
-    def path(self, stage: str, domain: str | None) -> Path:
-        return self.dir / (f"{stage}.{domain}.json" if domain else f"{stage}.json")
+    def path(self, stage: str, unit: Unit) -> Path:
+        return self.dir / (f"{stage}.{unit}.json" if unit else f"{stage}.json")
 
-    def read(self, stage: str, domain: str | None = None) -> dict | None:
-        p = self.path(stage, domain)
+    def read(self, stage: str, unit: Unit = None) -> dict | None:
         try:
-            return json.loads(p.read_text())
+            return json.loads(self.path(stage, unit).read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
-    def is_done(self, stage: str, domain: str | None, key: str, outputs: list[Path]) -> bool:
-        m = self.read(stage, domain)
-        return bool(m and m.get("status") == "done" and m.get("key") == key and all(p.exists() for p in outputs))
-
-    def mark(self, stage: str, domain: str | None, key: str, status: str, **extra) -> None:
-        record = {"stage": stage, "domain": domain, "key": key, "status": status, "time": time.time(),
+    def mark(self, stage: str, unit: Unit, key: str, status: str, **extra) -> None:
+        record = {"stage": stage, "domain": unit, "key": key, "status": status, "time": time.time(),
                   "pid": os.getpid(), **extra}
-        _atomic_write(self.path(stage, domain), json.dumps(record, indent=1, default=str))
+        atomic_write_text(self.path(stage, unit), json.dumps(record, indent=1, default=str))
 
-    def restore(self, stage: str, domain: str | None, previous: dict | None) -> None:
+    def restore(self, stage: str, unit: Unit, previous: dict | None) -> None:
         if previous is None:
-            self.path(stage, domain).unlink(missing_ok=True)
+            self.path(stage, unit).unlink(missing_ok=True)
         else:
-            _atomic_write(self.path(stage, domain), json.dumps(previous, indent=1, default=str))
+            atomic_write_text(self.path(stage, unit), json.dumps(previous, indent=1, default=str))
 
     def all(self) -> list[dict]:
         if not self.dir.is_dir():
@@ -81,15 +215,21 @@ class StageBook:
         return [json.loads(p.read_text()) for p in sorted(self.dir.glob("*.json"))]
 
 
+# ------------------------------------------------------------------------------------------ the driver
+
+
 class Pipeline:
     def __init__(self, cfg: JobConfig, job_path: str | None = None):
         self.cfg = cfg
-        self.run_dir = Path(cfg.output_dir)
-        self.book = StageBook(self.run_dir)
+        self.layout = RunLayout(Path(cfg.output_dir))
+        self.book = StageBook(self.layout)
         self.job_path = job_path
+        self.domains = [d.name for d in cfg.domains]
         self.model_dir: Path | None = None
         self.spec = None  # the StatSpec calibration collects (check_statistics)
-        self.keys: dict[tuple[str, str | None], str] = {}
+        self.summary: dict | None = None  # summary.json, once the evaluation is done (the report's input)
+        self._tokenizer = None
+        self._dense = None
 
     # ------------------------------------------------------------------------------------------ checks
 
@@ -111,16 +251,16 @@ class Pipeline:
             except json.JSONDecodeError as e:
                 raise ConfigError(f"recover.deepspeed_config {ds}: invalid JSON ({e.msg} at line {e.lineno})"
                                   ) from None
-        if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise ConfigError(f"output_dir {self.run_dir} exists and is not a folder")
+        if self.layout.run_dir.exists() and not self.layout.run_dir.is_dir():
+            raise ConfigError(f"output_dir {self.layout.run_dir} exists and is not a folder")
 
     def check_statistics(self) -> None:
         """Size the profile the prune settings need from the config alone; too big for the budget: one line."""
-        from minigpt import models, plan as P, stats as S
+        from minigpt import models, plan as P, stats as ST
 
         skel = models.skeleton(self.model_dir, self.cfg.model.trust_remote_code)
         self.spec = P.stat_spec(self.cfg.prune, skel)
-        size = S.stats_bytes(skel, self.spec)
+        size = ST.stats_bytes(skel, self.spec)
         extras = ", ".join(filter(None, ["Gram matrices" if self.spec.gram else "",
                                          f"depth spans {list(self.spec.depth_spans)}" if self.spec.depth_spans else ""]))
         print(f"[calibrate] profile: {size / 2**30:.2f} GiB per domain (fp64 sums{', ' + extras if extras else ''})",
@@ -143,32 +283,98 @@ class Pipeline:
 
             recover.check_resources([], self.cfg.recover, cpus, gpus)
 
-    # ------------------------------------------------------------------------------------------ driver
+    # ------------------------------------------------------------------------------- shared by stages
 
-    def _stage(self, stage: str, domain: str | None, key: str, outputs: list[Path], fn: Callable[[], None]) -> bool:
-        """Run `fn` unless already done with this key; returns True if it ran."""
-        self.keys[(stage, domain)] = key
-        label = f"{stage}/{domain}" if domain else stage
-        if self.book.is_done(stage, domain, key, outputs):
-            print(f"[pipeline] {label}: done (skipped)", flush=True)
-            return False
-        print(f"[pipeline] {label}: running", flush=True)
-        previous = self.book.read(stage, domain)
-        self.book.mark(stage, domain, key, "running")
-        t0 = time.time()
+    def tokenizer(self):
+        """The base model's tokenizer (loaded once)."""
+        if self._tokenizer is None:
+            from minigpt import models
+
+            self._tokenizer = models.load_tokenizer(self.model_dir, self.cfg.model.trust_remote_code)
+        return self._tokenizer
+
+    def dense(self):
+        """The base model in float32 and its tokenizer, loaded once for every domain's slimming."""
+        if self._dense is None:
+            from minigpt import models
+
+            self._dense = models.load_model(self.model_dir, "float32", self.cfg.model.trust_remote_code)
+        return self._dense, self.tokenizer()
+
+    def done(self, stage: str, unit: Unit) -> bool:
+        return (self.book.read(stage, unit) or {}).get("status") == "done"
+
+    # ------------------------------------------------------------------------------ the generic keeper
+
+    def _upstream(self, stage: Stage, unit: Unit) -> dict[str, list | None]:
+        """Key and status of every upstream unit, as recorded now: part of this unit's key and its manifest."""
+        out = {}
+        for name, d in _upstream_units(self.cfg, stage, unit, self.domains):
+            r = self.book.read(name, d)
+            out[_label(name, d)] = [r.get("key"), r.get("status")] if r else None
+        return out
+
+    def key(self, stage: Stage, unit: Unit) -> str:
+        raw = self.cfg.to_dict()
+        return _hash(stage.name, self._upstream(stage, unit), {s: _setting(raw, s) for s in stage.settings},
+                     stage.extra(self, unit))
+
+    def run_stage(self, stage: Stage) -> None:
+        """Run the units of `stage` that are not done with their current key; record every unit's outcome."""
+        keys = {u: self.key(stage, u) for u in _units(stage, self.domains)}
+        todo = []
+        for u, key in keys.items():
+            r = self.book.read(stage.name, u)
+            if r and r.get("status") == "done" and r.get("key") == key and \
+                    all(p.exists() for p in stage.outputs(self.layout, u)):
+                print(f"[pipeline] {_label(stage.name, u)}: done (skipped)", flush=True)
+            else:
+                todo.append(u)
+        if not todo:
+            return
+        previous = {u: self.book.read(stage.name, u) for u in todo}
+        started: dict[Unit, float] = {}
+        finished: set[Unit] = set()
+
+        def start(u: Unit) -> None:
+            print(f"[pipeline] {_label(stage.name, u)}: running", flush=True)
+            started[u] = time.time()
+            self.book.mark(stage.name, u, keys[u], "running", upstream=self._upstream(stage, u))
+
+        def finish(u: Unit, error: str | None = None, **extra) -> None:
+            finished.add(u)
+            if error is not None:
+                self.book.mark(stage.name, u, keys[u], "failed", error=error, upstream=self._upstream(stage, u))
+                return
+            seconds = time.time() - started[u]
+            self.book.mark(stage.name, u, keys[u], "done", seconds=round(seconds, 1),
+                           outputs=[str(p) for p in stage.outputs(self.layout, u)],
+                           upstream=self._upstream(stage, u), **extra)
+            print(f"[pipeline] {_label(stage.name, u)}: done in {seconds:.1f}s", flush=True)
+
         try:
-            fn()
+            if stage.run_one is not None:
+                for u in todo:
+                    start(u)
+                    stage.run_one(self, u)
+                    finish(u)
+            else:
+                for u in todo:
+                    start(u)
+                stage.run_many(self, todo, keys, finish)
         except ConfigError:
             # Bad input is not a stage failure: leave the books as they were before this attempt.
-            self.book.restore(stage, domain, previous)
+            for u in set(started) - finished:
+                self.book.restore(stage.name, u, previous[u])
             raise
         except BaseException as e:
-            self.book.mark(stage, domain, key, "failed", error=f"{e.__class__.__name__}: {e}")
+            for u in set(started) - finished:
+                finish(u, error=f"{e.__class__.__name__}: {e}")
             raise
-        self.book.mark(stage, domain, key, "done", seconds=round(time.time() - t0, 1),
-                       outputs=[str(p) for p in outputs])
-        print(f"[pipeline] {label}: done in {time.time() - t0:.1f}s", flush=True)
-        return True
+        for u in set(todo) - finished:
+            finish(u, error="the stage returned no result for it")
+
+    # ------------------------------------------------------------------------------------------ the job
 
     def run(self) -> dict:
         from minigpt import models, raylib
@@ -179,377 +385,28 @@ class Pipeline:
         self.check_statistics()
         raylib.ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
         self.check_resources()
-        tokenizer = models.load_tokenizer(self.model_dir, cfg.model.trust_remote_code)
-        created = not self.run_dir.exists()
+        created = not self.layout.run_dir.exists()
         try:
-            for d in cfg.domains:
-                self.prepare(d, tokenizer)
+            self.run_stage(STAGE["prepare"])
         except ConfigError:
             # A domain turned out empty or too small: a new run folder is removed whole, an old one keeps
             # only the finished work it had.
             if created:
-                shutil.rmtree(self.run_dir, ignore_errors=True)
+                shutil.rmtree(self.layout.run_dir, ignore_errors=True)
             raise
-        _atomic_write(self.run_dir / "job.yaml", C.dump(cfg))
-        self.calibrate()
-        if cfg.search.enabled:
-            self.search()
-        self.slim()
-        if cfg.recover.enabled:
-            self.recover()
-        if cfg.quantize.enabled:
-            self.quantize()
-        eval_data = self.evaluate()
-        summary = self.summarize(eval_data)
-        self.report(eval_data, summary)
-        print_table(summary)
-        failed = [d for d, r in summary["domains"].items() if r.get("recover_status") == "failed"]
+        atomic_write_text(self.layout.job_yaml, C.dump(cfg))
+        for stage in STAGES[1:]:
+            if stage.name == "report":
+                self.summary = S.summarize(self, json.loads(self.layout.eval_json.read_text()))
+            if stage.enabled(cfg):
+                self.run_stage(stage)
+        print_table(self.summary)
+        failed = [d for d, r in self.summary["domains"].items() if r.get("recover_status") == "failed"]
         if failed:
             errors = {d: (self.book.read("recover", d) or {}).get("error") or "?" for d in failed}
             raise JobIncomplete("recovery failed for " + "; ".join(f"{d}: {e.splitlines()[0][:200]}"
                                                                   for d, e in errors.items()))
-        return summary
-
-    # ------------------------------------------------------------------------------------------ stages
-
-    def data_dir(self, domain: str) -> Path:
-        return self.run_dir / "data" / domain
-
-    def prepare(self, domain: C.DomainConfig, tokenizer) -> None:
-        from minigpt import corpora
-
-        key = _hash(self.cfg.model.source, str(self.model_dir), self.cfg.section_hash("data"),
-                    C.dump_section(domain))
-        out = self.data_dir(domain.name)
-        self._stage("prepare", domain.name, key, [out / "manifest.json"],
-                    lambda: corpora.prepare_domain(domain, self.cfg.data, tokenizer, out))
-
-    def calibrate(self) -> None:
-        from minigpt import calibrate as K, corpora
-
-        cfg = self.cfg
-        calib_key = {d.name: _hash(self.keys[("prepare", d.name)], cfg.model.dtype, cfg.calibrate.dtype,
-                                   cfg.calibrate.batch_size, self.spec) for d in cfg.domains}
-        todo = [d.name for d in cfg.domains
-                if not self.book.is_done("calibrate", d.name, calib_key[d.name], [self.profile_path(d.name)])]
-        for d in cfg.domains:
-            self.keys[("calibrate", d.name)] = calib_key[d.name]
-        if not todo:
-            print("[pipeline] calibrate: done (skipped)", flush=True)
-            return
-        shards = []
-        for name in todo:
-            data = corpora.DomainData.load(self.data_dir(name))
-            shards += [K.Shard(f"{name}/{calib_key[name]}/{p.stem}", name, str(p)) for p in data.shards("calib")]
-        for name in todo:
-            self.book.mark("calibrate", name, calib_key[name], "running")
-        ledger = self.run_dir / "profiles" / "_ledger"
-        try:
-            K.run_shards(shards, self.cfg.model, cfg.calibrate, ledger, self.spec)
-        except BaseException as e:
-            for name in todo:
-                self.book.mark("calibrate", name, calib_key[name], "failed", error=f"{e.__class__.__name__}: {e}")
-            raise
-        for name in todo:  # one domain's profile in memory at a time (Gram statistics are large)
-            mine = [s for s in shards if s.domain == name]
-            profile = K.merge_ledger(ledger, mine)
-            K.save_profile(self.profile_path(name), profile,
-                           {"model": cfg.model.source, "domain": name, "shards": len(mine),
-                            "calibrate_dtype": cfg.calibrate.dtype})
-            print(K.summarize(name, profile), flush=True)
-            del profile
-            self.book.mark("calibrate", name, calib_key[name], "done", outputs=[str(self.profile_path(name))])
-
-    def profile_path(self, domain: str) -> Path:
-        return self.run_dir / "profiles" / f"{domain}.safetensors"
-
-    def plan_path(self, domain: str) -> Path:
-        return self.run_dir / "plans" / f"{domain}.json"
-
-    def expert_dir(self, domain: str, kind: str) -> Path:
-        return self.run_dir / "experts" / domain / kind
-
-    def search_path(self, domain: str) -> Path:
-        return self.run_dir / "search" / f"{domain}.json"
-
-    def search(self) -> None:
-        """NSGA-II over expert shapes per domain, cut from the profile; writes the front and its plot."""
-        from minigpt import calibrate as K, corpora, search as SE
-
-        cfg = self.cfg
-        for d in cfg.domains:
-            key = _hash(self.keys[("calibrate", d.name)], cfg.section_hash("search"))
-            out = self.search_path(d.name)
-
-            def work(name=d.name, out=out):
-                stats, _ = K.load_profile(self.profile_path(name))
-                data = corpora.DomainData.load(self.data_dir(name))
-                texts = [t for _, t in data.documents(cfg.search.split)]
-                res = SE.search_domain(stats, self.model_dir, texts, cfg.search, domain=name,
-                                       block_size=cfg.data.block_size, base_model=cfg.model.source,
-                                       profile=str(self.profile_path(name)), dtype=cfg.model.dtype)
-                SE.plot_front(res, out.with_suffix(".png"))
-                SE.write_front(out, res)
-                print(f"[search] {name}: front of {len(res.front)} shape(s), "
-                      f"{len(res.history)} evaluated", flush=True)
-
-            self._stage("search", d.name, key, [out, out.with_suffix(".png")], work)
-
-    def picked_plans(self, domain: str):
-        """Plans the search picked for this domain (search.points of them, or one within search.budget)."""
-        from minigpt import search as SE
-
-        result = SE.SearchResult.from_json(SE.load_front(self.search_path(domain)))
-        picked = SE.pick(result, self.cfg.search.points, self.cfg.search.budget)
-        if not picked:
-            raise ConfigError(f"search found no plan for domain {domain!r} that removes anything; "
-                              "widen search.mlp_fractions or raise search.generations")
-        return picked
-
-    def slim(self) -> None:
-        from minigpt import calibrate as K, corpora, models, slim as SL
-
-        cfg = self.cfg
-        dense = None
-        tokenizer = None
-        contrastive = cfg.prune.method == "cus-prun"
-        for d in cfg.domains:
-            # cus-prun contrasts a domain with the others, so its plan depends on their profiles too.
-            upstream = [self.keys[("calibrate", o.name)] for o in cfg.domains if contrastive or o.name == d.name]
-            if cfg.search.enabled:  # the searched shape replaces the fixed-ratio plan
-                upstream = [self.keys[("search", d.name)]]
-            key = _hash(upstream, cfg.section_hash("prune"), cfg.search.enabled)
-
-            def work(name=d.name):
-                nonlocal dense, tokenizer
-                if dense is None:
-                    dense = models.load_model(self.model_dir, "float32", cfg.model.trust_remote_code)
-                    tokenizer = models.load_tokenizer(self.model_dir, cfg.model.trust_remote_code)
-                if cfg.search.enabled:
-                    # The picked shapes are compensated like fixed-ratio plans when prune.reconstruct is on; the
-                    # search itself scores its candidates uncompensated (known limit, see the README).
-                    stats, weights = (K.load_profile(self.profile_path(name))[0] if cfg.prune.reconstruct
-                                      else None), None
-                    picked = [dataclasses.replace(p, reconstruct=cfg.prune.reconstruct, damp=cfg.prune.damp)
-                              for p in self.picked_plans(name)]
-                    plan = picked[0]
-                    for k, extra in enumerate(picked[1:], start=1):  # further front points: slimmed and evaluated
-                        small, tok = SL.slim_expert(dense, tokenizer, extra, stats)
-                        SL.save_expert(small, tok, self.expert_dir(name, f"search-{k}"))
-                elif cfg.prune.sequential:
-                    stats = K.load_profile(self.profile_path(name))[0]
-                    plan, weights = self._sequential_plan(name, dense, tokenizer, stats)
-                else:
-                    stats, weights = K.load_profile(self.profile_path(name))[0], None
-                    plan = self._fixed_ratio_plan(name, dense, tokenizer, stats)
-                small, tok = SL.slim_expert(dense, tokenizer, plan, stats, weights)
-                total, non_emb = models.count_parameters(small)
-                if (total, non_emb) != (plan.params["total"], plan.params["non_embedding"]):
-                    raise RuntimeError(f"slimmed {name} has {total}/{non_emb} parameters, plan predicts "
-                                       f"{plan.params['total']}/{plan.params['non_embedding']}")
-                SL.save_expert(small, tok, self.expert_dir(name, "pruned"))
-                if plan.vocab_keep is not None:
-                    # The expert's token ids differ from the base's: its train split is re-tokenized for recovery.
-                    data = corpora.DomainData.load(self.data_dir(name))
-                    corpora.retokenize(data.documents("train"), tok, cfg.data.block_size, cfg.data.blocks_per_shard,
-                                       self.expert_dir(name, "train"))
-                plan.save(self.plan_path(name))
-                dense_ne = plan.params["dense_non_embedding"]
-                print(f"[slim] {name}: {plan.method}, MLP {plan.intermediate_size} -> {plan.mlp_width}, "
-                      f"KV groups {plan.kv_groups} -> {plan.kv_width or plan.kv_groups}"
-                      + (f" ({plan.q_width} query heads each)" if plan.q_width else "")
-                      + f", layers {plan.num_layers} -> "
-                      f"{plan.num_layers - len(plan.dropped_layers)}"
-                      + (f", vocab {plan.vocab_size} -> {len(plan.vocab_keep)}" if plan.vocab_keep else "")
-                      + (", kept weights refit by least squares" if plan.reconstruct and not plan.replace else "")
-                      + (f", dropped layers {list(plan.dropped_layers)} replaced by a linear map" if plan.replace
-                         else "")
-                      + f"; non-embedding {dense_ne / 1e6:.1f}M -> {non_emb / 1e6:.1f}M "
-                      f"({1 - non_emb / dense_ne:.1%} removed)", flush=True)
-
-            self._stage("slim", d.name, key, [self.plan_path(d.name), self.expert_dir(d.name, "pruned")], work)
-
-    def _sequential_plan(self, name: str, dense, tokenizer, stats):
-        """Layer-by-layer choice and refit on Ray actors that each keep the activations of a share of the domain's
-        calibration blocks (minigpt.sequential)."""
-        import ray
-
-        from minigpt import corpora, plan as P, sequential as Q
-        from minigpt.models import decoder_layers
-
-        cfg = self.cfg
-        blocks = corpora.read_blocks(corpora.DomainData.load(self.data_dir(name)).shards("calib"))
-        shares = [s for s in blocks.tensor_split(min(cfg.calibrate.workers, len(blocks))) if len(s)]
-        runners = Q.ray_runners(str(self.model_dir), shares, cfg.calibrate.batch_size, cfg.calibrate.dtype,
-                                cfg.calibrate.cpus_per_worker, cfg.calibrate.gpus_per_worker)
-        vocab = P.vocab_keep(stats["token_counts"], tokenizer, cfg.prune.vocab_min_count) if cfg.prune.vocab else None
-        n_layers = len(decoder_layers(dense))
-        try:
-            return Q.prune_sequential(dense, runners, cfg.prune, domain=name, remote=True, vocab=vocab,
-                                      base_model=cfg.model.source, profile=str(self.profile_path(name)),
-                                      on_layer=lambda i: print(f"[slim] {name}: sequential, layer {i + 1}/{n_layers}"
-                                                               " pruned and refit", flush=True))
-        finally:
-            for r in runners:
-                ray.kill(r)
-
-    def _fixed_ratio_plan(self, name: str, dense, tokenizer, stats):
-        from minigpt import calibrate as K, corpora, plan as P, stats as S
-
-        cfg = self.cfg
-        others = {o.name: K.load_profile(self.profile_path(o.name))[0]
-                  for o in cfg.domains if o.name != name} if cfg.prune.method == "cus-prun" else None
-        grad = None
-        replaced = cfg.prune.reconstruct and (cfg.prune.method == "depth" or cfg.prune.allocate)
-        if cfg.prune.method == "taylor" or replaced:
-            # Gradients (one backward pass over part of the calibration split): first-order Taylor importance, and
-            # the loss gradient of the residual stream that prices the allocation's and the replaced span's errors.
-            data = corpora.DomainData.load(self.data_dir(name))
-            blocks = corpora.read_blocks(data.shards("calib"))[: cfg.prune.taylor_blocks]
-            grad = S.taylor_sums(dense, blocks, cfg.calibrate.batch_size)
-        return P.build_plan(stats, dense, cfg.prune, domain=name, other_profiles=others, grad_stats=grad,
-                            tokenizer=tokenizer, base_model=cfg.model.source, profile=str(self.profile_path(name)))
-
-    def train_shards(self, domain: str) -> list[Path]:
-        """Base-tokenized train shards, or the expert's own when its vocabulary was pruned."""
-        from minigpt import corpora
-
-        own = self.expert_dir(domain, "train")
-        if own.is_dir():
-            return sorted(own.glob("shard-*.parquet"))
-        return corpora.DomainData.load(self.data_dir(domain)).shards("train")
-
-    def recover(self) -> dict:
-        from minigpt import plan as P, recover as R
-
-        cfg = self.cfg
-        tasks, keys = [], {}
-        for d in cfg.domains:
-            key = _hash(self.keys[("slim", d.name)], cfg.section_hash("recover"))
-            keys[d.name] = key
-            self.keys[("recover", d.name)] = key
-            out = self.expert_dir(d.name, "recovered")
-            if self.book.is_done("recover", d.name, key, [out]):
-                print(f"[pipeline] recover/{d.name}: done (skipped)", flush=True)
-                continue
-            ckpt = self.run_dir / "experts" / d.name / "checkpoints"
-            prev = self.book.read("recover", d.name)
-            if prev and prev.get("key") != key and ckpt.exists():
-                shutil.rmtree(ckpt)  # checkpoints of other settings must not be resumed
-            plan = P.PruningPlan.load(self.plan_path(d.name))
-            distill = cfg.recover.mode == "distill"
-            tasks.append(R.RecoveryTask(domain=d.name, student_dir=str(self.expert_dir(d.name, "pruned")),
-                                        train_shards=tuple(str(p) for p in self.train_shards(d.name)),
-                                        out_dir=str(out), checkpoint_dir=str(ckpt),
-                                        teacher_dir=str(self.model_dir) if distill else None,
-                                        teacher_token_ids=tuple(plan.vocab_keep)
-                                        if distill and plan.vocab_keep is not None else None))
-            self.book.mark("recover", d.name, key, "running")
-        if not tasks:
-            return {}
-        results = R.recover_all(tasks, cfg.recover)
-        ok, failed = [], []
-        for t in tasks:
-            r = results.get(t.domain)
-            if r is not None and r.ok:
-                # The expert is final; its DeepSpeed checkpoints (GBs on real models) are no longer needed.
-                shutil.rmtree(t.checkpoint_dir, ignore_errors=True)
-                self.book.mark("recover", t.domain, keys[t.domain], "done", outputs=[t.out_dir],
-                               steps=r.steps, final_loss=r.losses[-1] if r.losses else None,
-                               tokens_per_s=r.tokens_per_s)
-                ok.append(t.domain)
-            else:
-                err = r.error if r is not None else "no result"
-                self.book.mark("recover", t.domain, keys[t.domain], "failed", error=err)
-                failed.append(f"{t.domain} ({err.splitlines()[0] if err else '?'})")
-        print(f"[recover] succeeded: {', '.join(ok) or 'none'}; failed: {', '.join(failed) or 'none'}", flush=True)
-        return results
-
-    def quantize(self) -> None:
-        """int8 weight quantization of each domain's final expert (recovered when it exists, else pruned)."""
-        from minigpt import quantize as Q
-
-        cfg = self.cfg
-        for d in cfg.domains:
-            rec_ok = (self.book.read("recover", d.name) or {}).get("status") == "done"
-            src = self.expert_dir(d.name, "recovered" if rec_ok else "pruned")
-            upstream = self.keys.get(("recover", d.name)) if rec_ok else self.keys[("slim", d.name)]
-            key = _hash(upstream, str(src), cfg.section_hash("quantize"))
-            out = self.expert_dir(d.name, "int8")
-            self._stage("quantize", d.name, key, [out],
-                        lambda src=src, out=out: Q.quantize_expert(src, out, cfg.quantize))
-
-    def model_table(self) -> dict[str, str]:
-        models = {"dense": str(self.model_dir)}
-        for d in self.cfg.domains:
-            pruned, recovered = self.expert_dir(d.name, "pruned"), self.expert_dir(d.name, "recovered")
-            if pruned.is_dir():
-                models[f"{d.name}/pruned"] = str(pruned)
-            # A recovered folder counts only when its stage is recorded as done (not a leftover of a failed run).
-            if self.cfg.recover.enabled and recovered.is_dir() and \
-                    (self.book.read("recover", d.name) or {}).get("status") == "done":
-                models[f"{d.name}/recovered"] = str(recovered)
-            extras = sorted(p for p in (self.run_dir / "experts" / d.name).glob("search-*") if p.is_dir())
-            if self.cfg.quantize.enabled:
-                extras.append(self.expert_dir(d.name, "int8"))
-            for p in extras:
-                if p.is_dir():
-                    models[f"{d.name}/{p.name}"] = str(p)
-        return models
-
-    def evaluate(self) -> dict:
-        from minigpt import evaluate as E
-
-        cfg = self.cfg
-        models = self.model_table()
-        upstream = [self.keys.get((s, d.name)) for d in cfg.domains for s in ("prepare", "slim", "recover",
-                                                                              "quantize")]
-        key = _hash(upstream, sorted(models), cfg.section_hash("evaluate"))
-        out = self.run_dir / "eval.json"
-        self._stage("evaluate", None, key, [out], lambda: E.evaluate_run(
-            self.run_dir, models, [d.name for d in cfg.domains], cfg.evaluate, cfg.data.block_size))
-        self.keys[("evaluate", None)] = key
-        return json.loads(out.read_text())
-
-    def summarize(self, eval_data: dict) -> dict:
-        rows = {}
-        models = eval_data["models"]
-        dense = models["dense"]
-        for d in self.cfg.domains:
-            row = {"dense_ppl": dense["domains"][d.name]["ppl"], "dense_bpb": dense["domains"][d.name]["bits_per_byte"]}
-            for kind in ("pruned", "recovered"):
-                m = models.get(f"{d.name}/{kind}")
-                if m:
-                    row[f"{kind}_ppl"] = m["domains"][d.name]["ppl"]
-                    row[f"{kind}_bpb"] = m["domains"][d.name]["bits_per_byte"]
-                    row[f"{kind}_non_embedding"] = m["size"]["non_embedding_params"]
-            row["dense_non_embedding"] = dense["size"]["non_embedding_params"]
-            if "pruned_non_embedding" in row:
-                row["removed_fraction"] = 1 - row["pruned_non_embedding"] / row["dense_non_embedding"]
-            rec = self.book.read("recover", d.name)
-            row["recover_status"] = rec.get("status") if rec else ("disabled" if not self.cfg.recover.enabled else "?")
-            rows[d.name] = row
-        summary = {"job": self.cfg.name, "model": self.cfg.model.source, "method": self.cfg.prune.method,
-                   "target": self.cfg.prune.target, "domains": rows}
-        _atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=1))
-        return summary
-
-    def report(self, eval_data: dict, summary: dict) -> None:
-        from minigpt import report as RP
-
-        plans = {d.name: json.loads(self.plan_path(d.name).read_text()) for d in self.cfg.domains
-                 if self.plan_path(d.name).is_file()}
-        searches = {}
-        if self.cfg.search.enabled:
-            for d in self.cfg.domains:
-                path = self.search_path(d.name)
-                if path.is_file() and path.with_suffix(".png").is_file():
-                    searches[d.name] = {"front": json.loads(path.read_text())["front"],
-                                        "png": path.with_suffix(".png").read_bytes()}
-        key = _hash(self.keys.get(("evaluate", None)), summary, sorted(searches))
-        self._stage("report", None, key, [self.run_dir / "report.md", self.run_dir / "report.html"],
-                    lambda: RP.write_report(self.run_dir, eval_data, plans, {"name": self.cfg.name},
-                                            searches=searches))
+        return self.summary
 
 
 def _fmt(x) -> str:
@@ -570,38 +427,49 @@ def print_table(summary: dict) -> None:
     print(flush=True)
 
 
+# ------------------------------------------------------------------------------------------ status
+
+
 def status(run_dir: Path) -> list[dict]:
-    """Each stage and domain with its state: done, running, failed, pending (from the manifests)."""
-    book = StageBook(Path(run_dir))
-    records = book.all()
-    job = Path(run_dir) / "job.yaml"
-    domains: list[str] = []
-    optional = {"search": False, "quantize": False, "recover": True}  # stages a job may leave out
-    if job.is_file():
+    """Each stage and domain with its state, from the manifests alone: done, running, failed, pending,
+    interrupted (recorded running by a process that is gone) or stale (done, but an upstream unit it read has
+    changed since: re-running, interrupted, failed, or done with another key)."""
+    layout = RunLayout(Path(run_dir))
+    records = {(r["stage"], r.get("domain")): r for r in StageBook(layout).all()}
+    cfg = None
+    if layout.job_yaml.is_file():
         try:
-            cfg = C.load(job)
-            domains = [d.name for d in cfg.domains]
-            optional = {"search": cfg.search.enabled, "quantize": cfg.quantize.enabled,
-                        "recover": cfg.recover.enabled}
+            cfg = C.load(layout.job_yaml)
         except ConfigError:
-            domains = []
-    seen = {(r["stage"], r.get("domain")) for r in records}
+            cfg = None
+    domains = [d.name for d in cfg.domains] if cfg else []
+    states: dict[tuple[str, Unit], str] = {}
     rows = []
-    for r in records:
-        state = r["status"]
-        if state == "running" and not _pid_alive(r.get("pid")):
-            state = "interrupted"
-        rows.append({"stage": r["stage"], "domain": r.get("domain"), "status": state, "error": r.get("error")})
     for stage in STAGES:
-        if not optional.get(stage, True):
-            continue
-        targets = [None] if stage in ("evaluate", "report") else domains
-        for d in targets:
-            if (stage, d) not in seen:
-                rows.append({"stage": stage, "domain": d, "status": "pending", "error": None})
-    order = {s: i for i, s in enumerate(STAGES)}
-    rows.sort(key=lambda r: (order.get(r["stage"], 99), r["domain"] or ""))
+        # Stages a job leaves out are listed only if they left records; without a job file only records count.
+        enabled = cfg is not None and stage.enabled(cfg)
+        units = set(_units(stage, domains)) if enabled else set()
+        units |= {u for (s, u) in records if s == stage.name}
+        for u in sorted(units, key=lambda x: x or ""):
+            r = records.get((stage.name, u))
+            state = "pending" if r is None else r["status"]
+            if state == "running" and not _pid_alive(r.get("pid")):
+                state = "interrupted"
+            if state == "done" and _upstream_changed(r, records, states):
+                state = "stale"
+            states[(stage.name, u)] = state
+            rows.append({"stage": stage.name, "domain": u, "status": state, "error": (r or {}).get("error")})
     return rows
+
+
+def _upstream_changed(record: dict, records: dict, states: dict) -> bool:
+    for label, seen in (record.get("upstream") or {}).items():
+        name, _, unit = label.partition("/")
+        now = records.get((name, unit or None))
+        if now is None or seen != [now.get("key"), now.get("status")] or \
+                states.get((name, unit or None)) in ("stale", "interrupted", "running"):
+            return True
+    return False
 
 
 def _pid_alive(pid) -> bool:

@@ -1,0 +1,317 @@
+"""The run function of every stage of a job: what it reads from the run folder and what it writes there.
+
+Each function takes the running `Pipeline` (its config, run layout, stage book and the resolved model) and either
+one domain (`run_one`: prepare, search, slim, quantize) or the list of domains to do with a `finish(domain, ...)`
+callback (`run_many`: calibrate and recover, which share Ray workers across domains; evaluate and report, which
+cover the whole job). Which stage runs when, under which key, is decided by the stage table in minigpt.pipeline;
+nothing here skips work or writes a stage manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from minigpt.config import ConfigError
+from minigpt.io import atomic_write_json
+
+if TYPE_CHECKING:
+    from minigpt.pipeline import Pipeline
+
+Finish = Callable[..., None]  # finish(unit, error=None, **extra): records one unit done (or failed)
+
+
+# ---------------------------------------------------------------------------------------------- prepare
+
+
+def prepare(p: Pipeline, domain: str) -> None:
+    from minigpt import corpora
+
+    corpora.prepare_domain(p.cfg.domain(domain), p.cfg.data, p.tokenizer(), p.layout.data_dir(domain))
+
+
+# -------------------------------------------------------------------------------------------- calibrate
+
+
+def calibrate(p: Pipeline, todo: list[str], keys: dict[str, str], finish: Finish) -> None:
+    """One Ray pass over the calibration shards of every domain to do; a profile per domain."""
+    from minigpt import calibrate as K, corpora
+
+    L, cfg = p.layout, p.cfg
+    shards = []
+    for name in todo:
+        data = corpora.DomainData.load(L.data_dir(name))
+        # Ledger entries are keyed by the stage key: statistics of other settings are never merged in.
+        shards += [K.Shard(f"{name}/{keys[name]}/{s.stem}", name, str(s)) for s in data.shards("calib")]
+    K.run_shards(shards, cfg.model, cfg.calibrate, L.ledger, p.spec)
+    for name in todo:  # one domain's profile in memory at a time (Gram statistics are large)
+        mine = [s for s in shards if s.domain == name]
+        profile = K.merge_ledger(L.ledger, mine)
+        K.save_profile(L.profile(name), profile, {"model": cfg.model.source, "domain": name, "shards": len(mine),
+                                                  "calibrate_dtype": cfg.calibrate.dtype})
+        print(K.summarize(name, profile), flush=True)
+        del profile
+        finish(name)
+
+
+# ----------------------------------------------------------------------------------------------- search
+
+
+def search(p: Pipeline, domain: str) -> None:
+    """NSGA-II over expert shapes of one domain, cut from its profile; writes the front and its plot."""
+    from minigpt import calibrate as K, corpora, search as SE
+
+    L, cfg = p.layout, p.cfg
+    stats, _ = K.load_profile(L.profile(domain))
+    texts = [t for _, t in corpora.DomainData.load(L.data_dir(domain)).documents(cfg.search.split)]
+    res = SE.search_domain(stats, p.model_dir, texts, cfg.search, domain=domain, block_size=cfg.data.block_size,
+                           base_model=cfg.model.source, profile=str(L.profile(domain)), dtype=cfg.model.dtype)
+    SE.plot_front(res, L.search_png(domain))
+    SE.write_front(L.search(domain), res)
+    print(f"[search] {domain}: front of {len(res.front)} shape(s), {len(res.history)} evaluated", flush=True)
+
+
+def picked_plans(p: Pipeline, domain: str) -> list:
+    """Plans the search picked for this domain (search.points of them, or one within search.budget)."""
+    from minigpt import search as SE
+
+    result = SE.SearchResult.from_json(SE.load_front(p.layout.search(domain)))
+    picked = SE.pick(result, p.cfg.search.points, p.cfg.search.budget)
+    if not picked:
+        raise ConfigError(f"search found no plan for domain {domain!r} that removes anything; "
+                          "widen search.mlp_fractions or raise search.generations")
+    return picked
+
+
+# ------------------------------------------------------------------------------------------------- slim
+
+
+def slim(p: Pipeline, name: str) -> None:
+    """Plan (searched, sequential or fixed ratio), slim physically, check the parameter count, save."""
+    from minigpt import calibrate as K, corpora, models, slim as SL
+
+    L, cfg = p.layout, p.cfg
+    dense, tokenizer = p.dense()
+    if cfg.search.enabled:
+        # The picked shapes are compensated like fixed-ratio plans when prune.reconstruct is on; the search itself
+        # scores its candidates uncompensated (known limit, see the README).
+        stats, weights = (K.load_profile(L.profile(name))[0] if cfg.prune.reconstruct else None), None
+        picked = [dataclasses.replace(x, reconstruct=cfg.prune.reconstruct, damp=cfg.prune.damp)
+                  for x in picked_plans(p, name)]
+        plan = picked[0]
+        for k, extra in enumerate(picked[1:], start=1):  # further front points: slimmed and evaluated
+            small, tok = SL.slim_expert(dense, tokenizer, extra, stats)
+            SL.save_expert(small, tok, L.expert(name, f"search-{k}"))
+    elif cfg.prune.sequential:
+        stats = K.load_profile(L.profile(name))[0]
+        plan, weights = _sequential_plan(p, name, dense, tokenizer, stats)
+    else:
+        stats, weights = K.load_profile(L.profile(name))[0], None
+        plan = _fixed_ratio_plan(p, name, dense, tokenizer, stats)
+    small, tok = SL.slim_expert(dense, tokenizer, plan, stats, weights)
+    total, non_emb = models.count_parameters(small)
+    if (total, non_emb) != (plan.params["total"], plan.params["non_embedding"]):
+        raise RuntimeError(f"slimmed {name} has {total}/{non_emb} parameters, plan predicts "
+                           f"{plan.params['total']}/{plan.params['non_embedding']}")
+    SL.save_expert(small, tok, L.expert(name, "pruned"))
+    if plan.vocab_keep is not None:
+        # The expert's token ids differ from the base's: its train split is re-tokenized for recovery.
+        data = corpora.DomainData.load(L.data_dir(name))
+        corpora.retokenize(data.documents("train"), tok, cfg.data.block_size, cfg.data.blocks_per_shard,
+                           L.expert(name, "train"))
+    plan.save(L.plan(name))
+    print(f"[slim] {name}: {_describe(plan, non_emb)}", flush=True)
+
+
+def _describe(plan, non_emb: int) -> str:
+    dense_ne = plan.params["dense_non_embedding"]
+    return (f"{plan.method}, MLP {plan.intermediate_size} -> {plan.mlp_width}, "
+            f"KV groups {plan.kv_groups} -> {plan.kv_width or plan.kv_groups}"
+            + (f" ({plan.q_width} query heads each)" if plan.q_width else "")
+            + f", layers {plan.num_layers} -> {plan.num_layers - len(plan.dropped_layers)}"
+            + (f", vocab {plan.vocab_size} -> {len(plan.vocab_keep)}" if plan.vocab_keep else "")
+            + (", kept weights refit by least squares" if plan.reconstruct and not plan.replace else "")
+            + (f", dropped layers {list(plan.dropped_layers)} replaced by a linear map" if plan.replace else "")
+            + f"; non-embedding {dense_ne / 1e6:.1f}M -> {non_emb / 1e6:.1f}M ({1 - non_emb / dense_ne:.1%} removed)")
+
+
+def _sequential_plan(p: Pipeline, name: str, dense, tokenizer, stats):
+    """Layer-by-layer choice and refit on Ray actors that each keep the activations of a share of the domain's
+    calibration blocks (minigpt.sequential)."""
+    import ray
+
+    from minigpt import corpora, plan as P, sequential as Q
+    from minigpt.models import decoder_layers
+
+    cfg = p.cfg
+    blocks = corpora.read_blocks(corpora.DomainData.load(p.layout.data_dir(name)).shards("calib"))
+    shares = [s for s in blocks.tensor_split(min(cfg.calibrate.workers, len(blocks))) if len(s)]
+    runners = Q.ray_runners(str(p.model_dir), shares, cfg.calibrate.batch_size, cfg.calibrate.dtype,
+                            cfg.calibrate.cpus_per_worker, cfg.calibrate.gpus_per_worker)
+    vocab = P.vocab_keep(stats["token_counts"], tokenizer, cfg.prune.vocab_min_count) if cfg.prune.vocab else None
+    n_layers = len(decoder_layers(dense))
+    try:
+        return Q.prune_sequential(dense, runners, cfg.prune, domain=name, remote=True, vocab=vocab,
+                                  base_model=cfg.model.source, profile=str(p.layout.profile(name)),
+                                  on_layer=lambda i: print(f"[slim] {name}: sequential, layer {i + 1}/{n_layers}"
+                                                           " pruned and refit", flush=True))
+    finally:
+        for r in runners:
+            ray.kill(r)
+
+
+def _fixed_ratio_plan(p: Pipeline, name: str, dense, tokenizer, stats):
+    from minigpt import calibrate as K, corpora, plan as P, stats as S
+
+    cfg = p.cfg
+    others = {o.name: K.load_profile(p.layout.profile(o.name))[0]
+              for o in cfg.domains if o.name != name} if cfg.prune.method == "cus-prun" else None
+    grad = None
+    replaced = cfg.prune.reconstruct and (cfg.prune.method == "depth" or cfg.prune.allocate)
+    if cfg.prune.method == "taylor" or replaced:
+        # Gradients (one backward pass over part of the calibration split): first-order Taylor importance, and
+        # the loss gradient of the residual stream that prices the allocation's and the replaced span's errors.
+        data = corpora.DomainData.load(p.layout.data_dir(name))
+        blocks = corpora.read_blocks(data.shards("calib"))[: cfg.prune.taylor_blocks]
+        grad = S.taylor_sums(dense, blocks, cfg.calibrate.batch_size)
+    return P.build_plan(stats, dense, cfg.prune, domain=name, other_profiles=others, grad_stats=grad,
+                        tokenizer=tokenizer, base_model=cfg.model.source, profile=str(p.layout.profile(name)))
+
+
+# ---------------------------------------------------------------------------------------------- recover
+
+
+def train_shards(p: Pipeline, domain: str) -> list[Path]:
+    """Base-tokenized train shards, or the expert's own when its vocabulary was pruned."""
+    from minigpt import corpora
+
+    own = p.layout.expert(domain, "train")
+    if own.is_dir():
+        return sorted(own.glob("shard-*.parquet"))
+    return corpora.DomainData.load(p.layout.data_dir(domain)).shards("train")
+
+
+def recover(p: Pipeline, todo: list[str], keys: dict[str, str], finish: Finish) -> None:
+    """DeepSpeed recovery of every domain to do, concurrently on Ray Train; a failed domain fails only itself."""
+    from minigpt import plan as P, recover as R
+
+    L, cfg = p.layout, p.cfg
+    tasks = []
+    for name in todo:
+        plan = P.PruningPlan.load(L.plan(name))
+        distill = cfg.recover.mode == "distill"
+        tasks.append(R.RecoveryTask(domain=name, student_dir=str(L.expert(name, "pruned")),
+                                    train_shards=tuple(str(s) for s in train_shards(p, name)),
+                                    out_dir=str(L.expert(name, "recovered")), checkpoint_dir=str(L.checkpoints(name)),
+                                    teacher_dir=str(p.model_dir) if distill else None,
+                                    teacher_token_ids=tuple(plan.vocab_keep)
+                                    if distill and plan.vocab_keep is not None else None))
+    results = R.recover_all(tasks, cfg.recover)
+    ok, failed = [], []
+    for t in tasks:
+        r = results.get(t.domain)
+        if r is not None and r.ok:
+            finish(t.domain, steps=r.steps, final_loss=r.losses[-1] if r.losses else None,
+                   tokens_per_s=r.tokens_per_s)
+            ok.append(t.domain)
+        else:
+            err = r.error if r is not None else "no result"
+            finish(t.domain, error=err)
+            failed.append(f"{t.domain} ({err.splitlines()[0] if err else '?'})")
+    print(f"[recover] succeeded: {', '.join(ok) or 'none'}; failed: {', '.join(failed) or 'none'}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------- quantize
+
+
+def final_expert(p: Pipeline, domain: str) -> Path:
+    """The expert a domain ends with: recovered when its recovery is done, else pruned."""
+    return p.layout.expert(domain, "recovered" if p.done("recover", domain) else "pruned")
+
+
+def quantize(p: Pipeline, domain: str) -> None:
+    """int8 weight quantization of the domain's final expert."""
+    from minigpt import quantize as Q
+
+    Q.quantize_expert(final_expert(p, domain), p.layout.expert(domain, "int8"), p.cfg.quantize)
+
+
+# --------------------------------------------------------------------------------------- evaluate, report
+
+
+def model_table(p: Pipeline) -> dict[str, str]:
+    """Every model the evaluation measures: label -> HF folder."""
+    L = p.layout
+    models = {"dense": str(p.model_dir)}
+    for d in p.cfg.domains:
+        pruned, recovered = L.expert(d.name, "pruned"), L.expert(d.name, "recovered")
+        if pruned.is_dir():
+            models[f"{d.name}/pruned"] = str(pruned)
+        # A recovered folder counts only when its stage is recorded as done (not a leftover of a failed run).
+        if p.cfg.recover.enabled and recovered.is_dir() and p.done("recover", d.name):
+            models[f"{d.name}/recovered"] = str(recovered)
+        extras = sorted(x for x in L.expert(d.name, "").glob("search-*") if x.is_dir())
+        if p.cfg.quantize.enabled:
+            extras.append(L.expert(d.name, "int8"))
+        for x in extras:
+            if x.is_dir():
+                models[f"{d.name}/{x.name}"] = str(x)
+    return models
+
+
+def evaluate(p: Pipeline, todo: list[None], keys: dict, finish: Finish) -> None:
+    from minigpt import evaluate as E
+
+    cfg = p.cfg
+    E.evaluate_run(p.layout.run_dir, model_table(p), [d.name for d in cfg.domains], cfg.evaluate,
+                   cfg.data.block_size)
+    finish(None)
+
+
+def summarize(p: Pipeline, eval_data: dict) -> dict:
+    """summary.json: per domain the dense, pruned and recovered perplexity and bits per byte, sizes, recovery."""
+    rows = {}
+    models = eval_data["models"]
+    dense = models["dense"]
+    for d in p.cfg.domains:
+        row = {"dense_ppl": dense["domains"][d.name]["ppl"], "dense_bpb": dense["domains"][d.name]["bits_per_byte"]}
+        for kind in ("pruned", "recovered"):
+            m = models.get(f"{d.name}/{kind}")
+            if m:
+                row[f"{kind}_ppl"] = m["domains"][d.name]["ppl"]
+                row[f"{kind}_bpb"] = m["domains"][d.name]["bits_per_byte"]
+                row[f"{kind}_non_embedding"] = m["size"]["non_embedding_params"]
+        row["dense_non_embedding"] = dense["size"]["non_embedding_params"]
+        if "pruned_non_embedding" in row:
+            row["removed_fraction"] = 1 - row["pruned_non_embedding"] / row["dense_non_embedding"]
+        rec = p.book.read("recover", d.name)
+        row["recover_status"] = rec.get("status") if rec else ("disabled" if not p.cfg.recover.enabled else "?")
+        rows[d.name] = row
+    summary = {"job": p.cfg.name, "model": p.cfg.model.source, "method": p.cfg.prune.method,
+               "target": p.cfg.prune.target, "domains": rows}
+    atomic_write_json(p.layout.summary, summary)
+    return summary
+
+
+def searches(p: Pipeline) -> dict[str, dict]:
+    """The search front and plot of every domain that has them (for the report)."""
+    out = {}
+    if p.cfg.search.enabled:
+        for d in p.cfg.domains:
+            path, png = p.layout.search(d.name), p.layout.search_png(d.name)
+            if path.is_file() and png.is_file():
+                out[d.name] = {"front": json.loads(path.read_text())["front"], "png": png.read_bytes()}
+    return out
+
+
+def report(p: Pipeline, todo: list[None], keys: dict, finish: Finish) -> None:
+    from minigpt import report as RP
+
+    L = p.layout
+    plans = {d.name: json.loads(L.plan(d.name).read_text()) for d in p.cfg.domains if L.plan(d.name).is_file()}
+    RP.write_report(L.run_dir, json.loads(L.eval_json.read_text()), plans, {"name": p.cfg.name},
+                    searches=searches(p))
+    finish(None)
