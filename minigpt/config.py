@@ -1,8 +1,9 @@
-"""Typed job configuration: one YAML file -> frozen dataclasses, validated before any work starts.
+"""Typed job configuration: one YAML file -> frozen dataclasses, each section validated in `__post_init__` before
+any work starts.
 
-A job file is strict: an unknown or misspelled key is an error naming its dotted path, a duplicate key is an
-error, and every value is type-checked. `key=value` overrides (``prune.target=0.3``) are applied to the raw
-mapping before validation, so an override of a key that does not exist fails the same way.
+A job file is strict (minigpt.yamlconf): an unknown or misspelled key is an error naming its dotted path, a
+duplicate key is an error, and every value is type-checked. `key=value` overrides (``prune.target=0.3``) are applied
+to the raw mapping before validation, so an override of a key that does not exist fails the same way.
 """
 
 from __future__ import annotations
@@ -10,17 +11,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A job file or override is invalid; the message is one line naming what is wrong."""
+from minigpt.yamlconf import ConfigError, apply_override, build, load_yaml
 
 
 BUILTIN_SOURCES = ("licenses", "python-stdlib", "hpo")
@@ -57,6 +54,8 @@ class SourceConfig:
 
 @dataclass(frozen=True)
 class DomainConfig:
+    """A domain and its sources; in a job file `domains` maps each name to its fields."""
+
     name: str
     sources: tuple[SourceConfig, ...]
 
@@ -74,6 +73,10 @@ class ModelConfig:
     revision: str | None = None
     trust_remote_code: bool = False
     dtype: str = "float32"
+
+    @classmethod
+    def from_yaml(cls, raw: Any) -> Any:
+        return {"source": raw} if isinstance(raw, str) else raw  # `model: smollm2-135m` shorthand
 
     def __post_init__(self) -> None:
         _check(bool(self.source), "model.source is empty")
@@ -388,134 +391,14 @@ class JobConfig:
 # ----------------------------------------------------------------------------------------------- loading
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys instead of silently keeping the last one."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen: set = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise ConfigError(f"duplicate key {key!r} (line {key_node.start_mark.line + 1})")
-        seen.add(key)
-    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(tp: Any, value: Any, path: str) -> Any:
-    """Check `value` against the annotation `tp` and build nested dataclasses; errors name `path`."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(arg, value, path)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{path}: invalid value {value!r}")
-    if origin is tuple:
-        (item_tp, _) = typing.get_args(tp)
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
-        return tuple(_coerce(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value))
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path)
-    if tp is float:
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            raise ConfigError(f"{path}: expected float, got {value!r}")
-        return float(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true or false, got {value!r}")
-        return value
-    if tp in (int, str) and (not isinstance(value, tp) or isinstance(value, bool)):
-        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
-    return value
-
-
-def _build(cls: type, raw: Any, path: str) -> Any:
-    if cls is ModelConfig and isinstance(raw, str):
-        raw = {"source": raw}  # `model: smollm2-135m` shorthand
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path or 'job'}: expected a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key, value in raw.items():
-        key_path = f"{path}.{key}" if path else str(key)
-        if key not in fields:
-            raise ConfigError(f"unknown key {key_path!r} (expected one of: {', '.join(fields)})")
-        if cls is JobConfig and key == "domains":
-            kwargs[key] = _build_domains(value)
-        else:
-            kwargs[key] = _coerce(hints[key], value, key_path)
-    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]  # type: ignore[misc]
-    if missing:
-        raise ConfigError(f"{path or 'job'}: missing required key(s): {', '.join(missing)}")
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path and not str(e).startswith(path) else str(e)) from None
-
-
-def _build_domains(raw: Any) -> tuple[DomainConfig, ...]:
-    # Domains are a mapping name -> {sources: [...]}; YAML duplicate keys are already rejected by the loader.
-    if not isinstance(raw, dict) or not raw:
-        raise ConfigError("domains: expected a non-empty mapping of domain name -> {sources: [...]}")
-    out = []
-    for name, spec in raw.items():
-        if not isinstance(spec, dict):
-            raise ConfigError(f"domains.{name}: expected a mapping with 'sources'")
-        out.append(_build(DomainConfig, {"name": str(name), **spec}, f"domains.{name}"))
-    return tuple(out)
-
-
-def apply_override(raw: dict, override: str) -> None:
-    """Apply one `dotted.key=value` override in place; the value is parsed as YAML (numbers, lists, ...)."""
-    if "=" not in override:
-        raise ConfigError(f"override {override!r} is not of the form key=value")
-    key, _, text = override.partition("=")
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise ConfigError(f"override {override!r} has an empty key")
-    try:
-        value = yaml.load(text, Loader=_StrictLoader)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {override!r}: value is not valid YAML ({e.__class__.__name__})") from None
-    node = raw
-    for i, part in enumerate(parts[:-1]):
-        nxt = node.get(part)
-        if nxt is None:
-            nxt = node[part] = {}
-        elif isinstance(nxt, str) and ".".join(parts[: i + 1]) == "model":
-            nxt = node[part] = {"source": nxt}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a mapping")
-        node = nxt
-    node[parts[-1]] = value
-
-
 def parse(raw: Any, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError("job file must be a YAML mapping at the top level")
     for ov in overrides:
-        apply_override(raw, ov)
-    return _build(JobConfig, raw, "")
+        apply_override(raw, ov, JobConfig)
+    return build(JobConfig, raw)
 
 
 def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
@@ -524,7 +407,7 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobCo
     if not p.is_file():
         raise ConfigError(f"job file not found: {p}")
     try:
-        raw = yaml.load(p.read_text(), Loader=_StrictLoader)
+        raw = load_yaml(p.read_text())
     except ConfigError as e:
         raise ConfigError(f"{p}: {e}") from None
     except yaml.YAMLError as e:
