@@ -12,16 +12,20 @@ What the driver prints (and so what `ray job logs` shows) is minigpt's progress 
 * Worker output is forwarded to the driver only for lines that carry a stage tag (`[recover] …`, see
   PROGRESS_LINE); model-loading bars, DeepSpeed and Ray Train chatter stay in the worker logs
   (`/tmp/ray/session_latest/logs/worker-*.out|err`, the dashboard's Logs tab).
+* The driver itself loads and saves models (slimming): its transformers progress bars are off and DeepSpeed's
+  logger keeps errors only (quiet_driver), so the driver's own output is progress lines too.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 
 AUTH_MODE = "token"
-# Worker lines forwarded to the driver: minigpt's progress lines, "[stage] ..." (see filter_worker_logs).
-PROGRESS_LINE = re.compile(r"^\[(pipeline|prepare|calibrate|search|slim|recover|quantize|evaluate|report|models)\] ")
+# Worker lines forwarded to the driver: minigpt's progress lines, "[stage] ..." with a lowercase tag (see
+# filter_worker_logs). Framework lines start otherwise: DeepSpeed's with a timestamp, torch's with "[rank0]:".
+PROGRESS_LINE = re.compile(r"^\[[a-z][a-z_-]*\] ")
 WORKER_ENV = {
     "RAY_AUTH_MODE": AUTH_MODE,
     "TOKENIZERS_PARALLELISM": "false",  # tokenizers and BLAS must not oversubscribe the cores a task reserved
@@ -51,6 +55,24 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=_want_dashboard(), dashboard_host="127.0.0.1",
                  runtime_env={"env_vars": env_vars}, log_to_driver=True)
     filter_worker_logs()
+    quiet_driver()
+
+
+class _ErrorsOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+def quiet_driver() -> None:
+    """No transformers progress bars and only DeepSpeed errors in this (the driver's) process. Called after Ray has
+    started, so the workers of an embedded Ray, which inherit the driver's environment at start, keep theirs."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    # A filter, not a level: DeepSpeed resets its logger's level when it is first imported.
+    ds = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _ErrorsOnly) for f in ds.filters):
+        ds.addFilter(_ErrorsOnly())
 
 
 def progress_lines(lines: list[str]) -> list[str]:
