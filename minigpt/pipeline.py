@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
@@ -400,31 +399,15 @@ class Pipeline:
                 self.summary = S.summarize(self, json.loads(self.layout.eval_json.read_text()))
             if stage.enabled(cfg):
                 self.run_stage(stage)
-        print_table(self.summary)
+        from minigpt.report import console_table
+
+        print("\n" + console_table(json.loads(self.layout.eval_json.read_text())) + "\n", flush=True)
         failed = [d for d, r in self.summary["domains"].items() if r.get("recover_status") == "failed"]
         if failed:
             errors = {d: (self.book.read("recover", d) or {}).get("error") or "?" for d in failed}
             raise JobIncomplete("recovery failed for " + "; ".join(f"{d}: {e.splitlines()[0][:200]}"
                                                                   for d, e in errors.items()))
         return self.summary
-
-
-def _fmt(x) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "-"
-    return f"{x:.2f}"
-
-
-def print_table(summary: dict) -> None:
-    head = f"{'domain':<12}{'dense ppl':>11}{'pruned ppl':>12}{'recovered':>11}{'bpb dense':>11}{'bpb rec':>9}" \
-           f"{'removed':>9}"
-    print("\n" + head + "\n" + "-" * len(head))
-    for name, r in summary["domains"].items():
-        removed = r.get("removed_fraction")
-        print(f"{name:<12}{_fmt(r.get('dense_ppl')):>11}{_fmt(r.get('pruned_ppl')):>12}"
-              f"{_fmt(r.get('recovered_ppl')):>11}{_fmt(r.get('dense_bpb')):>11}{_fmt(r.get('recovered_bpb')):>9}"
-              f"{(f'{removed:.1%}' if removed is not None else '-'):>9}")
-    print(flush=True)
 
 
 # ------------------------------------------------------------------------------------------ status

@@ -272,16 +272,21 @@ def evaluate(p: Pipeline, todo: list[None], keys: dict, finish: Finish) -> None:
 
 
 def summarize(p: Pipeline, eval_data: dict) -> dict:
-    """summary.json: per domain the dense, pruned and recovered perplexity and bits per byte, sizes, recovery."""
+    """summary.json: per domain the dense, pruned and recovered perplexity (ratios to dense with their intervals) and
+    bits per byte, sizes, recovery."""
     rows = {}
     models = eval_data["models"]
     dense = models["dense"]
     for d in p.cfg.domains:
-        row = {"dense_ppl": dense["domains"][d.name]["ppl"], "dense_bpb": dense["domains"][d.name]["bits_per_byte"]}
+        row = {"dense_ppl": dense["domains"][d.name]["ppl"], "dense_ppl_ci": dense["domains"][d.name].get("ppl_ci"),
+               "dense_bpb": dense["domains"][d.name]["bits_per_byte"]}
         for kind in ("pruned", "recovered"):
             m = models.get(f"{d.name}/{kind}")
             if m:
                 row[f"{kind}_ppl"] = m["domains"][d.name]["ppl"]
+                # The expert's perplexity ÷ dense and its bootstrap interval (paired over held-out documents).
+                row[f"{kind}_ppl_ratio"] = m["domains"][d.name].get("ppl_ratio")
+                row[f"{kind}_ppl_ratio_ci"] = m["domains"][d.name].get("ppl_ratio_ci")
                 row[f"{kind}_bpb"] = m["domains"][d.name]["bits_per_byte"]
                 row[f"{kind}_non_embedding"] = m["size"]["non_embedding_params"]
         row["dense_non_embedding"] = dense["size"]["non_embedding_params"]
