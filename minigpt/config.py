@@ -89,7 +89,8 @@ class DataConfig:
 
     block_size: int = 256
     calib_tokens: int = 8192  # per domain; a domain with fewer is an error
-    heldout_tokens: int = 4096  # per domain; a domain with fewer is an error
+    heldout_tokens: int = 8192  # per domain; a domain with fewer is an error. 32 blocks of 256 spread over many
+    #                             documents: the bootstrap intervals of the evaluation narrow with more documents
     train_tokens: int = 0  # per domain; 0 = every train document
     calib_fraction: float = 0.3  # share of documents (by hash) in the calibration split
     heldout_fraction: float = 0.2  # share in the held-out split; the rest is train
