@@ -28,7 +28,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from minigpt.models import arch_of, check_replacement, decoder_layers, kv_coupling, mlp_coupling, q_coupling, unit_index, widths
+from minigpt.models import (arch_of, check_replacement, decoder_layers, kv_coupling, mlp_coupling, q_coupling,
+                            unit_index, widths)
 
 
 class RefitError(ValueError):

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from minigpt.config import ConfigError, PruneConfig
-from minigpt.models import arch_of, decoder_layers, kv_coupling, kv_prunable, mlp_coupling, q_coupling, widths
+from minigpt.models import (arch_of, decoder_layers, kv_coupling, kv_prunable, mlp_coupling, per_unit, q_coupling,
+                            widths)
 
 Stats = Mapping[str, torch.Tensor]
 
@@ -141,7 +142,7 @@ def _coupled_l2(model: nn.Module, coupling, units: int) -> torch.Tensor:
         for c in coupling:
             p = params[c.name].detach().double().square()
             per_index = p.sum(dim=[d for d in range(p.dim()) if d != c.dim]) if p.dim() > 1 else p
-            sq += per_index.reshape(units, c.size).sum(1)
+            sq += per_unit(c, per_index, units).sum(1)  # the coupling's segment of a fused tensor
         rows.append(sq.sqrt())
     return torch.stack(rows)
 

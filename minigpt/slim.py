@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from minigpt.config import ConfigError
-from minigpt.models import (arch_of, config_key, decoder_layers, kv_coupling, mlp_coupling, q_coupling, unit_index,
-                            widths)
+from minigpt.archs import (Coupled, arch_of, config_key, decoder_layers, kv_coupling, mlp_coupling, q_coupling,
+                           unit_index, widths)
 from minigpt.plan import PruningPlan
 
 
@@ -81,6 +81,29 @@ def _check_weights(model: nn.Module, weights: Mapping[str, torch.Tensor] | None)
     return dict(weights or {})
 
 
+def _cuts(model: nn.Module, plan: PruningPlan) -> list[tuple[list[Coupled], int, str]]:
+    """(couplings, units, plan field) of each structure the plan cuts, query heads after KV groups: where both are
+    cut, a query-head coupling names the kept heads of the kept groups and overrides the group cut of the q rows."""
+    w = widths(model)
+    cuts = [(mlp_coupling(model), w["intermediate"], "mlp_keep")]
+    if plan.kv_width is not None:
+        cuts.append((kv_coupling(model), w["kv_heads"], "kv_keep"))
+    if plan.q_width is not None:
+        cuts.append((q_coupling(model), w["heads"], "q_keep"))
+    return cuts
+
+
+def _kept_indices(value: torch.Tensor, cuts: list[tuple[Coupled, int, tuple[int, ...]]]) -> dict[int, torch.Tensor]:
+    """Per dimension of one tensor, the indices it keeps (ascending): each coupling's segment keeps only its kept
+    units; entries outside every segment (Phi-3's k|v rows under a query-head cut) stay."""
+    drop: dict[int, torch.Tensor] = {}
+    for c, units, keep in cuts:
+        mask = drop.setdefault(c.dim, torch.zeros(value.shape[c.dim], dtype=torch.bool))
+        mask[unit_index(c, range(units))] = True
+        mask[unit_index(c, keep)] = False
+    return {dim: (~mask).nonzero().reshape(-1) for dim, mask in drop.items()}
+
+
 @torch.no_grad()
 def slim(model: nn.Module, plan: PruningPlan, weights: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
     """Return a new, physically smaller model; `model` is left untouched.
@@ -90,9 +113,7 @@ def slim(model: nn.Module, plan: PruningPlan, weights: Mapping[str, torch.Tensor
     weights = _check_weights(model, weights)
     arch = arch_of(model)
     new_cfg = slim_config(model, plan)
-    mlp = {c.name: c for c in mlp_coupling(model)}
-    kv = {c.name: c for c in kv_coupling(model)} if plan.kv_width is not None else {}
-    qh = {c.name: c for c in q_coupling(model)} if plan.q_width is not None else {}
+    cuts = _cuts(model, plan)
     kept = {lp.index: (j, lp) for j, lp in enumerate(plan.layers)}
     prefix = arch.layers + "."
     state = {}
@@ -105,12 +126,10 @@ def slim(model: nn.Module, plan: PruningPlan, weights: Mapping[str, torch.Tensor
         if int(idx) not in kept:
             continue  # a dropped layer
         j, lp = kept[int(idx)]
-        if rel in mlp:
-            value = value.index_select(mlp[rel].dim, unit_index(mlp[rel], lp.mlp_keep))
-        if rel in qh and lp.q_keep is not None:  # query rows / output columns: by kept head
-            value = value.index_select(qh[rel].dim, unit_index(qh[rel], lp.q_keep))
-        elif rel in kv and lp.kv_keep is not None:
-            value = value.index_select(kv[rel].dim, unit_index(kv[rel], lp.kv_keep))
+        mine = [(c, units, getattr(lp, field)) for coupling, units, field in cuts for c in coupling
+                if c.name == rel and getattr(lp, field) is not None]
+        for dim, index in _kept_indices(value, mine).items():
+            value = value.index_select(dim, index)
         state[f"{prefix}{j}.{rel}"] = value.clone()
     if plan.vocab_keep is not None:
         rows = torch.tensor(plan.vocab_keep, dtype=torch.long)
