@@ -149,6 +149,24 @@ def test_every_method_slims_to_masked_dense(arch, tmp_path):
         _check_reload(headed, tmp_path / "heads")
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sequential_pruning_slims_to_masked_dense(arch):
+    """Layer by layer on the pruned model's own activations (each block called with the arguments it was given:
+    Gemma 3's local and global layers get different rotary tables and masks)."""
+    from minigpt import sequential as Q
+
+    model = make(arch)
+    heads = kv_prunable(model) and not arch_of(model).head_norms
+    cfg = PruneConfig(method="obs", target=0.4 if heads else 0.3, kv_groups=int(heads), multiple_of=4,
+                      sequential=True)
+    plan, weights = Q.prune_sequential(model, [Q.LayerRunner(model, CALIB, 2)], cfg, domain="d")
+    small = SL.slim(model, plan, weights)
+    with torch.no_grad():
+        torch.testing.assert_close(small(IDS).logits, SL.mask(copy.deepcopy(model), plan, weights)(IDS).logits,
+                                   rtol=1e-5, atol=1e-5)
+    assert count_parameters(small) == (plan.params["total"], plan.params["non_embedding"])
+
+
 def _layer_outputs(model, ids):
     """Each decoder block's output (the residual stream after it), captured by hooks."""
     outs = []
