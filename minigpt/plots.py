@@ -49,6 +49,7 @@ def _plain_log_ticks(axis) -> None:
 
 def plot_size_vs_ppl(eval_data: dict) -> bytes | None:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     models = eval_data.get("models") or {}
     domains = eval_data.get("domains") or []
@@ -76,6 +77,7 @@ def plot_size_vs_ppl(eval_data: dict) -> bytes | None:
                 ax.annotate(label, (x / 1e6, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_title(f"held-out: {domain}", fontsize=10)
         ax.set_xlabel("non-embedding parameters (M)", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(5))
         ax.set_ylabel("perplexity", fontsize=8)
         ax.set_yscale("log")
         _plain_log_ticks(ax.yaxis)

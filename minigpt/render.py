@@ -67,7 +67,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;mar
 color:#222;padding:0 1em}
 h1{border-bottom:2px solid #444}h2{margin-top:1.6em;border-bottom:1px solid #ccc}
 table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.9em}
-th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}th{background:#f2f2f2}
+th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}td{white-space:nowrap}.wide{overflow-x:auto}th{background:#f2f2f2}
 td:first-child,th:first-child{text-align:left}caption{text-align:left;font-weight:600;padding:.3em 0}
 .note{color:#666;font-size:.85em;margin-top:-.8em}figure{margin:1em 0}figcaption{color:#555;font-size:.85em}
 img{max-width:100%}pre{background:#f7f7f7;padding:.6em;white-space:pre-wrap;border-left:3px solid #bbb}
@@ -81,10 +81,10 @@ def render_html(title: str, sections: list[Section]) -> str:
     for sec in sections:
         out.append(f"<h2>{e(sec.title)}</h2>")
         for t in sec.tables:
-            out.append(f"<table><caption>{e(t.title)}</caption><thead><tr>"
+            out.append(f'<div class="wide"><table><caption>{e(t.title)}</caption><thead><tr>'
                        + "".join(f"<th>{e(h)}</th>" for h in t.headers) + "</tr></thead><tbody>")
             out += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in t.rows]
-            out.append("</tbody></table>")
+            out.append("</tbody></table></div>")
             if t.note:
                 out.append(f'<p class="note">{e(t.note)}</p>')
         for p in sec.plots:

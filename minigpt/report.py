@@ -56,6 +56,8 @@ def _ci(ci: Any, fmt) -> str:
 
 
 def _with_ci(x: Any, ci: Any, digits: int = 3, times: bool = False) -> str:
+    if finite(x) and abs(x) >= 1000:
+        digits = 0  # a destroyed model's perplexity: its decimals say nothing
     fmt = (lambda v: f"{v:.{digits}f}×") if times else (lambda v: f"{v:.{digits}f}")
     return ("—" if not finite(x) else fmt(x)) + (_ci(ci, fmt) if finite(x) else "")
 
@@ -176,14 +178,13 @@ def _quality_section(eval_data: dict) -> Section:
             m = _dcell(models, label, d)
             ppl_r, ppl_ci = _ratio_cell(m, "ppl", ref)
             bpb_r, bpb_ci = _ratio_cell(m, "bits_per_byte", ref)
-            rows.append([label, _with_ci(m.get("ppl"), m.get("ppl_ci"), 2),
-                         _with_ci(ppl_r, ppl_ci, times=True) if ref else "—",
-                         _with_ci(m.get("bits_per_byte"), m.get("bits_per_byte_ci"), 4),
-                         _with_ci(bpb_r, bpb_ci, times=True) if ref else "—",
-                         _num(m.get("documents_measured")), _num(m.get("tokens")), _num(m.get("bytes"))])
+            vs = (lambda r, ci: "reference" if label == dense else _with_ci(r, ci, times=True) if ref else "—")
+            rows.append([label, _with_ci(m.get("ppl"), m.get("ppl_ci"), 2), vs(ppl_r, ppl_ci),
+                         _with_ci(m.get("bits_per_byte"), m.get("bits_per_byte_ci"), 4), vs(bpb_r, bpb_ci),
+                         _num(m.get("documents_measured")), _num(m.get("tokens"))])
         quality.tables.append(Table(f"Domain: {d}", [
             "model", f"perplexity [{conf:.0%} CI]", "ppl ÷ dense", "bits/byte", "bits/byte ÷ dense", "documents",
-            "tokens", "bytes"], rows))
+            "tokens"], rows))
     quality.text.append(("", "Bits per byte are comparable across models with different vocabularies; perplexity "
                              "is per each model's own tokens. Intervals are bootstrap percentile intervals over "
                              "held-out documents; ratios resample the same documents for both models."))
