@@ -30,6 +30,33 @@ def make_tiny_llama(seed: int = 0, vocab: int = 128, hidden: int = 32, inter: in
     return model
 
 
+LICENCE = "a licence grants permission to copy, modify and distribute the software under these conditions. "
+TEXT = "the quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat in the sun. " * 3 + LICENCE
+
+
+def make_tiny_tokenizer():
+    """A tiny byte-level BPE (300 ids, `<eos>`) trained on TEXT and LICENCE: fast, offline, vocabulary-prunable."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT] * 4 + [LICENCE * 8] * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def make_tiny_pair(**model_kw):
+    """make_tiny_tokenizer() and a tiny Llama over its vocabulary, whose special ids are the tokenizer's."""
+    tok = make_tiny_tokenizer()
+    model = make_tiny_llama(vocab=len(tok), **model_kw)
+    model.config.eos_token_id = model.config.pad_token_id = tok.eos_token_id
+    model.config.bos_token_id = None
+    return model, tok
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """The prepared SmolLM2-135M folder (model + tokenizer), found the way a job finds it: models.resolve of the

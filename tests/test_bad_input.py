@@ -1,14 +1,10 @@
 """Bad input: one clear line on stderr, exit status 2, before expensive work, and no new files in the output folder."""
 
-from pathlib import Path
-
 import pytest
 import yaml
 
 from minigpt.cli import main
 from tests.conftest import make_tiny_llama
-
-TOKENIZER_DIR = Path.home() / ".cache/minigpt/models"
 
 
 @pytest.fixture
@@ -98,17 +94,14 @@ def test_missing_deepspeed_config(base, capsys):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_empty_domain_and_too_many_resources(base, capsys):
+def test_empty_domain_and_too_many_resources(base, capsys, smollm2_dir):
     """Both need Ray and the tokenizer; they share one embedded Ray to keep the suite fast."""
     import ray
 
-    real = sorted(TOKENIZER_DIR.glob("smollm2-135m-*"))
-    if not real:
-        pytest.skip("smollm2-135m not prepared")
     tmp, job = base
     from transformers import AutoTokenizer
 
-    AutoTokenizer.from_pretrained(real[0]).save_pretrained(tmp / "model")
+    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(tmp / "model")
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         job["calibrate"] = {"workers": 1, "cpus_per_worker": 64}

@@ -1,7 +1,6 @@
 """Plans and slimming: physical removal equals masking, counts match predictions, JSON round-trips."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -114,16 +113,14 @@ def test_plan_json_round_trip_with_groups_layers_and_vocab():
 
 # ------------------------------------------------------------------------------------------ vocabulary
 
-REAL = Path("/root/.cache/minigpt/models/smollm2-135m-b179c9523d0e6a0f")
-needs_tokenizer = pytest.mark.skipif(not (REAL / "tokenizer.json").is_file(), reason="SmolLM2 tokenizer not prepared")
 DOMAIN_TEXT = "Permission is hereby granted, free of charge, to any person obtaining a copy of this software."
 
 
 @pytest.fixture(scope="module")
-def real_tokenizer():
+def real_tokenizer(smollm2_dir):
     from minigpt.models import load_tokenizer
 
-    return load_tokenizer(REAL)
+    return load_tokenizer(smollm2_dir)
 
 
 def _vocab_plan(model, tok, prune_cfg=None):
@@ -136,7 +133,6 @@ def _vocab_plan(model, tok, prune_cfg=None):
     return build_plan(prof, model, cfg, domain="d", tokenizer=tok), ids
 
 
-@needs_tokenizer
 @pytest.mark.parametrize("tie", [True, False])
 def test_vocab_pruning_keeps_kept_text_exact(real_tokenizer, tie, tmp_path):
     from transformers import AutoTokenizer
@@ -180,7 +176,6 @@ def test_vocab_pruning_keeps_kept_text_exact(real_tokenizer, tie, tmp_path):
         torch.testing.assert_close(back(x).logits, got)
 
 
-@needs_tokenizer
 def test_vocab_keep_must_be_closed(real_tokenizer):
     from minigpt import vocab as V
 

@@ -11,14 +11,10 @@ from minigpt.config import ConfigError, QuantizeConfig  # noqa: E402
 
 @pytest.fixture(scope="module")
 def expert(tmp_path_factory):
-    from conftest import make_tiny_llama
-    from test_search import TEXT, _tiny_tokenizer
+    from conftest import TEXT, make_tiny_pair
 
     folder = tmp_path_factory.mktemp("expert")
-    tok = _tiny_tokenizer(folder)
-    model = make_tiny_llama(vocab=len(tok), hidden=64, inter=128, layers=2)
-    model.config.eos_token_id = model.config.pad_token_id = tok.eos_token_id
-    model.config.bos_token_id = None
+    model, tok = make_tiny_pair(hidden=64, inter=128, layers=2)
     # Realistic weight scale: the fixture's N(0, 0.2) weights make logits so large that int8 rounding dominates.
     with torch.no_grad():
         for p in model.parameters():

@@ -11,8 +11,7 @@ from minigpt import nsga as N
 from minigpt import search as S
 from minigpt.config import ConfigError, SearchConfig
 
-LICENCE = "a licence grants permission to copy, modify and distribute the software under these conditions. "
-TEXT = "the quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat in the sun. " * 3 + LICENCE
+from tests.conftest import TEXT, make_tiny_pair
 
 
 # ------------------------------------------------------------------------------------------ pure maths
@@ -95,32 +94,13 @@ def test_nsga2_is_reproducible_and_improves():
 # ----------------------------------------------------------------------------------------- model helpers
 
 
-def _tiny_tokenizer(tmp_path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([TEXT] * 4 + [LICENCE * 8] * 4, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
-    return fast
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny Llama whose vocabulary is a tiny byte-level BPE's, saved with it, and a profile of TEXT."""
-    from conftest import make_tiny_llama
-
     from minigpt import stats
 
     folder = tmp_path_factory.mktemp("tiny")
-    tok = _tiny_tokenizer(folder)
-    model = make_tiny_llama(vocab=len(tok), layers=4, inter=64, kv_heads=2)
-    model.config.eos_token_id = model.config.pad_token_id = tok.eos_token_id
-    model.config.bos_token_id = None
+    model, tok = make_tiny_pair(layers=4, inter=64, kv_heads=2)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     # Profiled on the first sentence only, so the merges of the licence sentence are unseen (a vocabulary cut).
