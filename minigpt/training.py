@@ -118,16 +118,6 @@ def load_blocks(shards: tuple[str, ...] | list[str]) -> torch.Tensor:
     return blocks
 
 
-def load_blocks(shards: tuple[str, ...] | list[str]) -> torch.Tensor:
-    """All blocks of the train shards as one int64 [n_blocks, block_size] tensor (minigpt.corpora.read_blocks)."""
-    from minigpt.corpora import read_blocks
-
-    blocks = read_blocks(shards)
-    if blocks.shape[0] == 0:
-        raise ValueError(f"no token blocks in {len(shards)} train shard(s)")
-    return blocks
-
-
 def _lora_config(cfg: RecoverConfig):
     from peft import LoraConfig
 

@@ -21,7 +21,6 @@ from minigpt.config import ConfigError, DataConfig, DomainConfig, SourceConfig
 from minigpt.corpora import (
     DomainData,
     assign_split,
-    build_stream,
     doc_hash,
     gather_documents,
     prepare_domain,
