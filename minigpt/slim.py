@@ -3,8 +3,10 @@
 The slimmed model is built from a new config written here (same architecture, smaller widths, fewer layers,
 smaller vocabulary) and filled with sliced tensors through a strict state-dict load, so a plan that does not fit
 the model fails loudly. Compensated plans (minigpt.refit) pass new values for the kept output projections, given
-in the dense shapes, which are cut like every other weight: only kept weights change values. `mask` is the reference used by tests: the dense model with the same MLP channels, KV
-groups and layers silenced must give the same logits (vocabulary: the dense logits restricted to the kept ids).
+in the dense shapes, which are cut like every other weight: only kept weights change values. Fused tensors (Phi-3's
+q|k|v and gate|up rows) are cut per segment, as minigpt.archs describes them. `mask` is the reference used by
+tests: the dense model with the same MLP channels, KV groups and layers silenced must give the same logits
+(vocabulary: the dense logits restricted to the kept ids).
 """
 
 from __future__ import annotations
