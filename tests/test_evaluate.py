@@ -2,8 +2,6 @@
 
 import hashlib
 import json
-import random
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,21 +19,8 @@ from minigpt.evaluate import (
     sample_prompt,
 )
 from minigpt.metrics import lm_metrics
-from tests.conftest import make_tiny_llama
-
-VOCAB = 49152  # the real tokenizer's vocabulary; a tiny hidden size keeps the models small
-WORDS = ("the court shall grant license any party agreement software clause warranty liability notice copy "
-         "source code distribute modify terms conditions section patent holder contributor work").split()
-
-
-def docs(n: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    return [f"Document {i}. " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 50))) + "."
-            for i in range(n)]
-
-
-def tiny(seed: int = 0, inter: int = 32):
-    return make_tiny_llama(seed=seed, vocab=VOCAB, hidden=16, inter=inter, layers=2, heads=2, kv_heads=1)
+from tests.test_metrics import docs, tiny
+from tests.test_report import is_png_uri, parse
 
 
 def test_sample_prompts_come_from_held_out_documents():
@@ -168,8 +153,8 @@ def test_evaluate_run_and_report(tmp_path, smollm2_tokenizer, ray_local):
     plans = {"legal": {"domain": "legal", "method": "contextual", "target": 0.25, "intermediate_size": 32,
                        "layers": [{"index": i, "mlp_keep": list(range(16))} for i in range(2)]}}
     md, page = write_report(run, out, plans)
-    imgs = img_sources(page.read_text())
-    assert len(imgs) == 2 and all(png_data_uri(src) for src in imgs)
+    imgs = parse(page.read_text()).imgs
+    assert len(imgs) == 2 and all(is_png_uri(src) for src in imgs)
     text = md.read_text()
     assert text.index("## Headline") < text.index("## Held-out quality")
     cell = pruned["domains"]["legal"]
@@ -181,26 +166,3 @@ def test_evaluate_run_and_report(tmp_path, smollm2_tokenizer, ray_local):
     write_split(run / "data" / "code", "train", docs(14, seed=11)[4:9])
     with pytest.raises(LeakageError, match="'code'"):
         evaluate_run(run, models, domains, cfg, block_size=32)
-
-
-def img_sources(page: str) -> list[str]:
-    class Imgs(HTMLParser):
-        def __init__(self):
-            super().__init__()
-            self.src: list[str] = []
-
-        def handle_starttag(self, tag, attrs):
-            if tag == "img":
-                self.src.append(dict(attrs).get("src") or "")
-
-    parser = Imgs()
-    parser.feed(page)
-    parser.close()
-    return parser.src
-
-
-def png_data_uri(src: str) -> bool:
-    import base64
-
-    prefix = "data:image/png;base64,"
-    return src.startswith(prefix) and base64.b64decode(src[len(prefix):]).startswith(b"\x89PNG\r\n\x1a\n")

@@ -29,8 +29,9 @@ def docs(n: int, seed: int = 0) -> list[str]:
             for i in range(n)]
 
 
-def tiny(seed: int = 0):
-    return make_tiny_llama(seed=seed, vocab=VOCAB, hidden=16, inter=32, layers=2, heads=2, kv_heads=1)
+def tiny(seed: int = 0, inter: int = 32):
+    """A tiny Llama over the real tokenizer's vocabulary (shared with test_evaluate)."""
+    return make_tiny_llama(seed=seed, vocab=VOCAB, hidden=16, inter=inter, layers=2, heads=2, kv_heads=1)
 
 
 # ------------------------------------------------------------------------------------------ per byte

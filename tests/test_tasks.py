@@ -17,52 +17,33 @@ from minigpt.tasks import (
     read_questions,
     spread,
 )
-from tests.conftest import make_tiny_llama
+from tests.conftest import make_tiny_pair, make_tiny_tokenizer
 
-CORPUS = ["Question: is the sky blue?\nAnswer: yes", "Answer: no", "perhaps not", "yes no maybe",
-          "The following is a multiple choice question about nature."]
-
-
-def tiny_tokenizer():
-    """A byte-level BPE tokenizer trained in-process on a few sentences (no file, no hub)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS * 20, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
-
-
-def tiny_model(tok):
-    model = make_tiny_llama(vocab=len(tok), hidden=16, inter=32, layers=2, heads=2, kv_heads=1)
-    model.config.eos_token_id = model.config.bos_token_id = model.config.pad_token_id = tok.eos_token_id
-    return model
+def tiny_model():
+    """A tiny Llama over conftest's tiny byte-level BPE (built in-process: no file, no hub)."""
+    return make_tiny_pair(hidden=16, inter=32, layers=2, heads=2, kv_heads=1)
 
 
 def saved_tiny_model(folder):
-    """A tiny Llama with the tiny tokenizer, saved as an HF folder and loaded back the way evaluation loads it."""
+    """A tiny model and tokenizer saved as an HF folder and loaded back the way evaluation loads them."""
     from minigpt.models import load_model, load_tokenizer
 
-    tok = tiny_tokenizer()
-    tiny_model(tok).save_pretrained(folder)
+    model, tok = tiny_model()
+    model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return load_model(str(folder), "float32"), load_tokenizer(str(folder))
 
 
-def biased_model(tok, token_id: int):
-    """A model whose every next-token distribution puts almost all mass on `token_id`."""
-    model = tiny_model(tok)
+def biased_model(token_id: int):
+    """A tiny model whose every next-token distribution puts almost all mass on `token_id`."""
+    model, tok = tiny_model()
     head = nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
     with torch.no_grad():
         head.weight.zero_()
         head.bias.zero_()
         head.bias[token_id] = 30.0
     model.lm_head = head
-    return model
+    return model, tok
 
 
 @pytest.fixture
@@ -78,11 +59,10 @@ def no_network(monkeypatch):
 
 
 def test_lm_eval_scores_a_tiny_model_offline(no_network):
-    tokenizer = tiny_tokenizer()
-    yes = tokenizer(" yes", add_special_tokens=False)["input_ids"]
-    assert len(yes) == 1
-    model = biased_model(tokenizer, yes[0])
-    choices = ("no", "yes", "perhaps not")
+    the = make_tiny_tokenizer()(" the", add_special_tokens=False)["input_ids"]
+    assert len(the) == 1
+    model, tokenizer = biased_model(the[0])
+    choices = ("cat", "the", "lazy dog")
     right = [MCQItem(f"Question {i}?", choices, 1, "s1") for i in range(3)]
     wrong = [MCQItem(f"Question {i}?", choices, 2, "s_2") for i in range(2)]
     res = mcq_accuracy(model, tokenizer, right + wrong, batch_size=4, samples=200)
@@ -99,9 +79,9 @@ def test_lm_eval_agrees_with_log_likelihoods_computed_by_hand(tmp_path, no_netwo
     """On a random tiny model, lm-eval's prediction for each question is the choice whose tokens (" " + choice) are
     most likely after the prompt, computed here directly from the model's logits."""
     model, tok = saved_tiny_model(tmp_path / "model")
-    items = [MCQItem(q, ("yes", "no", "perhaps not", "maybe"), k % 4, "nature" if k % 2 else "")
-             for k, q in enumerate(["is the sky blue?", "is grass red?", "yes or no?", "Answer: maybe", "no?",
-                                    "is it?"])]
+    items = [MCQItem(q, ("the cat", "a dog", "the warm mat", "software"), k % 4, "licences" if k % 2 else "")
+             for k, q in enumerate(["who sleeps?", "what jumps over the lazy dog?", "where is the sun?",
+                                    "what may you copy?", "who grants permission?", "what is quick?"])]
 
     def prompt(item):
         head = f"The following is a multiple choice question about {item.subject}.\n\n" if item.subject else ""
