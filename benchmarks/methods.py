@@ -98,8 +98,9 @@ def main() -> None:
     # Half the documents calibrate: the licences corpus is small and least squares wants many tokens.
     data_cfg = DataConfig(block_size=args.block_size, calib_tokens=args.calib_tokens, heldout_tokens=4096,
                           train_tokens=256, calib_fraction=0.5, heldout_fraction=0.2)
-    # The standard targets' cut lengths are always collected, so the cached profiles serve every run.
-    spans = {P.depth_layers(dense, t) for t in (0.2, 0.3, 0.5, *targets)}
+    # Depth moments are collected only when a depth method (or +alloc) runs; a cached profile gains them when needed.
+    spans = {P.depth_layers(dense, t) for t in (0.2, 0.3, 0.5, *targets)} \
+        if any(m.split("+")[0] == "depth" for m in methods) else set()
     if any("+alloc" in m for m in methods):
         for t in targets:
             spans |= set(P.stat_spec(PruneConfig(target=t, allocate=True), dense).depth_spans)

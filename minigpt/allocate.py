@@ -24,7 +24,7 @@ the cheapest; benchmarks/methods.py measures whether it pays.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +64,94 @@ def _curve(W: torch.Tensor, G: torch.Tensor, price: torch.Tensor, group: int, da
     return [0.0, *errors]
 
 
+@dataclass(frozen=True)
+class Curves:
+    """Priced error of removing 0, 1, 2 ... units of each layer (see the module docstring)."""
+
+    mlp: list[list[float]]  # [layer][MLP channels removed]
+    kv: list[list[float]]  # [layer][KV groups removed]; empty when the architecture's heads cannot be pruned
+    q: list[list[float]]  # [layer][query heads removed from every group]
+
+
+def _check_inputs(stats: Mapping[str, torch.Tensor], fisher: torch.Tensor | None) -> None:
+    if "mlp_gram" not in stats:
+        raise ConfigError("prune.allocate needs the profile's Gram statistics (prune.reconstruct true)")
+    if fisher is None:
+        raise ConfigError("prune.allocate needs the loss gradients of the residual stream (stats.taylor_sums' "
+                          "taylor_resid), computed on prune.taylor_blocks calibration blocks")
+
+
+def priced_curves(model: nn.Module, stats: Mapping[str, torch.Tensor], fisher: torch.Tensor, damp: float,
+                  mlp_remove: int) -> Curves:
+    """Every layer's priced OBS curves: up to `mlp_remove` MLP channels, all but one KV group, all but one query
+    head per group."""
+    w = widths(model)
+    G = w["kv_heads"]
+    per_group = w["heads"] // G
+    conv1d = arch_of(model).conv1d
+    mlp_out = next(c for c in mlp_coupling(model) if c.output)
+    kv_out = next(c for c in kv_coupling(model) if c.output) if kv_prunable(model) else None
+    q_out = next(c for c in q_coupling(model) if c.output) if kv_prunable(model) else None
+    curves = Curves([], [], [])
+    for i, layer in enumerate(decoder_layers(model)):
+        params = dict(layer.named_parameters())
+        Wm = params[mlp_out.name].detach()
+        # Both output projections add to the stream that enters layer i + 1 (the attention output also passes
+        # through layer i's MLP; first order ignores that).
+        price = fisher[i + 1]
+        curves.mlp.append(_curve(Wm.T if conv1d else Wm, stats["mlp_gram"][i], price, 1, damp, mlp_remove))
+        if kv_out is not None:
+            Wo, Go = params[kv_out.name].detach(), stats["attn_gram"][i]
+            curves.kv.append(_curve(Wo, Go, price, kv_out.size, damp, G - 1))
+            # r heads out of every group: each group's own OBS curve, summed over the groups.
+            per = [_curve(Wo, Go, price, q_out.size, damp, per_group - 1,
+                          candidates=range(g * per_group, (g + 1) * per_group)) for g in range(G)]
+            curves.q.append([sum(c[r] for c in per) for r in range(per_group)])
+    return curves
+
+
+def candidates(model: nn.Module, stats: Mapping[str, torch.Tensor], fisher: torch.Tensor, curves: Curves, *,
+               target: float, multiple_of: int, damp: float, depth: bool = True) -> list[Candidate]:
+    """Every stock shape on the grid that removes about `target` of the non-embedding parameters, with its
+    predicted loss (`depth` False: no replaced spans)."""
+    from minigpt import plan as P
+
+    w = widths(model)
+    L, I, G = w["layers"], w["intermediate"], w["kv_heads"]
+    per_group = w["heads"] // G
+    _, non_emb = count_parameters(model)
+    block = layer_params(model)
+    heads = kv_prunable(model)
+    kv_unit = params_per_unit(model, kv_coupling(model)) if heads else 0
+    q_unit = params_per_unit(model, q_coupling(model)) if heads else 0
+    mlp_unit = params_per_unit(model, mlp_coupling(model))
+    spans = [n for n in depth_options(P.depth_layers(model, target)) if f"depth_cross_{n}" in stats] if depth else []
+    out: list[Candidate] = []
+    for n in [0, *spans]:
+        first, rel = P.replacement_span(stats, n, damp, fisher) if n else (-1, [0.0])
+        kept = [i for i in range(L) if not (n and first <= i < first + n)]
+        for kv in (range(G, 0, -1) if heads else [G]):
+            for q in (range(per_group, 0, -1) if heads else [per_group]):
+                already = n * block + len(kept) * ((G - kv) * kv_unit + kv * (per_group - q) * q_unit)
+                if already > target * non_emb:
+                    continue  # the layers and groups alone overshoot the target
+                width = min(I, P.mlp_keep(model, target, multiple_of, already_removed=already, layers=len(kept)))
+                if width < multiple_of or I - width >= len(curves.mlp[0]):
+                    continue  # a cut spread over fewer layers can be deeper than the curves were computed for
+                removed = (already + len(kept) * (I - width) * mlp_unit) / non_emb
+                if removed > target + 0.02:
+                    continue
+                pred = sum(curves.mlp[i][I - width] for i in kept) + (rel[first] if n else 0.0)
+                if heads:
+                    pred += sum(curves.kv[i][G - kv] + curves.q[i][per_group - q] * kv / G for i in kept)
+                out.append(Candidate(n, first, kv, q, width, pred, removed))
+    return out
+
+
+def _cheapest(cands: list[Candidate]) -> Candidate:
+    return min(cands, key=lambda c: (c.predicted, -c.mlp_width))
+
+
 def allocate(model: nn.Module, stats: Mapping[str, torch.Tensor], prune_cfg: PruneConfig,
              fisher: torch.Tensor | None) -> tuple[Candidate, list[Candidate]]:
     """(the cheapest stock shape for prune_cfg.target, every candidate evaluated) — see the module docstring.
@@ -71,66 +159,38 @@ def allocate(model: nn.Module, stats: Mapping[str, torch.Tensor], prune_cfg: Pru
     `fisher`: taylor_resid [L + 1, D] of stats.taylor_sums on the domain's calibration blocks."""
     from minigpt import plan as P
 
-    if "mlp_gram" not in stats:
-        raise ConfigError("prune.allocate needs the profile's Gram statistics (prune.reconstruct true)")
-    if fisher is None:
-        raise ConfigError("prune.allocate needs the loss gradients of the residual stream (stats.taylor_sums' "
-                          "taylor_resid), computed on prune.taylor_blocks calibration blocks")
-    w = widths(model)
-    L, I, G = w["layers"], w["intermediate"], w["kv_heads"]
-    conv1d = arch_of(model).conv1d
-    _, non_emb = count_parameters(model)
-    block = layer_params(model)
-    kv_unit = params_per_unit(model, kv_coupling(model)) if kv_prunable(model) else 0
-    q_unit = params_per_unit(model, q_coupling(model)) if kv_prunable(model) else 0
-    kv_options = range(G, 0, -1) if kv_prunable(model) else [G]
-    per_group = w["heads"] // G
-    q_options = range(per_group, 0, -1) if kv_prunable(model) else [per_group]
-    spans = [n for n in depth_options(P.depth_layers(model, prune_cfg.target)) if f"depth_cross_{n}" in stats]
+    _check_inputs(stats, fisher)
     # The widest MLP cut any candidate needs: every layer kept, every KV group kept.
     min_width = P.uniform_mlp_width(model, prune_cfg.target, prune_cfg.multiple_of)
-    mlp_out = next(c for c in mlp_coupling(model) if c.output)
-    kv_out = next(c for c in kv_coupling(model) if c.output) if kv_prunable(model) else None
-    q_out = next(c for c in q_coupling(model) if c.output) if kv_prunable(model) else None
-    mlp_rel, kv_rel, q_rel = [], [], []
-    for i, layer in enumerate(decoder_layers(model)):
-        params = dict(layer.named_parameters())
-        Wm = params[mlp_out.name].detach()
-        # Both output projections add to the stream that enters layer i + 1 (the attention output also passes
-        # through layer i's MLP; first order ignores that).
-        price = fisher[i + 1]
-        mlp_rel.append(_curve(Wm.T if conv1d else Wm, stats["mlp_gram"][i], price, 1, prune_cfg.damp,
-                              I - min_width))
-        if kv_out is not None:
-            Wo, Go = params[kv_out.name].detach(), stats["attn_gram"][i]
-            kv_rel.append(_curve(Wo, Go, price, kv_out.size, prune_cfg.damp, G - 1))
-            # r heads out of every group: each group's own OBS curve, summed over the groups.
-            curves = [_curve(Wo, Go, price, q_out.size, prune_cfg.damp, per_group - 1,
-                             candidates=range(g * per_group, (g + 1) * per_group)) for g in range(G)]
-            q_rel.append([sum(c[r] for c in curves) for r in range(per_group)])
-    out: list[Candidate] = []
-    for n in [0, *spans]:
-        first, rel = P.replacement_span(stats, n, prune_cfg.damp, fisher) if n else (-1, [0.0])
-        kept = [i for i in range(L) if not (n and first <= i < first + n)]
-        for kv, q in [(kv, q) for kv in kv_options for q in q_options]:
-            already = n * block + len(kept) * ((G - kv) * kv_unit + kv * (per_group - q) * q_unit)
-            try:
-                width = P.uniform_mlp_width(model, prune_cfg.target, prune_cfg.multiple_of, already_removed=already,
-                                            layers=len(kept)) if already < prune_cfg.target * non_emb else I
-            except ConfigError:
-                continue
-            if I - width >= len(mlp_rel[0]):
-                continue  # a cut spread over fewer layers can be deeper than the curves were computed for
-            removed = (already + len(kept) * (I - width) * params_per_unit(model, mlp_coupling(model))) / non_emb
-            if removed > prune_cfg.target + 0.02:
-                continue  # the layers and groups alone overshoot the target
-            pred = sum(mlp_rel[i][I - width] for i in kept) + (rel[first] if n else 0.0)
-            if kv_out is not None:
-                pred += sum(kv_rel[i][G - kv] + q_rel[i][per_group - q] * kv / G for i in kept)
-            out.append(Candidate(n, first, kv, q, width, pred, removed))
+    curves = priced_curves(model, stats, fisher, prune_cfg.damp, widths(model)["intermediate"] - min_width)
+    out = candidates(model, stats, fisher, curves, target=prune_cfg.target, multiple_of=prune_cfg.multiple_of,
+                     damp=prune_cfg.damp)
     if not out:
         raise ConfigError(f"prune.allocate found no stock shape for prune.target {prune_cfg.target}")
-    return min(out, key=lambda c: (c.predicted, -c.mlp_width)), out
+    return _cheapest(out), out
 
 
-__all__ = ["Candidate", "allocate", "depth_options"]
+def allocation_front(model: nn.Module, stats: Mapping[str, torch.Tensor], fisher: torch.Tensor | None,
+                     targets: Sequence[float], *, damp: float, multiple_of: int, depth: bool = False,
+                     query_heads: bool = False) -> list[Candidate]:
+    """The cheapest stock shape at each feasible target (one set of curves, those of the largest target): the
+    predicted Pareto front of size against loss, which warm-starts the architecture search (minigpt.search, whose
+    shapes neither replace layers nor cut query heads inside groups: hence the defaults)."""
+    from minigpt import plan as P
+
+    _check_inputs(stats, fisher)
+    I = widths(model)["intermediate"]
+    deepest = max(targets)
+    min_width = P.uniform_mlp_width(model, deepest, multiple_of) if deepest > 0 else I
+    curves = priced_curves(model, stats, fisher, damp, I - min_width)
+    front = []
+    for t in sorted(targets):
+        cands = candidates(model, stats, fisher, curves, target=t, multiple_of=multiple_of, damp=damp, depth=depth)
+        per_group = widths(model)["heads"] // widths(model)["kv_heads"]
+        cands = [c for c in cands if query_heads or c.q_heads == per_group]
+        if cands:
+            front.append(_cheapest(cands))
+    return front
+
+
+__all__ = ["Candidate", "Curves", "allocate", "allocation_front", "candidates", "depth_options", "priced_curves"]

@@ -173,24 +173,34 @@ def predict_params(model: nn.Module, *, mlp_width: int | list[int], kv_width: in
             "non_embedding": non_emb - removed - rows * other_row}
 
 
+def mlp_keep(model: nn.Module, target: float, multiple_of: int, *, already_removed: int = 0,
+             layers: int | None = None) -> int:
+    """The uniform MLP width that removes closest to `target`, unchecked: below `multiple_of` (even negative) when
+    the MLPs alone cannot reach the target, above the dense width when `already_removed` exceeds it."""
+    _, non_emb = count_parameters(model)
+    w = widths(model)
+    layers = w["layers"] if layers is None else layers
+    remove = target * non_emb - already_removed
+    per_channel = params_per_unit(model, mlp_coupling(model))
+    return round((w["intermediate"] - remove / (layers * per_channel)) / multiple_of) * multiple_of
+
+
 def uniform_mlp_width(model: nn.Module, target: float, multiple_of: int, *, already_removed: int = 0,
                       layers: int | None = None) -> int:
     """The MLP width, equal in every layer, that removes closest to `target` of the non-embedding parameters."""
     _, non_emb = count_parameters(model)
     w = widths(model)
     layers = w["layers"] if layers is None else layers
-    width = w["intermediate"]
-    per_channel = params_per_unit(model, mlp_coupling(model))
-    remove = target * non_emb - already_removed
-    if remove < 0:
+    if target * non_emb < already_removed:
         raise ConfigError(f"prune.target {target} is already exceeded by the KV groups / layers removed "
                           f"({already_removed / non_emb:.2f} of non-embedding parameters)")
-    keep = round((width - remove / (layers * per_channel)) / multiple_of) * multiple_of
+    keep = mlp_keep(model, target, multiple_of, already_removed=already_removed, layers=layers)
     if keep < multiple_of:
-        max_target = (layers * (width - multiple_of) * per_channel + already_removed) / non_emb
+        per_channel = params_per_unit(model, mlp_coupling(model))
+        max_target = (layers * (w["intermediate"] - multiple_of) * per_channel + already_removed) / non_emb
         raise ConfigError(f"prune.target {target} cannot be reached by MLP channels alone "
                           f"(at most {max_target:.2f} with multiple_of={multiple_of})")
-    return min(keep, width)
+    return min(keep, w["intermediate"])
 
 
 @dataclass(frozen=True)
@@ -435,6 +445,6 @@ def removed_fraction(plan: PruningPlan) -> float:
     return 1 - plan.params["non_embedding"] / plan.params["dense_non_embedding"]
 
 
-__all__ = ["FORMAT", "LayerPlan", "PruningPlan", "Shape", "build_plan", "plan_from_shape", "predict_params",
-           "removed_fraction", "stat_spec", "target_shape", "threshold_width", "top_units", "uniform_mlp_width",
-           "vocab_keep"]
+__all__ = ["FORMAT", "LayerPlan", "PruningPlan", "Shape", "build_plan", "mlp_keep", "plan_from_shape",
+           "predict_params", "removed_fraction", "stat_spec", "target_shape", "threshold_width", "top_units",
+           "uniform_mlp_width", "vocab_keep"]

@@ -83,6 +83,14 @@ class Space:
         """The largest shape: every layer, the widest MLP, every KV group, the smallest vocabulary cut."""
         return np.array([1] * self.layers + [len(self.mlp_widths) - 1, len(self.kv_groups) - 1, 0], dtype=np.int64)
 
+    def genome_of(self, shape: Shape) -> np.ndarray:
+        """The genome nearest to `shape`: its kept layers, the closest MLP width and KV group count offered."""
+        flags = [1 if i in set(shape.kept_layers) else 0 for i in range(self.layers)]
+        mlp = int(np.argmin([abs(w - shape.mlp_width) for w in self.mlp_widths]))
+        kv = int(np.argmin([abs(g - shape.kv_groups) for g in self.kv_groups]))
+        vocab = int(np.argmin([abs(c - shape.vocab_min_count) for c in self.vocab_min_counts]))
+        return np.array(flags + [mlp, kv, vocab], dtype=np.int64)
+
     def shape(self, genome: np.ndarray) -> Shape:
         g = np.asarray(genome)
         return Shape(kept_layers=tuple(int(i) for i in np.flatnonzero(g[:self.layers])),
@@ -155,18 +163,19 @@ def nsga2(evaluate: Callable[[list[np.ndarray]], list[tuple[Sequence[float], dic
 @torch.inference_mode()
 def evaluate_plan(dense: nn.Module, tokenizer, plan: PruningPlan, texts: Sequence[str], *, block_size: int,
                   batch_size: int, max_blocks: int, latency: tuple[int, int, int] | None = None,
-                  tokenizer_cache: dict | None = None) -> dict:
-    """Slim `dense` by `plan` (physically; `dense` is untouched) and score the candidate on `texts`.
+                  tokenizer_cache: dict | None = None, stats: Mapping[str, torch.Tensor] | None = None) -> dict:
+    """Slim `dense` by `plan` (physically; `dense` is untouched; compensated from the profile `stats` when the plan
+    says reconstruct, as the expert will be) and score the candidate on `texts`.
 
     Returns params / non_embedding (counted on the slimmed model), loss, ppl, bits_per_byte and, when `latency`
     = (batch, seq_len, repeats) is given, the forward latency_ms of the slimmed model.
     """
-    from minigpt import slim as SL
+    from minigpt import refit, slim as SL
     from minigpt import vocab as V
     from minigpt.evaluate import lm_metrics, speed_metrics
     from minigpt.models import count_parameters
 
-    small = SL.slim(dense, plan)
+    small = SL.slim(dense, plan, refit.compensation(dense, plan, stats) if plan.reconstruct else None)
     tok = tokenizer
     if plan.vocab_keep is not None:
         # Rewriting a 49k-token tokenizer takes a moment; a search offers only a few vocabulary cuts, so cache them.
@@ -188,7 +197,8 @@ class Evaluator:
     """Holds the dense model and tokenizer; one per Ray actor (wrapped with ray.remote in search_domain)."""
 
     def __init__(self, model_dir: str, texts: Sequence[str], block_size: int, batch_size: int, max_blocks: int,
-                 threads: int, latency: tuple[int, int, int] | None, dtype: str = "float32"):
+                 threads: int, latency: tuple[int, int, int] | None, dtype: str = "float32",
+                 stats: Mapping[str, torch.Tensor] | None = None):
         from minigpt.models import load_model, load_tokenizer
 
         # Fixed thread count: sums in a different order give different last bits, which could flip a tie.
@@ -198,11 +208,12 @@ class Evaluator:
         self.texts = list(texts)
         self.kw = dict(block_size=block_size, batch_size=batch_size, max_blocks=max_blocks, latency=latency)
         self.tokenizers: dict = {}
+        self.stats = stats
 
     def evaluate(self, plan_json: str) -> dict:
         plan = PruningPlan.from_json(plan_json)
         return evaluate_plan(self.model, self.tokenizer, plan, self.texts, tokenizer_cache=self.tokenizers,
-                             **self.kw)
+                             stats=self.stats, **self.kw)
 
 
 # ================================================================================== search on one domain
@@ -242,15 +253,26 @@ def _size(info: dict, objective: str) -> float:
     return float(info["latency_ms"] if objective == "latency" else info["params"])
 
 
+def _initial(space: Space, cfg: SearchConfig, shapes: Sequence[Shape]) -> list[np.ndarray]:
+    """The warm start: the given shapes (distinct genomes), then uniform-MLP shapes, up to half the population."""
+    room = cfg.population // 2 - 1  # the full shape is always there too
+    out = list({tuple(g): g for g in (space.genome_of(s) for s in shapes)}.values())[:room]
+    if cfg.seed_uniform:
+        out += space.uniform(room - len(out))
+    return out
+
+
 def search_domain(profile_stats: Mapping[str, torch.Tensor], model_dir: str | Path, texts: Sequence[str],
                   cfg: SearchConfig, *, domain: str, block_size: int, base_model: str = "", profile: str = "",
-                  dtype: str = "float32", on_generation: Callable[[int, list[Individual]], None] | None = None
-                  ) -> SearchResult:
+                  dtype: str = "float32", on_generation: Callable[[int, list[Individual]], None] | None = None,
+                  reconstruct: bool = False, damp: float = 0.01, initial: Sequence[Shape] = ()) -> SearchResult:
     """NSGA-II over expert shapes for one domain; candidates are slimmed and scored by a pool of Ray actors.
 
     `texts` are the documents of `cfg.split` (train or calib; never the held-out split of the final report).
     The dense model is loaded here once (for scores and plans) and once in each of `cfg.workers` actors. Ray is
-    connected with raylib.ensure_ray when it is not yet.
+    connected with raylib.ensure_ray when it is not yet. With `reconstruct` every candidate is compensated from the
+    profile's Gram statistics before it is scored (prune.reconstruct: the picked plans are, so the front must rank
+    what will be built). `initial` shapes (e.g. minigpt.allocate's predicted front) warm-start the population.
     """
     import ray
     from ray.util import ActorPool
@@ -273,15 +295,23 @@ def search_domain(profile_stats: Mapping[str, torch.Tensor], model_dir: str | Pa
     def plan_of(genome: np.ndarray) -> PruningPlan:
         shape = space.shape(genome)
         return plan_from_shape(scores, dense, shape, domain=domain, method=f"search:{cfg.method}",
-                               vocab=vocabs[shape.vocab_min_count], base_model=base_model, profile=profile)
+                               vocab=vocabs[shape.vocab_min_count], base_model=base_model, profile=profile,
+                               reconstruct=reconstruct, damp=damp)
+
+    # What compensation reads (search plans drop layers plainly, so no depth moments): sent once to each actor.
+    grams = {k: profile_stats[k] for k in ("tokens", "mlp_gram", "mlp_sum", "attn_gram", "attn_sum")
+             if k in profile_stats} if reconstruct else None
+    if reconstruct and "mlp_gram" not in profile_stats:
+        raise ConfigError("search with prune.reconstruct needs the profile's Gram statistics; re-calibrate")
 
     latency = (cfg.latency_batch, cfg.latency_seq_len, cfg.latency_repeats) if cfg.objective == "latency" else None
     raylib.ensure_ray()
     actor_cls = ray.remote(num_cpus=cfg.cpus_per_worker)(Evaluator)
     texts_ref = ray.put(list(texts))
     threads = max(1, int(cfg.cpus_per_worker))
+    grams_ref = ray.put(grams) if grams is not None else None
     actors = [actor_cls.remote(str(model_dir), texts_ref, block_size, cfg.batch_size, cfg.eval_blocks, threads,
-                               latency, dtype) for _ in range(cfg.workers)]
+                               latency, dtype, grams_ref) for _ in range(cfg.workers)]
     pool = ActorPool(actors)
 
     seen: dict[tuple[int, ...], dict] = {}
@@ -303,7 +333,7 @@ def search_domain(profile_stats: Mapping[str, torch.Tensor], model_dir: str | Pa
     try:
         pop, history = nsga2(evaluate, space, population=cfg.population, generations=cfg.generations, seed=cfg.seed,
                              crossover_prob=cfg.crossover_prob, mutation_prob=cfg.mutation_prob,
-                             initial=space.uniform(cfg.population // 2 - 1) if cfg.seed_uniform else (),
+                             initial=_initial(space, cfg, initial),
                              on_generation=on_generation)
         full = space.full()
         dense_info = seen.get(tuple(int(x) for x in full)) or evaluate([full])[0][1]

@@ -60,15 +60,36 @@ def calibrate(p: Pipeline, todo: list[str], keys: dict[str, str], finish: Finish
 # ----------------------------------------------------------------------------------------------- search
 
 
+def _allocation_seeds(p: Pipeline, domain: str, stats, data) -> list:
+    """Shapes with the least predicted loss at 10-50% removed (minigpt.allocate), to warm-start the search: the same
+    priced error the fixed-ratio allocation minimises, from the profile and one backward pass."""
+    from minigpt import allocate as A, corpora, plan as P, stats as S
+    from minigpt.models import widths
+
+    cfg = p.cfg
+    dense, _ = p.dense()
+    blocks = corpora.read_blocks(data.shards("calib"))[: cfg.prune.taylor_blocks]
+    fisher = S.taylor_sums(dense, blocks, cfg.calibrate.batch_size)["taylor_resid"]
+    front = A.allocation_front(dense, stats, fisher, (0.1, 0.2, 0.3, 0.4, 0.5), damp=cfg.prune.damp,
+                               multiple_of=cfg.search.multiple_of)
+    shapes = [P.Shape(tuple(range(widths(dense)["layers"])), c.mlp_width, c.kv_groups) for c in front]
+    print(f"[search] {domain}: warm start from the predicted front "
+          + ", ".join(f"{c.removed:.0%}: MLP {c.mlp_width}, KV {c.kv_groups}" for c in front), flush=True)
+    return shapes
+
+
 def search(p: Pipeline, domain: str) -> None:
     """NSGA-II over expert shapes of one domain, cut from its profile; writes the front and its plot."""
     from minigpt import calibrate as K, corpora, search as SE
 
     L, cfg = p.layout, p.cfg
     stats, _ = K.load_profile(L.profile(domain))
-    texts = [t for _, t in corpora.DomainData.load(L.data_dir(domain)).documents(cfg.search.split)]
+    data = corpora.DomainData.load(L.data_dir(domain))
+    texts = [t for _, t in data.documents(cfg.search.split)]
+    initial = _allocation_seeds(p, domain, stats, data) if cfg.prune.reconstruct else []
     res = SE.search_domain(stats, p.model_dir, texts, cfg.search, domain=domain, block_size=cfg.data.block_size,
-                           base_model=cfg.model.source, profile=str(L.profile(domain)), dtype=cfg.model.dtype)
+                           base_model=cfg.model.source, profile=str(L.profile(domain)), dtype=cfg.model.dtype,
+                           reconstruct=cfg.prune.reconstruct, damp=cfg.prune.damp, initial=initial)
     SE.plot_front(res, L.search_png(domain))
     SE.write_front(L.search(domain), res)
     print(f"[search] {domain}: front of {len(res.front)} shape(s), {len(res.history)} evaluated", flush=True)

@@ -296,3 +296,20 @@ def test_obs_removes_only_candidate_units():
     W, X = _random_problem(m=12)
     order, errors = refit.obs_order(W, X.T @ X, group=2, damp=0.01, remove=2, candidates=[3, 4, 5])
     assert len(order) == 2 and set(order) <= {3, 4, 5} and errors[1] >= errors[0]
+
+
+def test_residual_gradient_sums_equal_autograd(model):
+    """taylor_resid row i = sum over tokens of (dL/dh_i)^2 for the stream h_i entering layer i, batch by batch."""
+    ids = _blocks(4, seed=5)
+    got = S.taylor_sums(model, ids, batch_size=2)["taylor_resid"]
+    expect = torch.zeros_like(got[:-1])
+    for start in (0, 2):
+        out = model(input_ids=ids[start:start + 2], labels=ids[start:start + 2], output_hidden_states=True)
+        hs = out.hidden_states[: len(model.model.layers)]  # the last entry is after the final norm
+        for h in hs:
+            h.retain_grad()
+        out.loss.backward()
+        expect += torch.stack([h.grad.reshape(-1, h.shape[-1]).double().square().sum(0) for h in hs])
+    model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(got[:-1], expect, rtol=1e-5, atol=1e-12)
+    assert bool((got[-1] > 0).all())

@@ -192,3 +192,46 @@ def test_search_is_seeded_and_every_front_plan_slims_into_a_loadable_model(tiny,
     with pytest.raises(ConfigError, match="budget"):
         S.pick(a, budget=1e-6)
     json.dumps(data)
+
+
+def test_warm_start_takes_the_given_shapes_first():
+    from minigpt.plan import Shape
+
+    space = S.Space(layers=4, mlp_widths=(16, 32, 48, 64), kv_groups=(1, 2), vocab_min_counts=(0,))
+    cfg = SearchConfig(population=8)
+    # 30 is nearest to 32, and a duplicate shape is taken once.
+    shapes = [Shape((0, 1, 3), 30, 1), Shape((0, 1, 3), 30, 1), Shape((0, 1, 2, 3), 64, 2)]
+    init = S._initial(space, cfg, shapes)
+    assert [list(g) for g in init[:2]] == [[1, 1, 0, 1, 1, 0, 0], [1, 1, 1, 1, 3, 1, 0]]
+    assert len(init) == cfg.population // 2 - 1 and all(space.shape(g).kv_groups == 2 for g in init[2:])
+    assert space.shape(init[0]) == Shape((0, 1, 3), 32, 1)
+
+
+def test_search_scores_candidates_as_compensated_experts(tiny, ray_session):
+    """With reconstruct, every candidate is refit from the profile's Gram statistics before it is scored, so the
+    front ranks the experts that will be built (a plain slice of the same plan scores differently)."""
+    import dataclasses
+
+    from minigpt import stats
+    from minigpt.models import load_tokenizer
+    from minigpt.plan import Shape
+
+    folder, model, tok, _ = tiny
+    ids = tok(TEXT * 4)["input_ids"]
+    prof = stats.accumulate(model, torch.tensor(ids[: (len(ids) // 32) * 32]).view(-1, 32), batch_size=4,
+                            spec=stats.StatSpec(gram=True))
+    cfg = SearchConfig(population=4, generations=1, seed=3, eval_blocks=2, batch_size=2, workers=1,
+                       cpus_per_worker=1, mlp_fractions=(0.25, 0.5, 1.0), kv=False)
+    texts = [TEXT, TEXT[::-1]]
+    res = S.search_domain(prof, folder, texts, cfg, domain="d", block_size=32, reconstruct=True, damp=0.01,
+                          initial=[Shape((0, 1, 2, 3), 16, 2)])
+    point = next(p for p in res.front if p["plan"].mlp_width < 64)
+    assert point["plan"].reconstruct
+    kw = dict(block_size=32, batch_size=2, max_blocks=2)
+    torch.set_num_threads(1)
+    dense_tok = load_tokenizer(folder)
+    refit_bpb = S.evaluate_plan(model, dense_tok, point["plan"], texts, stats=prof, **kw)["bits_per_byte"]
+    plain = dataclasses.replace(point["plan"], reconstruct=False)
+    plain_bpb = S.evaluate_plan(model, dense_tok, plain, texts, **kw)["bits_per_byte"]
+    assert point["bits_per_byte"] == pytest.approx(refit_bpb, rel=1e-5)
+    assert abs(refit_bpb - plain_bpb) > 1e-3
