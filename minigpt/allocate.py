@@ -42,7 +42,7 @@ class Candidate:
     kv_groups: int
     q_heads: int  # query heads kept per KV group
     mlp_width: int
-    predicted: float  # summed relative error
+    predicted: float  # predicted loss increase (priced error, summed over layers; up to a constant factor)
     removed: float  # share of non-embedding parameters removed
 
 

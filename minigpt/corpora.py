@@ -201,14 +201,39 @@ class _SplitStream:
     cap: int  # most tokens one document gave
 
 
+def bos_id(tokenizer: Any) -> int | None:
+    """The BOS id when the tokenizer starts every text with one (Gemma, Llama 3: such models are far worse without
+    it), else None (SmolLM2, GPT-2). Every block of such a model then starts with BOS (build_stream, lm_metrics)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return int(bos) if len(ids) and ids[0] == bos else None
+
+
+def with_bos(ids: np.ndarray, n_bytes: np.ndarray, block_size: int, bos: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Blocks of `block_size` from a stream: with a BOS id, each block is BOS (0 bytes) + block_size - 1 stream
+    tokens; otherwise block_size stream tokens. The tail that fills no block is dropped."""
+    body = block_size - (bos is not None)
+    n = len(ids) // body
+    ids, n_bytes = ids[: n * body].reshape(n, body), n_bytes[: n * body].reshape(n, body)
+    if bos is not None:
+        ids = np.concatenate([np.full((n, 1), bos, dtype=ids.dtype), ids], axis=1)
+        n_bytes = np.concatenate([np.zeros((n, 1), dtype=n_bytes.dtype), n_bytes], axis=1)
+    return ids.reshape(-1), n_bytes.reshape(-1)
+
+
 def build_stream(docs: Sequence[tuple[str, str]], tokenizer: Any, block_size: int, budget: int | None,
                  seed: int = 0) -> _SplitStream:
     """Sample windows of `docs` (see sample_windows) up to `budget` tokens rounded up to whole blocks, join them
-    with EOS and cut the stream to whole blocks. budget None: every document whole; the short tail is dropped."""
+    with EOS and cut the stream to whole blocks (each opening with BOS where the tokenizer uses one, see bos_id).
+    budget None: every document whole; the short tail is dropped."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ConfigError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')} has no eos token")
-    target = None if budget is None else -(-budget // block_size) * block_size
+    bos = bos_id(tokenizer)
+    body = block_size - (bos is not None)  # stream tokens per block
+    target = None if budget is None else -(-budget // block_size) * body
     tokens = _Tokens(tokenizer, [t for _, t in docs])
     seeds = [int(h[:16], 16) ^ seed for h, _ in docs]
     windows, cap = sample_windows(lambda i: len(tokens.get(i)[0]), len(docs), target, min_window(block_size), seeds)
@@ -229,9 +254,9 @@ def build_stream(docs: Sequence[tuple[str, str]], tokenizer: Any, block_size: in
         length += len(ids)
     ids_all = np.concatenate(ids_parts) if ids_parts else np.zeros(0, dtype=np.int32)
     bytes_all = np.concatenate(byte_parts) if byte_parts else np.zeros(0, dtype=np.int64)
-    kept = (length // block_size) * block_size if target is None else min(target, (length // block_size) * block_size)
+    kept = (length // body) * body if target is None else min(target, (length // body) * body)
     used = [doc for pos, doc in spans if pos < kept]
-    return _SplitStream(ids_all[:kept], bytes_all[:kept], used, length, cap)
+    return _SplitStream(*with_bos(ids_all[:kept], bytes_all[:kept], block_size, bos), used, length, cap)
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -452,7 +477,7 @@ def retokenize(documents: Sequence[tuple[str, str]], tokenizer: Any, block_size:
 
 
 __all__ = [
-    "DomainData", "SplitData", "SPLITS", "assign_split", "build_stream", "doc_hash", "gather_documents",
+    "DomainData", "SplitData", "SPLITS", "assign_split", "bos_id", "build_stream", "doc_hash", "gather_documents",
     "min_window", "prepare_domain", "read_blocks", "read_n_bytes", "retokenize", "sample_windows", "token_bytes",
     "tokenize_documents",
 ]

@@ -94,17 +94,23 @@ def lm_metrics(model: nn.Module, tokenizer, texts: Sequence[str], block_size: in
     """
     if block_size < 2 or batch_size < 1 or max_blocks < 0:
         raise ValueError("block_size must be >= 2, batch_size >= 1, max_blocks >= 0")
+    from minigpt.corpora import bos_id, with_bos
+
     ids, nbytes, owner = token_stream(tokenizer, texts, max_blocks * block_size)
-    n_blocks = len(ids) // block_size
+    bos = bos_id(tokenizer)
+    body = block_size - (bos is not None)  # stream tokens per block (a BOS opens each block where the model uses one)
+    n_blocks = len(ids) // body
     if max_blocks:
         n_blocks = min(n_blocks, max_blocks)
     if n_blocks == 0:
         raise ValueError(f"the texts give {len(ids)} tokens, fewer than one block of {block_size}")
-    n = n_blocks * block_size
-    blocks = torch.from_numpy(ids[:n]).view(n_blocks, block_size)
-    # The predicted positions (1..block_size-1 of each block) and the document each belongs to.
-    doc_of = torch.from_numpy(owner[:n]).view(n_blocks, block_size)[:, 1:]
-    bytes_of = torch.from_numpy(nbytes[:n]).view(n_blocks, block_size)[:, 1:]
+    n = n_blocks * body
+    blocks = torch.from_numpy(with_bos(ids[:n], nbytes[:n], block_size, bos)[0]).view(n_blocks, block_size)
+    # The predicted positions (1..block_size-1 of each block) in each block's stream part, and the document each
+    # belongs to: every stream token after a BOS, all but the first without one.
+    skip = 0 if bos is not None else 1
+    doc_of = torch.from_numpy(owner[:n]).view(n_blocks, body)[:, skip:]
+    bytes_of = torch.from_numpy(nbytes[:n]).view(n_blocks, body)[:, skip:]
     n_docs = int(owner[n - 1]) + 1
     doc_nll = torch.zeros(n_docs, dtype=torch.float64)
     device = _device_of(model)

@@ -114,6 +114,52 @@ def test_bits_per_byte_matches_independent_computation(smollm2_tokenizer):
         lm_metrics(model, tokenizer, ["tiny"], block_size=block, batch_size=1)
 
 
+def _bos_tokenizer():
+    """A tiny byte-level BPE that starts every text with <bos>, as Gemma's and Llama 3's tokenizers do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.conftest import LICENCE, TEXT
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([TEXT, LICENCE] * 4, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<eos>", "<bos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<bos>")
+
+
+def test_blocks_open_with_bos_where_the_tokenizer_uses_one(smollm2_tokenizer):
+    """Gemma-style tokenizers: every block (shards and scoring alike) is BOS + block_size - 1 stream tokens, and
+    every stream token is predicted; SmolLM2's tokenizer adds no BOS, so its blocks are unchanged."""
+    from minigpt.corpora import bos_id, build_stream
+
+    tok = _bos_tokenizer()
+    assert bos_id(tok) == 1 and bos_id(smollm2_tokenizer) is None
+    texts = docs(8)
+    block = 16
+    stream = build_stream([(str(i), t) for i, t in enumerate(texts)], tok, block, None)
+    blocks = stream.ids.reshape(-1, block)
+    assert (blocks[:, 0] == 1).all() and (stream.n_bytes.reshape(-1, block)[:, 0] == 0).all()
+    plain = []
+    for i, t in enumerate(texts):
+        plain += ([tok.eos_token_id] if i else []) + tok(t, add_special_tokens=False)["input_ids"]
+    assert blocks[:, 1:].reshape(-1).tolist() == plain[: blocks.shape[0] * (block - 1)]
+
+    model = make_tiny_llama(vocab=len(tok), hidden=16, inter=32, layers=2, heads=2, kv_heads=1)
+    out = lm_metrics(model, tok, texts, block_size=block, batch_size=4)
+    n = out["blocks"]
+    body = torch.tensor(plain[: n * (block - 1)]).view(n, block - 1)
+    x = torch.cat([torch.ones(n, 1, dtype=torch.long), body], dim=1)
+    with torch.no_grad():
+        loss = float(model(input_ids=x, labels=x).loss)
+    nbytes = sum(len(tok.decode(b, skip_special_tokens=True, clean_up_tokenization_spaces=False).encode())
+                 for b in body.tolist())
+    assert out["tokens"] == n * (block - 1) and out["bytes"] == nbytes
+    assert out["loss"] == pytest.approx(loss, rel=1e-5)
+
+
 # ----------------------------------------------------------------------------------------- bootstrap
 
 
