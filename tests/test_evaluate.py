@@ -36,22 +36,34 @@ def test_sample_prompts_come_from_held_out_documents():
 
 
 def write_split(domain_dir: Path, split: str, texts: list[str]) -> None:
+    """A split's documents.parquet, listed in a finished manifest (no shards: evaluation reads the texts)."""
     (domain_dir / split).mkdir(parents=True, exist_ok=True)
+    # Hash order, as corpora writes a split's documents (the order of its stream).
+    texts = sorted(texts, key=lambda t: hashlib.sha256(t.encode()).hexdigest())
     hashes = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
     pq.write_table(pa.table({"doc_hash": pa.array(hashes, pa.string()), "text": pa.array(texts, pa.string())}),
                    domain_dir / split / "documents.parquet")
+    path = domain_dir / "manifest.json"
+    manifest = json.loads(path.read_text()) if path.is_file() else {
+        "finished": True, "domain": domain_dir.name, "block_size": 16, "salt": "", "tokenizer": "", "splits": {}}
+    manifest["splits"][split] = {"documents": len(texts), "tokens": 0, "blocks": 0, "bytes": 0, "shards": []}
+    path.write_text(json.dumps(manifest))
 
 
 def test_leakage_check(tmp_path):
+    from minigpt.corpora import DomainData
+
     d = tmp_path / "legal"
     texts = docs(9)
     write_split(d, "calib", texts[:3])
+    with pytest.raises(FileNotFoundError, match="no held-out split"):
+        check_leakage(DomainData.load(d))
     write_split(d, "train", texts[3:6])
     write_split(d, "heldout", texts[6:])
-    check_leakage(d)
+    check_leakage(DomainData.load(d))
     write_split(d, "calib", texts[:3] + texts[7:9])
     with pytest.raises(LeakageError, match=r"'legal'.*2 held-out.*calib") as err:
-        check_leakage(d)
+        check_leakage(DomainData.load(d))
     assert isinstance(err.value, ValueError) and "train" not in str(err.value)
 
 
