@@ -180,8 +180,8 @@ def allocation_front(model: nn.Module, stats: Mapping[str, torch.Tensor], fisher
 
     _check_inputs(stats, fisher)
     I = widths(model)["intermediate"]
-    deepest = max(targets)
-    min_width = P.uniform_mlp_width(model, deepest, multiple_of) if deepest > 0 else I
+    # The deepest MLP cut any target needs (every layer and group kept); targets the MLPs cannot reach yield nothing.
+    min_width = min(I, max(multiple_of, P.mlp_keep(model, max(targets), multiple_of)))
     curves = priced_curves(model, stats, fisher, damp, I - min_width)
     front = []
     for t in sorted(targets):

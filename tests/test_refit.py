@@ -313,3 +313,19 @@ def test_residual_gradient_sums_equal_autograd(model):
     model.zero_grad(set_to_none=True)
     torch.testing.assert_close(got[:-1], expect, rtol=1e-5, atol=1e-12)
     assert bool((got[-1] > 0).all())
+
+
+def test_allocation_front_is_the_cheapest_width_shape_per_target(model, prof):
+    """The search's warm start: one priced curve set, then per target the cheapest shape without replaced spans
+    or query-head cuts; a target the MLPs cannot reach gives nothing rather than an error."""
+    from minigpt import allocate as A
+
+    fisher = S.taylor_sums(model, _blocks(4), batch_size=2)["taylor_resid"]
+    front = A.allocation_front(model, prof, fisher, (0.1, 0.3, 0.99), damp=0.01, multiple_of=4)
+    assert len(front) == 2 and [round(c.removed, 1) for c in front] == [0.1, 0.3]
+    assert all(c.depth == 0 and c.q_heads == 2 for c in front)
+    for c, t in zip(front, (0.1, 0.3)):
+        _, cands = A.allocate(model, prof, PruneConfig(target=t, allocate=True, multiple_of=4), fisher)
+        best = min((x for x in cands if x.depth == 0 and x.q_heads == 2), key=lambda x: (x.predicted, -x.mlp_width))
+        assert (c.mlp_width, c.kv_groups) == (best.mlp_width, best.kv_groups)
+        assert c.predicted == pytest.approx(best.predicted, rel=1e-9)
