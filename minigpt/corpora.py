@@ -201,6 +201,11 @@ class _SplitStream:
     cap: int  # most tokens one document gave
 
 
+# Bumped whenever the same settings would now give other shards (2: blocks open with BOS where the tokenizer uses one),
+# so a resumed job prepares its data again instead of reusing shards of the old layout.
+STREAM_FORMAT = 2
+
+
 def bos_id(tokenizer: Any) -> int | None:
     """The BOS id when the tokenizer starts every text with one (Gemma, Llama 3: such models are far worse without
     it), else None (SmolLM2, GPT-2). Every block of such a model then starts with BOS (build_stream, lm_metrics)."""

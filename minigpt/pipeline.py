@@ -123,9 +123,16 @@ def _slim_upstream(cfg: JobConfig) -> tuple[tuple[str, str], ...]:
     return (("calibrate", "all" if cfg.prune.method == "cus-prun" else "same"),)
 
 
+def _stream_format() -> int:
+    from minigpt.corpora import STREAM_FORMAT  # pyarrow is imported only when a stage needs it
+
+    return STREAM_FORMAT
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", lambda L, d: [L.data_dir(d) / "manifest.json"], settings=("model.source", "data"),
-          extra=lambda p, d: (str(p.model_dir), C.dump_section(p.cfg.domain(d))), run_one=S.prepare),
+          extra=lambda p, d: (str(p.model_dir), C.dump_section(p.cfg.domain(d)), _stream_format()),
+          run_one=S.prepare),
     Stage("calibrate", lambda L, d: [L.profile(d)], lambda cfg: (("prepare", "same"),),
           settings=("model.dtype", "calibrate.dtype", "calibrate.batch_size"), extra=lambda p, d: p.spec,
           run_many=S.calibrate),
