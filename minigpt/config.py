@@ -27,6 +27,7 @@ PRUNE_METHODS = ("contextual", "cus-prun", "taylor", "wanda-sp", "magnitude", "r
 PRUNE_MODES = ("target", "threshold")
 RECOVER_MODES = ("full", "lora", "distill")
 DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_RECOVER_TOKENS = 65536  # recovery budget when a job sets neither recover.tokens nor recover.steps
 
 
 def _check(cond: bool, message: str) -> None:
@@ -92,8 +93,10 @@ class DataConfig:
     heldout_tokens: int = 8192  # per domain; a domain with fewer is an error. 32 blocks of 256 spread over many
     #                             documents: the bootstrap intervals of the evaluation narrow with more documents
     train_tokens: int = 0  # per domain; 0 = every train document
+    valid_tokens: int = 4096  # per domain, at most: recovery's validation split (early stopping); 0 = every document
     calib_fraction: float = 0.3  # share of documents (by hash) in the calibration split
-    heldout_fraction: float = 0.2  # share in the held-out split; the rest is train
+    heldout_fraction: float = 0.2  # share in the held-out split (the final evaluation's text)
+    valid_fraction: float = 0.1  # share in the validation split recovery selects on; the rest is train
     max_document_chars: int = 4000  # longer documents are cut at paragraph breaks into several documents
     blocks_per_shard: int = 8
     salt: str = "minigpt"
@@ -102,10 +105,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(self.block_size >= 8, "data.block_size must be at least 8")
         _check(self.calib_tokens > 0 and self.heldout_tokens > 0, "data.calib_tokens and heldout_tokens must be > 0")
-        _check(self.train_tokens >= 0, "data.train_tokens must be >= 0")
-        _check(0 < self.calib_fraction < 1 and 0 < self.heldout_fraction < 1
-               and self.calib_fraction + self.heldout_fraction < 1,
-               "data.calib_fraction and heldout_fraction must be in (0, 1) and sum to less than 1")
+        _check(self.train_tokens >= 0 and self.valid_tokens >= 0, "data.train_tokens and valid_tokens must be >= 0")
+        _check(0 < self.calib_fraction < 1 and 0 < self.heldout_fraction < 1 and 0 <= self.valid_fraction < 1
+               and self.calib_fraction + self.heldout_fraction + self.valid_fraction < 1,
+               "data.calib_fraction, heldout_fraction (in (0, 1)) and valid_fraction (in [0, 1)) must sum to less "
+               "than 1")
         _check(self.max_document_chars >= 100, "data.max_document_chars must be at least 100")
         _check(self.blocks_per_shard > 0, "data.blocks_per_shard must be positive")
         _check(self.seed >= 0, "data.seed must be >= 0")
@@ -183,9 +187,19 @@ class PruneConfig:
 
 @dataclass(frozen=True)
 class RecoverConfig:
+    """Recovery of each slimmed expert (minigpt.recover / minigpt.training).
+
+    The budget is `tokens` (all workers together; the train split is repeated in seeded epochs when it is smaller)
+    or `steps`, not both; neither means DEFAULT_RECOVER_TOKENS. With `eval_every` the expert is scored on its
+    domain's validation split (data.valid_fraction: documents neither trained on nor in the final held-out split)
+    before training and every `eval_every` steps; `patience` evaluations without improvement stop the run, and the
+    best-scoring weights become the expert (`keep_best`).
+    """
+
     enabled: bool = True
     mode: str = "full"
-    steps: int = 20
+    tokens: int | None = None  # training budget in tokens, all workers together
+    steps: int | None = None  # or in optimizer steps
     batch_size: int = 4  # micro batch per worker
     grad_accum: int = 1
     lr: float = 5e-5
@@ -197,10 +211,17 @@ class RecoverConfig:
     use_gpu: bool = False
     deepspeed_config: str = "jobs/deepspeed/zero2.json"
     checkpoint_every: int = 0  # steps; 0 = only at the end
+    eval_every: int = 0  # steps between validation scores; 0 = none (no curve, no early stopping)
+    eval_tokens: int = 0  # validation tokens scored each time, at most; 0 = the whole validation split
+    patience: int = 0  # evaluations without a better validation loss before stopping; 0 = never stop early
+    keep_best: bool = True  # the expert is the best-validated weights (with eval_every), else the last
+    general_fraction: float = 0.0  # share of training blocks drawn from general_sources (replay against forgetting)
+    general_sources: tuple[SourceConfig, ...] = ()  # any corpus sources, as in `domains`
     lora_rank: int = 16
     lora_alpha: int = 32
     distill_alpha: float = 0.5  # weight of the KL term; 1 - alpha weights cross-entropy
     distill_temperature: float = 2.0
+    distill_topk: int = 32  # teacher log-probabilities cached per token (minigpt.teacher)
     seed: int = 0
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     min_lr_ratio: float = 0.1  # the cosine schedule ends at lr * min_lr_ratio
@@ -209,21 +230,37 @@ class RecoverConfig:
 
     def __post_init__(self) -> None:
         _check(self.mode in RECOVER_MODES, f"recover.mode {self.mode!r} is not one of {', '.join(RECOVER_MODES)}")
-        _check(self.steps >= 1 and self.batch_size >= 1 and self.grad_accum >= 1,
-               "recover.steps, batch_size and grad_accum must be >= 1")
+        _check(self.tokens is None or self.steps is None, "set recover.tokens or recover.steps, not both")
+        _check((self.tokens is None or self.tokens >= 1) and (self.steps is None or self.steps >= 1),
+               "recover.tokens and recover.steps must be >= 1")
+        _check(self.batch_size >= 1 and self.grad_accum >= 1, "recover.batch_size and grad_accum must be >= 1")
         _check(self.lr > 0, "recover.lr must be > 0")
         _check(self.workers >= 1 and self.cpus_per_worker > 0, "recover.workers and cpus_per_worker must be positive")
         _check(0 <= self.distill_alpha <= 1, "recover.distill_alpha must be in [0, 1]")
         _check(self.warmup_steps >= 0 and self.checkpoint_every >= 0,
                "recover.warmup_steps and checkpoint_every must be >= 0")
+        _check(self.eval_every >= 0 and self.eval_tokens >= 0 and self.patience >= 0,
+               "recover.eval_every, eval_tokens and patience must be >= 0")
+        _check(self.patience == 0 or self.eval_every > 0, "recover.patience needs recover.eval_every > 0")
+        _check(0 <= self.general_fraction < 1, "recover.general_fraction must be in [0, 1)")
+        _check((self.general_fraction > 0) == bool(self.general_sources),
+               "recover.general_fraction > 0 and recover.general_sources go together (set both or neither)")
         _check(self.weight_decay >= 0 and self.grad_clip >= 0, "recover.weight_decay and grad_clip must be >= 0")
         _check(self.lora_rank >= 1 and self.lora_alpha > 0, "recover.lora_rank and lora_alpha must be positive")
         _check(self.distill_temperature > 0, "recover.distill_temperature must be > 0")
+        _check(self.distill_topk >= 1, "recover.distill_topk must be >= 1")
         _check(len(self.lora_targets) > 0 and all(self.lora_targets), "recover.lora_targets must name modules")
         _check(0 <= self.min_lr_ratio <= 1, "recover.min_lr_ratio must be in [0, 1]")
         _check(self.keep_checkpoints >= 1, "recover.keep_checkpoints must be >= 1")
         _check(self.max_failures >= -1, "recover.max_failures must be >= 0 (or -1: retry forever)")
         _check(self.deepspeed_config.endswith(".json"), "recover.deepspeed_config must be a DeepSpeed .json file")
+
+    def total_steps(self, block_size: int) -> int:
+        """Optimizer steps of the budget: `steps`, or `tokens` rounded up to whole steps of all workers."""
+        if self.steps is not None:
+            return self.steps
+        per_step = self.workers * self.grad_accum * self.batch_size * block_size
+        return max(1, -(-(self.tokens or DEFAULT_RECOVER_TOKENS) // per_step))
 
 
 @dataclass(frozen=True)

@@ -41,9 +41,11 @@ from minigpt.config import ConfigError, DataConfig, DomainConfig
 from minigpt.io import atomic_dir, atomic_write_json
 from minigpt.sources import iter_documents
 
-SPLITS = ("calib", "heldout", "train")  # preparation order: the splits that can fail come first
-SPLIT_NAMES = {"calib": "calibration", "heldout": "held-out", "train": "training"}
-BUDGET_KEYS = {"calib": "data.calib_tokens", "heldout": "data.heldout_tokens", "train": "data.train_tokens"}
+SPLITS = ("calib", "heldout", "valid", "train")  # preparation order: the splits that can fail come first
+SPLIT_NAMES = {"calib": "calibration", "heldout": "held-out", "valid": "validation", "train": "training"}
+BUDGET_KEYS = {"calib": "data.calib_tokens", "heldout": "data.heldout_tokens", "valid": "data.valid_tokens",
+               "train": "data.train_tokens"}
+REQUIRED_SPLITS = ("calib", "heldout")  # a budget these cannot meet is an error; valid and train take what exists
 _TOKENIZE_BATCH = (8, 256)  # first and largest batch: small budgets tokenize little more than they need
 
 # ------------------------------------------------------------------------------------------------ splits
@@ -54,12 +56,16 @@ def doc_hash(text: str, salt: str) -> str:
 
 
 def assign_split(hash_hex: str, data: DataConfig) -> str:
-    """calib | heldout | train from the hash's leading 64 bits read as a uniform number in [0, 1)."""
+    """calib | heldout | valid | train from the hash's leading 64 bits read as a uniform number in [0, 1).
+
+    The ranges are laid end to end in that order, so a validation split only takes documents that would otherwise
+    train: calibration and held-out documents do not move when data.valid_fraction changes.
+    """
     u = int(hash_hex[:16], 16) / 2.0**64
-    if u < data.calib_fraction:
-        return "calib"
-    if u < data.calib_fraction + data.heldout_fraction:
-        return "heldout"
+    for split, upto in (("calib", data.calib_fraction), ("heldout", data.calib_fraction + data.heldout_fraction),
+                        ("valid", data.calib_fraction + data.heldout_fraction + data.valid_fraction)):
+        if u < upto:
+            return split
     return "train"
 
 
@@ -403,6 +409,8 @@ def _budget(split: str, data: DataConfig) -> int | None:
         return data.calib_tokens
     if split == "heldout":
         return data.heldout_tokens
+    if split == "valid":
+        return data.valid_tokens or None
     return data.train_tokens or None
 
 
@@ -435,7 +443,7 @@ def prepare_domain(domain: DomainConfig, data: DataConfig, tokenizer: Any, out_d
             budget = _budget(split, data)
             stream = build_stream(by_split[split], tokenizer, data.block_size, budget, data.seed)
             n_blocks = len(stream.ids) // data.block_size
-            if split != "train" and len(stream.ids) < (budget or 0):
+            if split in REQUIRED_SPLITS and len(stream.ids) < (budget or 0):
                 need = f"{budget:,}"
                 if budget % data.block_size:
                     need += f" (rounded up to {-(-budget // data.block_size)} blocks of {data.block_size})"
@@ -447,8 +455,8 @@ def prepare_domain(domain: DomainConfig, data: DataConfig, tokenizer: Any, out_d
                                       "window_tokens": stream.cap, "tokens": int(len(stream.ids)),
                                       "blocks": n_blocks, "bytes": n_bytes, "shards": shards}
             short = ""
-            if split == "train" and budget and len(stream.ids) < budget:
-                short = f" (fewer than the {budget:,} asked: every train document is used)"
+            if split not in REQUIRED_SPLITS and budget and len(stream.ids) < budget:
+                short = f" (fewer than the {budget:,} asked: every {split} document is used)"
             print(f"[prepare] {name}/{split}: {n_blocks} blocks, {len(stream.ids):,} tokens from "
                   f"{len(stream.documents):,} of {len(by_split[split]):,} documents "
                   f"(at most {stream.cap:,} tokens each), {n_bytes:,} bytes{short}", flush=True)
@@ -469,15 +477,17 @@ def prepare_domain(domain: DomainConfig, data: DataConfig, tokenizer: Any, out_d
 
 
 def retokenize(documents: Sequence[tuple[str, str]], tokenizer: Any, block_size: int, blocks_per_shard: int,
-               out_dir: Path) -> list[Path]:
-    """Token shards of `documents` under another tokenizer (a vocabulary-pruned expert's), written atomically.
+               out_dir: Path, budget: int | None = None, seed: int = 0) -> list[Path]:
+    """Token shards of `documents` under a tokenizer, written atomically.
 
-    The documents are the windows a split already holds (same order), so the expert trains on the same text; each
-    is taken whole.
+    Without a budget each document is taken whole: the windows a split already holds, re-tokenized for a
+    vocabulary-pruned expert, so it trains on the same text. With one, windows are spread over the documents like
+    a split's sample (the general replay corpus of recovery).
     """
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        names = _write_shards(tmp, build_stream(documents, tokenizer, block_size, None), block_size, blocks_per_shard)
+        names = _write_shards(tmp, build_stream(documents, tokenizer, block_size, budget, seed), block_size,
+                              blocks_per_shard)
     return [out_dir / Path(n).name for n in names]
 
 

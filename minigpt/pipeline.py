@@ -1,7 +1,7 @@
 """Runs a job's stages in order, resumably, from one stage table.
 
-prepare -> calibrate -> [search] -> slim -> [recover] -> [quantize] -> evaluate -> report ([optional]: when the job
-enables it). Each row of `STAGES` names a stage's upstream stages, the config settings it depends on, its outputs
+prepare -> calibrate -> [search] -> slim -> [teacher -> recover] -> [quantize] -> evaluate -> report ([optional]:
+when the job enables it). Each row of `STAGES` names a stage's upstream stages, the config settings it depends on, its outputs
 (paths of the one `RunLayout`) and its run function (minigpt.stages). One generic keeper, `Pipeline.run_stage`,
 does the bookkeeping for all of them: per stage and domain a manifest in `<run>/_stages/` holding a key (a hash of
 the settings, of anything else the stage reads, and of the key and status of every upstream unit it read) and its
@@ -66,8 +66,12 @@ class RunLayout:
         return self.run_dir / "plans" / f"{domain}.json"
 
     def expert(self, domain: str, kind: str) -> Path:
-        """experts/<domain>/<kind>: pruned, recovered, int8, train (re-tokenized shards), search-<k>."""
+        """experts/<domain>/<kind>: pruned, recovered, int8, train / valid (re-tokenized shards), search-<k>."""
         return self.run_dir / "experts" / domain / kind
+
+    def teacher(self, domain: str) -> Path:
+        """teacher/<domain>: the dense model's targets (minigpt.teacher) and the general replay shards."""
+        return self.run_dir / "teacher" / domain
 
     def checkpoints(self, domain: str) -> Path:
         return self.expert(domain, "checkpoints")
@@ -141,7 +145,11 @@ STAGES: tuple[Stage, ...] = (
           enabled=lambda cfg: cfg.search.enabled, run_one=S.search),
     Stage("slim", lambda L, d: [L.plan(d), L.expert(d, "pruned")], _slim_upstream,
           settings=("prune", "search.enabled"), run_one=S.slim),
-    Stage("recover", lambda L, d: [L.expert(d, "recovered")], lambda cfg: (("slim", "same"),),
+    Stage("teacher", lambda L, d: [L.teacher(d) / "targets.safetensors"], lambda cfg: (("slim", "same"),),
+          settings=("recover.mode", "recover.distill_topk", "recover.eval_tokens", "recover.general_fraction",
+                    "recover.general_sources", "calibrate.dtype", "calibrate.batch_size"),
+          enabled=lambda cfg: cfg.recover.enabled, run_one=S.teacher),
+    Stage("recover", lambda L, d: [L.expert(d, "recovered")], lambda cfg: (("slim", "same"), ("teacher", "same")),
           settings=("recover",), enabled=lambda cfg: cfg.recover.enabled, run_many=S.recover),
     Stage("quantize", lambda L, d: [L.expert(d, "int8")], lambda cfg: (("slim", "same"), ("recover", "same")),
           settings=("quantize",), extra=lambda p, d: str(S.final_expert(p, d)),
@@ -250,6 +258,8 @@ class Pipeline:
         for d in cfg.domains:
             sources.check_sources(d)
         if cfg.recover.enabled:
+            if cfg.recover.general_sources:
+                sources.check_sources(C.DomainConfig("general", cfg.recover.general_sources))
             ds = Path(cfg.recover.deepspeed_config)
             if not ds.is_file():
                 raise ConfigError(f"recover.deepspeed_config: file not found: {ds}")

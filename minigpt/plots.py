@@ -158,3 +158,47 @@ def plot_widths(plans: dict[str, dict]) -> bytes | None:
     ax.set_title("kept MLP width per layer", fontsize=10)
     fig.tight_layout()
     return _png(fig)
+
+
+def _curve_points(rec: Any) -> list[tuple[int, float, int | None]]:
+    """(tokens, valid_bpb, step) of a summary row's recovery curve, finite points only, by tokens."""
+    curve = (rec or {}).get("curve") if isinstance(rec, dict) else None
+    pts = [(h.get("tokens"), h.get("valid_bpb"), h.get("step")) for h in (curve or []) if isinstance(h, dict)]
+    return sorted((t, b, s) for t, b, s in pts if finite(t) and finite(b))
+
+
+def plot_recovery_curves(summary: dict) -> bytes | None:
+    """One panel per domain: the expert's validation bits/byte against tokens trained, the pruned start (step 0)
+    and the chosen expert marked, the dense model as a dashed reference. None when no curve has two points."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    rows = (summary or {}).get("domains") or {}
+    curves = {d: (_curve_points(row.get("recovery")), row["recovery"]) for d, row in rows.items()
+              if isinstance(row, dict) and len(_curve_points(row.get("recovery"))) >= 2}
+    if not curves:
+        return None
+    ncols = min(3, len(curves))
+    nrows = math.ceil(len(curves) / ncols)
+    fig = Figure(figsize=(4.2 * ncols, 3.4 * nrows))
+    for k, (domain, (pts, rec)) in enumerate(curves.items()):
+        ax = fig.add_subplot(nrows, ncols, k + 1)
+        xs, ys = [t for t, _, _ in pts], [b for _, b, _ in pts]
+        ax.plot(xs, ys, marker="o", markersize=3, color="C0", label="expert (validation)")
+        if pts[0][2] == 0:
+            ax.scatter([xs[0]], [ys[0]], marker="s", s=45, color="0.4", zorder=3, label="pruned (step 0)")
+            ax.axhline(ys[0], color="0.4", linestyle=":", linewidth=1)
+        chosen = next(((t, b) for t, b, s in pts if s == rec.get("expert_step")), None)
+        if chosen:
+            ax.scatter([chosen[0]], [chosen[1]], marker="*", s=140, color="C2", zorder=4,
+                       label=f"expert taken (step {rec.get('expert_step')})")
+        if finite(rec.get("dense_valid_bpb")):
+            ax.axhline(rec["dense_valid_bpb"], color="C3", linestyle="--", linewidth=1, label="dense")
+        ax.set_title(f"{domain}" + (f" ({rec['mode']})" if rec.get("mode") else ""), fontsize=10)
+        ax.set_xlabel("tokens trained", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(5))
+        ax.set_ylabel("validation bits/byte", fontsize=8)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)

@@ -6,8 +6,10 @@ One Ray Train `TorchTrainer` per domain (a worker group of `recover.workers` dat
 NCCL on GPU), each worker running `training.train_loop`: a DeepSpeed engine (ZeRO-2 or ZeRO-3 from a JSON file under
 jobs/deepspeed/, its batch/accumulation/clipping/bf16 entries filled from `RecoverConfig`), a client
 `torch.optim.AdamW` with a warmup + cosine `LambdaLR`, and one of three losses: `full` (next-token cross-entropy),
-`lora` (peft adapters on the attention and MLP projections, merged away before saving) or `distill` (KL to a frozen
-teacher plus cross-entropy).
+`lora` (peft adapters on the attention and MLP projections, merged away before saving) or `distill` (KL to the dense
+model's top-k next-token distribution, cached once per domain by minigpt.teacher, plus cross-entropy: no teacher is
+loaded by the trainers). The budget is `recover.tokens` (or steps); with `recover.eval_every` the worker scores the
+validation split, stops early and keeps the best weights (see minigpt.training).
 
 Concurrency. Ray Train v2's `fit()` blocks its caller until the run ends and its controller is a zero-CPU actor,
 so `recover_all` runs each domain's `fit()` in a driver thread (Train v2 only skips its SIGINT handler off the main
@@ -68,6 +70,11 @@ class RecoveryResult:
     skipped: bool = False  # out_dir already held a finished expert with the same fingerprint
     started_at: float = 0.0  # wall clock (time.time()) of the first and last optimizer step of the last run
     finished_at: float = 0.0
+    tokens: int = 0  # trained on (all workers)
+    curve: tuple[dict[str, float], ...] = ()  # validation scores: {step, tokens, valid_bpb, valid_loss}
+    expert_step: int = 0  # the step whose weights became the expert (the best-validated one with keep_best)
+    stopped_early: bool = False
+    dense_valid_bpb: float | None = None  # the dense model on the same validation split
 
 
 # ------------------------------------------------------------------------------------------- inputs and config
@@ -131,16 +138,21 @@ def check_tasks(tasks: list[RecoveryTask], cfg: RecoverConfig) -> None:
             raise ConfigError(f"{where}: student_dir {t.student_dir} has no config.json")
         if not t.train_shards:
             raise ConfigError(f"{where}: no train shards")
-        for shard in t.train_shards:
+        for shard in (*t.train_shards, *t.valid_shards, *t.general_shards):
             if not Path(shard).is_file():
-                raise ConfigError(f"{where}: train shard {shard} not found")
+                raise ConfigError(f"{where}: shard {shard} not found")
             schema = pq.read_schema(shard)
             field = schema.field("input_ids") if "input_ids" in schema.names else None
             if field is None or not pa.types.is_list(field.type) or not pa.types.is_integer(field.type.value_type):
                 raise ConfigError(f"{where}: {shard} has no input_ids list<int> column")
-        if cfg.mode == "distill":
-            if not t.teacher_dir or not (Path(t.teacher_dir) / "config.json").is_file():
-                raise ConfigError(f"{where}: distill needs a teacher_dir with config.json, got {t.teacher_dir!r}")
+        if cfg.eval_every and not sum(pq.read_metadata(s).num_rows for s in t.valid_shards):
+            raise ConfigError(f"{where}: recover.eval_every needs a validation split, and this domain's is empty; "
+                              "raise data.valid_fraction or set recover.eval_every: 0")
+        have = sum(pq.read_metadata(s).num_rows for s in t.general_shards)
+        if t.general_blocks > have:
+            raise ConfigError(f"{where}: {t.general_blocks} general replay blocks asked, the shards hold {have}")
+        if cfg.mode == "distill" and not (t.teacher_file and Path(t.teacher_file).is_file()):
+            raise ConfigError(f"{where}: distill needs the teacher's targets file, got {t.teacher_file!r}")
         if not t.out_dir or not t.checkpoint_dir:
             raise ConfigError(f"{where}: out_dir and checkpoint_dir are required")
 
@@ -177,13 +189,22 @@ def fingerprint(task: RecoveryTask, cfg: RecoverConfig, ds: dict[str, Any]) -> s
         return [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files if f.is_file()]
 
     blob = {"cfg": dataclasses.asdict(cfg), "ds": ds, "student": stamp(task.student_dir),
-            "teacher": stamp(task.teacher_dir) if cfg.mode == "distill" else None,
+            "teacher": stamp(task.teacher_file),
             "teacher_token_ids": hashlib.sha256(json.dumps(task.teacher_token_ids).encode()).hexdigest(),
-            "shards": [(s, stamp(s)) for s in task.train_shards]}
+            "shards": [(s, stamp(s)) for s in (*task.train_shards, *task.valid_shards, *task.general_shards)],
+            "general_blocks": task.general_blocks}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------------ the driver
+
+
+def block_size(task: RecoveryTask) -> int:
+    """Tokens per block of the task's train shards (what turns recover.tokens into steps)."""
+    import pyarrow.parquet as pq
+
+    first = pq.read_table(task.train_shards[0], columns=["input_ids"]).column("input_ids")
+    return len(first[0])
 
 
 def _read_manifest(out_dir: str) -> dict[str, Any] | None:
@@ -201,7 +222,10 @@ def _result_from_manifest(task: RecoveryTask, manifest: dict[str, Any], skipped:
                           tokens_per_s=float(manifest["tokens_per_s"]), out_dir=task.out_dir,
                           resumed_from=int(manifest.get("resumed_from", 0)), skipped=skipped,
                           started_at=float(manifest.get("started_at", 0.0)),
-                          finished_at=float(manifest.get("finished_at", 0.0)))
+                          finished_at=float(manifest.get("finished_at", 0.0)), tokens=int(manifest.get("tokens", 0)),
+                          curve=tuple(manifest.get("curve", ())), expert_step=int(manifest.get("expert_step", 0)),
+                          stopped_early=bool(manifest.get("stopped_early", False)),
+                          dense_valid_bpb=manifest.get("dense_valid_bpb"))
 
 
 def _prepare_checkpoint_dir(task: RecoveryTask, fp: str) -> None:
@@ -225,7 +249,9 @@ def _run_domain(task: RecoveryTask, cfg: RecoverConfig, ds: dict[str, Any],
                                out_dir=os.path.abspath(task.out_dir),
                                checkpoint_dir=os.path.abspath(task.checkpoint_dir),
                                train_shards=tuple(os.path.abspath(s) for s in task.train_shards),
-                               teacher_dir=os.path.abspath(task.teacher_dir) if task.teacher_dir else None)
+                               valid_shards=tuple(os.path.abspath(s) for s in task.valid_shards),
+                               general_shards=tuple(os.path.abspath(s) for s in task.general_shards),
+                               teacher_file=os.path.abspath(task.teacher_file) if task.teacher_file else None)
     try:
         fp = fingerprint(task, cfg, ds)
         manifest = _read_manifest(task.out_dir)
@@ -234,9 +260,15 @@ def _run_domain(task: RecoveryTask, cfg: RecoverConfig, ds: dict[str, Any],
             shutil.rmtree(task.checkpoint_dir, ignore_errors=True)
             return _result_from_manifest(task, manifest, skipped=True)
         _prepare_checkpoint_dir(task, fp)
+        dense_bpb = None
+        if task.teacher_file:
+            from minigpt.teacher import load_targets
+
+            dense_bpb = load_targets(task.teacher_file, with_tensors=False).dense_valid_bpb
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"task": task, "cfg": cfg, "ds": ds, "fingerprint": fp,
+                               "steps": cfg.total_steps(block_size(task)), "dense_valid_bpb": dense_bpb,
                                "abort_after_step": abort_after_step},
             # Ray Train would pick gloo on CPU by itself; DeepSpeed then reuses this process group.
             torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),

@@ -1,9 +1,10 @@
 """The job report: eval.json (and the pruning plans) rendered as report.md and a self-contained report.html.
 
 It answers first: a headline per expert (how much smaller, how much faster, how much worse on its own domain with a
-bootstrap interval, how much worse elsewhere), then the details (held-out tables with intervals, the cross-domain
-matrix, samples prompted from held-out documents of each domain, size, speed, multiple choice, plans). A plot is
-drawn only when what it plots varies; a flat line or a one-colour matrix is left to the tables.
+bootstrap interval, how much worse elsewhere), then the details (held-out tables with intervals, the recovery
+curves, the cross-domain matrix, samples prompted from held-out documents of each domain, size, speed, multiple
+choice, plans). A plot is drawn only when what it plots varies; a flat line or a one-colour matrix is left to the
+tables.
 
 The content is built once (minigpt.plots draws, minigpt.render renders) as report.md with PNGs in report_assets/
 and as a self-contained report.html.
@@ -11,11 +12,12 @@ and as a self-contained report.html.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
 
-from minigpt.plots import finite, plot_heatmap, plot_size_vs_ppl, plot_widths, ratio
+from minigpt.plots import finite, plot_heatmap, plot_recovery_curves, plot_size_vs_ppl, plot_widths, ratio
 from minigpt.render import Plot, Section, Table, write_pages
 
 
@@ -207,14 +209,66 @@ def _samples_section(eval_data: dict) -> Section:
     return sec
 
 
+_MODES = {"full": "full fine-tuning", "lora": "LoRA", "distill": "distillation"}
+
+
+def recovery_line(domain: str, rec: dict) -> str | None:
+    """One plain sentence on a domain's recovery (summary.json's "recovery"), None without a curve to tell."""
+    curve = [h for h in (rec.get("curve") or []) if isinstance(h, dict) and finite(h.get("valid_bpb"))]
+    if not curve:
+        return None
+    start = next((h for h in curve if h.get("step") == 0), None)
+    chosen = next((h for h in curve if h.get("step") == rec.get("expert_step")), None)
+    end = chosen or min(curve, key=lambda h: h["valid_bpb"])
+    line = f"{domain}: validation " + (f"{start['valid_bpb']:.3f} → " if start else "") + f"{end['valid_bpb']:.3f}"
+    line += " bits/byte"
+    if isinstance(rec.get("tokens"), int):
+        line += f" in {rec['tokens']:,} tokens"
+        if rec.get("mode"):
+            line += f" of {_MODES.get(rec['mode'], rec['mode'])}"
+    if finite(rec.get("dense_valid_bpb")):
+        line += f" (dense {rec['dense_valid_bpb']:.3f})"
+    if isinstance(rec.get("expert_step"), int):
+        line += f"; expert taken at step {rec['expert_step']:,}"
+        if isinstance(rec.get("steps"), int):
+            line += f" of {rec['steps']:,}"
+    if rec.get("stopped_early"):
+        line += ", stopped early" + (f" (planned {rec['total_steps']:,} steps)"
+                                     if isinstance(rec.get("total_steps"), int) else "")
+    return line + "."
+
+
+def _recovery_section(summary: dict) -> Section | None:
+    """The recovery curves (validation bits/byte vs tokens trained) and one sentence per domain; None without any."""
+    rows = (summary or {}).get("domains") or {}
+    lines = [recovery_line(d, row["recovery"]) for d, row in rows.items()
+             if isinstance(row, dict) and isinstance(row.get("recovery"), dict)]
+    lines = [line for line in lines if line]
+    png = plot_recovery_curves(summary)
+    if not lines and not png:
+        return None
+    sec = Section("Recovery")
+    if png:
+        sec.plots.append(Plot("recovery_curves.png", "Recovery: validation bits/byte vs tokens trained", png))
+    sec.text += [("", line) for line in lines]
+    sec.text.append(("", "Validation bits/byte on each domain's validation split (not the held-out test text), "
+                         "measured before training (step 0: the pruned expert) and during recovery; the expert is "
+                         "the best-validated step."))
+    return sec
+
+
 def build_sections(eval_data: dict, plans: dict[str, dict] | None = None,
-                   extra: dict | None = None, searches: dict[str, dict] | None = None) -> list[Section]:
+                   extra: dict | None = None, searches: dict[str, dict] | None = None,
+                   summary: dict | None = None) -> list[Section]:
     """The report's content, independent of the output format."""
     models: dict = eval_data.get("models") or {}
     domains: list = eval_data.get("domains") or []
     dense = eval_data.get("dense")
     has_dense = dense in models
     sections: list[Section] = [headline(eval_data), _quality_section(eval_data)]
+    recovery = _recovery_section(summary) if summary else None
+    if recovery:
+        sections.append(recovery)
 
     matrix = Section("Cross-domain matrix")
     heat = plot_heatmap(eval_data)
@@ -346,15 +400,22 @@ def console_table(eval_data: dict) -> str:
 
 
 def write_report(run_dir: Path, eval_data: dict, plans: dict[str, dict] | None = None,
-                 extra: dict | None = None, searches: dict[str, dict] | None = None) -> tuple[Path, Path]:
+                 extra: dict | None = None, searches: dict[str, dict] | None = None,
+                 summary: dict | None = None) -> tuple[Path, Path]:
     """Write run_dir/report.md (+ report_assets/*.png) and a self-contained run_dir/report.html.
 
     `eval_data` is the eval.json dict (minigpt.eval/1); `plans` maps a name (the domain) to a plan JSON dict
     ({"layers": [{"index", "mlp_keep"}], "intermediate_size", "domain", "method", "target"}; missing keys are
-    tolerated); `extra` is shown as a key/value table (job name, timings, ...).
+    tolerated); `extra` is shown as a key/value table (job name, timings, ...); `summary` is summary.json
+    (minigpt.stages.summarize: per domain its "recovery" curve), read from run_dir when not given.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    sections = build_sections(eval_data, plans, extra, searches)
+    if summary is None and (run_dir / "summary.json").is_file():
+        try:
+            summary = json.loads((run_dir / "summary.json").read_text())
+        except ValueError:
+            summary = None
+    sections = build_sections(eval_data, plans, extra, searches, summary if isinstance(summary, dict) else None)
     title = f"minigpt report: {(extra or {}).get('name') or run_dir.name}"
     return write_pages(run_dir, title, sections)

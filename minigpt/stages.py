@@ -1,7 +1,7 @@
 """The run function of every stage of a job: what it reads from the run folder and what it writes there.
 
 Each function takes the running `Pipeline` (its config, run layout, stage book and the resolved model) and either
-one domain (`run_one`: prepare, search, slim, quantize) or the list of domains to do with a `finish(domain, ...)`
+one domain (`run_one`: prepare, search, slim, teacher, quantize) or the list of domains to do with a `finish(domain, ...)`
 callback (`run_many`: calibrate and recover, which share Ray workers across domains; evaluate and report, which
 cover the whole job). Which stage runs when, under which key, is decided by the stage table in minigpt.pipeline;
 nothing here skips work or writes a stage manifest.
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -141,8 +143,9 @@ def slim(p: Pipeline, name: str) -> None:
     if plan.vocab_keep is not None:
         # The expert's token ids differ from the base's: its train split is re-tokenized for recovery.
         data = corpora.DomainData.load(L.data_dir(name))
-        corpora.retokenize(data.documents("train"), tok, cfg.data.block_size, cfg.data.blocks_per_shard,
-                           L.expert(name, "train"))
+        for split in ("train", "valid"):
+            corpora.retokenize(data.documents(split), tok, cfg.data.block_size, cfg.data.blocks_per_shard,
+                               L.expert(name, split))
     plan.save(L.plan(name))
     print(f"[slim] {name}: {_describe(plan, non_emb)}", flush=True)
 
@@ -205,38 +208,99 @@ def _fixed_ratio_plan(p: Pipeline, name: str, dense, tokenizer, stats):
 # ---------------------------------------------------------------------------------------------- recover
 
 
-def train_shards(p: Pipeline, domain: str) -> list[Path]:
-    """Base-tokenized train shards, or the expert's own when its vocabulary was pruned."""
+def student_shards(p: Pipeline, domain: str, split: str) -> list[Path]:
+    """A split's shards in the expert's vocabulary: base-tokenized, or the expert's own when it was pruned."""
     from minigpt import corpora
 
-    own = p.layout.expert(domain, "train")
+    own = p.layout.expert(domain, split)
     if own.is_dir():
         return sorted(own.glob("shard-*.parquet"))
-    return corpora.DomainData.load(p.layout.data_dir(domain)).shards("train")
+    return corpora.DomainData.load(p.layout.data_dir(domain)).shards(split)
+
+
+def _general_replay(p: Pipeline, domain: str, train_blocks: int) -> list[Path]:
+    """Shards of general text for the domain's training set, in the expert's tokenizer: general_fraction of the
+    mixed set, windows spread over the recover.general_sources documents, none of which is a held-out or validation
+    document of any domain (the final figures and early stopping must not have been trained on)."""
+    from minigpt import config as C, corpora, models
+
+    L, cfg = p.layout, p.cfg
+    f = cfg.recover.general_fraction
+    want = math.ceil(train_blocks * f / (1 - f))
+    docs = corpora.gather_documents(C.DomainConfig("general", cfg.recover.general_sources), cfg.data)
+    banned: set[str] = set()
+    for d in p.domains:
+        data = corpora.DomainData.load(L.data_dir(d))
+        banned |= data.doc_hashes("heldout") | data.doc_hashes("valid")
+    docs = [doc for doc in docs if doc[0] not in banned]
+    tok = models.load_tokenizer(L.expert(domain, "pruned"), cfg.model.trust_remote_code)
+    shards = corpora.retokenize(docs, tok, cfg.data.block_size, cfg.data.blocks_per_shard,
+                                L.teacher(domain) / "general", budget=want * cfg.data.block_size, seed=cfg.data.seed)
+    got = len(corpora.read_blocks(shards))
+    print(f"[teacher] {domain}: {got} general replay blocks from {len(docs):,} documents for {train_blocks} "
+          f"train blocks (general_fraction {f:g}{'' if got >= want else f', {want} wanted: the corpus is short'})",
+          flush=True)
+    return shards
+
+
+def recovery_task(p: Pipeline, domain: str):
+    """What recovery trains a domain's expert from (minigpt.training.RecoveryTask); the teacher stage and the
+    recover stage build it the same way."""
+    from minigpt import corpora, plan as P, training
+
+    L = p.layout
+    plan = P.PruningPlan.load(L.plan(domain))
+    general = sorted((L.teacher(domain) / "general").glob("shard-*.parquet"))
+    return training.RecoveryTask(
+        domain=domain, student_dir=str(L.expert(domain, "pruned")),
+        train_shards=tuple(str(s) for s in student_shards(p, domain, "train")),
+        out_dir=str(L.expert(domain, "recovered")), checkpoint_dir=str(L.checkpoints(domain)),
+        valid_shards=tuple(str(s) for s in student_shards(p, domain, "valid")),
+        general_shards=tuple(str(s) for s in general), general_blocks=len(corpora.read_blocks(general)),
+        teacher_file=str(L.teacher(domain) / "targets.safetensors"),
+        teacher_token_ids=tuple(plan.vocab_keep) if plan.vocab_keep is not None else None)
+
+
+def teacher(p: Pipeline, domain: str) -> None:
+    """The domain's training set (with its general replay blocks) and the dense model's targets on it: top-k
+    log-probabilities in distill mode, bits per byte on the validation split always (minigpt.teacher)."""
+    import torch
+
+    from minigpt import corpora, teacher as T, training
+
+    L, cfg = p.layout, p.cfg
+    shutil.rmtree(L.teacher(domain) / "general", ignore_errors=True)
+    if cfg.recover.general_fraction:
+        _general_replay(p, domain, len(corpora.read_blocks(student_shards(p, domain, "train"))))
+    task = recovery_task(p, domain)
+    blocks = training.training_blocks(task)
+    teacher_blocks = blocks if task.teacher_token_ids is None else \
+        torch.tensor(task.teacher_token_ids, dtype=torch.long)[blocks]
+    # The dense reference is scored on the base tokenization of the same validation documents.
+    base = dataclasses.replace(task, valid_shards=tuple(
+        str(s) for s in corpora.DomainData.load(L.data_dir(domain)).shards("valid")))
+    valid, valid_bytes = training.validation_blocks(base, cfg.recover.eval_tokens)
+    c = cfg.calibrate
+    targets = T.compute_targets(p.model_dir, teacher_blocks, valid, valid_bytes, digest=T.blocks_digest(blocks),
+                                k=cfg.recover.distill_topk if cfg.recover.mode == "distill" else 0, dtype=c.dtype,
+                                trust_remote_code=cfg.model.trust_remote_code, batch_size=c.batch_size,
+                                workers=c.workers, cpus_per_worker=c.cpus_per_worker,
+                                gpus_per_worker=c.gpus_per_worker, label=domain)
+    T.save_targets(L.teacher(domain) / T.TARGETS, targets)
 
 
 def recover(p: Pipeline, todo: list[str], keys: dict[str, str], finish: Finish) -> None:
     """DeepSpeed recovery of every domain to do, concurrently on Ray Train; a failed domain fails only itself."""
-    from minigpt import plan as P, recover as R
+    from minigpt import recover as R
 
-    L, cfg = p.layout, p.cfg
-    tasks = []
-    for name in todo:
-        plan = P.PruningPlan.load(L.plan(name))
-        distill = cfg.recover.mode == "distill"
-        tasks.append(R.RecoveryTask(domain=name, student_dir=str(L.expert(name, "pruned")),
-                                    train_shards=tuple(str(s) for s in train_shards(p, name)),
-                                    out_dir=str(L.expert(name, "recovered")), checkpoint_dir=str(L.checkpoints(name)),
-                                    teacher_dir=str(p.model_dir) if distill else None,
-                                    teacher_token_ids=tuple(plan.vocab_keep)
-                                    if distill and plan.vocab_keep is not None else None))
-    results = R.recover_all(tasks, cfg.recover)
+    tasks = [recovery_task(p, name) for name in todo]
+    results = R.recover_all(tasks, p.cfg.recover)
     ok, failed = [], []
     for t in tasks:
         r = results.get(t.domain)
         if r is not None and r.ok:
             finish(t.domain, steps=r.steps, final_loss=r.losses[-1] if r.losses else None,
-                   tokens_per_s=r.tokens_per_s)
+                   tokens_per_s=r.tokens_per_s, expert_step=r.expert_step, stopped_early=r.stopped_early)
             ok.append(t.domain)
         else:
             err = r.error if r is not None else "no result"
@@ -315,6 +379,15 @@ def summarize(p: Pipeline, eval_data: dict) -> dict:
             row["removed_fraction"] = 1 - row["pruned_non_embedding"] / row["dense_non_embedding"]
         rec = p.book.read("recover", d.name)
         row["recover_status"] = rec.get("status") if rec else ("disabled" if not p.cfg.recover.enabled else "?")
+        # The recovery curve (validation bits/byte vs tokens trained) for the report, from the expert's manifest.
+        try:
+            man = json.loads((p.layout.expert(d.name, "recovered") / "_manifest.json").read_text())
+        except (OSError, ValueError):
+            man = None
+        if isinstance(man, dict):
+            row["recovery"] = {k: man.get(k) for k in ("curve", "dense_valid_bpb", "expert_step", "stopped_early",
+                                                       "tokens", "mode", "steps", "total_steps")}
+            row["recovery"]["curve"] = list(man.get("curve") or [])
         rows[d.name] = row
     summary = {"job": p.cfg.name, "model": p.cfg.model.source, "method": p.cfg.prune.method,
                "target": p.cfg.prune.target, "domains": rows}

@@ -1,8 +1,19 @@
 """What one Ray Train worker of recovery does: the pure maths (LR schedule, data order, losses, parameter groups),
-the DeepSpeed engine, the training loop with its checkpoints and metrics, and saving the finished expert.
+the DeepSpeed engine, the training loop with its validation, early stopping and checkpoints, and saving the
+finished expert.
 
 minigpt.recover is the driver that launches this loop per domain; the maths here are plain torch functions,
 testable without Ray or DeepSpeed.
+
+Training set. The domain's train blocks, then the first `general_blocks` blocks of the general replay corpus; one
+seeded permutation per epoch mixes them (batch_indices). Distillation reads the dense model's cached top-k
+log-probabilities of exactly these blocks (minigpt.teacher; a digest of the blocks guards the pairing).
+
+Validation. With `recover.eval_every`, the model is scored (bits per byte, all ranks summed) on the validation
+split before the first step, every `eval_every` steps and after the last. A better score saves the gathered
+weights as `best-<step>.safetensors` beside the checkpoints; `patience` scores without improvement end the run; the
+expert is the best weights (`keep_best`). The history travels in the DeepSpeed client state, so a resumed run
+continues the same curve and makes the same decisions (and, being bit-identical, writes the same best weights).
 """
 
 from __future__ import annotations
@@ -19,10 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from minigpt.config import RecoverConfig
-from minigpt.io import atomic_dir, atomic_write_json
+from minigpt.io import atomic_dir, atomic_file, atomic_write_json
 
 MANIFEST = "_manifest.json"
 TAG_PREFIX = "step_"
+BEST_PREFIX = "best-"
 
 
 @dataclass(frozen=True)
@@ -32,7 +44,10 @@ class RecoveryTask:
     train_shards: tuple[str, ...]  # parquet, column input_ids list<int32> of block_size ids in the STUDENT's vocab
     out_dir: str  # final consolidated HF checkpoint + tokenizer, written atomically
     checkpoint_dir: str  # DeepSpeed checkpoints for resume (also the Ray Train experiment folder)
-    teacher_dir: str | None = None  # dense model for distill
+    valid_shards: tuple[str, ...] = ()  # validation split in the student's vocab (with recover.eval_every)
+    general_shards: tuple[str, ...] = ()  # replay corpus in the student's vocab...
+    general_blocks: int = 0  # ...of which the first general_blocks blocks join the training set
+    teacher_file: str | None = None  # minigpt.teacher targets: top-k log-probs (distill), dense validation bits/byte
     teacher_token_ids: tuple[int, ...] | None = None  # student row i = teacher vocab id teacher_token_ids[i]
 
 
@@ -75,23 +90,36 @@ def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tens
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
 
 
-def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, input_ids: torch.Tensor,
-                 alpha: float, temperature: float, teacher_token_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, next token).
+def topk_distill_loss(student_logits: torch.Tensor, rows: torch.Tensor, teacher_logprobs: torch.Tensor,
+                      input_ids: torch.Tensor, alpha: float, temperature: float) -> torch.Tensor:
+    """alpha * T^2 * KL(q || p) + (1 - alpha) * CE(student, next token), KL averaged per predicted token.
 
-    With `teacher_token_ids` (student row i = teacher vocab id ids[i]) the teacher's logits are gathered on the
-    student's vocabulary before the softmax, so both distributions live on the same rows. KL is averaged per token.
+    q is the teacher's cached top-k distribution at temperature T, renormalised over the k entries: log-probs
+    `teacher_logprobs` [B, S, k] of the tokens at student rows `rows` [B, S, k] (-1: a token the student's pruned
+    vocabulary lacks, left out of q). p is the student's softmax(logits / T) over its whole vocabulary, read at
+    those rows. With k = the whole vocabulary this is exactly the KL of the full distributions; with k << V it is
+    the usual sparse approximation (the tail beyond the top k carries little of q's mass).
     """
-    if teacher_token_ids is not None:
-        teacher_logits = teacher_logits.index_select(-1, teacher_token_ids)
-    if teacher_logits.shape[-1] != student_logits.shape[-1]:
-        raise ValueError(f"teacher has {teacher_logits.shape[-1]} logits per token, student "
-                         f"{student_logits.shape[-1]}: pass teacher_token_ids for a vocabulary-pruned student")
-    s = student_logits[:, :-1].flatten(0, 1).float() / temperature
-    t = teacher_logits[:, :-1].flatten(0, 1).float() / temperature
-    kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
+    logp = torch.log_softmax(student_logits[:, :-1].flatten(0, 1).float() / temperature, dim=-1)
+    rows = rows[:, :-1].flatten(0, 1).long()
+    present = rows >= 0
+    t = (teacher_logprobs[:, :-1].flatten(0, 1).float() / temperature).masked_fill(~present, -math.inf)
+    covered = present.any(dim=-1, keepdim=True)  # a position whose whole top-k is absent has no q: contributes 0
+    logq = torch.log_softmax(t.masked_fill(~covered, 0.0), dim=-1)
+    terms = logq.exp() * (logq - logp.gather(-1, rows.clamp_min(0)))
+    kl = terms.masked_fill(~(present & covered), 0.0).sum(-1).mean()
     ce = next_token_loss(student_logits, input_ids)
     return alpha * temperature**2 * kl + (1.0 - alpha) * ce
+
+
+def student_rows(teacher_ids: torch.Tensor, token_ids: tuple[int, ...] | None) -> torch.Tensor:
+    """Teacher vocabulary ids -> student rows (int32, -1 where the student's pruned vocabulary lacks the token)."""
+    if token_ids is None:
+        return teacher_ids.to(torch.int32)
+    size = max(int(teacher_ids.max()) + 1 if teacher_ids.numel() else 0, max(token_ids) + 1)
+    inverse = torch.full((size,), -1, dtype=torch.int32)
+    inverse[torch.tensor(token_ids, dtype=torch.long)] = torch.arange(len(token_ids), dtype=torch.int32)
+    return inverse[teacher_ids.long()]
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -118,6 +146,31 @@ def load_blocks(shards: tuple[str, ...] | list[str]) -> torch.Tensor:
     return blocks
 
 
+def training_blocks(task: RecoveryTask) -> torch.Tensor:
+    """The training set: the domain's train blocks, then the first `general_blocks` replay blocks."""
+    from minigpt.corpora import read_blocks
+
+    blocks = load_blocks(task.train_shards)
+    if task.general_blocks:
+        general = read_blocks(task.general_shards)[:task.general_blocks]
+        if len(general) < task.general_blocks or general.shape[1] != blocks.shape[1]:
+            raise ValueError(f"{task.domain}: the general replay shards hold {len(general)} blocks of "
+                             f"{general.shape[1]} tokens, the task asks for {task.general_blocks} of {blocks.shape[1]}")
+        blocks = torch.cat([blocks, general])
+    return blocks
+
+
+def validation_blocks(task: RecoveryTask, max_tokens: int) -> tuple[torch.Tensor, int]:
+    """The validation blocks scored during training (at most max_tokens; 0 = all) and the bytes of text they hold."""
+    from minigpt.corpora import read_blocks, read_n_bytes
+
+    blocks, n_bytes = read_blocks(task.valid_shards), read_n_bytes(task.valid_shards)
+    if max_tokens and len(blocks):
+        n = max(1, max_tokens // blocks.shape[1])
+        blocks, n_bytes = blocks[:n], n_bytes[:n]
+    return blocks, int(n_bytes.sum())
+
+
 def _lora_config(cfg: RecoverConfig):
     from peft import LoraConfig
 
@@ -138,7 +191,7 @@ def build_student(student_dir: str, cfg: RecoverConfig) -> torch.nn.Module:
     return model
 
 
-def build_engine(model: torch.nn.Module, cfg: RecoverConfig, ds: dict[str, Any]):
+def build_engine(model: torch.nn.Module, cfg: RecoverConfig, ds: dict[str, Any], total_steps: int):
     """DeepSpeed engine over `model` with a client AdamW and warmup+cosine LambdaLR (both compile no op)."""
     import deepspeed
 
@@ -146,33 +199,74 @@ def build_engine(model: torch.nn.Module, cfg: RecoverConfig, ds: dict[str, Any])
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     fused = cfg.use_gpu and torch.cuda.is_available()
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
-    schedule = functools.partial(lr_factor, warmup=cfg.warmup_steps, total=cfg.steps, min_ratio=cfg.min_lr_ratio)
+    schedule = functools.partial(lr_factor, warmup=cfg.warmup_steps, total=total_steps, min_ratio=cfg.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds)
     return engine, scheduler
 
 
+@dataclass(frozen=True)
+class DistillTargets:
+    """The cached teacher signal of every training block, in the student's rows (minigpt.teacher)."""
+
+    rows: torch.Tensor  # int32 [n_blocks, block_size, k]; -1 = not in the student's vocabulary
+    logprobs: torch.Tensor  # float16 [n_blocks, block_size, k]
+
+
+def load_distill_targets(task: RecoveryTask, blocks: torch.Tensor) -> DistillTargets:
+    from minigpt.teacher import blocks_digest, load_targets
+
+    if not task.teacher_file:
+        raise ValueError(f"{task.domain}: distill needs the teacher's targets (teacher_file)")
+    targets = load_targets(task.teacher_file)
+    if targets.ids is None or targets.digest != blocks_digest(blocks):
+        raise ValueError(f"{task.domain}: {task.teacher_file} holds no top-k targets of these training blocks "
+                         "(stale teacher stage?)")
+    return DistillTargets(student_rows(targets.ids, task.teacher_token_ids), targets.logprobs)
+
+
 def train_step(engine, blocks: torch.Tensor, step: int, rank: int, world: int, cfg: RecoverConfig,
-               device: torch.device, teacher: torch.nn.Module | None = None,
-               teacher_ids: torch.Tensor | None = None) -> torch.Tensor:
+               device: torch.device, targets: DistillTargets | None = None) -> torch.Tensor:
     """One optimizer step (grad_accum micro batches); returns this worker's mean loss (a detached tensor)."""
     total = torch.zeros((), device=device)
     for micro in range(cfg.grad_accum):
         idx = batch_indices(len(blocks), step, micro, rank, world, cfg.batch_size, cfg.grad_accum, cfg.seed)
         x = blocks[idx].to(device)
         logits = engine(input_ids=x, use_cache=False).logits
-        if teacher is None:
+        if targets is None:
             loss = next_token_loss(logits, x)
         else:
-            with torch.no_grad():
-                t_in = teacher_ids[x] if teacher_ids is not None else x
-                t_logits = teacher(input_ids=t_in, use_cache=False).logits
-            loss = distill_loss(logits, t_logits, x, cfg.distill_alpha, cfg.distill_temperature, teacher_ids)
+            loss = topk_distill_loss(logits, targets.rows[idx].to(device), targets.logprobs[idx].to(device), x,
+                                     cfg.distill_alpha, cfg.distill_temperature)
         engine.backward(loss)
         engine.step()
         total += loss.detach().float()
     return total / cfg.grad_accum
+
+
+@torch.no_grad()
+def validation_nll(module: torch.nn.Module, blocks: torch.Tensor, rank: int, world: int, batch_size: int,
+                   device: torch.device) -> torch.Tensor:
+    """This rank's share (blocks rank, rank + world, ...) of the summed next-token NLL in nats, float64."""
+    was_training = module.training
+    module.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    mine = blocks[rank::world]
+    for lo in range(0, len(mine), batch_size):
+        x = mine[lo:lo + batch_size].to(device)
+        logits = module(input_ids=x, use_cache=False).logits[:, :-1].float()
+        total += F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").double()
+    module.train(was_training)
+    return total
+
+
+def stop_early(history: list[dict[str, float]], patience: int) -> bool:
+    """True when the last `patience` scores came after the best one (0: never)."""
+    if not patience or not history:
+        return False
+    best = min(range(len(history)), key=lambda i: history[i]["valid_bpb"])
+    return len(history) - 1 - best >= patience
 
 
 def run_name(task: RecoveryTask) -> str:
@@ -223,8 +317,25 @@ def save_expert(state: dict[str, torch.Tensor], task: RecoveryTask, cfg: Recover
         atomic_write_json(tmp / MANIFEST, manifest)
 
 
+def best_file(task: RecoveryTask, step: int) -> Path:
+    return Path(task.checkpoint_dir) / f"{BEST_PREFIX}{step:06d}.safetensors"
+
+
+def _save_best(state: dict[str, torch.Tensor], task: RecoveryTask, step: int) -> None:
+    """Rank 0: the best-validated weights so far, replacing the previous best file."""
+    from safetensors.torch import save_file
+
+    path = best_file(task, step)
+    with atomic_file(path, suffix=".safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    for old in Path(task.checkpoint_dir).glob(f"{BEST_PREFIX}*.safetensors"):
+        if old != path:
+            old.unlink(missing_ok=True)
+
+
 def train_loop(config: dict[str, Any]) -> None:
-    """Ray Train worker: resume if a checkpoint exists, train, checkpoint, and (rank 0) save the expert."""
+    """Ray Train worker: resume if a checkpoint exists, train with validation and early stopping, checkpoint, and
+    (rank 0) save the expert."""
     import ray.train
     import torch.distributed as dist
     from ray.train import Checkpoint
@@ -233,6 +344,7 @@ def train_loop(config: dict[str, Any]) -> None:
     task: RecoveryTask = config["task"]
     cfg: RecoverConfig = config["cfg"]
     ds: dict[str, Any] = config["ds"]
+    total_steps: int = config["steps"]
     abort_after = config.get("abort_after_step")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -245,42 +357,55 @@ def train_loop(config: dict[str, Any]) -> None:
     else:
         device = torch.device("cpu")
 
-    blocks = load_blocks(task.train_shards)
+    blocks = training_blocks(task)
     model = build_student(task.student_dir, cfg)
     vocab = model.get_input_embeddings().weight.shape[0]
     if int(blocks.max()) >= vocab:
         raise ValueError(f"train shards hold token id {int(blocks.max())} >= the student's vocabulary ({vocab}); "
                          "shards must be tokenized with the student's tokenizer")
-    teacher = teacher_ids = None
-    if cfg.mode == "distill":
-        from transformers import AutoModelForCausalLM
-
-        dtype = torch.bfloat16 if cfg.use_gpu else torch.float32
-        teacher = AutoModelForCausalLM.from_pretrained(task.teacher_dir, dtype=dtype).to(device).eval()
-        teacher.requires_grad_(False)
-        if task.teacher_token_ids is not None:
-            teacher_ids = torch.tensor(task.teacher_token_ids, dtype=torch.long, device=device)
-    engine, scheduler = build_engine(model, cfg, ds)
+    targets = load_distill_targets(task, blocks) if cfg.mode == "distill" else None
+    valid, valid_bytes = validation_blocks(task, cfg.eval_tokens) if cfg.eval_every else (None, 0)
+    engine, scheduler = build_engine(model, cfg, ds, total_steps)
     stage = zero_stage(ds)
 
-    step, losses, resumed_from = 0, [], 0
+    step, losses, resumed_from, history = 0, [], 0, []
     ck_dir = str(deepspeed_dir(task))
     if latest_tag(task):
         _, client = engine.load_checkpoint(ck_dir, load_module_strict=cfg.mode != "lora")
         step = resumed_from = int(client["step"])
-        losses = list(client["losses"])
+        losses, history = list(client["losses"]), list(client.get("history", []))
         if rank == 0:
             print(f"[recover] {task.domain} resumed from step {step}", flush=True)
 
     gauges = _gauges() if rank == 0 else None
     tokens_per_step = world * cfg.grad_accum * cfg.batch_size * blocks.shape[1]
+
+    def validate() -> None:
+        """Score, all ranks together; a new best saves its weights (every rank joins the ZeRO-3 gather)."""
+        nll = validation_nll(engine.module, valid, rank, world, cfg.batch_size, device)
+        dist.all_reduce(nll)
+        bpb = nll.item() / (math.log(2) * valid_bytes)
+        history.append({"step": step, "tokens": step * tokens_per_step, "valid_bpb": bpb,
+                        "valid_loss": nll.item() / (len(valid) * (valid.shape[1] - 1))})
+        is_best = all(h["valid_bpb"] > bpb for h in history[:-1])
+        if is_best and cfg.keep_best:
+            state = _gather_state_dict(engine, stage, rank)
+            if rank == 0:
+                _save_best(state, task, step)
+        if rank == 0:
+            print(f"[recover] {task.domain} step {step}/{total_steps} validation {bpb:.4f} bits/byte"
+                  + (" (best)" if is_best else ""), flush=True)
+
+    if cfg.eval_every and not history:
+        validate()  # the pruned expert: where the curve starts
     rates: list[float] = []
     report_interval, last_report = _report_interval(), -math.inf
     started_at = time.time()
-    while step < cfg.steps:
+    stopped_early = stop_early(history, cfg.patience)
+    while step < total_steps and not stopped_early:
         lr = scheduler.get_last_lr()[0]
         t0 = time.perf_counter()
-        loss = train_step(engine, blocks, step, rank, world, cfg, device, teacher, teacher_ids)
+        loss = train_step(engine, blocks, step, rank, world, cfg, device, targets)
         # One all-reduce carries the mean loss and rank 0's decision to report metrics (see _report_interval).
         due = rank == 0 and time.monotonic() - last_report >= report_interval
         packed = torch.stack([loss, torch.tensor(float(due), device=device)])
@@ -292,13 +417,21 @@ def train_loop(config: dict[str, Any]) -> None:
         losses.append(loss_value)
         metrics = {"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": rate}
         if rank == 0:
-            print(f"[recover] {task.domain} step {step}/{cfg.steps} loss {loss_value:.3f} lr {lr:.1e} "
+            print(f"[recover] {task.domain} step {step}/{total_steps} loss {loss_value:.3f} lr {lr:.1e} "
                   f"tok/s {rate:.0f}", flush=True)
             for name, value in (("loss", loss_value), ("tokens_per_s", rate), ("step", step)):
                 gauges[name].set(value, tags={"domain": task.domain})
-        if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == total_steps):
+            validate()
+            metrics["valid_bpb"] = history[-1]["valid_bpb"]
+            stopped_early = step < total_steps and stop_early(history, cfg.patience)
+            if stopped_early and rank == 0:
+                print(f"[recover] {task.domain} stopped early at step {step}: no better validation score in "
+                      f"{cfg.patience} evaluation(s)", flush=True)
+        if step == total_steps or stopped_early or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
             tag = f"{TAG_PREFIX}{step:06d}"
-            engine.save_checkpoint(ck_dir, tag=tag, client_state={"step": step, "losses": losses},
+            engine.save_checkpoint(ck_dir, tag=tag, client_state={"step": step, "losses": losses,
+                                                                  "history": history},
                                    exclude_frozen_parameters=cfg.mode == "lora")
             ckpt = Checkpoint.from_directory(f"{ck_dir}/{tag}") if rank == 0 else None
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
@@ -310,14 +443,24 @@ def train_loop(config: dict[str, Any]) -> None:
             raise RuntimeError(f"aborted after step {step} (abort_after_step, a drill for resuming)")
     finished_at = time.time()
 
-    state = _gather_state_dict(engine, stage, rank)
+    best_step = min(history, key=lambda h: h["valid_bpb"])["step"] if history else step
+    use_best = bool(history) and cfg.keep_best and best_step != step
+    expert_step = best_step if use_best else step
+    state = None if use_best else _gather_state_dict(engine, stage, rank)
     if rank == 0:
+        if use_best:
+            from safetensors.torch import load_file
+
+            state = load_file(str(best_file(task, best_step)))
         # The first step of a run pays for allocation and warm-up; leave it out of the rate when there are others.
         steady = rates[1:] or rates
         manifest = {"finished": True, "domain": task.domain, "mode": cfg.mode, "fingerprint": config["fingerprint"],
-                    "steps": step, "losses": losses, "tokens_per_s": sum(steady) / len(steady) if steady else 0.0,
-                    "resumed_from": resumed_from, "started_at": started_at, "finished_at": finished_at,
-                    "world_size": world, "zero_stage": stage, "student_dir": task.student_dir}
+                    "steps": step, "total_steps": total_steps, "tokens": step * tokens_per_step, "losses": losses,
+                    "tokens_per_s": sum(steady) / len(steady) if steady else 0.0, "resumed_from": resumed_from,
+                    "started_at": started_at, "finished_at": finished_at, "world_size": world, "zero_stage": stage,
+                    "student_dir": task.student_dir, "train_blocks": len(blocks) - task.general_blocks,
+                    "general_blocks": task.general_blocks, "curve": history, "expert_step": expert_step,
+                    "stopped_early": stopped_early, "dense_valid_bpb": config.get("dense_valid_bpb")}
         save_expert(state, task, cfg, manifest)
 
 

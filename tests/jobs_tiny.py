@@ -31,6 +31,11 @@ def write_tiny_job(root: Path, tokenizer_dir: str, recover: bool = True, steps: 
         for i in range(60):
             text = " ".join(rng.choice(words) for _ in range(rng.randint(30, 60)))
             (d / f"doc{i:03d}.txt").write_text(f"{name} document {i}. {text}\n")
+    general = root / "corpus" / "general"  # the replay corpus: both vocabularies mixed
+    general.mkdir(parents=True, exist_ok=True)
+    every = [w for words in WORDS.values() for w in words]
+    for i in range(30):
+        (general / f"g{i:03d}.txt").write_text(" ".join(rng.choice(every) for _ in range(50)) + "\n")
     job = {
         "name": "tiny",
         "model": str(model_dir),
@@ -41,7 +46,8 @@ def write_tiny_job(root: Path, tokenizer_dir: str, recover: bool = True, steps: 
         "prune": {"method": "contextual", "target": 0.2},
         # lr: large enough that three steps visibly lower held-out perplexity of the tiny random model.
         "recover": {"enabled": recover, "mode": "full", "steps": steps, "batch_size": 2, "workers": 1, "lr": 1e-2,
-                    "cpus_per_worker": 0.5,
+                    "cpus_per_worker": 0.5, "eval_every": 2, "general_fraction": 0.25,
+                    "general_sources": [{"kind": "text", "path": str(general)}],
                     "deepspeed_config": str(Path(__file__).resolve().parents[1] / "jobs/deepspeed/zero2.json")},
         "evaluate": {"batch_size": 2},
         "output_dir": str(root / "run"),

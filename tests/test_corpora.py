@@ -148,13 +148,19 @@ def test_parse_obo_term():
 
 
 def test_hash_and_split_assignment():
-    data = DataConfig(calib_fraction=0.3, heldout_fraction=0.2)
+    data = DataConfig(calib_fraction=0.3, heldout_fraction=0.2, valid_fraction=0.1)
     assert doc_hash("abc", "s") == doc_hash("abc", "s") != doc_hash("abc", "t")
     assert len(doc_hash("abc", "s")) == 64
-    splits = [assign_split(doc_hash(str(i), "s"), data) for i in range(4000)]
-    share = {s: splits.count(s) / len(splits) for s in ("calib", "heldout", "train")}
+    hashes = [doc_hash(str(i), "s") for i in range(4000)]
+    splits = [assign_split(h, data) for h in hashes]
+    share = {s: splits.count(s) / len(splits) for s in ("calib", "heldout", "valid", "train")}
     assert abs(share["calib"] - 0.3) < 0.04 and abs(share["heldout"] - 0.2) < 0.04
+    assert abs(share["valid"] - 0.1) < 0.03
     assert assign_split("0" * 64, data) == "calib" and assign_split("f" * 64, data) == "train"
+    # The validation split only takes documents that would train: calib and held-out never move with it.
+    without = dataclasses.replace(data, valid_fraction=0.0)
+    moved = [(a, assign_split(h, without)) for h, a in zip(hashes, splits) if a != assign_split(h, without)]
+    assert moved and all(pair == ("valid", "train") for pair in moved)
 
 
 def test_token_bytes_exact_for_non_ascii(tokenizer):
@@ -188,9 +194,9 @@ def test_prepare_domain_splits_blocks_and_bytes(tmp_path, tokenizer, capsys):
     manifest = json.loads((tmp_path / "data" / "synth" / "manifest.json").read_text())
     assert manifest["finished"] is True and manifest["salt"] == "test"
 
-    hashes = {s: dd.doc_hashes(s) for s in ("calib", "heldout", "train")}
-    assert not (hashes["calib"] & hashes["heldout"]) and not (hashes["calib"] & hashes["train"])
-    assert not (hashes["heldout"] & hashes["train"])
+    hashes = {s: dd.doc_hashes(s) for s in ("calib", "heldout", "valid", "train")}
+    assert all(not (hashes[a] & hashes[b]) for a in hashes for b in hashes if a < b)  # disjoint splits
+    assert hashes["valid"]
     assert dd.blocks("calib") == 16 and dd.tokens("calib") == 512 and dd.blocks("heldout") == 8
     # train_tokens=0: every train document except at most the dropped tail.
     n_train = sum(assign_split(doc_hash(d, "test"), data) == "train" for d in set(docs))
@@ -198,7 +204,7 @@ def test_prepare_domain_splits_blocks_and_bytes(tmp_path, tokenizer, capsys):
 
     eos = tokenizer.eos_token_id
     by_hash = {h: t for h, t in gather_documents(domain, data)}
-    for split in ("calib", "heldout", "train"):
+    for split in ("calib", "heldout", "valid", "train"):
         used = dd.documents(split)
         assert [h for h, _ in used] == sorted(h for h, _ in used)  # hash order
         # Each entry is a window of the document its hash names, and that document belongs to this split.

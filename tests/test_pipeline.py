@@ -1,6 +1,7 @@
 """The whole job on a tiny model: end to end, resumable after the driver is killed, and via `ray job submit`."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -50,6 +51,11 @@ def test_end_to_end_outputs(finished_run):
     for domain in ("alpha", "beta"):
         row = summary["domains"][domain]
         assert row["recover_status"] == "done"
+        # Validation before training and every 2 of the 3 steps, against the dense model's score.
+        rec = row["recovery"]
+        assert [h["step"] for h in rec["curve"]] == [0, 2, 3] and rec["dense_valid_bpb"] > 0
+        manifest = json.loads((run / "experts" / domain / "recovered" / "_manifest.json").read_text())
+        assert manifest["general_blocks"] == math.ceil(manifest["train_blocks"] * 0.25 / 0.75)  # replay share
         assert row["pruned_non_embedding"] < row["dense_non_embedding"]
         for kind in ("pruned", "recovered"):
             path = run / "experts" / domain / kind
@@ -99,7 +105,7 @@ def test_changed_setting_reruns_only_what_depends_on_it(finished_run, tmp_path):
     for name in before:
         stage = name.split(".")[0]
         same = before[name]["time"] == after[name]["time"]
-        assert same == (stage in ("prepare", "calibrate", "slim")), name
+        assert same == (stage in ("prepare", "calibrate", "slim", "teacher")), name
 
 
 def _descendants(pid: int) -> list[int]:

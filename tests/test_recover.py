@@ -19,8 +19,8 @@ import torch
 
 from minigpt.config import ConfigError, RecoverConfig
 from minigpt.recover import check_resources, concurrent_domains, deepspeed_config, recover_all
-from minigpt.training import (RecoveryTask, batch_indices, distill_loss, latest_tag, load_blocks, lr_factor,
-                              next_token_loss)
+from minigpt.training import (RecoveryTask, batch_indices, latest_tag, load_blocks, lr_factor, next_token_loss,
+                              stop_early, student_rows, topk_distill_loss)
 BLOCK = 32
 VOCAB = 49152  # the real tokenizer's
 
@@ -48,20 +48,62 @@ def test_batch_indices_partition_each_step_and_are_reproducible():
                                                                                     seed=7)
 
 
-def test_distill_loss_limits_and_vocab_gather():
+def _full_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Reference: KL(softmax(t/T) || softmax(s/T)) per predicted token, over whole distributions."""
+    q = torch.softmax(teacher[:, :-1].double() / temperature, -1)
+    logp = torch.log_softmax(student[:, :-1].double() / temperature, -1)
+    return (q * (q.log() - logp)).sum(-1).mean()
+
+
+def test_topk_distill_loss_with_the_whole_vocabulary_is_the_full_kl():
     torch.manual_seed(0)
     ids = torch.randint(0, 10, (2, 6))
-    s = torch.randn(2, 6, 10)
-    ce = next_token_loss(s, ids)
-    assert distill_loss(s, torch.randn(2, 6, 10), ids, alpha=0.0, temperature=2.0) == pytest.approx(ce.item())
-    assert distill_loss(s, s.clone(), ids, alpha=1.0, temperature=2.0).item() == pytest.approx(0.0, abs=1e-6)
-    # A teacher over a larger vocabulary, whose rows 3, 5, 7, ... are the student's rows 0, 1, 2, ...
-    keep = torch.arange(3, 23, 2)
-    teacher = torch.full((2, 6, 30), -5.0)
-    teacher[..., keep] = s
-    assert distill_loss(s, teacher, ids, 1.0, 2.0, teacher_token_ids=keep).item() == pytest.approx(0.0, abs=1e-6)
-    with pytest.raises(ValueError, match="teacher_token_ids"):
-        distill_loss(s, teacher, ids, 1.0, 2.0)
+    s, t = torch.randn(2, 6, 10), torch.randn(2, 6, 10)
+    top = torch.log_softmax(t, -1).topk(10, -1)  # what minigpt.teacher caches, with k = V
+    got = topk_distill_loss(s, top.indices.int(), top.values, ids, alpha=0.7, temperature=2.0)
+    want = 0.7 * 4.0 * _full_kl(s, t, 2.0) + 0.3 * next_token_loss(s, ids).double()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert topk_distill_loss(s, top.indices.int(), top.values, ids, 0.0, 2.0).item() == pytest.approx(
+        next_token_loss(s, ids).item())
+    same = torch.log_softmax(s, -1).topk(10, -1)
+    assert topk_distill_loss(s, same.indices.int(), same.values, ids, 1.0, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_topk_distill_loss_on_a_pruned_vocabulary_renormalises_over_kept_tokens():
+    torch.manual_seed(1)
+    ids = torch.randint(0, 6, (1, 5))
+    keep = (3, 5, 7, 9, 11, 13)  # student row i = teacher id keep[i]
+    teacher = torch.randn(1, 5, 16)
+    s = torch.randn(1, 5, 6)
+    top = torch.log_softmax(teacher, -1).topk(16, -1)
+    rows = student_rows(top.indices.int(), keep)
+    assert ((rows >= 0) == torch.isin(top.indices, torch.tensor(keep))).all()
+    got = topk_distill_loss(s, rows, top.values, ids, 1.0, 1.0)
+    # The teacher restricted to the student's tokens and renormalised, against the student.
+    assert got.item() == pytest.approx(_full_kl(s, teacher[..., list(keep)], 1.0).item(), rel=1e-5)
+    # A position whose whole top-k is missing from the student contributes nothing (and no NaN).
+    none = torch.full_like(rows, -1)
+    assert topk_distill_loss(s, none, top.values, ids, 1.0, 1.0).item() == 0.0
+
+
+def test_stop_early_counts_scores_after_the_best():
+    h = [{"valid_bpb": v} for v in (1.0, 0.8, 0.9, 0.85)]
+    assert not stop_early(h, 0) and not stop_early(h, 3) and stop_early(h, 2)
+    assert not stop_early(h[:2], 1) and not stop_early([], 1)
+    assert stop_early([{"valid_bpb": 1.0}, {"valid_bpb": 1.0}], 1)  # a tie is no improvement
+
+
+def test_recover_budget_in_tokens_or_steps():
+    assert RecoverConfig(steps=7).total_steps(256) == 7
+    cfg = RecoverConfig(tokens=10_000, batch_size=4, grad_accum=2, workers=2)
+    assert cfg.total_steps(256) == 3  # 4096 tokens a step, rounded up
+    assert RecoverConfig(batch_size=4).total_steps(256) == 64  # the default budget: 65,536 tokens
+    with pytest.raises(ConfigError, match="not both"):
+        RecoverConfig(steps=3, tokens=100)
+    with pytest.raises(ConfigError, match="patience needs"):
+        RecoverConfig(patience=2)
+    with pytest.raises(ConfigError, match="general_sources"):
+        RecoverConfig(general_fraction=0.2)
 
 
 def test_deepspeed_config_fills_recover_settings_and_rejects_conflicts(tmp_path):
@@ -187,14 +229,38 @@ BASE = RecoverConfig(steps=6, batch_size=2, workers=2, cpus_per_worker=0.5, lr=1
 @pytest.mark.slow
 def test_full_two_domains_train_concurrently_and_save_plain_experts(ray_cluster, student, shards, tmp_path):
     other = _shards(tmp_path / "other", period=5, offset=300)
-    tasks = [_task(tmp_path, "legal", student, shards), _task(tmp_path, "code", student, other)]
-    results = recover_all(tasks, BASE)
+    valid = _shards(tmp_path / "valid", n_shards=1, blocks_per_shard=4)
+    tasks = [_task(tmp_path, "legal", student, shards, valid_shards=valid),
+             _task(tmp_path, "code", student, other, valid_shards=valid)]
+    results = recover_all(tasks, replace(BASE, eval_every=3))
     a, b = results["legal"], results["code"]
     for r in (a, b):
         assert r.ok, r.error
         assert r.steps == 6 and len(r.losses) == 6 and _falls(r.losses) and r.tokens_per_s > 0
+        assert r.tokens == 6 * 2 * 2 * BLOCK  # steps x workers x micro batch x block
         _assert_plain_checkpoint(r.out_dir, VOCAB)
     assert a.started_at < b.finished_at and b.started_at < a.finished_at  # the two runs overlapped in time
+    # Validation before training and every 3 steps; the expert is the best-scoring weights.
+    assert [h["step"] for h in a.curve] == [0, 3, 6] and a.curve[-1]["valid_bpb"] < a.curve[0]["valid_bpb"]
+    assert a.expert_step == min(a.curve, key=lambda h: h["valid_bpb"])["step"] and not a.stopped_early
+
+
+@pytest.mark.slow
+def test_early_stopping_keeps_the_best_weights(ray_cluster, student, shards, tmp_path):
+    """A learning rate that wrecks the model: every score after step 0 is worse, so training stops after
+    `patience` scores and the expert is the step-0 weights, unchanged."""
+    from safetensors.torch import load_file
+
+    valid = _shards(tmp_path / "valid", n_shards=1, blocks_per_shard=4)
+    cfg = replace(BASE, lr=5.0, warmup_steps=0, eval_every=1, patience=2)
+    r = recover_all([_task(tmp_path, "legal", student, shards, valid_shards=valid)], cfg)["legal"]
+    assert r.ok, r.error
+    assert r.stopped_early and r.steps == 2 and [h["step"] for h in r.curve] == [0, 1, 2]
+    assert r.expert_step == 0 and min(h["valid_bpb"] for h in r.curve[1:]) > r.curve[0]["valid_bpb"]
+    before, after = load_file(Path(student) / "model.safetensors"), load_file(Path(r.out_dir) / "model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ConfigError, match="validation split"):
+        recover_all([_task(tmp_path, "empty", student, shards)], cfg)
 
 
 @pytest.mark.slow
@@ -214,15 +280,35 @@ def test_lora_merges_and_a_failing_domain_does_not_stop_the_other(ray_cluster, s
     assert not torch.allclose(before, after)  # the adapters were merged into the weights
 
 
+def _teacher_targets(teacher_dir: str, task: RecoveryTask, keep: tuple[int, ...], k: int) -> str:
+    """What the teacher stage writes: the dense model's top-k on the task's training blocks (teacher ids)."""
+    from transformers import AutoModelForCausalLM
+
+    from minigpt import teacher as T
+    from minigpt.training import training_blocks
+
+    blocks = training_blocks(task)
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    ids, logprobs = T.topk_logprobs(model, torch.tensor(keep)[blocks], k, batch_size=4)
+    path = Path(task.checkpoint_dir).parent / "targets.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    T.save_targets(path, T.TeacherTargets(T.blocks_digest(blocks), k, 1.5, 100, ids, logprobs))
+    return str(path)
+
+
 @pytest.mark.slow
 def test_distill_zero3_vocab_pruned_student_resumes_after_a_kill(ray_cluster, tmp_path, smollm2_dir):
     keep = tuple(range(0, 2048, 4))  # student row i = teacher id 4 * i
     teacher = _tiny_llama(tmp_path / "teacher", VOCAB, seed=1, tokenizer_dir=smollm2_dir)
     small = _tiny_llama(tmp_path / "pruned", len(keep), seed=2, tokenizer_dir=smollm2_dir)
     data = _shards(tmp_path / "data", offset=10)
+    valid = _shards(tmp_path / "valid", n_shards=1, blocks_per_shard=4, offset=10)
     cfg = replace(BASE, mode="distill", deepspeed_config="jobs/deepspeed/zero3.json", distill_alpha=0.5,
-                  checkpoint_every=2)
-    task = _task(tmp_path, "medical", small, data, teacher_dir=teacher, teacher_token_ids=keep)
+                  checkpoint_every=2, eval_every=2)
+    task = _task(tmp_path, "medical", small, data, valid_shards=valid, teacher_token_ids=keep)
+    with pytest.raises(ConfigError, match="targets file"):
+        recover_all([task], cfg)
+    task = replace(task, teacher_file=_teacher_targets(teacher, task, keep, k=16))
 
     aborted = recover_all([task], cfg, abort_after_step=3)["medical"]
     assert not aborted.ok and "aborted after step 3" in aborted.error
@@ -232,6 +318,8 @@ def test_distill_zero3_vocab_pruned_student_resumes_after_a_kill(ray_cluster, tm
     r = recover_all([task], cfg)["medical"]
     assert r.ok, r.error
     assert r.resumed_from == 2 and r.steps == 6 and len(r.losses) == 6  # continued from the checkpoint, not 0
+    assert [h["step"] for h in r.curve] == [0, 2, 4, 6]  # the resumed run continued the same curve
+    assert r.dense_valid_bpb == 1.5  # the teacher file's reference travels to the result
     assert _falls(r.losses)
     _assert_plain_checkpoint(r.out_dir, len(keep))
     assert not Path(task.checkpoint_dir).exists()  # the expert is final: its checkpoints are gone

@@ -159,3 +159,55 @@ def test_report_tolerates_missing_pieces_and_rewrites(tmp_path):
 def test_empty_eval_still_renders(tmp_path, empty):
     md, page = write_report(tmp_path, empty)
     assert parse(page.read_text()).imgs == [] and md.read_text().startswith("# minigpt report")
+
+
+def recovery(start: float, steps: int, dense: float | None, expert_step: int, stopped_early: bool) -> dict:
+    # Falls by 0.01 a step up to the expert's (the best-validated) step, then rises again.
+    curve = [{"step": s, "tokens": s * 1024, "valid_bpb": start - 0.01 * min(s, expert_step)
+              + 0.005 * max(0, s - expert_step), "valid_loss": 2.0} for s in range(0, steps + 1, 8)]
+    return {"curve": curve, "dense_valid_bpb": dense, "expert_step": expert_step, "stopped_early": stopped_early,
+            "tokens": steps * 1024, "mode": "full", "steps": steps, "total_steps": 128}
+
+
+def summary_with_curves() -> dict:
+    return {"job": "demo", "domains": {
+        "legal": {"dense_bpb": 0.95, "recovery": recovery(1.05, 64, 0.95, 40, True)},
+        "medical": {"dense_bpb": 0.9, "recovery": recovery(1.2, 16, None, 16, False)},
+        "code": {"dense_bpb": 0.5, "recover_status": "disabled"},
+    }}
+
+
+def test_plot_recovery_curves():
+    from minigpt.plots import plot_recovery_curves
+
+    png = plot_recovery_curves(summary_with_curves())
+    assert isinstance(png, bytes) and png.startswith(b"\x89PNG")
+    assert plot_recovery_curves({"domains": {}}) is None
+    flat = summary_with_curves()
+    flat["domains"]["legal"]["recovery"]["curve"] = []  # eval_every 0
+    flat["domains"]["medical"]["recovery"]["curve"] = flat["domains"]["medical"]["recovery"]["curve"][:1]
+    assert plot_recovery_curves(flat) is None  # a single point is no curve
+
+
+def test_report_shows_recovery(tmp_path):
+    md, page = write_report(tmp_path, eval_data(), summary=summary_with_curves())
+    text = md.read_text()
+    rec = text[text.index("## Recovery"):]
+    rec = rec[:rec.index("\n## ")]
+    assert "![Recovery: validation bits/byte vs tokens trained](report_assets/recovery_curves.png)" in rec
+    assert (tmp_path / "report_assets" / "recovery_curves.png").read_bytes().startswith(b"\x89PNG")
+    # legal: 1.05 at step 0, 1.05 - 0.40 at step 40 (the chosen one), 64 steps of 1,024 tokens.
+    assert "legal: validation 1.050 → 0.650 bits/byte in 65,536 tokens of full fine-tuning (dense 0.950); " \
+           "expert taken at step 40 of 64, stopped early (planned 128 steps)." in rec
+    assert "medical: validation 1.200 → 1.040 bits/byte in 16,384 tokens of full fine-tuning; " \
+           "expert taken at step 16 of 16." in rec
+    assert "code:" not in rec
+    assert len(parse(page.read_text()).imgs) == 3  # cross-domain, size vs perplexity, recovery curves
+
+    # The job's own summary.json next to the report is read when none is passed; none -> no recovery section.
+    import json
+
+    (tmp_path / "summary.json").write_text(json.dumps(summary_with_curves()))
+    assert "## Recovery" in write_report(tmp_path, eval_data())[0].read_text()
+    (tmp_path / "summary.json").unlink()
+    assert "## Recovery" not in write_report(tmp_path, eval_data())[0].read_text()
