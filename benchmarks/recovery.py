@@ -1,17 +1,24 @@
-"""Recovery benchmark: what DeepSpeed costs over a plain PyTorch loop, on the real SmolLM2-135M.
+"""Recovery benchmark on the real SmolLM2-135M: what recovery buys per token, and what its engine costs.
 
-Both loops train the same fp32 model from the same weights on the same batches (minigpt.recover.batch_indices
-over token blocks of /usr/share/common-licenses), with the same AdamW, schedule and clipping; the DeepSpeed one is
-minigpt.recover's own engine (build_engine + train_step, ZeRO from the job's JSON) in a one-process gloo group.
-Their steps alternate (a warm-up step each, then `--steps` timed steps each), so a machine shared with other work
-slows both alike; their losses must agree (max_loss_diff). The last line printed is one JSON object:
+1. The recovery curve (`--curve` alone). The demo job's stages prepare, calibrate, slim and the teacher's targets
+   run (resumed from `--run-dir`, runs/demo by default, when it holds them); then every domain's pruned expert
+   (25% of non-embedding parameters removed) is recovered by each mode (full / lora / distill from the cached
+   top-k logits) for the same `--tokens` budget, scored on its validation split every `--eval-every` steps, and
+   the expert (its best-validated weights) is measured on the domain's held-out split and on other-source text
+   of the same domain (benchmarks/othertext.py), as perplexity ratios to the dense model with paired bootstrap
+   intervals over documents. Keys: `<mode>_<heldout|other>_<domain>` (also `pruned_...`), and `curves` with the
+   validation bits/byte ÷ dense at each score.
+2. The engine (`--engine` alone). A plain PyTorch loop, minigpt's DeepSpeed step (ZeRO from the job's JSON, one
+   gloo process) and its cached-distillation step train the same fp32 model from the same weights on the same
+   batches (token blocks of /usr/share/common-licenses), with the same AdamW, schedule and clipping. Their steps
+   alternate (a warm-up step each, then `--steps` timed steps each), so a machine shared with other work slows
+   all alike; plain and DeepSpeed losses must agree (max_loss_diff). Keys: `deepspeed_vs_plain`,
+   `distill_cached_vs_full` (tokens/s of distillation from cached targets ÷ full fine-tuning).
 
-    {"deepspeed_vs_plain": 0.97, "plain_tokens_per_s": ..., "deepspeed_tokens_per_s": ..., ...}
+The last line printed is one JSON object with the keys of what ran.
 
-`heldout_ppl_after_recovery` (run with --pruned DIR) measures held-out perplexity of a pruned expert before and
-after full / lora / distill recovery through recover_all (Ray Train). It needs a pruned folder from minigpt.slim.
-
-Usage: .venv/bin/python benchmarks/recovery.py [--steps 3] [--batch-size 4] [--block-size 256] [--zero 2]
+Usage: .venv/bin/python benchmarks/recovery.py [--engine | --curve] [--tokens 65536] [--modes full,lora,distill]
+       [--lr lora=5e-4] [--steps 3] [--zero 2]
 """
 
 from __future__ import annotations
@@ -19,10 +26,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minigpt.config import RecoverConfig  # noqa: E402
 from minigpt.models import cache_root  # noqa: E402
 from minigpt.recover import deepspeed_config, recover_all  # noqa: E402
-from minigpt.training import (RecoveryTask, batch_indices, build_engine, build_student, lr_factor,  # noqa: E402
+from minigpt.training import (DistillTargets, batch_indices, build_engine, build_student, lr_factor,  # noqa: E402
                               next_token_loss, param_groups, train_step)
 
 LICENSES = Path("/usr/share/common-licenses")
@@ -82,25 +87,34 @@ class PlainTrainer:
 
 
 class DeepSpeedTrainer:
-    """minigpt.recover's engine and step function in a one-process gloo group."""
+    """minigpt.recover's engine and step function in a one-process gloo group; with `targets`, distillation from
+    cached top-k log-probabilities (what recover.mode distill trains with)."""
 
-    def __init__(self, folder: Path, cfg: RecoverConfig):
+    def __init__(self, folder: Path, cfg: RecoverConfig, targets: DistillTargets | None = None):
         import deepspeed
 
         os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": os.environ.get("MASTER_PORT", "29517"),
                            "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend="gloo")
-        self.cfg = cfg
-        self.engine, _ = build_engine(build_student(str(folder), cfg), cfg, deepspeed_config(cfg))
+        self.cfg, self.targets = cfg, targets
+        self.engine, _ = build_engine(build_student(str(folder), cfg), cfg, deepspeed_config(cfg), cfg.steps)
 
     def step(self, blocks: torch.Tensor, step: int) -> float:
-        return train_step(self.engine, blocks, step, 0, 1, self.cfg, torch.device("cpu")).item()
+        return train_step(self.engine, blocks, step, 0, 1, self.cfg, torch.device("cpu"), self.targets).item()
 
 
 def compare(folder: Path, blocks: torch.Tensor, cfg: RecoverConfig, steps: int) -> dict[str, object]:
-    """Alternate plain and DeepSpeed steps so that a busy machine slows both alike; step 0 is a warm-up."""
-    trainers = {"plain": PlainTrainer(folder, cfg), "deepspeed": DeepSpeedTrainer(folder, cfg)}
+    """Alternate plain, DeepSpeed and cached-distillation steps so that a busy machine slows all alike; step 0 is a
+    warm-up. The distillation targets (top-32 of the model itself) are computed before timing, as the teacher stage
+    does once per domain."""
+    from minigpt import teacher as T
+    from minigpt.models import load_model
+
+    ids, logprobs = T.topk_logprobs(load_model(folder), blocks, 32, cfg.batch_size)
+    trainers = {"plain": PlainTrainer(folder, cfg), "deepspeed": DeepSpeedTrainer(folder, cfg),
+                "distill": DeepSpeedTrainer(folder, dataclasses.replace(cfg, mode="distill"),
+                                            DistillTargets(ids, logprobs))}
     elapsed = {name: 0.0 for name in trainers}
     losses: dict[str, list[float]] = {name: [] for name in trainers}
     for step in range(steps + 1):
@@ -113,98 +127,125 @@ def compare(folder: Path, blocks: torch.Tensor, cfg: RecoverConfig, steps: int) 
     tokens = steps * cfg.batch_size * blocks.shape[1]
     tps = {name: tokens / elapsed[name] for name in trainers}
     return {"deepspeed_vs_plain": round(tps["deepspeed"] / tps["plain"], 3),
+            "distill_cached_vs_full": round(tps["distill"] / tps["deepspeed"], 3),
             "plain_tokens_per_s": round(tps["plain"], 1), "deepspeed_tokens_per_s": round(tps["deepspeed"], 1),
+            "distill_tokens_per_s": round(tps["distill"], 1),
             "max_loss_diff": round(max(abs(a - b) for a, b in zip(losses["plain"], losses["deepspeed"])), 5)}
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Held-out perplexity after recovery. NOT RUN by default: it needs a pruned expert folder from minigpt.slim
-# (pass --pruned DIR, plus --teacher-token-ids FILE.json for a vocabulary-pruned one).
+# The recovery curve: the demo's pruned experts recovered by each mode for the same token budget.
 
 
-def perplexity(folder: str, blocks: torch.Tensor, batch_size: int = 4) -> float:
-    from transformers import AutoModelForCausalLM
+def _ppl_cells(folder: str, texts: dict[str, list[str]], block_size: int, max_blocks: int) -> dict[str, dict]:
+    from minigpt.metrics import lm_metrics
+    from minigpt.models import load_model, load_tokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    total = 0.0
-    with torch.no_grad():
-        for i in range(0, len(blocks), batch_size):
-            x = blocks[i: i + batch_size]
-            total += next_token_loss(model(input_ids=x, use_cache=False).logits, x).item() * len(x)
-    return math.exp(total / len(blocks))
+    model, tok = load_model(folder), load_tokenizer(folder)
+    return {kind: lm_metrics(model, tok, t, block_size, 4, max_blocks) for kind, t in texts.items()}
 
 
-def heldout_ppl_after_recovery(pruned_dir: str, teacher_dir: str, cfg: RecoverConfig, block_size: int = 256,
-                               heldout_blocks: int = 16, teacher_token_ids: tuple[int, ...] | None = None,
-                               modes: tuple[str, ...] = ("full", "lora", "distill"),
-                               data_dir: Path | None = None) -> dict[str, float]:
-    """Held-out PPL of `pruned_dir` before recovery and after each mode, after equal steps.
+def recovery_curves(job: str, run_dir: str, modes: list[str], lrs: dict[str, float], tokens: int,
+                    eval_every: int, eval_tokens: int, other_chars: int) -> dict[str, object]:
+    """Prepare, calibrate, slim and compute the teacher's targets with the job's settings (minigpt's own stages,
+    resumed when `run_dir` already holds them), then recover every domain's pruned expert with each mode for
+    `tokens` tokens, scoring the validation split every `eval_every` steps, and measure the experts (the
+    best-validated weights) on the held-out split and on other-source text (benchmarks/othertext.py), as ratios
+    to the dense model with paired bootstrap intervals over documents."""
+    from minigpt import config as C, corpora, stages
+    from minigpt.metrics import intervals
+    from minigpt.pipeline import Pipeline, run_job
 
-    With `data_dir` (a prepared domain, minigpt.corpora) the expert trains on its train shards and is measured on
-    its held-out documents: disjoint by document hash. Without it, the licenses text is cut into blocks, the first
-    `heldout_blocks` held out (disjoint blocks, but possibly of the same documents).
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import othertext
 
-    work = Path(tempfile.mkdtemp(prefix="minigpt-recovery-bench-"))
-    if data_dir is not None:
-        from minigpt.corpora import DomainData
+    othertext.ensure_sources()
+    cfg = C.load(job, [f"output_dir={run_dir}", "recover.mode=distill", f"recover.eval_tokens={eval_tokens}"])
+    run_job(cfg, until="teacher")
+    p = Pipeline(cfg)
+    domains = [d.name for d in cfg.domains]
+    bs = cfg.data.block_size
+    texts = {d: {"heldout": [t for _, t in corpora.DomainData.load(p.layout.data_dir(d)).documents("heldout")],
+                 "other": othertext.other_texts(d, other_chars)} for d in domains}
+    from minigpt.models import resolve
 
-        data = DomainData.load(data_dir)
-        heldout_text = "\n\n".join(t for _, t in data.documents("heldout"))
-        heldout = token_blocks(Path(pruned_dir), heldout_text, block_size)[:heldout_blocks]
-        dense_heldout = token_blocks(Path(teacher_dir), heldout_text, block_size)[:heldout_blocks]
-        shards = tuple(str(p) for p in data.shards("train"))
-    else:
-        blocks = token_blocks(Path(pruned_dir), corpus_text(), block_size)
-        heldout, train = blocks[:heldout_blocks], blocks[heldout_blocks:]
-        dense_heldout = token_blocks(Path(teacher_dir), corpus_text(), block_size)[:heldout_blocks]
-        shard = work / "train.parquet"
-        pq.write_table(pa.table({"input_ids": pa.array(train.tolist(), type=pa.list_(pa.int32()))}), shard)
-        shards = (str(shard),)
-    out = {"dense": perplexity(teacher_dir, dense_heldout) if teacher_token_ids is None else float("nan"),
-           "pruned": perplexity(pruned_dir, heldout)}
+    dense_dir = str(resolve(cfg.model))
+    cells = {"dense": {d: _ppl_cells(dense_dir, texts[d], bs, 0) for d in domains},
+             "pruned": {d: _ppl_cells(str(p.layout.expert(d, "pruned")), texts[d], bs, 0) for d in domains}}
+    out: dict[str, object] = {"tokens": tokens, "eval_every_steps": eval_every}
+    curves: dict[str, dict] = {}
     for mode in modes:
-        task = RecoveryTask(domain=f"bench-{mode}", student_dir=pruned_dir, train_shards=shards,
-                            out_dir=str(work / mode / "recovered"), checkpoint_dir=str(work / mode / "checkpoints"),
-                            teacher_dir=teacher_dir, teacher_token_ids=teacher_token_ids)
-        result = recover_all([task], dataclasses.replace(cfg, mode=mode))[task.domain]
-        out[mode] = perplexity(result.out_dir, heldout) if result.ok else float("nan")
-        print(f"[bench] {mode}: ok={result.ok} heldout ppl {out[mode]:.2f} {result.error or ''}", flush=True)
+        rcfg = dataclasses.replace(cfg.recover, mode=mode, tokens=tokens, steps=None, eval_every=eval_every,
+                                   patience=0, keep_best=True, lr=lrs.get(mode, cfg.recover.lr), checkpoint_every=0)
+        base = Path(run_dir) / "bench-recovery" / f"{mode}-lr{rcfg.lr:g}-{tokens}"
+        tasks = [dataclasses.replace(stages.recovery_task(p, d), out_dir=str(base / d / "recovered"),
+                                     checkpoint_dir=str(base / d / "checkpoints")) for d in domains]
+        results = recover_all(tasks, rcfg)
+        cells[mode] = {}
+        for d in domains:
+            r = results[d]
+            if not r.ok:
+                print(f"[bench] {mode} {d} failed: {r.error}", flush=True)
+                continue
+            cells[mode][d] = _ppl_cells(r.out_dir, texts[d], bs, 0)
+            curves[f"{mode}_{d}"] = {"tokens": [h["tokens"] for h in r.curve],
+                                     "valid_vs_dense": [round(h["valid_bpb"] / r.dense_valid_bpb, 4)
+                                                        for h in r.curve],
+                                     "expert_step": r.expert_step, "tokens_per_s": round(r.tokens_per_s, 1)}
+    print("\n[bench] ratio to dense perplexity [95% interval over documents]", flush=True)
+    for kind in ("heldout", "other"):
+        print(f"\n{kind:<8}" + "".join(f"{m:>26}" for m in cells if m != "dense"))
+        for d in domains:
+            row = f"{d:<8}"
+            for m in cells:
+                if m == "dense" or d not in cells[m]:
+                    continue
+                iv = intervals(cells[m][d][kind], cells["dense"][d][kind], 2000, 0.95, 0)
+                lo, hi = iv["ppl_ratio_ci"]
+                row += f"{iv['ppl_ratio']:>12.3f} [{lo:.3f}-{hi:.3f}]"
+                out[f"{m}_{kind}_{d}"] = round(iv["ppl_ratio"], 4)
+            print(row, flush=True)
+    for name, c in curves.items():
+        print(f"[bench] curve {name}: " + ", ".join(f"{t:,}: {v:.3f}" for t, v in zip(c["tokens"],
+                                                                                      c["valid_vs_dense"]))
+              + f" (expert from step {c['expert_step']}, {c['tokens_per_s']} tok/s)", flush=True)
+    out["curves"] = curves
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--engine", action="store_true", help="only DeepSpeed vs plain loop vs cached distillation")
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--block-size", type=int, default=256)
     ap.add_argument("--zero", type=int, choices=(2, 3), default=2)
-    ap.add_argument("--pruned", type=str, default=None, help="pruned expert folder: also measure held-out PPL")
-    ap.add_argument("--teacher-token-ids", type=Path, default=None, help="JSON list (vocabulary-pruned expert)")
-    ap.add_argument("--data", type=Path, default=None, help="prepared domain folder (runs/<job>/data/<domain>): "
-                    "train on its train split, measure on its held-out documents")
-    ap.add_argument("--recover-steps", type=int, default=20, help="equal steps for full, lora and distill")
+    ap.add_argument("--curve", action="store_true", help="only the recovery curves")
+    ap.add_argument("--job", default="jobs/demo.yaml")
+    ap.add_argument("--run-dir", default="runs/demo", help="reuses the job's prepared data and pruned experts")
+    ap.add_argument("--modes", default="full,lora,distill")
+    ap.add_argument("--lr", action="append", default=[], help="MODE=LR (default: the job's recover.lr)")
+    ap.add_argument("--tokens", type=int, default=65536, help="recovery budget per expert")
+    ap.add_argument("--eval-every", type=int, default=8, help="steps between validation scores")
+    ap.add_argument("--eval-tokens", type=int, default=2048)
+    ap.add_argument("--other-chars", type=int, default=60_000, help="other-source text per domain")
     args = ap.parse_args()
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    folder = args.model or default_model()
-    cfg = RecoverConfig(steps=args.steps + 1, batch_size=args.batch_size, lr=5e-5, warmup_steps=1,
-                        deepspeed_config=f"jobs/deepspeed/zero{args.zero}.json")
-    blocks = token_blocks(folder, corpus_text(), args.block_size)
-    result = {**compare(folder, blocks, cfg, args.steps), "zero_stage": args.zero, "batch_size": args.batch_size,
-              "block_size": args.block_size, "timed_steps": args.steps, "threads": torch.get_num_threads(),
-              "model": folder.name}
-    if args.pruned:
-        ids = tuple(json.loads(args.teacher_token_ids.read_text())) if args.teacher_token_ids else None
-        rcfg = RecoverConfig(steps=args.recover_steps, batch_size=2, workers=1,
-                             cpus_per_worker=float(os.cpu_count() or 1))
-        result["heldout_ppl"] = heldout_ppl_after_recovery(args.pruned, str(folder), rcfg, args.block_size,
-                                                           teacher_token_ids=ids, data_dir=args.data)
-        for mode in ("full", "lora", "distill"):
-            result[f"{mode}_vs_pruned_ppl"] = round(result["heldout_ppl"][mode] / result["heldout_ppl"]["pruned"], 3)
+    result: dict[str, object] = {}
+    if not args.curve:
+        torch.set_num_threads(os.cpu_count() or 1)
+        folder = args.model or default_model()
+        cfg = RecoverConfig(steps=args.steps + 1, batch_size=args.batch_size, lr=5e-5, warmup_steps=1,
+                            deepspeed_config=f"jobs/deepspeed/zero{args.zero}.json")
+        blocks = token_blocks(folder, corpus_text(), args.block_size)[:max(16, (args.steps + 1) * args.batch_size)]
+        result.update(compare(folder, blocks, cfg, args.steps), zero_stage=args.zero, batch_size=args.batch_size,
+                      block_size=args.block_size, timed_steps=args.steps, threads=torch.get_num_threads(),
+                      model=folder.name)
+    if not args.engine:
+        lrs = {m: float(v) for m, v in (x.split("=", 1) for x in args.lr)}
+        result.update(recovery_curves(args.job, args.run_dir, args.modes.split(","), lrs, args.tokens,
+                                      args.eval_every, args.eval_tokens, args.other_chars))
     print(json.dumps(result), flush=True)
 
 

@@ -17,7 +17,7 @@ def _cmd_run(args) -> int:
     from minigpt.pipeline import run_job
 
     cfg = C.load(args.job, args.overrides)
-    run_job(cfg, args.job)
+    run_job(cfg, args.job, until=args.until)
     return 0
 
 
@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a job (resumes a finished or interrupted run folder)")
     r.add_argument("job")
     r.add_argument("overrides", nargs="*", help="key=value overrides, e.g. prune.target=0.3")
+    r.add_argument("--until", metavar="STAGE", help="stop after this stage (e.g. slim: prune without recovering)")
     r.set_defaults(fn=_cmd_run)
     v = sub.add_parser("validate", help="check a job file and its inputs without running anything")
     v.add_argument("job")

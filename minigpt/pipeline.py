@@ -393,10 +393,13 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------------ the job
 
-    def run(self) -> dict:
+    def run(self, until: str | None = None) -> dict | None:
+        """Run every enabled stage (or those up to and including `until`); returns the summary (None with until)."""
         from minigpt import models, raylib
 
         cfg = self.cfg
+        if until is not None and until not in STAGE:
+            raise ConfigError(f"unknown stage {until!r} (one of {', '.join(STAGE)})")
         self.validate()
         self.model_dir = models.resolve(cfg.model)  # prepares an alias once (cached)
         self.check_statistics()
@@ -412,11 +415,16 @@ class Pipeline:
                 shutil.rmtree(self.layout.run_dir, ignore_errors=True)
             raise
         atomic_write_text(self.layout.job_yaml, C.dump(cfg))
-        for stage in STAGES[1:]:
+        for stage in STAGES[1:] if until != "prepare" else ():
             if stage.name == "report":
                 self.summary = S.summarize(self, json.loads(self.layout.eval_json.read_text()))
             if stage.enabled(cfg):
                 self.run_stage(stage)
+            if stage.name == until:
+                break
+        if until is not None:
+            print(f"[job] stopped after the {until} stage (--until)", flush=True)
+            return None
         from minigpt.report import console_table
 
         print("\n" + console_table(json.loads(self.layout.eval_json.read_text())) + "\n", flush=True)
@@ -483,5 +491,5 @@ def _pid_alive(pid) -> bool:
         return False
 
 
-def run_job(cfg: JobConfig, job_path: str | None = None) -> dict:
-    return Pipeline(cfg, job_path).run()
+def run_job(cfg: JobConfig, job_path: str | None = None, until: str | None = None) -> dict | None:
+    return Pipeline(cfg, job_path).run(until)

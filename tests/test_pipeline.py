@@ -336,3 +336,25 @@ def test_status_marks_done_units_stale_when_an_upstream_key_changed(tmp_path, mo
     assert states["recover/alpha"] == "done" and states["recover/beta"] == "done"
     assert states["evaluate"] == states["report"] == "stale"
     assert states["slim/alpha"] == "done"
+
+
+def test_run_until_a_stage_stops_after_it(tmp_path, monkeypatch):
+    from minigpt import config as C, models, pipeline as PL, raylib
+    from minigpt.config import ConfigError
+
+    job = _job(tmp_path)
+    ran = []
+    _fake_stages(monkeypatch, lambda stage, unit: ran.append(stage))
+    for name in ("validate", "check_statistics", "check_resources"):
+        monkeypatch.setattr(PL.Pipeline, name, lambda self: None)
+    monkeypatch.setattr(models, "resolve", lambda cfg, prepare=True: tmp_path / "model")
+    monkeypatch.setattr(raylib, "ensure_ray", lambda *a, **k: None)
+    with pytest.raises(ConfigError, match="unknown stage 'recovery'"):
+        PL.Pipeline(C.load(job)).run(until="recovery")
+    assert not ran and not (tmp_path / "run").exists()
+    assert PL.Pipeline(C.load(job)).run(until="slim") is None
+    assert sorted(set(ran)) == ["calibrate", "prepare", "slim"]
+    states = _states(tmp_path / "run")
+    done = {k for k, v in states.items() if v == "done"}
+    assert done == {f"{s}/{d}" for s in ("prepare", "calibrate", "slim") for d in ("alpha", "beta")}
+    assert {v for k, v in states.items() if k not in done} == {"pending"}
