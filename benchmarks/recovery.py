@@ -111,7 +111,8 @@ def compare(folder: Path, blocks: torch.Tensor, cfg: RecoverConfig, steps: int) 
     from minigpt import teacher as T
     from minigpt.models import load_model
 
-    ids, logprobs = T.topk_logprobs(load_model(folder), blocks, 32, cfg.batch_size)
+    ids, logprobs = T.topk_logprobs(load_model(folder), blocks, 32, cfg.batch_size,
+                                    temperature=cfg.distill_temperature)
     trainers = {"plain": PlainTrainer(folder, cfg), "deepspeed": DeepSpeedTrainer(folder, cfg),
                 "distill": DeepSpeedTrainer(folder, dataclasses.replace(cfg, mode="distill"),
                                             DistillTargets(ids, logprobs))}

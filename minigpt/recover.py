@@ -189,7 +189,7 @@ def fingerprint(task: RecoveryTask, cfg: RecoverConfig, ds: dict[str, Any]) -> s
         return [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files if f.is_file()]
 
     blob = {"cfg": dataclasses.asdict(cfg), "ds": ds, "student": stamp(task.student_dir),
-            "teacher": stamp(task.teacher_file),
+            "teacher": stamp(task.teacher_file) if cfg.mode == "distill" else None,  # else only the curve's reference
             "teacher_token_ids": hashlib.sha256(json.dumps(task.teacher_token_ids).encode()).hexdigest(),
             "shards": [(s, stamp(s)) for s in (*task.train_shards, *task.valid_shards, *task.general_shards)],
             "general_blocks": task.general_blocks}

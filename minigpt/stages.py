@@ -282,7 +282,8 @@ def teacher(p: Pipeline, domain: str) -> None:
     valid, valid_bytes = training.validation_blocks(base, cfg.recover.eval_tokens)
     c = cfg.calibrate
     targets = T.compute_targets(p.model_dir, teacher_blocks, valid, valid_bytes, digest=T.blocks_digest(blocks),
-                                k=cfg.recover.distill_topk if cfg.recover.mode == "distill" else 0, dtype=c.dtype,
+                                k=cfg.recover.distill_topk if cfg.recover.mode == "distill" else 0,
+                                temperature=cfg.recover.distill_temperature, dtype=c.dtype,
                                 trust_remote_code=cfg.model.trust_remote_code, batch_size=c.batch_size,
                                 workers=c.workers, cpus_per_worker=c.cpus_per_worker,
                                 gpus_per_worker=c.gpus_per_worker, label=domain)

@@ -11,8 +11,9 @@ recovery curve, in a unit that does not depend on the tokenizer (a vocabulary-pr
 text into more tokens).
 
 The file (`targets.safetensors`): `ids` int32 [n_blocks, block_size, k] teacher vocabulary ids, best first, and
-`logprobs` float16 [n_blocks, block_size, k] (both only in distill mode), with metadata: `k`, `digest` (sha256 of the
-training blocks, so a trainer can refuse targets of other blocks), `dense_valid_bpb`, `valid_bytes`.
+`logprobs` float16 [n_blocks, block_size, k] (both only in distill mode; log-softmax of logits / T at the job's
+recover.distill_temperature T), with metadata: `k`, `temperature`, `digest` (sha256 of the training blocks, so a
+trainer can refuse targets of other blocks), `dense_valid_bpb`, `valid_bytes`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ TARGETS = "targets.safetensors"
 class TeacherTargets:
     digest: str  # of the training blocks the targets were computed on (blocks_digest)
     k: int  # 0 when no log-probabilities were cached (not distilling)
+    temperature: float  # the softmax temperature the log-probabilities were taken at
     dense_valid_bpb: float | None  # the dense model on the validation split; None without one
     valid_bytes: int
     ids: torch.Tensor | None = None  # int32 [n_blocks, block_size, k], teacher vocabulary
@@ -51,12 +53,13 @@ def blocks_digest(blocks: torch.Tensor) -> str:
 
 @torch.no_grad()
 def topk_logprobs(model: torch.nn.Module, blocks: torch.Tensor, k: int, batch_size: int,
-                  device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's k most likely next tokens at every position and their log-probabilities (full softmax)."""
+                  device: str | torch.device = "cpu", temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's k most likely next tokens at every position and their log-probabilities under the full softmax
+    of logits / temperature (what distillation at that temperature compares against)."""
     ids, logps = [], []
     for lo in range(0, len(blocks), batch_size):
         logits = model(input_ids=blocks[lo:lo + batch_size].to(device), use_cache=False).logits.float()
-        top = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
+        top = torch.log_softmax(logits / temperature, dim=-1).topk(k, dim=-1)
         ids.append(top.indices.to("cpu", torch.int32))
         logps.append(top.values.to("cpu", torch.float16))
     return torch.cat(ids), torch.cat(logps)
@@ -84,7 +87,7 @@ def bits_per_byte(nll_nats: float, n_bytes: int) -> float:
 
 @ray.remote
 def _teacher_task(model_dir: str, dtype: str, trust_remote_code: bool, blocks: np.ndarray, k: int,
-                  batch_size: int, threads: int, nll_only: bool) -> tuple:
+                  batch_size: int, threads: int, nll_only: bool, temperature: float = 1.0) -> tuple:
     from minigpt.models import load_model
 
     torch.set_num_threads(max(1, threads))
@@ -93,11 +96,11 @@ def _teacher_task(model_dir: str, dtype: str, trust_remote_code: bool, blocks: n
     x = torch.from_numpy(np.asarray(blocks, dtype=np.int64))
     if nll_only:
         return nll_sum(model, x, batch_size, device)
-    return tuple(t.numpy() for t in topk_logprobs(model, x, k, batch_size, device))
+    return tuple(t.numpy() for t in topk_logprobs(model, x, k, batch_size, device, temperature))
 
 
 def compute_targets(model_dir: Path | str, train_blocks: torch.Tensor, valid_blocks: torch.Tensor,
-                    valid_bytes: int, *, digest: str, k: int, dtype: str = "float32", trust_remote_code: bool = False,
+                    valid_bytes: int, *, digest: str, k: int, temperature: float = 1.0, dtype: str = "float32", trust_remote_code: bool = False,
                     batch_size: int = 4, workers: int = 1, cpus_per_worker: float = 1.0,
                     gpus_per_worker: float = 0.0, label: str = "") -> TeacherTargets:
     """Run the dense model once: top-k on the training blocks (k > 0) over `workers` Ray tasks, each holding a
@@ -112,7 +115,8 @@ def compute_targets(model_dir: Path | str, train_blocks: torch.Tensor, valid_blo
     pending = []
     if k > 0 and len(train_blocks):
         for part in torch.tensor_split(train_blocks, min(workers, len(train_blocks))):
-            pending.append(_teacher_task.options(**opts).remote(*common, part.numpy(), k, batch_size, threads, False))
+            pending.append(_teacher_task.options(**opts).remote(*common, part.numpy(), k, batch_size, threads, False,
+                                                                temperature))
     valid_ref = (_teacher_task.options(**opts).remote(*common, valid_blocks.numpy(), 0, batch_size, threads, True)
                  if len(valid_blocks) else None)
     parts = ray.get(pending)
@@ -126,7 +130,7 @@ def compute_targets(model_dir: Path | str, train_blocks: torch.Tensor, valid_blo
     print(f"[teacher] {label}: top-{k} targets on {tokens:,} training tokens" if tokens else f"[teacher] {label}:",
           f"dense validation {dense_bpb:.4f} bits/byte" if dense_bpb is not None else "no validation split",
           flush=True)
-    return TeacherTargets(digest=digest, k=k if ids is not None else 0,
+    return TeacherTargets(digest=digest, k=k if ids is not None else 0, temperature=temperature,
                           dense_valid_bpb=dense_bpb, valid_bytes=int(valid_bytes), ids=ids, logprobs=logprobs)
 
 
@@ -137,7 +141,7 @@ def save_targets(path: Path | str, t: TeacherTargets) -> None:
     from minigpt.io import atomic_save_np
 
     arrays = {} if t.ids is None else {"ids": t.ids.numpy(), "logprobs": t.logprobs.numpy()}
-    meta = {"digest": t.digest, "k": str(t.k), "valid_bytes": str(t.valid_bytes),
+    meta = {"digest": t.digest, "k": str(t.k), "temperature": repr(t.temperature), "valid_bytes": str(t.valid_bytes),
             "dense_valid_bpb": "" if t.dense_valid_bpb is None else repr(t.dense_valid_bpb)}
     atomic_save_np(arrays, path, metadata=meta)
 
@@ -149,6 +153,7 @@ def load_targets(path: Path | str, with_tensors: bool = True) -> TeacherTargets:
         meta = f.metadata() or {}
         tensors = {name: f.get_tensor(name) for name in f.keys()} if with_tensors else {}
     bpb = meta.get("dense_valid_bpb", "")
-    return TeacherTargets(digest=meta["digest"], k=int(meta["k"]), dense_valid_bpb=float(bpb) if bpb else None,
+    return TeacherTargets(digest=meta["digest"], k=int(meta["k"]), temperature=float(meta.get("temperature", 1.0)),
+                          dense_valid_bpb=float(bpb) if bpb else None,
                           valid_bytes=int(meta.get("valid_bytes", 0)), ids=tensors.get("ids"),
                           logprobs=tensors.get("logprobs"))

@@ -94,20 +94,27 @@ def topk_distill_loss(student_logits: torch.Tensor, rows: torch.Tensor, teacher_
                       input_ids: torch.Tensor, alpha: float, temperature: float) -> torch.Tensor:
     """alpha * T^2 * KL(q || p) + (1 - alpha) * CE(student, next token), KL averaged per predicted token.
 
-    q is the teacher's cached top-k distribution at temperature T, renormalised over the k entries: log-probs
-    `teacher_logprobs` [B, S, k] of the tokens at student rows `rows` [B, S, k] (-1: a token the student's pruned
-    vocabulary lacks, left out of q). p is the student's softmax(logits / T) over its whole vocabulary, read at
-    those rows. With k = the whole vocabulary this is exactly the KL of the full distributions; with k << V it is
-    the usual sparse approximation (the tail beyond the top k carries little of q's mass).
+    `teacher_logprobs` [B, S, k] are the teacher's log-probabilities AT temperature T of its top-k tokens (cached by
+    minigpt.teacher), at student rows `rows` [B, S, k] (-1: a token the student's pruned vocabulary lacks). Both
+    distributions are coarse-grained to the same k + 1 outcomes: each cached token, and one bucket for everything
+    else (the teacher's tail, 1 - its top-k mass; the student's mass outside those rows). This KL is exact when k
+    covers the vocabulary and zero when the student equals the teacher, for any k; renormalising q over the top k
+    instead would ask the student to squeeze the teacher's whole tail into k tokens. Tokens the student cannot emit
+    are conditioned away: q is renormalised over the tokens it has (the uncached tail counted as emittable).
     """
     logp = torch.log_softmax(student_logits[:, :-1].flatten(0, 1).float() / temperature, dim=-1)
     rows = rows[:, :-1].flatten(0, 1).long()
     present = rows >= 0
-    t = (teacher_logprobs[:, :-1].flatten(0, 1).float() / temperature).masked_fill(~present, -math.inf)
-    covered = present.any(dim=-1, keepdim=True)  # a position whose whole top-k is absent has no q: contributes 0
-    logq = torch.log_softmax(t.masked_fill(~covered, 0.0), dim=-1)
-    terms = logq.exp() * (logq - logp.gather(-1, rows.clamp_min(0)))
-    kl = terms.masked_fill(~(present & covered), 0.0).sum(-1).mean()
+    q = teacher_logprobs[:, :-1].flatten(0, 1).double().exp()
+    absent_mass = q.masked_fill(present, 0.0).sum(-1, keepdim=True)
+    q = q.masked_fill(~present, 0.0) / (1.0 - absent_mass).clamp_min(1e-6)
+    logp_at = logp.gather(-1, rows.clamp_min(0)).double()
+    p_at = logp_at.exp().masked_fill(~present, 0.0)
+    head = torch.where(q > 0, q * (q.clamp_min(1e-300).log() - logp_at), torch.zeros_like(q)).sum(-1)
+    q_tail = (1.0 - q.sum(-1)).clamp_min(0.0)
+    p_tail = (1.0 - p_at.sum(-1)).clamp_min(1e-12)
+    tail = torch.where(q_tail > 0, q_tail * (q_tail.clamp_min(1e-300).log() - p_tail.log()), torch.zeros_like(q_tail))
+    kl = (head + tail).mean().float()
     ce = next_token_loss(student_logits, input_ids)
     return alpha * temperature**2 * kl + (1.0 - alpha) * ce
 
@@ -214,15 +221,15 @@ class DistillTargets:
     logprobs: torch.Tensor  # float16 [n_blocks, block_size, k]
 
 
-def load_distill_targets(task: RecoveryTask, blocks: torch.Tensor) -> DistillTargets:
+def load_distill_targets(task: RecoveryTask, blocks: torch.Tensor, temperature: float) -> DistillTargets:
     from minigpt.teacher import blocks_digest, load_targets
 
     if not task.teacher_file:
         raise ValueError(f"{task.domain}: distill needs the teacher's targets (teacher_file)")
     targets = load_targets(task.teacher_file)
-    if targets.ids is None or targets.digest != blocks_digest(blocks):
-        raise ValueError(f"{task.domain}: {task.teacher_file} holds no top-k targets of these training blocks "
-                         "(stale teacher stage?)")
+    if targets.ids is None or targets.digest != blocks_digest(blocks) or targets.temperature != temperature:
+        raise ValueError(f"{task.domain}: {task.teacher_file} holds no top-k targets of these training blocks at "
+                         f"temperature {temperature:g} (stale teacher stage?)")
     return DistillTargets(student_rows(targets.ids, task.teacher_token_ids), targets.logprobs)
 
 
@@ -363,7 +370,7 @@ def train_loop(config: dict[str, Any]) -> None:
     if int(blocks.max()) >= vocab:
         raise ValueError(f"train shards hold token id {int(blocks.max())} >= the student's vocabulary ({vocab}); "
                          "shards must be tokenized with the student's tokenizer")
-    targets = load_distill_targets(task, blocks) if cfg.mode == "distill" else None
+    targets = load_distill_targets(task, blocks, cfg.distill_temperature) if cfg.mode == "distill" else None
     valid, valid_bytes = validation_blocks(task, cfg.eval_tokens) if cfg.eval_every else (None, 0)
     engine, scheduler = build_engine(model, cfg, ds, total_steps)
     stage = zero_stage(ds)

@@ -59,17 +59,32 @@ def test_topk_distill_loss_with_the_whole_vocabulary_is_the_full_kl():
     torch.manual_seed(0)
     ids = torch.randint(0, 10, (2, 6))
     s, t = torch.randn(2, 6, 10), torch.randn(2, 6, 10)
-    top = torch.log_softmax(t, -1).topk(10, -1)  # what minigpt.teacher caches, with k = V
+    top = torch.log_softmax(t / 2.0, -1).topk(10, -1)  # what minigpt.teacher caches at T = 2, with k = V
     got = topk_distill_loss(s, top.indices.int(), top.values, ids, alpha=0.7, temperature=2.0)
     want = 0.7 * 4.0 * _full_kl(s, t, 2.0) + 0.3 * next_token_loss(s, ids).double()
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
     assert topk_distill_loss(s, top.indices.int(), top.values, ids, 0.0, 2.0).item() == pytest.approx(
         next_token_loss(s, ids).item())
-    same = torch.log_softmax(s, -1).topk(10, -1)
-    assert topk_distill_loss(s, same.indices.int(), same.values, ids, 1.0, 2.0).item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_topk_distill_loss_on_a_pruned_vocabulary_renormalises_over_kept_tokens():
+def test_topk_distill_loss_with_few_tokens_is_the_kl_of_top_k_plus_a_tail_bucket():
+    torch.manual_seed(2)
+    ids = torch.randint(0, 40, (2, 7))
+    s, t = torch.randn(2, 7, 40) * 3, torch.randn(2, 7, 40) * 3
+    top = torch.log_softmax(t / 1.5, -1).topk(5, -1)
+    got = topk_distill_loss(s, top.indices.int(), top.values, ids, alpha=1.0, temperature=1.5)
+    # Reference: both distributions folded to the 5 cached tokens + "everything else".
+    q5 = top.values[:, :-1].double().exp()
+    p5 = torch.softmax(s[:, :-1].double() / 1.5, -1).gather(-1, top.indices[:, :-1])
+    q, p = torch.cat([q5, 1 - q5.sum(-1, True)], -1), torch.cat([p5, 1 - p5.sum(-1, True)], -1)
+    want = 1.5**2 * (q * (q.log() - p.log())).sum(-1).mean()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    # A student equal to its teacher has nothing to learn, whatever k (renormalising q over k would say otherwise).
+    same = torch.log_softmax(s / 1.5, -1).topk(5, -1)
+    assert topk_distill_loss(s, same.indices.int(), same.values, ids, 1.0, 1.5).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_topk_distill_loss_on_a_pruned_vocabulary_conditions_on_kept_tokens():
     torch.manual_seed(1)
     ids = torch.randint(0, 6, (1, 5))
     keep = (3, 5, 7, 9, 11, 13)  # student row i = teacher id keep[i]
@@ -79,11 +94,8 @@ def test_topk_distill_loss_on_a_pruned_vocabulary_renormalises_over_kept_tokens(
     rows = student_rows(top.indices.int(), keep)
     assert ((rows >= 0) == torch.isin(top.indices, torch.tensor(keep))).all()
     got = topk_distill_loss(s, rows, top.values, ids, 1.0, 1.0)
-    # The teacher restricted to the student's tokens and renormalised, against the student.
+    # The teacher conditioned on the student's tokens, against the student.
     assert got.item() == pytest.approx(_full_kl(s, teacher[..., list(keep)], 1.0).item(), rel=1e-5)
-    # A position whose whole top-k is missing from the student contributes nothing (and no NaN).
-    none = torch.full_like(rows, -1)
-    assert topk_distill_loss(s, none, top.values, ids, 1.0, 1.0).item() == 0.0
 
 
 def test_stop_early_counts_scores_after_the_best():
@@ -289,10 +301,10 @@ def _teacher_targets(teacher_dir: str, task: RecoveryTask, keep: tuple[int, ...]
 
     blocks = training_blocks(task)
     model = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
-    ids, logprobs = T.topk_logprobs(model, torch.tensor(keep)[blocks], k, batch_size=4)
+    ids, logprobs = T.topk_logprobs(model, torch.tensor(keep)[blocks], k, batch_size=4, temperature=2.0)
     path = Path(task.checkpoint_dir).parent / "targets.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
-    T.save_targets(path, T.TeacherTargets(T.blocks_digest(blocks), k, 1.5, 100, ids, logprobs))
+    T.save_targets(path, T.TeacherTargets(T.blocks_digest(blocks), k, 2.0, 1.5, 100, ids, logprobs))
     return str(path)
 
 

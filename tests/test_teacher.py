@@ -41,14 +41,15 @@ def test_targets_file_round_trip_and_digest(tmp_path):
     blocks = torch.randint(0, 50, (4, 6))
     assert T.blocks_digest(blocks) == T.blocks_digest(blocks.int()) != T.blocks_digest(blocks.flip(0))
     ids = torch.randint(0, 50, (4, 6, 3), dtype=torch.int32)
-    t = T.TeacherTargets(T.blocks_digest(blocks), 3, 1.25, 900, ids, torch.randn(4, 6, 3).half())
+    t = T.TeacherTargets(T.blocks_digest(blocks), 3, 2.0, 1.25, 900, ids, torch.randn(4, 6, 3).half())
     T.save_targets(tmp_path / "t.safetensors", t)
     back = T.load_targets(tmp_path / "t.safetensors")
-    assert (back.digest, back.k, back.dense_valid_bpb, back.valid_bytes) == (t.digest, 3, 1.25, 900)
+    assert (back.digest, back.k, back.temperature, back.dense_valid_bpb, back.valid_bytes) == (t.digest, 3, 2.0,
+                                                                                              1.25, 900)
     assert torch.equal(back.ids, ids) and torch.equal(back.logprobs, t.logprobs)
     meta_only = T.load_targets(tmp_path / "t.safetensors", with_tensors=False)
     assert meta_only.ids is None and meta_only.dense_valid_bpb == 1.25
-    T.save_targets(tmp_path / "none.safetensors", T.TeacherTargets("d", 0, None, 0))  # not distilling
+    T.save_targets(tmp_path / "none.safetensors", T.TeacherTargets("d", 0, 1.0, None, 0))  # not distilling
     assert T.load_targets(tmp_path / "none.safetensors").dense_valid_bpb is None
 
 
@@ -60,12 +61,12 @@ def test_ray_workers_compute_the_same_targets_as_one_process(tmp_path):
     train, valid = torch.randint(0, 64, (7, 12)), torch.randint(0, 64, (3, 12))
     ray.init(num_cpus=2, include_dashboard=False)
     try:
-        got = T.compute_targets(tmp_path / "dense", train, valid, 500, digest="x", k=5, batch_size=2, workers=2,
-                                cpus_per_worker=0.5, label="test")
+        got = T.compute_targets(tmp_path / "dense", train, valid, 500, digest="x", k=5, temperature=2.0,
+                                batch_size=2, workers=2, cpus_per_worker=0.5, label="test")
     finally:
         ray.shutdown()
-    ids, logp = T.topk_logprobs(model.eval(), train, 5, batch_size=3)
+    ids, logp = T.topk_logprobs(model.eval(), train, 5, batch_size=3, temperature=2.0)
     assert torch.equal(got.ids, ids) and torch.allclose(got.logprobs.float(), logp.float(), atol=1e-3)
     nll, _ = T.nll_sum(model, valid, batch_size=3)
     assert got.dense_valid_bpb == pytest.approx(T.bits_per_byte(nll, 500), rel=1e-6)
-    assert got.digest == "x" and got.k == 5
+    assert got.digest == "x" and got.k == 5 and got.temperature == 2.0
