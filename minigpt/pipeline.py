@@ -1,13 +1,13 @@
 """Runs a job's stages in order, resumably, from one stage table.
 
-prepare -> calibrate -> [search] -> slim -> [teacher -> recover] -> [quantize] -> evaluate -> report ([optional]:
-when the job enables it). Each row of `STAGES` names a stage's upstream stages, the config settings it depends on, its outputs
-(paths of the one `RunLayout`) and its run function (minigpt.stages). One generic keeper, `Pipeline.run_stage`,
-does the bookkeeping for all of them: per stage and domain a manifest in `<run>/_stages/` holding a key (a hash of
-the settings, of anything else the stage reads, and of the key and status of every upstream unit it read) and its
-status. A re-run skips a unit whose manifest says done with the same key and whose outputs exist, so changing
-`recover.steps` re-runs only recovery and what is downstream of it, while changing `data.*` re-runs everything.
-Invalidation is the key alone; recovery checkpoints are minigpt.recover's to keep or delete.
+prepare -> calibrate -> [search] -> slim -> [teacher -> recover] -> [quantize] -> evaluate -> report ([optional]: when
+the job enables it). Each row of `STAGES` names a stage's upstream stages, the config settings it depends on, its
+outputs (paths of the one `RunLayout`) and its run function (minigpt.stages). One generic keeper,
+`Pipeline.run_stage`, does the bookkeeping for all of them: per stage and domain a manifest in `<run>/_stages/`
+holding a key (a hash of the settings, of anything else the stage reads, and of the key and status of every upstream
+unit it read) and its status. A re-run skips a unit whose manifest says done with the same key and whose outputs
+exist, so changing `recover.tokens` re-runs only recovery and what is downstream of it, while changing `data.*`
+re-runs everything. Invalidation is the key alone; recovery checkpoints are minigpt.recover's to keep or delete.
 
 `status` reads the manifests without the job running: a unit recorded done whose upstream units have since changed
 (re-running, interrupted, failed or done with another key) is `stale`, so an interrupted recovery never leaves an
