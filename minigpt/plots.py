@@ -174,8 +174,8 @@ def plot_recovery_curves(summary: dict) -> bytes | None:
     from matplotlib.ticker import MaxNLocator
 
     rows = (summary or {}).get("domains") or {}
-    curves = {d: (_curve_points(row.get("recovery")), row["recovery"]) for d, row in rows.items()
-              if isinstance(row, dict) and len(_curve_points(row.get("recovery"))) >= 2}
+    points = {d: _curve_points(row.get("recovery")) for d, row in rows.items() if isinstance(row, dict)}
+    curves = {d: (pts, rows[d]["recovery"]) for d, pts in points.items() if len(pts) >= 2}
     if not curves:
         return None
     ncols = min(3, len(curves))

@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
-import torch.nn.functional as F
 
 TARGETS = "targets.safetensors"
 
@@ -65,17 +64,14 @@ def topk_logprobs(model: torch.nn.Module, blocks: torch.Tensor, k: int, batch_si
     return torch.cat(ids), torch.cat(logps)
 
 
-@torch.no_grad()
 def nll_sum(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int,
             device: str | torch.device = "cpu") -> tuple[float, int]:
-    """Summed next-token negative log-likelihood (nats, float64) over the blocks, and the tokens predicted."""
-    total, count = 0.0, 0
-    for lo in range(0, len(blocks), batch_size):
-        x = blocks[lo:lo + batch_size].to(device)
-        logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
-        total += F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").double().item()
-        count += x[:, 1:].numel()
-    return total, count
+    """Summed next-token negative log-likelihood (nats, float64) over the blocks, and the tokens predicted: the
+    same sum the trainers score their validation with (minigpt.training.validation_nll), on one process."""
+    from minigpt.training import validation_nll
+
+    total = validation_nll(model, blocks, 0, 1, batch_size, torch.device(device)).item()
+    return total, len(blocks) * max(0, blocks.shape[1] - 1)
 
 
 def bits_per_byte(nll_nats: float, n_bytes: int) -> float:

@@ -450,15 +450,16 @@ def train_loop(config: dict[str, Any]) -> None:
             raise RuntimeError(f"aborted after step {step} (abort_after_step, a drill for resuming)")
     finished_at = time.time()
 
-    best_step = min(history, key=lambda h: h["valid_bpb"])["step"] if history else step
-    use_best = bool(history) and cfg.keep_best and best_step != step
-    expert_step = best_step if use_best else step
+    # With keep_best the best-validated weights are already on disk (the last score always follows the last
+    # step, so a best last step saved them too): read them back instead of gathering the engine's again.
+    use_best = bool(history) and cfg.keep_best
+    expert_step = min(history, key=lambda h: h["valid_bpb"])["step"] if use_best else step
     state = None if use_best else _gather_state_dict(engine, stage, rank)
     if rank == 0:
         if use_best:
             from safetensors.torch import load_file
 
-            state = load_file(str(best_file(task, best_step)))
+            state = load_file(str(best_file(task, expert_step)))
         # The first step of a run pays for allocation and warm-up; leave it out of the rate when there are others.
         steady = rates[1:] or rates
         manifest = {"finished": True, "domain": task.domain, "mode": cfg.mode, "fingerprint": config["fingerprint"],
