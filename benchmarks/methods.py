@@ -17,7 +17,8 @@ without compensation / with it (> 1: compensation helps).
 
 A method may carry options: `wanda-sp+alloc` lets the allocation choose the stock shape (replaced layers, KV
 groups, MLP width; prune.allocate), `wanda-sp+seq` prunes and refits layer by layer on the pruned model's own
-activations (prune.sequential; compensated runs only), `+q2` keeps 2 query heads in every KV group, `+kv2` keeps 2 KV
+activations (prune.sequential; compensated runs only), `+stream` does the same with every MLP output refit
+toward the dense model's residual stream (prune.refit_target stream), `+q2` keeps 2 query heads in every KV group, `+kv2` keeps 2 KV
 groups per layer.
 
 Usage:
@@ -135,19 +136,21 @@ def main() -> None:
         for spec_name in methods:
             method, *opts = spec_name.split("+")
             for label, reconstruct, damp in variants:
-                if "seq" in opts and not reconstruct:
+                if ("seq" in opts or "stream" in opts) and not reconstruct:
                     continue
                 key = f"{spec_name}/{label}/{target:g}"
                 results[key] = {}
                 for d in domains:
                     cfg = PruneConfig(method=method, target=target, reconstruct=reconstruct, damp=damp,
-                                      allocate="alloc" in opts, sequential="seq" in opts,
+                                      allocate="alloc" in opts, sequential="seq" in opts or "stream" in opts,
+                                      refit_target="stream" if "stream" in opts and reconstruct else "layer",
                                       q_heads=next((int(o[1:]) for o in opts if o[:1] == "q" and o[1:].isdigit()), 0),
                                       kv_groups=next((int(o[2:]) for o in opts if o[:2] == "kv"), 0))
                     t1 = time.time()
                     if cfg.sequential:
                         plan, weights = sequential.prune_sequential(
-                            dense, [sequential.LayerRunner(dense, calib[d], args.batch)], cfg, domain=d)
+                            dense, [sequential.LayerRunner(dense, calib[d], args.batch,
+                                                           stream=cfg.refit_target == "stream")], cfg, domain=d)
                     else:
                         plan = P.build_plan(profiles[d], dense, cfg, domain=d, other_profiles=profiles,
                                             grad_stats=grads[d])

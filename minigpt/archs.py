@@ -164,6 +164,17 @@ def check_replacement(model_or_config) -> None:
                           "down_proj; set prune.reconstruct false (plain layer dropping)")
 
 
+def check_stream_refit(model_or_config) -> None:
+    """Raise, in one line, where the stream refit (prune.refit_target stream) cannot work: it moves the MLP output
+    projection so the residual stream matches the dense model's, which needs that output to join the stream
+    linearly (see depth_replaceable)."""
+    arch = arch_of(model_or_config)
+    if not depth_replaceable(model_or_config):
+        raise ConfigError(f"prune.refit_target stream: {arch.model_type} normalises each block's MLP output before "
+                          "the residual, so the stream cannot be matched by refitting down_proj; use "
+                          "prune.refit_target layer")
+
+
 def kv_prunable(model_or_config) -> bool:
     """Whether KV groups (with their query heads) of this architecture can be pruned into a stock checkpoint."""
     return arch_of(model_or_config).qkv is not None
@@ -274,6 +285,7 @@ def layer_params(model: nn.Module) -> int:
 
 
 __all__ = ["ARCHS", "Arch", "Coupled", "SUPPORTED_MODEL_TYPES", "arch_of", "attn_output", "check_replacement",
+           "check_stream_refit",
            "config_key", "decoder_layers", "depth_replaceable", "kv_coupling", "kv_prunable", "layer_params",
            "mlp_coupling", "mlp_output", "mlp_parts", "params_per_unit", "per_unit", "q_coupling", "residual_scale",
            "unit_index", "unsupported", "widths"]

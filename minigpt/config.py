@@ -25,6 +25,7 @@ FILE_SOURCES = ("text", "jsonl", "parquet")
 SOURCE_KINDS = FILE_SOURCES + ("hf",) + BUILTIN_SOURCES
 PRUNE_METHODS = ("contextual", "cus-prun", "taylor", "wanda-sp", "magnitude", "random", "depth", "obs")
 PRUNE_MODES = ("target", "threshold")
+REFIT_TARGETS = ("layer", "stream")
 RECOVER_MODES = ("full", "lora", "distill")
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_RECOVER_TOKENS = 65536  # recovery budget when a job sets neither recover.tokens nor recover.steps
@@ -160,6 +161,10 @@ class PruneConfig:
     obs_batch: int = 0  # obs: units removed per OBS step; 0 = auto (a 64th of what a layer loses)
     sequential: bool = False  # choose and refit layer by layer on the pruned model's own activations (SlimGPT order)
     allocate: bool = False  # choose the stock shape (replaced layers, KV groups, MLP width) by predicted error
+    # What a sequential refit reproduces: `layer`, each layer's dense output on the pruned model's inputs; `stream`,
+    # the dense model's residual stream after the layer (every MLP output projection also absorbs the drift that
+    # earlier pruned layers left; minigpt.refit.corrected).
+    refit_target: str = "layer"
 
     def __post_init__(self) -> None:
         _check(self.method in PRUNE_METHODS, f"prune.method {self.method!r} is not one of {', '.join(PRUNE_METHODS)}")
@@ -181,6 +186,10 @@ class PruneConfig:
                "magnitude, random, obs")
         _check(not self.allocate or (self.mode == "target" and self.method != "depth" and not self.sequential),
                "prune.allocate needs prune.mode target, a width method (not depth) and prune.sequential false")
+        _check(self.refit_target in REFIT_TARGETS,
+               f"prune.refit_target {self.refit_target!r} is not one of {', '.join(REFIT_TARGETS)}")
+        _check(self.refit_target == "layer" or (self.sequential and self.reconstruct),
+               "prune.refit_target stream needs prune.sequential true and prune.reconstruct true")
         _check(not (self.mode == "threshold" and self.method == "obs"),
                "prune.mode threshold does not apply to obs (OBS ranks channels for a given width)")
 

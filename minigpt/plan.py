@@ -19,8 +19,8 @@ from torch import nn
 
 from minigpt.config import ConfigError, PruneConfig
 from minigpt.io import atomic_write_text
-from minigpt.models import (check_replacement, count_parameters, depth_replaceable, kv_coupling, kv_prunable,
-                            layer_params, mlp_coupling, params_per_unit, q_coupling, widths)
+from minigpt.models import (check_replacement, check_stream_refit, count_parameters, depth_replaceable, kv_coupling,
+                            kv_prunable, layer_params, mlp_coupling, params_per_unit, q_coupling, widths)
 from minigpt.stats import StatSpec
 
 FORMAT = "minigpt.plan/3"
@@ -253,6 +253,8 @@ def stat_spec(prune_cfg: PruneConfig, model_or_config) -> StatSpec:
         prune_cfg.reconstruct else ()
     if spans:
         check_replacement(model_or_config)  # post-norm blocks (Gemma 3, OLMo 2): stop before calibrating
+    if prune_cfg.refit_target == "stream":
+        check_stream_refit(model_or_config)  # the same limit, for the same reason
     if prune_cfg.allocate:  # without replaceable spans, allocation chooses among width shapes only
         spans = depth_options(depth_layers(model_or_config, prune_cfg.target)) \
             if depth_replaceable(model_or_config) else ()

@@ -1,6 +1,6 @@
 """Least-squares compensation: the weights a pruned layer keeps are refit so that it reproduces the dense layer.
 
-Pure torch in fp64 on the second moments of minigpt.stats (no forward pass, no Ray). Three pieces:
+Pure torch in fp64 on the second moments of minigpt.stats (no forward pass, no Ray). Four pieces:
 
 * `ridge_refit`: an output projection W [d, m] keeps the inputs S. With G = sum x x^T over calibration tokens,
       W'_S = (W G[:, S] + lam W_S) (G[S, S] + lam I)^-1,   lam = damp * mean(diag G)
@@ -12,6 +12,9 @@ Pure torch in fp64 on the second moments of minigpt.stats (no forward pass, no R
   by W -= W_Q [H^-1]_QQ^-1 [H^-1]_Q,: and H^-1 is down-dated the same way. Greedy removal of the cheapest units gives
   the pruning order; the weights it ends with are exactly `ridge_refit` on the units left (the same objective), so
   OBS is a way to *choose* what is kept and the refit is shared by every method.
+* `corrected`: the full-width projection refit toward the *dense model's stream* rather than the layer's own
+  output: what sequential pruning uses with `prune.refit_target: stream` to undo the drift earlier pruned layers
+  left in the residual stream (minigpt.sequential).
 * `replacement`: depth with replacement (ReplaceMe). When the layers k+1..k+n are dropped, one linear map T on
   block k's MLP output a stands in for them: T = (A + lam I)^-1 (C + lam I) with A = sum a^T a and
   C = sum a^T b (minigpt.stats, depth_*), ridge toward T = I (plain dropping). T is folded into block k's output
@@ -96,6 +99,30 @@ def ridge_refit(W: torch.Tensor, G: torch.Tensor, keep: Sequence[int] | torch.Te
     if bias is not None:
         return out[:, :-1], out[:, -1]
     return out, None
+
+
+def corrected(W: torch.Tensor, G: torch.Tensor, E: torch.Tensor, damp: float = 0.01, *,
+              bias: torch.Tensor | None = None, x_sum: torch.Tensor | None = None, count: float = 0.0,
+              e_sum: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(W* [d, m], b* or None): the full-width projection that makes the stream downstream of it match a target.
+
+    The projection's output y = W x + b joins a stream that is off its target by e on each token (e = the dense
+    model's stream minus the partly pruned model's, after this layer). With E = sum e x^T (and e_sum = sum e),
+        W* = argmin sum |W x + b + e - W' x - b'|^2 + lam |W' - W|^2 = (W G + E + lam W) (G + lam I)^-1,
+    the ridge as in `ridge_refit`. The pruned fit toward that target is then `obs_order` / `ridge_refit` on
+    (W*, G): the objective differs from the target's by a constant, so the same channel choice and refit apply.
+    e = 0 gives W back exactly."""
+    W, G, E = W.detach().double(), G.double(), E.double()
+    lam = _ridge(G, damp)
+    m = W.shape[1]
+    if bias is not None:
+        if x_sum is None or e_sum is None or count <= 0:
+            raise RefitError("correcting a biased projection needs the input's sum, the error's sum and a count")
+        W, G = _augment(W, G, bias.double(), x_sum.double(), float(count))
+        E = torch.cat([E, e_sum.double().reshape(-1, 1)], 1)
+    H = G + lam * torch.eye(G.shape[0], dtype=G.dtype)
+    out = torch.cholesky_solve((W @ G + E + lam * W).T, _cholesky(H)).T
+    return (out[:, :m], out[:, m]) if bias is not None else (out, None)
 
 
 def obs_order(W: torch.Tensor, G: torch.Tensor, group: int = 1, damp: float = 0.01, *, remove: int | None = None,
@@ -272,4 +299,4 @@ def compensation(model: nn.Module, plan, stats: Mapping[str, torch.Tensor], damp
     return {k: v.to(dtype) for k, v in out.items()}
 
 
-__all__ = ["RefitError", "compensation", "layer_compensation", "obs_order", "replacement", "replacement_error", "ridge_refit", "runs"]
+__all__ = ["RefitError", "compensation", "corrected", "layer_compensation", "obs_order", "replacement", "replacement_error", "ridge_refit", "runs"]

@@ -26,7 +26,7 @@ from torch import nn
 
 from minigpt import refit, scoring, stats as S
 from minigpt.config import ConfigError, PruneConfig
-from minigpt.models import decoder_layers, widths
+from minigpt.models import arch_of, check_stream_refit, decoder_layers, residual_scale, widths
 from minigpt.plan import PruningPlan, Shape, plan_from_shape, target_shape, top_units
 
 
@@ -37,7 +37,7 @@ class _Captured(Exception):
 class LayerRunner:
     """One worker's side of sequential pruning (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, blocks: torch.Tensor, batch_size: int):
+    def __init__(self, model: nn.Module, blocks: torch.Tensor, batch_size: int, stream: bool = False):
         self.model = copy.deepcopy(model).eval()
         self.layers = decoder_layers(self.model)
         self.hidden: list[torch.Tensor] = []  # residual stream entering the next layer, per batch
@@ -47,6 +47,9 @@ class LayerRunner:
             ids = blocks[start:start + batch_size]
             self.hidden.append(self._capture(ids))
             self.tokens += ids.numel()
+        # refit_target stream: the dense model's stream rides along (the same layer, run before it is changed).
+        self.dense: list[torch.Tensor] | None = [h.clone() for h in self.hidden] if stream else None
+        self.dense_next: list[torch.Tensor] | None = None
 
     @torch.inference_mode()
     def _capture(self, ids: torch.Tensor) -> torch.Tensor:
@@ -72,19 +75,52 @@ class LayerRunner:
         self.calls.append(calls)
         return first[0]
 
-    def _run(self, index: int, b: int) -> torch.Tensor:
+    def _run(self, index: int, b: int, hidden: torch.Tensor | None = None) -> torch.Tensor:
         args, kw = self.calls[b][index]
-        out = self.layers[index](self.hidden[b], *args, **kw)
+        out = self.layers[index](self.hidden[b] if hidden is None else hidden, *args, **kw)
         return out[0] if isinstance(out, tuple | list) else out
 
     @torch.inference_mode()
-    def stats(self, index: int) -> dict:
-        """Statistics of layer `index` alone (Gram matrices included) on the current activations."""
+    def dense_step(self, index: int) -> None:
+        """The dense model's stream after layer `index`, computed while that layer still has its dense weights."""
+        if self.dense is None:
+            raise RuntimeError("this runner was built without the dense stream (stream=False)")
+        self.dense_next = [self._run(index, b, self.dense[b]) for b in range(len(self.hidden))]
+
+    @torch.inference_mode()
+    def stats(self, index: int, drift: bool = False) -> dict:
+        """Statistics of layer `index` alone (Gram matrices included) on the current activations.
+
+        With `drift`, also the error sums the stream refit needs (after `dense_step(index)`): `mlp_drift` = sum e x^T
+        [1, D, I] and `mlp_drift_sum` = sum e [1, D], with x the MLP output projection's input and e the dense
+        stream minus this model's stream after the layer, divided by the residual scale (so e is in the units of
+        the projection's output)."""
         spec = S.StatSpec(gram=True)
         st = S.layer_stats_for_model(self.model, spec)
-        with S.collecting(self.model, st, spec, layer=index):
-            for b in range(len(self.hidden)):
-                self._run(index, b)
+        layer = self.layers[index]
+        arch = arch_of(self.model)
+        if drift:
+            if self.dense_next is None:
+                raise RuntimeError("stats(drift=True) needs dense_step() for the same layer first")
+            I, D = widths(self.model)["intermediate"], self.hidden[0].shape[-1]
+            st["mlp_drift"] = torch.zeros(1, D, I, dtype=torch.float64)
+            st["mlp_drift_sum"] = torch.zeros(1, D, dtype=torch.float64)
+            seen: list[torch.Tensor] = []
+            hook = layer.get_submodule(arch.mlp_out).register_forward_pre_hook(
+                lambda _m, args: seen.append(args[0].detach()))
+        scale = residual_scale(self.model)
+        try:
+            with S.collecting(self.model, st, spec, layer=index):
+                for b in range(len(self.hidden)):
+                    out = self._run(index, b)
+                    if drift:
+                        x = seen.pop().reshape(-1, I).double()
+                        e = ((self.dense_next[b] - out) / scale).reshape(x.shape[0], -1).double()
+                        st["mlp_drift"][0] += e.T @ x
+                        st["mlp_drift_sum"][0] += e.sum(0)
+        finally:
+            if drift:
+                hook.remove()
         st["tokens"] += self.tokens
         return S.to_numpy(st)
 
@@ -97,17 +133,43 @@ class LayerRunner:
     @torch.inference_mode()
     def advance(self, index: int) -> None:
         self.hidden = [self._run(index, b) for b in range(len(self.hidden))]
+        if self.dense is not None:
+            self.dense, self.dense_next = self.dense_next, None
 
 
-def _merged(runners, index: int, num_layers: int, remote: bool) -> dict:
+def _merged(runners, index: int, num_layers: int, remote: bool, drift: bool = False) -> dict:
     """The runners' sums for one layer, merged (exactly: they are sums) and laid out as a whole-model profile."""
     if remote:
         import ray
 
-        parts = ray.get([r.stats.remote(index) for r in runners])
+        parts = ray.get([r.stats.remote(index, drift) for r in runners])
     else:
-        parts = [r.stats(index) for r in runners]
+        parts = [r.stats(index, drift) for r in runners]
     return S.layer_view(S.merge(S.from_numpy(p) for p in parts), index, num_layers)
+
+
+def _toward_stream(work: nn.Module, index: int, st: Mapping[str, torch.Tensor], damp: float) -> dict[str, torch.Tensor]:
+    """Layer `index`'s MLP output projection refit at full width toward the dense model's stream (refit.corrected);
+    choosing and refitting the kept channels on the result then targets the dense stream."""
+    arch = arch_of(work)
+    mod = decoder_layers(work)[index].get_submodule(arch.mlp_out)
+    W = mod.weight.detach().T if arch.conv1d else mod.weight.detach()
+    bias = getattr(mod, "bias", None)
+    Wc, b = refit.corrected(W, st["mlp_gram"][index], st["mlp_drift"][index], damp, bias=bias,
+                            x_sum=st["mlp_sum"][index], count=float(st["tokens"].item()),
+                            e_sum=st["mlp_drift_sum"][index])
+    name = f"{arch.layers}.{index}.{arch.mlp_out}"
+    out = {f"{name}.weight": Wc.T if arch.conv1d else Wc}
+    if b is not None:
+        out[f"{name}.bias"] = b
+    return out
+
+
+def _write(model: nn.Module, new: Mapping[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in new.items():
+            params[k].copy_(v.to(params[k].dtype))
 
 
 def _broadcast(runners, remote: bool, method: str, *args) -> None:
@@ -131,19 +193,35 @@ def prune_sequential(model: nn.Module, runners: Sequence, prune_cfg: PruneConfig
     if prune_cfg.method in ("depth", "cus-prun", "taylor") or prune_cfg.mode != "target":
         raise ConfigError(f"prune.sequential supports target-mode width pruning with contextual, wanda-sp, "
                           f"magnitude, random or obs, not {prune_cfg.method!r} ({prune_cfg.mode})")
+    stream = prune_cfg.refit_target == "stream"
+    if stream:
+        check_stream_refit(model)
     work = copy.deepcopy(model).eval()  # the driver's copy: scored and refit layer by layer
     w = widths(work)
+    dtype = next(work.parameters()).dtype
     shape = shape or target_shape(work, prune_cfg, None, {})
     mlp_keep: list = [None] * w["layers"]
     kv_keep: list = [None] * w["layers"]
     weights: dict[str, torch.Tensor] = {}
     for i in range(w["layers"]):
+        if stream:
+            _broadcast(runners, remote, "dense_step", i)
         for part in ("attn", "mlp"):
             if part == "attn" and shape.kv_groups == w["kv_heads"]:
                 continue
-            if part == "mlp" and shape.mlp_width == w["intermediate"]:
+            if part == "mlp" and shape.mlp_width == w["intermediate"] and not stream:
                 continue
-            st = _merged(runners, i, w["layers"], remote)
+            st = _merged(runners, i, w["layers"], remote, drift=stream and part == "mlp")
+            if stream and part == "mlp":
+                # Every layer's MLP output absorbs the stream's drift, whether it loses channels or not; the
+                # channels are then chosen and refit from the corrected projection.
+                corrected = _toward_stream(work, i, st, prune_cfg.damp)
+                _write(work, corrected)
+                if shape.mlp_width == w["intermediate"]:
+                    new = {k: v.to(dtype) for k, v in corrected.items()}
+                    weights.update(new)
+                    _broadcast(runners, remote, "apply", new)
+                    continue
             scores = scoring.score_all(prune_cfg, st, work, shape=shape, layers=[i])
             row, width = (scores.kv[i], shape.kv_groups) if part == "attn" else (scores.mlp[i], shape.mlp_width)
             keep = top_units(row[None], width)[0]
@@ -153,11 +231,8 @@ def prune_sequential(model: nn.Module, runners: Sequence, prune_cfg: PruneConfig
             else:
                 mlp_keep[i] = keep
                 new = refit.layer_compensation(work, i, keep, None, st, prune_cfg.damp, prune_cfg.reconstruct)
-            new = {k: v.to(next(work.parameters()).dtype) for k, v in new.items()}
-            params = dict(work.named_parameters())
-            with torch.no_grad():
-                for k, v in new.items():
-                    params[k].copy_(v)
+            new = {k: v.to(dtype) for k, v in new.items()}
+            _write(work, new)
             weights.update(new)
             _broadcast(runners, remote, "apply", new)
         _broadcast(runners, remote, "advance", i)
@@ -181,7 +256,7 @@ def _chosen(mlp_keep, kv_keep, w) -> scoring.Scores:
 
 
 def ray_runners(model_dir: str, shards: Sequence[torch.Tensor], batch_size: int, dtype: str = "float32",
-                cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0) -> list:
+                cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0, stream: bool = False) -> list:
     """One LayerRunner actor per share of the calibration blocks, each loading the model itself."""
     import ray
 
@@ -191,7 +266,7 @@ def ray_runners(model_dir: str, shards: Sequence[torch.Tensor], batch_size: int,
             from minigpt.models import load_model
 
             torch.set_num_threads(max(1, int(cpus_per_worker)))
-            super().__init__(load_model(folder, dtype), torch.as_tensor(blocks), batch)
+            super().__init__(load_model(folder, dtype), torch.as_tensor(blocks), batch, stream)
 
     opts = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker}
     return [_Runner.options(**opts).remote(str(model_dir), b.numpy(), batch_size) for b in shards]

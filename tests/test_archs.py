@@ -167,6 +167,59 @@ def test_sequential_pruning_slims_to_masked_dense(arch):
     assert count_parameters(small) == (plan.params["total"], plan.params["non_embedding"])
 
 
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a not in ("gemma3_text", "olmo2")])
+def test_stream_drift_sums_equal_direct_computation(arch):
+    """The sums prune.refit_target stream refits from: sum e x^T and sum e, with x the MLP output projection's
+    input and e the dense stream minus the changed model's after the layer, in units of that projection's output
+    (Granite scales block outputs by residual_multiplier). Zero while nothing has changed."""
+    from minigpt import sequential as Q
+
+    model = make(arch)
+    runner = Q.LayerRunner(model, CALIB, 2, stream=True)
+    runner.dense_step(0)
+    assert float(S.from_numpy(runner.stats(0, drift=True))["mlp_drift"].abs().max()) < 1e-9
+    arch_ = arch_of(model)
+    changed = {n: v * 0.5 for n, v in runner.model.named_parameters() if n.startswith(f"{arch_.layers}.0.")
+               and n.endswith(".weight") and v.dim() == 2 and arch_.mlp_out not in n}
+    runner.apply(changed)
+    st = S.from_numpy(runner.stats(0, drift=True))
+    seen = []
+    layer = decoder_layers(runner.model)[0]
+    hook = layer.get_submodule(arch_.mlp_out).register_forward_pre_hook(lambda _m, a: seen.append(a[0].double()))
+    E, e_sum = 0, 0
+    with torch.no_grad():
+        for b in range(len(runner.hidden)):
+            out = runner._run(0, b).double()
+            e = (runner.dense_next[b].double() - out) / models.residual_scale(model)
+            x = seen.pop()
+            E = E + e.reshape(-1, e.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+            e_sum = e_sum + e.reshape(-1, e.shape[-1]).sum(0)
+    hook.remove()
+    assert float(E.abs().max()) > 1e-3  # the change did move the stream
+    torch.testing.assert_close(st["mlp_drift"][0], E, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(st["mlp_drift_sum"][0], e_sum, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_stream_refit_slims_to_masked_dense_or_is_refused(arch):
+    """Stream refit on every adapter (biases: GPT-2, Phi, Granite; Conv1D: GPT-2; fused MLP: Phi-3): the slimmed
+    expert equals its masked dense model; post-norm blocks are refused in one line before calibrating."""
+    from minigpt import sequential as Q
+
+    model = make(arch)
+    cfg = PruneConfig(method="obs", target=0.3, multiple_of=4, sequential=True, refit_target="stream")
+    if not depth_replaceable(model):
+        with pytest.raises(ConfigError, match=f"{arch} normalises each block's MLP output"):
+            P.stat_spec(cfg, model)
+        return
+    plan, weights = Q.prune_sequential(model, [Q.LayerRunner(model, CALIB, 2, stream=True)], cfg, domain="d")
+    assert any(arch_of(model).mlp_out in k for k in weights)
+    small = SL.slim(model, plan, weights)
+    with torch.no_grad():
+        torch.testing.assert_close(small(IDS).logits, SL.mask(copy.deepcopy(model), plan, weights)(IDS).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
 def _layer_outputs(model, ids):
     """Each decoder block's output (the residual stream after it), captured by hooks."""
     outs = []

@@ -91,6 +91,25 @@ def test_refit_fits_the_bias_as_a_constant_input():
     torch.testing.assert_close(X[:, keep] @ out.T + nb, X @ W.T + b, rtol=1e-8, atol=1e-8)
 
 
+def test_stream_correction_is_the_least_squares_fit_to_the_dense_stream():
+    """refit.corrected: W x + b + e is the target (e: the stream's error, not a linear function of x); with no
+    ridge the result is the ordinary least-squares fit of [x, 1] to it, and with no error it is W itself."""
+    W, X = _random_problem(d=5, m=12, n=300)
+    g = torch.Generator().manual_seed(3)
+    b = torch.randn(5, generator=g, dtype=torch.float64)
+    e = torch.randn(300, 5, generator=g, dtype=torch.float64) + X[:, :5] ** 2  # a non-linear error
+    G, E = X.T @ X, e.T @ X
+    Y = X @ W.T + b + e
+    fit, fb = refit.corrected(W, G, E, 0.0, bias=b, x_sum=X.sum(0), count=300, e_sum=e.sum(0))
+    ls = torch.linalg.lstsq(torch.cat([X, torch.ones(300, 1, dtype=X.dtype)], 1), Y).solution.T
+    torch.testing.assert_close(fit, ls[:, :12], rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(fb, ls[:, 12], rtol=1e-8, atol=1e-8)
+    same, _ = refit.corrected(W, G, torch.zeros_like(E), 0.05)
+    torch.testing.assert_close(same, W, rtol=1e-10, atol=1e-10)
+    with pytest.raises(refit.RefitError, match="error's sum"):
+        refit.corrected(W, G, E, 0.0, bias=b, x_sum=X.sum(0), count=300)
+
+
 def test_one_obs_step_equals_its_closed_form():
     W, X = _random_problem()
     G = X.T @ X
@@ -251,6 +270,39 @@ def test_sequential_pruning_is_exact_across_runners_and_slims_to_its_masked_mode
         torch.testing.assert_close(small(ids).logits, SL.mask(copy.deepcopy(model), one, w1)(ids).logits,
                                    rtol=1e-5, atol=1e-5)
     assert count_parameters(small) == (one.params["total"], one.params["non_embedding"])
+
+
+def test_stream_refit_is_exact_across_runners_and_tracks_the_dense_stream_closer(model):
+    """prune.refit_target stream: the sums are exact across runners, layer 0 (nothing upstream has drifted yet)
+    is chosen as with the layer target, and on the calibration blocks the pruned model's last stream is closer to
+    the dense one than with the layer target; the result slims to its masked model."""
+    from minigpt import sequential as Q
+
+    blocks = _blocks(8)
+    cfg = {t: PruneConfig(method="obs", target=0.3, multiple_of=4, sequential=True, refit_target=t)
+           for t in ("layer", "stream")}
+    layer, wl = Q.prune_sequential(model, [Q.LayerRunner(model, blocks, 2)], cfg["layer"], domain="d")
+    one, w1 = Q.prune_sequential(model, [Q.LayerRunner(model, blocks, 2, stream=True)], cfg["stream"], domain="d")
+    two, w2 = Q.prune_sequential(model, [Q.LayerRunner(model, blocks[:4], 2, stream=True),
+                                         Q.LayerRunner(model, blocks[4:], 2, stream=True)], cfg["stream"], domain="d")
+    assert one.layers == two.layers and set(w1) == set(w2)
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-7, atol=1e-7)
+    assert one.layers[0].mlp_keep == layer.layers[0].mlp_keep and one.layers != layer.layers
+
+    def last_stream(m):
+        with torch.no_grad():
+            return m.model(blocks).last_hidden_state.double()
+
+    dense = last_stream(model)
+    err = {t: (last_stream(SL.slim(model, plan, w)) - dense).square().sum() for t, plan, w in
+           (("layer", layer, wl), ("stream", one, w1))}
+    assert err["stream"] < 0.8 * err["layer"]
+    with torch.no_grad():
+        torch.testing.assert_close(SL.slim(model, one, w1)(blocks).logits,
+                                   SL.mask(copy.deepcopy(model), one, w1)(blocks).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="refit_target stream needs prune.sequential"):
+        PruneConfig(refit_target="stream")
 
 
 def test_allocation_picks_the_stock_shape_with_the_least_predicted_error(model):
