@@ -16,7 +16,8 @@ winning method is in `best_method_<pct>_<domain>`), `gain_<method>_<pct>` the me
 without compensation / with it (> 1: compensation helps).
 
 A method may carry options: `wanda-sp+alloc` lets the allocation choose the stock shape (replaced layers, KV
-groups, MLP width; prune.allocate), `wanda-sp+seq` prunes and refits layer by layer on the pruned model's own
+groups, MLP width; prune.allocate), measuring its 4 shortlisted shapes on the domain's validation split
+(prune.verify; `+alloc0` trusts the prediction alone), `wanda-sp+seq` prunes and refits layer by layer on the pruned model's own
 activations (prune.sequential; compensated runs only), `+stream` does the same with every MLP output refit
 toward the dense model's residual stream (prune.refit_target stream), `+q2` keeps 2 query heads in every KV group, `+kv2` keeps 2 KV
 groups per layer.
@@ -102,13 +103,13 @@ def main() -> None:
     # Depth moments are collected only when a depth method (or +alloc) runs; a cached profile gains them when needed.
     spans = {P.depth_layers(dense, t) for t in (0.2, 0.3, 0.5, *targets)} \
         if any(m.split("+")[0] == "depth" for m in methods) else set()
-    if any("+alloc" in m for m in methods):
+    if any("+alloc" in m for m in methods):  # +alloc and +alloc0
         for t in targets:
             spans |= set(P.stat_spec(PruneConfig(target=t, allocate=True), dense).depth_spans)
     spec = S.StatSpec(gram=True, depth_spans=tuple(sorted(spans)))
     print(f"[bench] profile per domain: {S.stats_bytes(dense, spec) / 2**30:.2f} GiB", flush=True)
 
-    texts, profiles, grads, calib = {}, {}, {}, {}
+    texts, profiles, grads, calib, valid = {}, {}, {}, {}, {}
     for name in domains:
         out = work / "data" / f"{name}-{args.calib_tokens}"
         try:
@@ -118,6 +119,8 @@ def main() -> None:
         texts[name] = {"other": othertext.other_texts(name),
                        "heldout": [t for _, t in data.documents("heldout")]}
         blocks = calib[name] = corpora.read_blocks(data.shards("calib"))
+        # What +alloc measures its shortlisted shapes on (prune.verify): the validation split, never calibrated on.
+        valid[name] = corpora.read_blocks(data.shards("valid"))[:16] if "valid" in data.splits else None
         profiles[name], grads[name] = _profile(dense, blocks, spec, work / "profiles" / f"{name}-{args.calib_tokens}"
                                                ".safetensors", args.batch, args.taylor_blocks)
     print(f"[bench] data + profiles ready in {time.time() - t0:.0f}s", flush=True)
@@ -142,7 +145,8 @@ def main() -> None:
                 results[key] = {}
                 for d in domains:
                     cfg = PruneConfig(method=method, target=target, reconstruct=reconstruct, damp=damp,
-                                      allocate="alloc" in opts, sequential="seq" in opts or "stream" in opts,
+                                      allocate=any(o.startswith("alloc") for o in opts),
+                                      verify=0 if "alloc0" in opts else 4, sequential="seq" in opts or "stream" in opts,
                                       refit_target="stream" if "stream" in opts and reconstruct else "layer",
                                       q_heads=next((int(o[1:]) for o in opts if o[:1] == "q" and o[1:].isdigit()), 0),
                                       kv_groups=next((int(o[2:]) for o in opts if o[:2] == "kv"), 0))
@@ -153,7 +157,8 @@ def main() -> None:
                                                            stream=cfg.refit_target == "stream")], cfg, domain=d)
                     else:
                         plan = P.build_plan(profiles[d], dense, cfg, domain=d, other_profiles=profiles,
-                                            grad_stats=grads[d])
+                                            grad_stats=grads[d], verify_blocks=valid[d],
+                                            log=lambda line, d=d: print(f"[bench] {d}: {line}", flush=True))
                         weights = refit.compensation(dense, plan, profiles[d]) if reconstruct else None
                     small = SL.slim(dense, plan, weights)
                     assert count_parameters(small) == (plan.params["total"], plan.params["non_embedding"])

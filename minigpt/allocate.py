@@ -20,6 +20,11 @@ channels (SmolLM2: one channel holds 97% of the energy in mid layers) that the n
 raw energy, errors in the other channels look free, and every allocation then drops layers.
 Errors add across layers as a first-order model. `allocate` evaluates every stock shape on a small grid and returns
 the cheapest; benchmarks/methods.py measures whether it pays.
+
+The prediction is known to undercount one large, structured perturbation (a replaced span: later layers amplify
+its residual non-linearly), so with `prune.verify` N > 0 the prediction only shortlists: `verified` builds the N
+most promising shapes (the best of each span length first), compensates and slims each, and keeps the one with the
+lowest loss on blocks the statistics never saw (the domain's validation split), one forward pass per shape.
 """
 
 from __future__ import annotations
@@ -170,6 +175,62 @@ def allocate(model: nn.Module, stats: Mapping[str, torch.Tensor], prune_cfg: Pru
     return _cheapest(out), out
 
 
+def shortlist(cands: Sequence[Candidate], n: int) -> list[Candidate]:
+    """The `n` candidates worth measuring: the cheapest predicted shape of each span length (0 = width only), most
+    promising first, then the next cheapest overall. One per span length first because the prediction's known
+    error is structural (it undercounts one large replaced span), not a matter of ranking within a kind."""
+    ranked = sorted(cands, key=lambda c: (c.predicted, -c.mlp_width))
+    firsts: dict[int, Candidate] = {}
+    for c in ranked:
+        firsts.setdefault(c.depth, c)
+    out = list(firsts.values())[:n]
+    out += [c for c in ranked if c not in out][: max(0, n - len(out))]
+    return out
+
+
+@torch.inference_mode()
+def measured_loss(model: nn.Module, plan, stats: Mapping[str, torch.Tensor], blocks: torch.Tensor,
+                  batch_size: int) -> float:
+    """Mean next-token loss on `blocks` of the expert `plan` builds (compensated as it will be, slimmed)."""
+    from minigpt import refit, slim
+
+    weights = refit.compensation(model, plan, stats) if plan.reconstruct or plan.replace else None
+    small = slim.slim(model, plan, weights).eval()
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        ids = blocks[start:start + batch_size]
+        logits = small(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(),
+                                                         reduction="sum"))
+        count += ids[:, 1:].numel()
+    return total / max(count, 1)
+
+
+def verified(model: nn.Module, stats: Mapping[str, torch.Tensor], prune_cfg: PruneConfig,
+             fisher: torch.Tensor | None, blocks: torch.Tensor, plan_for, batch_size: int = 4, log=None):
+    """(the plan of the measured-best shape, [(candidate, measured loss)]): the `prune_cfg.verify` shortlisted
+    shapes (see `shortlist`) are each built, compensated, slimmed and run on `blocks`; the lowest loss wins.
+    `plan_for(shape)` builds the plan of a plan.Shape (the method's scores for that shape); `log` gets one line per
+    measured shape."""
+    from minigpt import plan as P
+
+    _, cands = allocate(model, stats, prune_cfg, fisher)
+    L = widths(model)["layers"]
+    rows, best = [], None
+    for c in shortlist(cands, prune_cfg.verify):
+        span = set(range(c.first, c.first + c.depth)) if c.depth else set()
+        shape = P.Shape(tuple(i for i in range(L) if i not in span), c.mlp_width, c.kv_groups, q_heads=c.q_heads)
+        plan = plan_for(shape)
+        loss = measured_loss(model, plan, stats, blocks, batch_size)
+        rows.append((c, loss))
+        if log:
+            log(f"{c.depth} layers replaced, {c.kv_groups} KV groups x {c.q_heads} query heads, MLP {c.mlp_width}: "
+                f"predicted {c.predicted:.4g}, measured loss {loss:.4f}")
+        if best is None or loss < best[1]:
+            best = (plan, loss)
+    return best[0], rows
+
+
 def allocation_front(model: nn.Module, stats: Mapping[str, torch.Tensor], fisher: torch.Tensor | None,
                      targets: Sequence[float], *, damp: float, multiple_of: int, depth: bool = False,
                      query_heads: bool = False) -> list[Candidate]:
@@ -193,4 +254,5 @@ def allocation_front(model: nn.Module, stats: Mapping[str, torch.Tensor], fisher
     return front
 
 
-__all__ = ["Candidate", "Curves", "allocate", "allocation_front", "candidates", "depth_options", "priced_curves"]
+__all__ = ["Candidate", "Curves", "allocate", "allocation_front", "candidates", "depth_options", "measured_loss",
+           "priced_curves", "shortlist", "verified"]

@@ -402,11 +402,14 @@ def plan_from_shape(scores, model: nn.Module, shape: Shape, *, domain: str, meth
 def build_plan(profile_stats: Mapping[str, torch.Tensor], model: nn.Module, prune_cfg: PruneConfig, *, domain: str,
                other_profiles: Mapping[str, Mapping[str, torch.Tensor]] | None = None, base_model: str = "",
                profile: str = "", grad_stats: Mapping[str, torch.Tensor] | None = None,
-               tokenizer=None, protect_layers: tuple[int, ...] = ()) -> PruningPlan:
+               tokenizer=None, protect_layers: tuple[int, ...] = (), verify_blocks: torch.Tensor | None = None,
+               log=None) -> PruningPlan:
     """One call from a domain profile and a job's prune settings to a plan, for every method (minigpt.scoring).
 
     `other_profiles` (other domains / a general corpus) feed cus-prun; `grad_stats` (stats.taylor_sums) feed taylor;
     `tokenizer` is needed only with prune.vocab. `protect_layers`: see plan_from_shape (non-uniform, not stock).
+    `verify_blocks` (token blocks the profile never saw): with prune.allocate and prune.verify, the shortlisted
+    shapes are measured on them and the best measured is built (minigpt.allocate.verified; `log` reports each).
     """
     from minigpt import scoring
 
@@ -426,15 +429,29 @@ def build_plan(profile_stats: Mapping[str, torch.Tensor], model: nn.Module, prun
             if shape.kv_groups != w["kv_heads"] else 0
         shape = Shape(shape.kept_layers, uniform_mlp_width(model, prune_cfg.target, prune_cfg.multiple_of,
                                                            already_removed=already, layers=n), shape.kv_groups)
-    if scores is None:
-        scores = scoring.score_all(prune_cfg, profile_stats, model, others=others, grad=grad_stats, shape=shape)
-    vocab = vocab_keep(scores.vocab, tokenizer, prune_cfg.vocab_min_count) if prune_cfg.vocab else None
-    return plan_from_shape(scores, model, shape, domain=domain, method=prune_cfg.method, vocab=vocab,
-                           base_model=base_model, profile=profile, target=prune_cfg.target, mode=prune_cfg.mode,
-                           threshold=prune_cfg.threshold if prune_cfg.mode == "threshold" else None,
-                           reconstruct=prune_cfg.reconstruct, damp=prune_cfg.damp,
-                           replace=prune_cfg.reconstruct and (prune_cfg.method == "depth" or prune_cfg.allocate),
-                           protect=protect_layers)
+
+    def plan_for(shape: Shape, scores=None, with_vocab: bool = False) -> PruningPlan:
+        if scores is None:
+            scores = scoring.score_all(prune_cfg, profile_stats, model, others=others, grad=grad_stats, shape=shape)
+        vocab = vocab_keep(scores.vocab, tokenizer, prune_cfg.vocab_min_count) if with_vocab else None
+        return plan_from_shape(scores, model, shape, domain=domain, method=prune_cfg.method, vocab=vocab,
+                               base_model=base_model, profile=profile, target=prune_cfg.target, mode=prune_cfg.mode,
+                               threshold=prune_cfg.threshold if prune_cfg.mode == "threshold" else None,
+                               reconstruct=prune_cfg.reconstruct, damp=prune_cfg.damp,
+                               replace=prune_cfg.reconstruct and (prune_cfg.method == "depth" or prune_cfg.allocate),
+                               protect=protect_layers)
+
+    if prune_cfg.allocate and prune_cfg.verify and verify_blocks is not None:
+        from minigpt.allocate import verified
+
+        # Measured in the dense vocabulary (the blocks' ids); the chosen shape then gets its vocabulary cut.
+        best, _ = verified(model, profile_stats, prune_cfg, (grad_stats or {}).get("taylor_resid"), verify_blocks,
+                           plan_for, log=log)
+        if not prune_cfg.vocab:
+            return best
+        shape = Shape(tuple(lp.index for lp in best.layers), best.mlp_width, best.kv_width or widths(model)["kv_heads"],
+                      q_heads=best.q_width or 0)
+    return plan_for(shape, scores, with_vocab=prune_cfg.vocab)
 
 
 def removed_fraction(plan: PruningPlan) -> float:

@@ -202,8 +202,19 @@ def _fixed_ratio_plan(p: Pipeline, name: str, dense, tokenizer, stats):
         data = corpora.DomainData.load(p.layout.data_dir(name))
         blocks = corpora.read_blocks(data.shards("calib"))[: cfg.prune.taylor_blocks]
         grad = S.taylor_sums(dense, blocks, cfg.calibrate.batch_size)
+    verify = None
+    if cfg.prune.allocate and cfg.prune.verify:
+        # Shapes are measured on text the statistics never saw: the validation split (the calibration split, and
+        # a warning, when the job has none).
+        data = corpora.DomainData.load(p.layout.data_dir(name))
+        split = "valid" if "valid" in data.splits and data.shards("valid") else "calib"
+        if split == "calib":
+            print(f"[slim] {name}: no validation split (data.valid_fraction 0): prune.verify measures shapes on "
+                  "calibration blocks", flush=True)
+        verify = corpora.read_blocks(data.shards(split))[: max(1, cfg.prune.verify_tokens // cfg.data.block_size)]
     return P.build_plan(stats, dense, cfg.prune, domain=name, other_profiles=others, grad_stats=grad,
-                        tokenizer=tokenizer, base_model=cfg.model.source, profile=str(p.layout.profile(name)))
+                        tokenizer=tokenizer, base_model=cfg.model.source, profile=str(p.layout.profile(name)),
+                        verify_blocks=verify, log=lambda line: print(f"[slim] {name}: {line}", flush=True))
 
 
 # ---------------------------------------------------------------------------------------------- recover

@@ -205,7 +205,8 @@ def build_engine(model: torch.nn.Module, cfg: RecoverConfig, ds: dict[str, Any],
     # The shm op would be compiled (~70 s, g++) on the first CPU initialize; gloo alone is enough here.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     fused = cfg.use_gpu and torch.cuda.is_available()
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, betas=(0.9, 0.95),
+                                  fused=fused)
     schedule = functools.partial(lr_factor, warmup=cfg.warmup_steps, total=total_steps, min_ratio=cfg.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,

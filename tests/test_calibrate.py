@@ -155,9 +155,11 @@ def test_merge_ledger_reports_missing(tmp_path):
         merge_ledger(tmp_path, [Shard("a/x", "a", "x")])
 
 
-def test_sequential_on_ray_actors_equals_one_in_process_runner(ray_local, setup):
-    """The sequential protocol over 2 Ray actors, each holding the activations of half the calibration blocks,
-    gives the plan and weights of one in-process runner over all of them (per-layer sums merge exactly)."""
+@pytest.mark.parametrize("target", ["layer", "stream"])
+def test_sequential_on_ray_actors_equals_one_in_process_runner(ray_local, setup, target):
+    """The sequential protocol over 2 Ray actors, each holding the activations of half the calibration blocks
+    (and, for the stream refit, the dense model's stream beside them), gives the plan and weights of one
+    in-process runner over all of them (per-layer sums merge exactly)."""
     import ray
 
     from minigpt import sequential as Q
@@ -165,9 +167,10 @@ def test_sequential_on_ray_actors_equals_one_in_process_runner(ray_local, setup)
 
     root, model, _ = setup
     blocks = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(4))
-    cfg = PruneConfig(method="obs", target=0.3, kv_groups=1, multiple_of=4, sequential=True)
-    local, w_local = Q.prune_sequential(model, [Q.LayerRunner(model, blocks, 2)], cfg, domain="d")
-    runners = Q.ray_runners(str(root / "model"), [blocks[:4], blocks[4:]], 2, cpus_per_worker=0.5)
+    cfg = PruneConfig(method="obs", target=0.3, kv_groups=1, multiple_of=4, sequential=True, refit_target=target)
+    stream = target == "stream"
+    local, w_local = Q.prune_sequential(model, [Q.LayerRunner(model, blocks, 2, stream=stream)], cfg, domain="d")
+    runners = Q.ray_runners(str(root / "model"), [blocks[:4], blocks[4:]], 2, cpus_per_worker=0.5, stream=stream)
     try:
         remote, w_remote = Q.prune_sequential(model, runners, cfg, domain="d", remote=True)
     finally:

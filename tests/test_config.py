@@ -44,6 +44,12 @@ def test_overrides_apply_and_are_typed(tmp_path):
     assert cfg.recover.enabled is False and cfg.ray.address == "auto"
 
 
+def test_recovery_lr_defaults_to_the_measured_rate_of_its_mode():
+    assert C.RecoverConfig().learning_rate == C.DEFAULT_LR["full"] == 1.5e-4
+    assert C.RecoverConfig(mode="lora").learning_rate == C.DEFAULT_LR["lora"] > C.DEFAULT_LR["full"]
+    assert C.RecoverConfig(mode="lora", lr=1e-3).learning_rate == 1e-3
+
+
 @pytest.mark.parametrize("override,message", [
     ("prune.targte=0.3", "unknown key 'prune.targte'"),
     ("prune.target=1.5", "prune.target must be in (0, 1)"),
@@ -51,6 +57,9 @@ def test_overrides_apply_and_are_typed(tmp_path):
     ("prune.target=abc", "prune.target: expected float"),
     ("calibrate.workers=two", "calibrate.workers: expected int"),
     ("prune.method=magic", "prune.method 'magic' is not one of"),
+    ("prune.refit_target=model", "prune.refit_target 'model' is not one of layer, stream"),
+    ("prune.refit_target=stream", "prune.refit_target stream needs prune.sequential true"),
+    ("recover.lr=0", "recover.lr must be > 0"),
     ("nonsense", "not of the form key=value"),
     ("domains.legal.sources=[{kind: nope}]", "source kind 'nope'"),
 ])

@@ -344,6 +344,41 @@ def test_allocation_picks_the_stock_shape_with_the_least_predicted_error(model):
     assert count_parameters(small) == (plan.params["total"], plan.params["non_embedding"])
 
 
+def test_verified_allocation_builds_the_shortlisted_shape_with_the_lowest_measured_loss(model):
+    """prune.verify: the prediction only shortlists (the best shape of each span length first); each is built,
+    compensated and slimmed, its loss measured on unseen blocks, and the lowest measured loss is built."""
+    from minigpt import allocate as A
+
+    cfg = PruneConfig(target=0.34, allocate=True, multiple_of=4, verify=3)
+    prof = S.accumulate(model, _blocks(8), batch_size=2, spec=P.stat_spec(cfg, model))
+    grad = S.taylor_sums(model, _blocks(4), batch_size=2)
+    _, cands = A.allocate(model, prof, cfg, grad["taylor_resid"])
+    ranked = sorted(cands, key=lambda c: (c.predicted, -c.mlp_width))
+    depths = sorted({c.depth for c in cands}, key=lambda n: min(c.predicted for c in cands if c.depth == n))
+    assert depths[:2] in ([0, 1], [1, 0])  # one layer of three is about the target: a span competes
+    short = A.shortlist(cands, 3)
+    assert [c.depth for c in short[:2]] == depths[:2]
+    assert short[2] == next(c for c in ranked if c not in short[:2])
+    unseen = _blocks(4, seed=7)
+    lines = []
+    plan = P.build_plan(prof, model, cfg, domain="d", grad_stats=grad, verify_blocks=unseen, log=lines.append)
+    assert len(lines) == 3 and all("measured loss" in line for line in lines)
+    measured = [float(line.rsplit(" ", 1)[1]) for line in lines]
+
+    def loss_of(p):  # an independent measurement: the slimmed model's own loss on the blocks
+        with torch.no_grad():
+            return float(SL.slim_expert(model, None, p, prof)[0](unseen, labels=unseen).loss)
+
+    assert loss_of(plan) == pytest.approx(min(measured), rel=1e-5)
+    chosen = short[measured.index(min(measured))]
+    assert (plan.mlp_width, len(plan.dropped_layers)) == (chosen.mlp_width, chosen.depth)
+    # verify 0: the predicted cheapest, as before.
+    best, _ = A.allocate(model, prof, cfg, grad["taylor_resid"])
+    unverified = P.build_plan(prof, model, PruneConfig(target=0.34, allocate=True, multiple_of=4, verify=0),
+                              domain="d", grad_stats=grad, verify_blocks=unseen)
+    assert (unverified.mlp_width, len(unverified.dropped_layers)) == (best.mlp_width, best.depth)
+
+
 def test_obs_removes_only_candidate_units():
     W, X = _random_problem(m=12)
     order, errors = refit.obs_order(W, X.T @ X, group=2, damp=0.01, remove=2, candidates=[3, 4, 5])
