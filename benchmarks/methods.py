@@ -15,12 +15,14 @@ lowest ratio to dense on other-source text over the stock-checkpoint methods at 
 winning method is in `best_method_<pct>_<domain>`), `gain_<method>_<pct>` the mean over domains of the ratio
 without compensation / with it (> 1: compensation helps).
 
-A method may carry options: `wanda-sp+alloc` lets the allocation choose the stock shape (replaced layers, KV
-groups, MLP width; prune.allocate), measuring its 4 shortlisted shapes on the domain's validation split
-(prune.verify; `+alloc0` trusts the prediction alone), `wanda-sp+seq` prunes and refits layer by layer on the pruned model's own
-activations (prune.sequential; compensated runs only), `+stream` does the same with every MLP output refit
-toward the dense model's residual stream (prune.refit_target stream), `+q2` keeps 2 query heads in every KV group, `+kv2` keeps 2 KV
-groups per layer.
+A method may carry options:
+  * `wanda-sp+alloc`: the allocation chooses the stock shape (replaced layers, KV groups, MLP width;
+    prune.allocate), measuring its 4 shortlisted shapes on the domain's validation split (prune.verify);
+    `+alloc0` trusts the prediction alone;
+  * `wanda-sp+seq`: pruned and refit layer by layer on the pruned model's own activations (prune.sequential;
+    compensated runs only); `+stream` the same with every MLP output refit toward the dense model's residual
+    stream (prune.refit_target stream);
+  * `+q2` keeps 2 query heads in every KV group, `+kv2` keeps 2 KV groups per layer.
 
 Usage:
   .venv/bin/python benchmarks/methods.py [--targets 0.2,0.3,0.5] [--methods obs,wanda-sp,...] [--damps 0.01]

@@ -176,14 +176,20 @@ def allocate(model: nn.Module, stats: Mapping[str, torch.Tensor], prune_cfg: Pru
 
 
 def shortlist(cands: Sequence[Candidate], n: int) -> list[Candidate]:
-    """The `n` candidates worth measuring: the cheapest predicted shape of each span length (0 = width only), most
-    promising first, then the next cheapest overall. One per span length first because the prediction's known
-    error is structural (it undercounts one large replaced span), not a matter of ranking within a kind."""
+    """The `n` candidates worth measuring. First the shape the job would build without allocation (every layer,
+    every KV group and query head, the MLP narrowed to the target), so measuring can only improve on it; then the
+    cheapest predicted shape of each span length (0 = width only), most promising first; then the next cheapest
+    overall. One per span length because the prediction's known error is structural (it undercounts one large
+    replaced span), not a matter of ranking within a kind."""
     ranked = sorted(cands, key=lambda c: (c.predicted, -c.mlp_width))
-    firsts: dict[int, Candidate] = {}
+    plain = [c for c in cands if c.depth == 0 and c.kv_groups == max(x.kv_groups for x in cands)
+             and c.q_heads == max(x.q_heads for x in cands)]
+    out, depths = plain[:1], set()
     for c in ranked:
-        firsts.setdefault(c.depth, c)
-    out = list(firsts.values())[:n]
+        if c.depth not in depths and c not in out:
+            out.append(c)
+            depths.add(c.depth)
+    out = out[:n]
     out += [c for c in ranked if c not in out][: max(0, n - len(out))]
     return out
 

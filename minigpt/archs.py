@@ -285,7 +285,6 @@ def layer_params(model: nn.Module) -> int:
 
 
 __all__ = ["ARCHS", "Arch", "Coupled", "SUPPORTED_MODEL_TYPES", "arch_of", "attn_output", "check_replacement",
-           "check_stream_refit",
-           "config_key", "decoder_layers", "depth_replaceable", "kv_coupling", "kv_prunable", "layer_params",
-           "mlp_coupling", "mlp_output", "mlp_parts", "params_per_unit", "per_unit", "q_coupling", "residual_scale",
-           "unit_index", "unsupported", "widths"]
+           "check_stream_refit", "config_key", "decoder_layers", "depth_replaceable", "kv_coupling", "kv_prunable",
+           "layer_params", "mlp_coupling", "mlp_output", "mlp_parts", "params_per_unit", "per_unit", "q_coupling",
+           "residual_scale", "unit_index", "unsupported", "widths"]

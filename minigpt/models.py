@@ -20,8 +20,8 @@ from torch import nn
 
 from minigpt.archs import (ARCHS, SUPPORTED_MODEL_TYPES, Arch, Coupled, arch_of, attn_output,  # noqa: F401
                            check_replacement, check_stream_refit, config_key, decoder_layers, depth_replaceable,
-                           kv_coupling, kv_prunable, layer_params, mlp_coupling, mlp_output, mlp_parts, params_per_unit, per_unit,
-                           q_coupling, residual_scale, unit_index, unsupported, widths)
+                           kv_coupling, kv_prunable, layer_params, mlp_coupling, mlp_output, mlp_parts,
+                           params_per_unit, per_unit, q_coupling, residual_scale, unit_index, unsupported, widths)
 from minigpt.config import ConfigError, ModelConfig
 from minigpt.io import atomic_dir, atomic_file, package_file
 

@@ -449,8 +449,8 @@ def build_plan(profile_stats: Mapping[str, torch.Tensor], model: nn.Module, prun
                            plan_for, log=log)
         if not prune_cfg.vocab:
             return best
-        shape = Shape(tuple(lp.index for lp in best.layers), best.mlp_width, best.kv_width or widths(model)["kv_heads"],
-                      q_heads=best.q_width or 0)
+        shape = Shape(tuple(lp.index for lp in best.layers), best.mlp_width,
+                      best.kv_width or widths(model)["kv_heads"], q_heads=best.q_width or 0)
     return plan_for(shape, scores, with_vocab=prune_cfg.vocab)
 
 

@@ -299,4 +299,5 @@ def compensation(model: nn.Module, plan, stats: Mapping[str, torch.Tensor], damp
     return {k: v.to(dtype) for k, v in out.items()}
 
 
-__all__ = ["RefitError", "compensation", "corrected", "layer_compensation", "obs_order", "replacement", "replacement_error", "ridge_refit", "runs"]
+__all__ = ["RefitError", "compensation", "corrected", "layer_compensation", "obs_order", "replacement",
+           "replacement_error", "ridge_refit", "runs"]

@@ -3,8 +3,12 @@
 One-shot compensation (minigpt.refit on the dense profile) refits every layer for the inputs the *dense* model
 feeds it. Pruned layers change what later layers see; SlimGPT's order follows that: prune layer 0, run the pruned
 layer, pruned layer 1 is chosen and refit on those outputs, and so on. Within a layer the attention groups go first,
-then the MLP channels are chosen on the outputs of the pruned attention. The refit target is always the layer's
-full width applied to the same (pruned-model) inputs.
+then the MLP channels are chosen on the outputs of the pruned attention. With prune.refit_target `layer` the refit
+target is the layer's full width applied to the same (pruned-model) inputs; with `stream` it is the dense model's
+residual stream after the layer: the runners carry the dense stream beside the pruned one and sum the drift between
+them (`stats(drift=True)`), every MLP output projection is first refit at full width toward the dense stream
+(refit.corrected), and its channels are chosen and refit from that, so each layer also undoes what earlier cuts
+left (at the price of one more layer pass per layer and a second copy of the stream).
 
 `LayerRunner` holds what one worker needs: a copy of the model being pruned, the residual stream of its share of
 the calibration blocks, and the arguments each layer is called with (masks, rotary tables: captured once from the
@@ -148,7 +152,8 @@ def _merged(runners, index: int, num_layers: int, remote: bool, drift: bool = Fa
     return S.layer_view(S.merge(S.from_numpy(p) for p in parts), index, num_layers)
 
 
-def _toward_stream(work: nn.Module, index: int, st: Mapping[str, torch.Tensor], damp: float) -> dict[str, torch.Tensor]:
+def _toward_stream(work: nn.Module, index: int, st: Mapping[str, torch.Tensor],
+                   damp: float) -> dict[str, torch.Tensor]:
     """Layer `index`'s MLP output projection refit at full width toward the dense model's stream (refit.corrected);
     choosing and refitting the kept channels on the result then targets the dense stream."""
     arch = arch_of(work)
