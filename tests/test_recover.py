@@ -231,7 +231,7 @@ def shards(tmp_path_factory):
     return _shards(tmp_path_factory.mktemp("data"))
 
 
-BASE = RecoverConfig(steps=6, batch_size=2, workers=2, cpus_per_worker=0.5, lr=1e-2, warmup_steps=1,
+BASE = RecoverConfig(mode="full", steps=6, batch_size=2, workers=2, cpus_per_worker=0.5, lr=1e-2, warmup_steps=1,
                      checkpoint_every=0)
 
 
