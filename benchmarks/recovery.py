@@ -8,7 +8,8 @@
    of the same domain (benchmarks/othertext.py), as perplexity ratios to the dense model with paired bootstrap
    intervals over documents. Keys: `<mode>_<heldout|other>_<domain>` (also `pruned_...`), and `curves` with the
    validation bits/byte ÷ dense at each score. With `--general-fraction F` every mode also replays general English
-   (MMLU questions) as that share of its training blocks; its keys read `<mode>+replay_...`.
+   (MMLU questions) as that share of its training blocks; its keys read `<mode>+replay_...`. `--alpha A` and
+   `--temperature T` set distillation's KL weight and temperature (keys `distill@aATT_...`).
 2. The engine (`--engine` alone). A plain PyTorch loop, minigpt's DeepSpeed step (ZeRO from the job's JSON, one
    gloo process) and its cached-distillation step train the same fp32 model from the same weights on the same
    batches (token blocks of /usr/share/common-licenses), with the same AdamW, schedule and clipping. Their steps
@@ -19,7 +20,7 @@
 The last line printed is one JSON object with the keys of what ran.
 
 Usage: .venv/bin/python benchmarks/recovery.py [--engine | --curve] [--tokens 65536] [--modes full,lora,distill]
-       [--lr lora=5e-4] [--steps 3] [--zero 2]
+       [--lr lora=5e-4] [--general-fraction 0.25] [--alpha 0.5] [--temperature 2] [--steps 3] [--zero 2]
 """
 
 from __future__ import annotations
@@ -163,7 +164,8 @@ def general_source():
 
 
 def recovery_curves(job: str, run_dir: str, modes: list[str], lrs: dict[str, float], tokens: int,
-                    eval_every: int, eval_tokens: int, other_chars: int, general: float = 0.0) -> dict[str, object]:
+                    eval_every: int, eval_tokens: int, other_chars: int, general: float = 0.0,
+                    alpha: float | None = None, temperature: float | None = None) -> dict[str, object]:
     """Prepare, calibrate, slim and compute the teacher's targets with the job's settings (minigpt's own stages,
     resumed when `run_dir` already holds them), then recover every domain's pruned expert with each mode for
     `tokens` tokens, scoring the validation split every `eval_every` steps, and measure the experts (the
@@ -178,6 +180,10 @@ def recovery_curves(job: str, run_dir: str, modes: list[str], lrs: dict[str, flo
 
     othertext.ensure_sources()
     cfg = C.load(job, [f"output_dir={run_dir}", "recover.mode=distill", f"recover.eval_tokens={eval_tokens}"])
+    if alpha is not None or temperature is not None:  # the teacher stage caches its targets at the temperature
+        cfg = dataclasses.replace(cfg, recover=dataclasses.replace(
+            cfg.recover, distill_alpha=cfg.recover.distill_alpha if alpha is None else alpha,
+            distill_temperature=cfg.recover.distill_temperature if temperature is None else temperature))
     if general:  # replay: the teacher stage writes the general blocks (and their targets) beside each domain's
         cfg = dataclasses.replace(cfg, recover=dataclasses.replace(
             cfg.recover, general_fraction=general, general_sources=(general_source(),)))
@@ -197,7 +203,9 @@ def recovery_curves(job: str, run_dir: str, modes: list[str], lrs: dict[str, flo
     for mode in modes:
         rcfg = dataclasses.replace(cfg.recover, mode=mode, tokens=tokens, steps=None, eval_every=eval_every,
                                    patience=0, keep_best=True, lr=lrs.get(mode, cfg.recover.lr), checkpoint_every=0)
-        label = f"{mode}+replay" if general else mode
+        label = (f"{mode}+replay" if general else mode) + (
+            f"@a{cfg.recover.distill_alpha:g}T{cfg.recover.distill_temperature:g}"
+            if mode == "distill" and (alpha is not None or temperature is not None) else "")
         name = f"{label}-lr{rcfg.learning_rate:g}-{tokens}" + (f"-g{general:g}" if general else "")
         base = Path(run_dir) / "bench-recovery" / name
         tasks = [dataclasses.replace(stages.recovery_task(p, d), out_dir=str(base / d / "recovered"),
@@ -253,6 +261,8 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=8, help="steps between validation scores")
     ap.add_argument("--eval-tokens", type=int, default=2048)
     ap.add_argument("--other-chars", type=int, default=60_000, help="other-source text per domain")
+    ap.add_argument("--alpha", type=float, default=None, help="distill: weight of the KL term (recover.distill_alpha)")
+    ap.add_argument("--temperature", type=float, default=None, help="distill: recover.distill_temperature")
     ap.add_argument("--general-fraction", type=float, default=0.0,
                     help="replay: this share of each expert's training blocks is general English (MMLU questions)")
     args = ap.parse_args()
@@ -270,7 +280,8 @@ def main() -> None:
     if not args.engine:
         lrs = {m: float(v) for m, v in (x.split("=", 1) for x in args.lr)}
         result.update(recovery_curves(args.job, args.run_dir, args.modes.split(","), lrs, args.tokens,
-                                      args.eval_every, args.eval_tokens, args.other_chars, args.general_fraction))
+                                      args.eval_every, args.eval_tokens, args.other_chars, args.general_fraction,
+                                      args.alpha, args.temperature))
     print(json.dumps(result), flush=True)
 
 
