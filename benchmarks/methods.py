@@ -148,7 +148,8 @@ def main() -> None:
                 for d in domains:
                     cfg = PruneConfig(method=method, target=target, reconstruct=reconstruct, damp=damp,
                                       allocate=any(o.startswith("alloc") for o in opts),
-                                      verify=0 if "alloc0" in opts else 4, sequential="seq" in opts or "stream" in opts,
+                                      verify=0 if "alloc0" in opts else 4,
+                                      sequential="seq" in opts or "stream" in opts,
                                       refit_target="stream" if "stream" in opts and reconstruct else "layer",
                                       q_heads=next((int(o[1:]) for o in opts if o[:1] == "q" and o[1:].isdigit()), 0),
                                       kv_groups=next((int(o[2:]) for o in opts if o[:2] == "kv"), 0))
