@@ -22,9 +22,10 @@ Errors add across layers as a first-order model. `allocate` evaluates every stoc
 the cheapest; benchmarks/methods.py measures whether it pays.
 
 The prediction is known to undercount one large, structured perturbation (a replaced span: later layers amplify
-its residual non-linearly), so with `prune.verify` N > 0 the prediction only shortlists: `verified` builds the N
-most promising shapes (the best of each span length first), compensates and slims each, and keeps the one with the
-lowest loss on blocks the statistics never saw (the domain's validation split), one forward pass per shape.
+its residual non-linearly), so with `prune.verify` N > 0 the prediction only shortlists: `verified` builds N shapes
+(the one no allocation would build, then the best predicted of each span length), compensates and slims each, and
+keeps the one with the lowest loss on blocks the statistics never saw (the domain's validation split), one forward
+pass per shape.
 """
 
 from __future__ import annotations

@@ -345,7 +345,7 @@ def test_allocation_picks_the_stock_shape_with_the_least_predicted_error(model):
 
 
 def test_verified_allocation_builds_the_shortlisted_shape_with_the_lowest_measured_loss(model):
-    """prune.verify: the prediction only shortlists (the best shape of each span length first); each is built,
+    """prune.verify: the prediction only shortlists (the plain shape, then the best of each span length); each is built,
     compensated and slimmed, its loss measured on unseen blocks, and the lowest measured loss is built."""
     from minigpt import allocate as A
 
