@@ -122,7 +122,8 @@ def main() -> None:
                        "heldout": [t for _, t in data.documents("heldout")]}
         blocks = calib[name] = corpora.read_blocks(data.shards("calib"))
         # What +alloc measures its shortlisted shapes on (prune.verify): the validation split, never calibrated on.
-        valid[name] = corpora.read_blocks(data.shards("valid"))[:16] if "valid" in data.splits else None
+        valid[name] = corpora.read_blocks(data.shards("valid"))[: PruneConfig().verify_tokens // args.block_size] \
+            if "valid" in data.splits else None
         profiles[name], grads[name] = _profile(dense, blocks, spec, work / "profiles" / f"{name}-{args.calib_tokens}"
                                                ".safetensors", args.batch, args.taylor_blocks)
     print(f"[bench] data + profiles ready in {time.time() - t0:.0f}s", flush=True)

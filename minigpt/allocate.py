@@ -51,6 +51,14 @@ class Candidate:
     predicted: float  # predicted loss increase (priced error, summed over layers; up to a constant factor)
     removed: float  # share of non-embedding parameters removed
 
+    def shape(self, num_layers: int):
+        """The plan.Shape this candidate builds in a model of `num_layers` layers."""
+        from minigpt.plan import Shape
+
+        span = range(self.first, self.first + self.depth) if self.depth else range(0)
+        return Shape(tuple(i for i in range(num_layers) if i not in span), self.mlp_width, self.kv_groups,
+                     q_heads=self.q_heads)
+
 
 def depth_options(max_layers: int) -> tuple[int, ...]:
     """Span lengths offered to the allocation (each costs one D x D moment per layer in the profile)."""
@@ -199,18 +207,12 @@ def shortlist(cands: Sequence[Candidate], n: int) -> list[Candidate]:
 def measured_loss(model: nn.Module, plan, stats: Mapping[str, torch.Tensor], blocks: torch.Tensor,
                   batch_size: int) -> float:
     """Mean next-token loss on `blocks` of the expert `plan` builds (compensated as it will be, slimmed)."""
-    from minigpt import refit, slim
+    from minigpt.slim import slim_expert
+    from minigpt.training import validation_nll
 
-    weights = refit.compensation(model, plan, stats) if plan.reconstruct or plan.replace else None
-    small = slim.slim(model, plan, weights).eval()
-    total, count = 0.0, 0
-    for start in range(0, len(blocks), batch_size):
-        ids = blocks[start:start + batch_size]
-        logits = small(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(),
-                                                         reduction="sum"))
-        count += ids[:, 1:].numel()
-    return total / max(count, 1)
+    small, _ = slim_expert(model, None, plan, stats)
+    nll = validation_nll(small, blocks, 0, 1, batch_size, torch.device("cpu")).item()
+    return nll / max(1, blocks[:, 1:].numel())
 
 
 def verified(model: nn.Module, stats: Mapping[str, torch.Tensor], prune_cfg: PruneConfig,
@@ -219,15 +221,11 @@ def verified(model: nn.Module, stats: Mapping[str, torch.Tensor], prune_cfg: Pru
     shapes (see `shortlist`) are each built, compensated, slimmed and run on `blocks`; the lowest loss wins.
     `plan_for(shape)` builds the plan of a plan.Shape (the method's scores for that shape); `log` gets one line per
     measured shape."""
-    from minigpt import plan as P
-
     _, cands = allocate(model, stats, prune_cfg, fisher)
     L = widths(model)["layers"]
     rows, best = [], None
     for c in shortlist(cands, prune_cfg.verify):
-        span = set(range(c.first, c.first + c.depth)) if c.depth else set()
-        shape = P.Shape(tuple(i for i in range(L) if i not in span), c.mlp_width, c.kv_groups, q_heads=c.q_heads)
-        plan = plan_for(shape)
+        plan = plan_for(c.shape(L))
         loss = measured_loss(model, plan, stats, blocks, batch_size)
         rows.append((c, loss))
         if log:

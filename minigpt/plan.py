@@ -314,9 +314,7 @@ def target_shape(model: nn.Module, prune_cfg: PruneConfig, scores, stats: Mappin
         from minigpt.allocate import allocate
 
         best, _ = allocate(model, stats, prune_cfg, fisher)
-        span = set(range(best.first, best.first + best.depth)) if best.depth else set()
-        return Shape(tuple(i for i in range(L) if i not in span), best.mlp_width, best.kv_groups,
-                     q_heads=best.q_heads)
+        return best.shape(L)
     kv_width = G
     already = 0
     if prune_cfg.kv_groups:
@@ -445,12 +443,11 @@ def build_plan(profile_stats: Mapping[str, torch.Tensor], model: nn.Module, prun
         from minigpt.allocate import verified
 
         # Measured in the dense vocabulary (the blocks' ids); the chosen shape then gets its vocabulary cut.
-        best, _ = verified(model, profile_stats, prune_cfg, (grad_stats or {}).get("taylor_resid"), verify_blocks,
-                           plan_for, log=log)
+        best, rows = verified(model, profile_stats, prune_cfg, (grad_stats or {}).get("taylor_resid"),
+                              verify_blocks, plan_for, log=log)
         if not prune_cfg.vocab:
             return best
-        shape = Shape(tuple(lp.index for lp in best.layers), best.mlp_width,
-                      best.kv_width or widths(model)["kv_heads"], q_heads=best.q_width or 0)
+        shape = min(rows, key=lambda r: r[1])[0].shape(widths(model)["layers"])
     return plan_for(shape, scores, with_vocab=prune_cfg.vocab)
 
 

@@ -128,11 +128,8 @@ class LayerRunner:
         st["tokens"] += self.tokens
         return S.to_numpy(st)
 
-    @torch.no_grad()
     def apply(self, weights: Mapping[str, torch.Tensor]) -> None:
-        params = dict(self.model.named_parameters())
-        for name, value in weights.items():
-            params[name].copy_(torch.as_tensor(value, dtype=params[name].dtype))
+        _write(self.model, weights)
 
     @torch.inference_mode()
     def advance(self, index: int) -> None:
@@ -171,10 +168,11 @@ def _toward_stream(work: nn.Module, index: int, st: Mapping[str, torch.Tensor],
 
 
 def _write(model: nn.Module, new: Mapping[str, torch.Tensor]) -> None:
+    """Copy new values (tensors, or numpy arrays sent through Ray) into the model's named parameters."""
     params = dict(model.named_parameters())
     with torch.no_grad():
         for k, v in new.items():
-            params[k].copy_(v.to(params[k].dtype))
+            params[k].copy_(torch.as_tensor(v, dtype=params[k].dtype))
 
 
 def _broadcast(runners, remote: bool, method: str, *args) -> None:

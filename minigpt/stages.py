@@ -194,19 +194,17 @@ def _fixed_ratio_plan(p: Pipeline, name: str, dense, tokenizer, stats):
     cfg = p.cfg
     others = {o.name: K.load_profile(p.layout.profile(o.name))[0]
               for o in cfg.domains if o.name != name} if cfg.prune.method == "cus-prun" else None
-    grad = None
+    grad = verify = None
+    data = corpora.DomainData.load(p.layout.data_dir(name))
     replaced = cfg.prune.reconstruct and (cfg.prune.method == "depth" or cfg.prune.allocate)
     if cfg.prune.method == "taylor" or replaced:
         # Gradients (one backward pass over part of the calibration split): first-order Taylor importance, and
         # the loss gradient of the residual stream that prices the allocation's and the replaced span's errors.
-        data = corpora.DomainData.load(p.layout.data_dir(name))
         blocks = corpora.read_blocks(data.shards("calib"))[: cfg.prune.taylor_blocks]
         grad = S.taylor_sums(dense, blocks, cfg.calibrate.batch_size)
-    verify = None
     if cfg.prune.allocate and cfg.prune.verify:
         # Shapes are measured on text the statistics never saw: the validation split (the calibration split, and
         # a warning, when the job has none).
-        data = corpora.DomainData.load(p.layout.data_dir(name))
         split = "valid" if "valid" in data.splits and data.shards("valid") else "calib"
         if split == "calib":
             print(f"[slim] {name}: no validation split (data.valid_fraction 0): prune.verify measures shapes on "
