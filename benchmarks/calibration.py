@@ -6,6 +6,11 @@
 * gram_vs_decoder:  calibration with the Gram statistics (prune.reconstruct / obs: x x^T of every output
                     projection's input) against the decoder-only forward.
 * depth_vs_decoder: calibration with Gram and depth-replacement moments for one cut length.
+* seq_vs_oneshot:   planning tokens/s of sequential pruning (prune.sequential: every layer's Gram sums on the
+                    partly pruned model, its channels chosen and refit before the next layer runs) / one-shot
+                    planning (one Gram pass, then the plan and the refit from it), obs at 20%, same blocks.
+* stream_vs_oneshot: the same with the stream refit target (prune.refit_target stream: the dense stream runs beside
+                    the pruned one and every down_proj is also refit toward it).
 * workers2_vs_1:    Ray calibration tokens/s with 2 workers / 1 worker (1 thread each), same shards, actor
                     start-up and model load subtracted (needs 2 idle cores to mean anything).
 
@@ -27,9 +32,9 @@ import pyarrow.parquet as pq
 import torch
 
 import minigpt.raylib as raylib
-from minigpt import stats as S
+from minigpt import plan as P, refit, sequential, stats as S
 from minigpt.calibrate import Shard, calibrate
-from minigpt.config import CalibrateConfig, ModelConfig
+from minigpt.config import CalibrateConfig, ModelConfig, PruneConfig
 from minigpt.models import load_model, resolve
 
 
@@ -86,6 +91,24 @@ def main() -> None:
                          args.repeats)
     plain_r, dec_r, calib_r = rates1["plain"], rates1["decoder"], rates1["calib"]
 
+    # Planning end to end (statistics, choice, refit; no slimming): one-shot against layer-by-layer. Timed once
+    # each: a sequential run is minutes long, so one run is long enough to average out the noise.
+    def oneshot():
+        cfg = PruneConfig(method="obs", target=0.2)
+        prof = S.accumulate(model, blocks, args.batch, spec=P.stat_spec(cfg, model))
+        refit.compensation(model, P.build_plan(prof, model, cfg, domain="bench"), prof)
+
+    def seq(target: str):
+        cfg = PruneConfig(method="obs", target=0.2, sequential=True, refit_target=target)
+        sequential.prune_sequential(model, [sequential.LayerRunner(model, blocks, args.batch,
+                                                                   stream=target == "stream")], cfg, domain="bench")
+
+    plan_s = {}
+    for name, fn in {"oneshot": oneshot, "seq": lambda: seq("layer"), "stream": lambda: seq("stream")}.items():
+        t0 = time.perf_counter()
+        fn()
+        plan_s[name] = time.perf_counter() - t0
+
     # End to end on Ray with 1 then 2 workers (1 thread each) over more blocks. Each calibrate() call starts its
     # actors and loads the model, so a 1-shard run's time is subtracted: what is left is steady-state throughput.
     raylib.ensure_ray(num_cpus=2)
@@ -112,11 +135,15 @@ def main() -> None:
     print(f"calibration       {calib_r:8.0f} tok/s")
     print(f"  + Gram          {rates1['gram']:8.0f} tok/s")
     print(f"  + Gram + depth  {rates1['depth']:8.0f} tok/s")
+    for name in plan_s:
+        print(f"planning, {name:<8}{tokens / plan_s[name]:8.0f} tok/s ({plan_s[name]:.0f} s)")
     print(f"ray, 1 worker     {rates[1]:8.0f} tok/s (steady state)")
     print(f"ray, 2 workers    {rates[2]:8.0f} tok/s (steady state)")
     print(json.dumps({"calib_vs_plain": round(calib_r / plain_r, 3), "calib_vs_decoder": round(calib_r / dec_r, 3),
                       "gram_vs_decoder": round(rates1["gram"] / dec_r, 3),
                       "depth_vs_decoder": round(rates1["depth"] / dec_r, 3),
+                      "seq_vs_oneshot": round(plan_s["oneshot"] / plan_s["seq"], 3),
+                      "stream_vs_oneshot": round(plan_s["oneshot"] / plan_s["stream"], 3),
                       "workers2_vs_1": round(rates[2] / rates[1], 3), "calib_tokens_per_s": round(calib_r),
                       "threads": args.threads}))
 

@@ -124,8 +124,10 @@ def main() -> None:
         # What +alloc measures its shortlisted shapes on (prune.verify): the validation split, never calibrated on.
         valid[name] = corpora.read_blocks(data.shards("valid"))[: PruneConfig().verify_tokens // args.block_size] \
             if "valid" in data.splits else None
+        # Sequential variants collect their own statistics layer by layer: a run of only those skips the profile.
         profiles[name], grads[name] = _profile(dense, blocks, spec, work / "profiles" / f"{name}-{args.calib_tokens}"
-                                               ".safetensors", args.batch, args.taylor_blocks)
+                                               ".safetensors", args.batch, args.taylor_blocks) \
+            if not all({"seq", "stream"} & set(m.split("+")[1:]) for m in methods) else (None, None)
     print(f"[bench] data + profiles ready in {time.time() - t0:.0f}s", flush=True)
 
     def metrics(model, d):
@@ -158,7 +160,9 @@ def main() -> None:
                     if cfg.sequential:
                         plan, weights = sequential.prune_sequential(
                             dense, [sequential.LayerRunner(dense, calib[d], args.batch,
-                                                           stream=cfg.refit_target == "stream")], cfg, domain=d)
+                                                           stream=cfg.refit_target == "stream")], cfg, domain=d,
+                            on_layer=lambda i, d=d: print(f"[bench] {d}: layer {i + 1} pruned ({time.time() - t1:.0f}s)",
+                                                          flush=True) if (i + 1) % 5 == 0 else None)
                     else:
                         plan = P.build_plan(profiles[d], dense, cfg, domain=d, other_profiles=profiles,
                                             grad_stats=grads[d], verify_blocks=valid[d],

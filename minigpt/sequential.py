@@ -11,8 +11,9 @@ them (`stats(drift=True)`), every MLP output projection is first refit at full w
 left (at the price of one more layer pass per layer and a second copy of the stream).
 
 `LayerRunner` holds what one worker needs: a copy of the model being pruned, the residual stream of its share of
-the calibration blocks, and the arguments each layer is called with (masks, rotary tables: captured once from the
-model's own forward, so every architecture works as its modeling code built them). It answers three calls: `stats`
+the calibration blocks, and the arguments each layer is called with (masks, rotary tables: captured from the model's
+own forward with every layer standing in as the identity, so every architecture works as its modeling code built
+them, at the cost of no layer pass). It answers three calls: `stats`
 (one layer's sums on the current activations), `apply` (write a layer's new weights) and `advance` (run the pruned
 layer to move the activations one layer on). `prune_sequential` drives any number of runners - in-process, or Ray
 actors (`ray_runners`) each holding the hidden states of its own shards - through that protocol: the driver sums
@@ -34,10 +35,6 @@ from minigpt.models import arch_of, check_stream_refit, decoder_layers, residual
 from minigpt.plan import PruningPlan, Shape, plan_from_shape, target_shape, top_units
 
 
-class _Captured(Exception):
-    pass
-
-
 class LayerRunner:
     """One worker's side of sequential pruning (see the module docstring)."""
 
@@ -47,6 +44,7 @@ class LayerRunner:
         self.hidden: list[torch.Tensor] = []  # residual stream entering the next layer, per batch
         self.calls: list[list[tuple[tuple, dict]]] = []  # per batch, per layer: (extra args, kwargs)
         self.tokens = 0
+        self._returns: list = []  # what a layer returns after its hidden state (None: a bare tensor); see _capture
         for start in range(0, blocks.shape[0], batch_size):
             ids = blocks[start:start + batch_size]
             self.hidden.append(self._capture(ids))
@@ -57,25 +55,35 @@ class LayerRunner:
 
     @torch.inference_mode()
     def _capture(self, ids: torch.Tensor) -> torch.Tensor:
-        """Run the decoder once; keep layer 0's input and the arguments every layer receives."""
+        """Keep layer 0's input and the arguments every layer receives (masks, rotary tables: Gemma 3's local and
+        global layers get different ones), without computing the layers.
+
+        The decoder runs with every layer standing in as the identity, so a capture costs the embedding and the
+        mask / rotary set-up, not a forward pass: the layers are computed one at a time later. The first call runs
+        layer 0 for real once, to learn what a layer returns (a tensor, or a tuple with extra entries)."""
         calls: list[tuple[tuple, dict]] = [None] * len(self.layers)  # type: ignore[list-item]
         first: list[torch.Tensor] = []
 
-        def hook(i):
-            def pre(_m, args, kwargs):
+        def stand_in(i: int, real):
+            def forward(*args, **kwargs):
                 hidden = args[0] if args else kwargs["hidden_states"]
                 if i == 0:
                     first.append(hidden.detach())
-                kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-                calls[i] = (tuple(args[1:]), kw)
-            return pre
+                calls[i] = (tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"})
+                if not self._returns:
+                    out = real(*args, **kwargs)
+                    self._returns.append(tuple(out[1:]) if isinstance(out, tuple | list) else None)
+                tail = self._returns[0]
+                return hidden if tail is None else (hidden, *tail)
+            return forward
 
-        handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(self.layers)]
+        for i, layer in enumerate(self.layers):
+            layer.forward = stand_in(i, layer.forward)
         try:
             self.model.base_model(input_ids=ids, use_cache=False)
         finally:
-            for h in handles:
-                h.remove()
+            for layer in self.layers:
+                del layer.forward  # the class's own forward again
         self.calls.append(calls)
         return first[0]
 

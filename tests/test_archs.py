@@ -167,6 +167,22 @@ def test_sequential_pruning_slims_to_masked_dense(arch):
     assert count_parameters(small) == (plan.params["total"], plan.params["non_embedding"])
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_layer_runner_reproduces_the_dense_forward(arch):
+    """The runner captures each layer's arguments without running the layers (they stand in as the identity), then
+    runs them one at a time: advancing through every layer unchanged gives each layer's output of the model's own
+    forward, on every adapter (Gemma 3's local and global layers get their own masks and rotary tables)."""
+    from minigpt import sequential as Q
+
+    model = make(arch)
+    runner = Q.LayerRunner(model, CALIB, 2)
+    expected = _layer_outputs(model, CALIB)
+    for i in range(len(expected)):
+        runner.advance(i)
+        torch.testing.assert_close(torch.cat(runner.hidden), expected[i], rtol=1e-5, atol=1e-5)
+    assert runner.tokens == CALIB.numel()
+
+
 @pytest.mark.parametrize("arch", [a for a in ARCHS if a not in ("gemma3_text", "olmo2")])
 def test_stream_drift_sums_equal_direct_computation(arch):
     """The sums prune.refit_target stream refits from: sum e x^T and sum e, with x the MLP output projection's
