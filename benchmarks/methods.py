@@ -161,8 +161,9 @@ def main() -> None:
                         plan, weights = sequential.prune_sequential(
                             dense, [sequential.LayerRunner(dense, calib[d], args.batch,
                                                            stream=cfg.refit_target == "stream")], cfg, domain=d,
-                            on_layer=lambda i, d=d: print(f"[bench] {d}: layer {i + 1} pruned ({time.time() - t1:.0f}s)",
-                                                          flush=True) if (i + 1) % 5 == 0 else None)
+                            on_layer=lambda i, d=d, t1=t1: print(
+                                f"[bench] {d}: layer {i + 1} pruned ({time.time() - t1:.0f}s)", flush=True)
+                            if (i + 1) % 5 == 0 else None)
                     else:
                         plan = P.build_plan(profiles[d], dense, cfg, domain=d, other_profiles=profiles,
                                             grad_stats=grads[d], verify_blocks=valid[d],
