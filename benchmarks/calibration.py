@@ -94,14 +94,13 @@ def main() -> None:
     # Planning end to end (statistics, choice, refit; no slimming): one-shot against layer-by-layer. Timed once
     # each: a sequential run is minutes long, so one run is long enough to average out the noise.
     def oneshot():
-        cfg = PruneConfig(method="obs", target=0.2)
+        cfg = PruneConfig(method="obs", target=0.2, sequential=False)
         prof = S.accumulate(model, blocks, args.batch, spec=P.stat_spec(cfg, model))
         refit.compensation(model, P.build_plan(prof, model, cfg, domain="bench"), prof)
 
     def seq(target: str):
         cfg = PruneConfig(method="obs", target=0.2, sequential=True, refit_target=target)
-        sequential.prune_sequential(model, [sequential.LayerRunner(model, blocks, args.batch,
-                                                                   stream=target == "stream")], cfg, domain="bench")
+        sequential.prune_sequential(model, [sequential.LayerRunner(model, blocks, args.batch)], cfg, domain="bench")
 
     plan_s = {}
     for name, fn in {"oneshot": oneshot, "seq": lambda: seq("layer"), "stream": lambda: seq("stream")}.items():

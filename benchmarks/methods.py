@@ -22,6 +22,7 @@ A method may carry options:
   * `wanda-sp+seq`: pruned and refit layer by layer on the pruned model's own activations (prune.sequential;
     compensated runs only); `+stream` the same with every MLP output refit toward the dense model's residual
     stream (prune.refit_target stream);
+  * `+sd0.01` sets the stream target's correction ridge (prune.stream_damp) to 0.01;
   * `+q2` keeps 2 query heads in every KV group, `+kv2` keeps 2 KV groups per layer.
 
 Usage:
@@ -155,12 +156,13 @@ def main() -> None:
                                       sequential="seq" in opts or "stream" in opts,
                                       refit_target="stream" if "stream" in opts and reconstruct else "layer",
                                       q_heads=next((int(o[1:]) for o in opts if o[:1] == "q" and o[1:].isdigit()), 0),
-                                      kv_groups=next((int(o[2:]) for o in opts if o[:2] == "kv"), 0))
+                                      kv_groups=next((int(o[2:]) for o in opts if o[:2] == "kv"), 0),
+                                      stream_damp=next((float(o[2:]) for o in opts if o[:2] == "sd"),
+                                                       PruneConfig.stream_damp))
                     t1 = time.time()
                     if cfg.sequential:
                         plan, weights = sequential.prune_sequential(
-                            dense, [sequential.LayerRunner(dense, calib[d], args.batch,
-                                                           stream=cfg.refit_target == "stream")], cfg, domain=d,
+                            dense, [sequential.LayerRunner(dense, calib[d], args.batch)], cfg, domain=d,
                             on_layer=lambda i, d=d, t1=t1: print(
                                 f"[bench] {d}: layer {i + 1} pruned ({time.time() - t1:.0f}s)", flush=True)
                             if (i + 1) % 5 == 0 else None)

@@ -25,7 +25,8 @@ FILE_SOURCES = ("text", "jsonl", "parquet")
 SOURCE_KINDS = FILE_SOURCES + ("hf",) + BUILTIN_SOURCES
 PRUNE_METHODS = ("contextual", "cus-prun", "taylor", "wanda-sp", "magnitude", "random", "depth", "obs")
 PRUNE_MODES = ("target", "threshold")
-REFIT_TARGETS = ("layer", "stream")
+SEQUENTIAL_METHODS = ("contextual", "wanda-sp", "magnitude", "random", "obs")  # prune.sequential applies to these
+REFIT_TARGETS = ("auto", "layer", "stream")
 RECOVER_MODES = ("full", "lora", "distill")
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_RECOVER_TOKENS = 65536  # recovery budget when a job sets neither recover.tokens nor recover.steps
@@ -162,14 +163,22 @@ class PruneConfig:
     reconstruct: bool = True
     damp: float = 0.01  # ridge of every least-squares solve, relative to the mean diagonal of its Gram matrix
     obs_batch: int = 0  # obs: units removed per OBS step; 0 = auto (a 64th of what a layer loses)
-    sequential: bool = False  # choose and refit layer by layer on the pruned model's own activations (SlimGPT order)
+    # Choose and refit layer by layer on the pruned model's own activations (SlimGPT order). `auto` (the default)
+    # turns it on wherever it applies: target-mode width pruning by contextual, wanda-sp, magnitude, random or obs,
+    # without query-head cuts, allocation or a search (measured better than one-shot: README, methods.py).
+    sequential: bool | str = "auto"
     allocate: bool = False  # choose the stock shape (replaced layers, KV groups, MLP width) by predicted error...
     verify: int = 4  # ...then measure this many shortlisted shapes on validation blocks, build the best (0: trust it)
     verify_tokens: int = 4096  # validation tokens each shortlisted shape is measured on
     # What a sequential refit reproduces: `layer`, each layer's dense output on the pruned model's inputs; `stream`,
     # the dense model's residual stream after the layer (every MLP output projection also absorbs the drift that
-    # earlier pruned layers left; minigpt.refit.corrected).
-    refit_target: str = "layer"
+    # earlier pruned layers left; minigpt.refit.corrected); `auto`, stream wherever it applies (sequential,
+    # reconstruct, an architecture whose MLP output joins the stream linearly: plan.stream_refit), else layer.
+    refit_target: str = "auto"
+    # Ridge of the stream target's full-width correction (refit.corrected), relative to the mean diagonal of its Gram
+    # matrix. It predicts the stream's drift from one layer's MLP inputs, a regression that overfits a few thousand
+    # calibration tokens far more than the channel refit does: measured best well above `damp` (README).
+    stream_damp: float = 1.0
 
     def __post_init__(self) -> None:
         _check(self.method in PRUNE_METHODS, f"prune.method {self.method!r} is not one of {', '.join(PRUNE_METHODS)}")
@@ -183,18 +192,24 @@ class PruneConfig:
         _check(self.vocab_min_count >= 1, "prune.vocab_min_count must be >= 1")
         _check(self.cus_prun_strength >= 0, "prune.cus_prun_strength must be >= 0")
         _check(self.taylor_blocks >= 1, "prune.taylor_blocks must be >= 1")
-        _check(self.damp >= 0, "prune.damp must be >= 0")
+        _check(self.damp >= 0 and self.stream_damp >= 0, "prune.damp and prune.stream_damp must be >= 0")
         _check(self.obs_batch >= 0, "prune.obs_batch must be >= 0 (0 = auto)")
         _check(self.verify >= 0 and self.verify_tokens >= 1, "prune.verify must be >= 0 and prune.verify_tokens >= 1")
-        _check(not self.sequential or (self.mode == "target" and not self.q_heads and self.method in
-                                        ("contextual", "wanda-sp", "magnitude", "random", "obs")),
+        _check(self.sequential in (True, False, "auto"),
+               f"prune.sequential must be true, false or auto, got {self.sequential!r}")
+        applies = self.mode == "target" and not self.q_heads and self.method in SEQUENTIAL_METHODS
+        # `auto` resolves here, so every reader sees a bool; JobConfig switches it off again under a search.
+        object.__setattr__(self, "auto_sequential", self.sequential == "auto")
+        if self.auto_sequential:
+            object.__setattr__(self, "sequential", applies and not self.allocate)
+        _check(not self.sequential or applies,
                "prune.sequential needs prune.mode target, prune.q_heads 0 and a method among contextual, wanda-sp, "
                "magnitude, random, obs")
         _check(not self.allocate or (self.mode == "target" and self.method != "depth" and not self.sequential),
                "prune.allocate needs prune.mode target, a width method (not depth) and prune.sequential false")
         _check(self.refit_target in REFIT_TARGETS,
                f"prune.refit_target {self.refit_target!r} is not one of {', '.join(REFIT_TARGETS)}")
-        _check(self.refit_target == "layer" or (self.sequential and self.reconstruct),
+        _check(self.refit_target != "stream" or (self.sequential and self.reconstruct),
                "prune.refit_target stream needs prune.sequential true and prune.reconstruct true")
         _check(not (self.mode == "threshold" and self.method == "obs"),
                "prune.mode threshold does not apply to obs (OBS ranks channels for a given width)")
@@ -427,6 +442,11 @@ class JobConfig:
         _check(not dup, f"duplicate domain name(s): {', '.join(dup)}")
         if not self.output_dir:
             object.__setattr__(self, "output_dir", f"runs/{self.name}")
+        if self.search.enabled and self.prune.sequential:
+            # The search measures and picks whole shapes one-shot; `auto` gives way, an explicit `true` is an error.
+            _check(self.prune.auto_sequential, "prune.sequential true does not combine with search.enabled "
+                   "(the searched shapes are pruned one-shot): remove it or set it false")
+            object.__setattr__(self, "prune", dataclasses.replace(self.prune, sequential=False))
 
     def domain(self, name: str) -> DomainConfig:
         for d in self.domains:

@@ -286,7 +286,8 @@ class Pipeline:
         budget = self.cfg.calibrate.memory_budget_gb
         if size > budget * 2**30:
             raise ConfigError(f"the statistics of one domain need {size / 2**30:.2f} GiB, over "
-                              f"calibrate.memory_budget_gb={budget:g}; raise it, or set prune.reconstruct=false")
+                              f"calibrate.memory_budget_gb={budget:g}; raise it, prune sequentially (prune.sequential=true: "
+                              "one layer's Gram sums at a time), or set prune.reconstruct=false")
 
     def check_resources(self) -> None:
         from minigpt import raylib

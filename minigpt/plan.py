@@ -244,6 +244,16 @@ def depth_layers(model_or_config, target: float) -> int:
                w["layers"] - 1)
 
 
+def stream_refit(prune_cfg: PruneConfig, model_or_config) -> bool:
+    """Whether sequential pruning refits toward the dense model's residual stream (prune.refit_target): `stream`
+    raises in one line where the architecture cannot (post-norm blocks), `auto` falls back to the layer target."""
+    if prune_cfg.refit_target == "stream":
+        check_stream_refit(model_or_config)
+        return True
+    return (prune_cfg.refit_target == "auto" and prune_cfg.sequential and prune_cfg.reconstruct
+            and depth_replaceable(model_or_config))
+
+
 def stat_spec(prune_cfg: PruneConfig, model_or_config) -> StatSpec:
     """The optional statistics a job's prune settings need from calibration (minigpt.stats)."""
     from minigpt.allocate import depth_options
@@ -253,8 +263,7 @@ def stat_spec(prune_cfg: PruneConfig, model_or_config) -> StatSpec:
         prune_cfg.reconstruct else ()
     if spans:
         check_replacement(model_or_config)  # post-norm blocks (Gemma 3, OLMo 2): stop before calibrating
-    if prune_cfg.refit_target == "stream":
-        check_stream_refit(model_or_config)  # the same limit, for the same reason
+    stream_refit(prune_cfg, model_or_config)  # an explicit stream target: the same limit, for the same reason
     if prune_cfg.allocate:  # without replaceable spans, allocation chooses among width shapes only
         spans = depth_options(depth_layers(model_or_config, prune_cfg.target)) \
             if depth_replaceable(model_or_config) else ()
@@ -456,5 +465,5 @@ def removed_fraction(plan: PruningPlan) -> float:
 
 
 __all__ = ["FORMAT", "LayerPlan", "PruningPlan", "Shape", "build_plan", "mlp_keep", "plan_from_shape",
-           "predict_params", "removed_fraction", "stat_spec", "target_shape", "threshold_width", "top_units",
-           "uniform_mlp_width", "vocab_keep"]
+           "predict_params", "removed_fraction", "stat_spec", "stream_refit", "target_shape", "threshold_width",
+           "top_units", "uniform_mlp_width", "vocab_keep"]

@@ -31,14 +31,14 @@ from torch import nn
 
 from minigpt import refit, scoring, stats as S
 from minigpt.config import ConfigError, PruneConfig
-from minigpt.models import arch_of, check_stream_refit, decoder_layers, residual_scale, widths
-from minigpt.plan import PruningPlan, Shape, plan_from_shape, target_shape, top_units
+from minigpt.models import arch_of, decoder_layers, residual_scale, widths
+from minigpt.plan import PruningPlan, Shape, plan_from_shape, stream_refit, target_shape, top_units
 
 
 class LayerRunner:
     """One worker's side of sequential pruning (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, blocks: torch.Tensor, batch_size: int, stream: bool = False):
+    def __init__(self, model: nn.Module, blocks: torch.Tensor, batch_size: int):
         self.model = copy.deepcopy(model).eval()
         self.layers = decoder_layers(self.model)
         self.hidden: list[torch.Tensor] = []  # residual stream entering the next layer, per batch
@@ -49,9 +49,11 @@ class LayerRunner:
             ids = blocks[start:start + batch_size]
             self.hidden.append(self._capture(ids))
             self.tokens += ids.numel()
-        # refit_target stream: the dense model's stream rides along (the same layer, run before it is changed).
-        self.dense: list[torch.Tensor] | None = [h.clone() for h in self.hidden] if stream else None
+        # The stream target: the dense model's stream rides along (the same layer, run before it is changed). It
+        # is copied on the first dense_step, so only runs that refit toward the stream hold it.
+        self.dense: list[torch.Tensor] | None = None
         self.dense_next: list[torch.Tensor] | None = None
+        self._changed = False  # weights applied or layers advanced: the current stream is no longer the dense one
 
     @torch.inference_mode()
     def _capture(self, ids: torch.Tensor) -> torch.Tensor:
@@ -96,7 +98,10 @@ class LayerRunner:
     def dense_step(self, index: int) -> None:
         """The dense model's stream after layer `index`, computed while that layer still has its dense weights."""
         if self.dense is None:
-            raise RuntimeError("this runner was built without the dense stream (stream=False)")
+            if index or self._changed:
+                raise RuntimeError("the dense stream is copied at layer 0 before anything changes: call dense_step "
+                                   "for every layer from the first")
+            self.dense = [h.clone() for h in self.hidden]
         self.dense_next = [self._run(index, b, self.dense[b]) for b in range(len(self.hidden))]
 
     @torch.inference_mode()
@@ -138,10 +143,12 @@ class LayerRunner:
 
     def apply(self, weights: Mapping[str, torch.Tensor]) -> None:
         _write(self.model, weights)
+        self._changed = True
 
     @torch.inference_mode()
     def advance(self, index: int) -> None:
         self.hidden = [self._run(index, b) for b in range(len(self.hidden))]
+        self._changed = True
         if self.dense is not None:
             self.dense, self.dense_next = self.dense_next, None
 
@@ -204,9 +211,7 @@ def prune_sequential(model: nn.Module, runners: Sequence, prune_cfg: PruneConfig
     if prune_cfg.method in ("depth", "cus-prun", "taylor") or prune_cfg.mode != "target":
         raise ConfigError(f"prune.sequential supports target-mode width pruning with contextual, wanda-sp, "
                           f"magnitude, random or obs, not {prune_cfg.method!r} ({prune_cfg.mode})")
-    stream = prune_cfg.refit_target == "stream"
-    if stream:
-        check_stream_refit(model)
+    stream = stream_refit(prune_cfg, model)
     work = copy.deepcopy(model).eval()  # the driver's copy: scored and refit layer by layer
     w = widths(work)
     dtype = next(work.parameters()).dtype
@@ -226,7 +231,7 @@ def prune_sequential(model: nn.Module, runners: Sequence, prune_cfg: PruneConfig
             if stream and part == "mlp":
                 # Every layer's MLP output absorbs the stream's drift, whether it loses channels or not; the
                 # channels are then chosen and refit from the corrected projection.
-                corrected = _toward_stream(work, i, st, prune_cfg.damp)
+                corrected = _toward_stream(work, i, st, prune_cfg.stream_damp)
                 _write(work, corrected)
                 if shape.mlp_width == w["intermediate"]:
                     new = {k: v.to(dtype) for k, v in corrected.items()}
@@ -267,7 +272,7 @@ def _chosen(mlp_keep, kv_keep, w) -> scoring.Scores:
 
 
 def ray_runners(model_dir: str, shards: Sequence[torch.Tensor], batch_size: int, dtype: str = "float32",
-                cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0, stream: bool = False) -> list:
+                cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0) -> list:
     """One LayerRunner actor per share of the calibration blocks, each loading the model itself."""
     import ray
 
@@ -277,7 +282,7 @@ def ray_runners(model_dir: str, shards: Sequence[torch.Tensor], batch_size: int,
             from minigpt.models import load_model
 
             torch.set_num_threads(max(1, int(cpus_per_worker)))
-            super().__init__(load_model(folder, dtype), torch.as_tensor(blocks), batch, stream)
+            super().__init__(load_model(folder, dtype), torch.as_tensor(blocks), batch)
 
     opts = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker}
     return [_Runner.options(**opts).remote(str(model_dir), b.numpy(), batch_size) for b in shards]

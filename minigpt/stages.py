@@ -174,8 +174,7 @@ def _sequential_plan(p: Pipeline, name: str, dense, tokenizer, stats):
     blocks = corpora.read_blocks(corpora.DomainData.load(p.layout.data_dir(name)).shards("calib"))
     shares = [s for s in blocks.tensor_split(min(cfg.calibrate.workers, len(blocks))) if len(s)]
     runners = Q.ray_runners(str(p.model_dir), shares, cfg.calibrate.batch_size, cfg.calibrate.dtype,
-                            cfg.calibrate.cpus_per_worker, cfg.calibrate.gpus_per_worker,
-                            stream=cfg.prune.refit_target == "stream")
+                            cfg.calibrate.cpus_per_worker, cfg.calibrate.gpus_per_worker)
     vocab = P.vocab_keep(stats["token_counts"], tokenizer, cfg.prune.vocab_min_count) if cfg.prune.vocab else None
     n_layers = len(decoder_layers(dense))
     try:

@@ -191,12 +191,16 @@ def test_stream_drift_sums_equal_direct_computation(arch):
     from minigpt import sequential as Q
 
     model = make(arch)
-    runner = Q.LayerRunner(model, CALIB, 2, stream=True)
-    runner.dense_step(0)
+    runner = Q.LayerRunner(model, CALIB, 2)
+    runner.dense_step(0)  # the dense stream is copied here, before anything changes
     assert float(S.from_numpy(runner.stats(0, drift=True))["mlp_drift"].abs().max()) < 1e-9
     arch_ = arch_of(model)
     changed = {n: v * 0.5 for n, v in runner.model.named_parameters() if n.startswith(f"{arch_.layers}.0.")
                and n.endswith(".weight") and v.dim() == 2 and arch_.mlp_out not in n}
+    late = Q.LayerRunner(model, CALIB, 2)
+    late.apply(changed)
+    with pytest.raises(RuntimeError, match="copied at layer 0 before anything changes"):
+        late.dense_step(0)
     runner.apply(changed)
     st = S.from_numpy(runner.stats(0, drift=True))
     seen = []
@@ -224,11 +228,15 @@ def test_stream_refit_slims_to_masked_dense_or_is_refused(arch):
 
     model = make(arch)
     cfg = PruneConfig(method="obs", target=0.3, multiple_of=4, sequential=True, refit_target="stream")
+    # The default target (auto) is the stream wherever it applies and the layer target elsewhere, never an error.
+    assert P.stream_refit(PruneConfig(), model) == depth_replaceable(model)
+    assert not P.stream_refit(PruneConfig(sequential=False), model)
     if not depth_replaceable(model):
         with pytest.raises(ConfigError, match=f"{arch} normalises each block's MLP output"):
             P.stat_spec(cfg, model)
+        P.stat_spec(PruneConfig(), model)
         return
-    plan, weights = Q.prune_sequential(model, [Q.LayerRunner(model, CALIB, 2, stream=True)], cfg, domain="d")
+    plan, weights = Q.prune_sequential(model, [Q.LayerRunner(model, CALIB, 2)], cfg, domain="d")
     assert any(arch_of(model).mlp_out in k for k in weights)
     small = SL.slim(model, plan, weights)
     with torch.no_grad():

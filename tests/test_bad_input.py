@@ -126,5 +126,6 @@ def test_statistics_over_the_memory_budget_stop_before_any_model_loads(base, cap
     monkeypatch.setattr(M, "load_model", no_loading)
     tmp, job = base
     job["calibrate"] = {"memory_budget_gb": 0.0001}
+    job["prune"] = {**job.get("prune", {}), "sequential": False}  # one-shot: every layer's Gram sums in the profile
     err = _run(tmp, job, capsys)
     assert "GiB, over calibrate.memory_budget_gb=0.0001" in err and "prune.reconstruct=false" in err

@@ -168,9 +168,8 @@ def test_sequential_on_ray_actors_equals_one_in_process_runner(ray_local, setup,
     root, model, _ = setup
     blocks = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(4))
     cfg = PruneConfig(method="obs", target=0.3, kv_groups=1, multiple_of=4, sequential=True, refit_target=target)
-    stream = target == "stream"
-    local, w_local = Q.prune_sequential(model, [Q.LayerRunner(model, blocks, 2, stream=stream)], cfg, domain="d")
-    runners = Q.ray_runners(str(root / "model"), [blocks[:4], blocks[4:]], 2, cpus_per_worker=0.5, stream=stream)
+    local, w_local = Q.prune_sequential(model, [Q.LayerRunner(model, blocks, 2)], cfg, domain="d")
+    runners = Q.ray_runners(str(root / "model"), [blocks[:4], blocks[4:]], 2, cpus_per_worker=0.5)
     try:
         remote, w_remote = Q.prune_sequential(model, runners, cfg, domain="d", remote=True)
     finally:

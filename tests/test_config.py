@@ -50,6 +50,22 @@ def test_recovery_lr_defaults_to_the_measured_rate_of_its_mode():
     assert C.RecoverConfig(mode="lora", lr=1e-3).learning_rate == 1e-3
 
 
+def test_sequential_auto_turns_on_where_it_applies(tmp_path):
+    job = _write(tmp_path, MINIMAL)
+    assert C.PruneConfig().sequential is True and C.PruneConfig().auto_sequential  # obs, target mode
+    for off in (["prune.method=taylor"], ["prune.method=depth"], ["prune.q_heads=2"], ["prune.allocate=true"],
+                ["prune.method=contextual", "prune.mode=threshold"], ["search.enabled=true"]):
+        assert C.load(job, off).prune.sequential is False, off
+    assert C.load(job, ["prune.sequential=false"]).prune.sequential is False
+    assert C.load(job, ["prune.refit_target=stream"]).prune.sequential is True
+    assert C.parse(C.load(job).to_dict()) == C.load(job)  # the resolved value round-trips
+    for bad, message in [(["prune.method=taylor", "prune.refit_target=stream"], "refit_target stream needs"),
+                         (["prune.method=taylor", "prune.sequential=true"], "prune.sequential needs"),
+                         (["search.enabled=true", "prune.sequential=true"], "does not combine with search")]:
+        with pytest.raises(C.ConfigError, match=message):
+            C.load(job, bad)
+
+
 @pytest.mark.parametrize("override,message", [
     ("prune.targte=0.3", "unknown key 'prune.targte'"),
     ("prune.target=1.5", "prune.target must be in (0, 1)"),
@@ -57,8 +73,8 @@ def test_recovery_lr_defaults_to_the_measured_rate_of_its_mode():
     ("prune.target=abc", "prune.target: expected float"),
     ("calibrate.workers=two", "calibrate.workers: expected int"),
     ("prune.method=magic", "prune.method 'magic' is not one of"),
-    ("prune.refit_target=model", "prune.refit_target 'model' is not one of layer, stream"),
-    ("prune.refit_target=stream", "prune.refit_target stream needs prune.sequential true"),
+    ("prune.refit_target=model", "prune.refit_target 'model' is not one of auto, layer, stream"),
+    ("prune.sequential=maybe", "prune.sequential must be true, false or auto, got 'maybe'"),
     ("recover.lr=0", "recover.lr must be > 0"),
     ("nonsense", "not of the form key=value"),
     ("domains.legal.sources=[{kind: nope}]", "source kind 'nope'"),

@@ -282,9 +282,9 @@ def test_stream_refit_is_exact_across_runners_and_tracks_the_dense_stream_closer
     cfg = {t: PruneConfig(method="obs", target=0.3, multiple_of=4, sequential=True, refit_target=t)
            for t in ("layer", "stream")}
     layer, wl = Q.prune_sequential(model, [Q.LayerRunner(model, blocks, 2)], cfg["layer"], domain="d")
-    one, w1 = Q.prune_sequential(model, [Q.LayerRunner(model, blocks, 2, stream=True)], cfg["stream"], domain="d")
-    two, w2 = Q.prune_sequential(model, [Q.LayerRunner(model, blocks[:4], 2, stream=True),
-                                         Q.LayerRunner(model, blocks[4:], 2, stream=True)], cfg["stream"], domain="d")
+    one, w1 = Q.prune_sequential(model, [Q.LayerRunner(model, blocks, 2)], cfg["stream"], domain="d")
+    two, w2 = Q.prune_sequential(model, [Q.LayerRunner(model, blocks[:4], 2),
+                                         Q.LayerRunner(model, blocks[4:], 2)], cfg["stream"], domain="d")
     assert one.layers == two.layers and set(w1) == set(w2)
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-7, atol=1e-7)
@@ -302,7 +302,30 @@ def test_stream_refit_is_exact_across_runners_and_tracks_the_dense_stream_closer
         torch.testing.assert_close(SL.slim(model, one, w1)(blocks).logits,
                                    SL.mask(copy.deepcopy(model), one, w1)(blocks).logits, rtol=1e-5, atol=1e-5)
     with pytest.raises(ConfigError, match="refit_target stream needs prune.sequential"):
-        PruneConfig(refit_target="stream")
+        PruneConfig(refit_target="stream", sequential=False)
+
+
+def test_stream_correction_ridge_spans_stream_to_layer_target(model):
+    """prune.stream_damp is the ridge of the stream correction alone: as it grows, W* = W + E (G + lam I)^-1 tends
+    to W and the stream target's choices and weights become the layer target's; a moderate one differs from both."""
+    from minigpt import sequential as Q
+
+    blocks = _blocks(8)
+
+    def run(target, **kw):
+        cfg = PruneConfig(method="obs", target=0.3, multiple_of=4, sequential=True, refit_target=target, **kw)
+        return Q.prune_sequential(model, [Q.LayerRunner(model, blocks, 2)], cfg,
+                                  domain="d")
+
+    layer, wl = run("layer")
+    huge, wh = run("stream", stream_damp=1e12)
+    assert huge.layers == layer.layers
+    for k in wl:
+        torch.testing.assert_close(wh[k], wl[k], rtol=1e-6, atol=1e-6)
+    small, ws = run("stream", stream_damp=0.01)
+    mid, wm = run("stream", stream_damp=1.0)
+    down = [k for k in wl if "down_proj" in k]
+    assert all(not torch.allclose(wm[k], ws[k]) and not torch.allclose(wm[k], wl[k]) for k in down[1:])
 
 
 def test_allocation_picks_the_stock_shape_with_the_least_predicted_error(model):
