@@ -176,8 +176,9 @@ class PruneConfig:
     # reconstruct, an architecture whose MLP output joins the stream linearly: plan.stream_refit), else layer.
     refit_target: str = "auto"
     # Ridge of the stream target's full-width correction (refit.corrected), relative to the mean diagonal of its Gram
-    # matrix. It predicts the stream's drift from one layer's MLP inputs, a regression that overfits a few thousand
-    # calibration tokens far more than the channel refit does: measured best well above `damp` (README).
+    # matrix at 16,384 calibration tokens and falling as 1/tokens above (sequential.stream_ridge). It predicts the
+    # stream's drift from one layer's MLP inputs, a regression that overfits a few thousand calibration tokens far
+    # more than the channel refit does: measured best well above `damp` (README).
     stream_damp: float = 1.0
 
     def __post_init__(self) -> None:

@@ -164,6 +164,17 @@ def _merged(runners, index: int, num_layers: int, remote: bool, drift: bool = Fa
     return S.layer_view(S.merge(S.from_numpy(p) for p in parts), index, num_layers)
 
 
+STREAM_DAMP_TOKENS = 16384  # calibration tokens at which prune.stream_damp is the relative ridge itself
+
+
+def stream_ridge(stream_damp: float, tokens: float) -> float:
+    """The stream correction's ridge relative to its Gram matrix's mean diagonal: `stream_damp` up to 16,384 tokens,
+    then falling as 1 / tokens. The Gram matrix grows with the tokens while the drift regression's noise falls, so
+    a fixed prior (a ridge worth 16,384 tokens x stream_damp of the mean input energy) is what generalises: measured
+    best at 16k tokens with 1.0 and at 256k with 1/16 of it (README)."""
+    return stream_damp * min(1.0, STREAM_DAMP_TOKENS / max(tokens, 1.0))
+
+
 def _toward_stream(work: nn.Module, index: int, st: Mapping[str, torch.Tensor],
                    damp: float) -> dict[str, torch.Tensor]:
     """Layer `index`'s MLP output projection refit at full width toward the dense model's stream (refit.corrected);
@@ -231,7 +242,7 @@ def prune_sequential(model: nn.Module, runners: Sequence, prune_cfg: PruneConfig
             if stream and part == "mlp":
                 # Every layer's MLP output absorbs the stream's drift, whether it loses channels or not; the
                 # channels are then chosen and refit from the corrected projection.
-                corrected = _toward_stream(work, i, st, prune_cfg.stream_damp)
+                corrected = _toward_stream(work, i, st, stream_ridge(prune_cfg.stream_damp, float(st["tokens"])))
                 _write(work, corrected)
                 if shape.mlp_width == w["intermediate"]:
                     new = {k: v.to(dtype) for k, v in corrected.items()}
@@ -288,4 +299,4 @@ def ray_runners(model_dir: str, shards: Sequence[torch.Tensor], batch_size: int,
     return [_Runner.options(**opts).remote(str(model_dir), b.numpy(), batch_size) for b in shards]
 
 
-__all__ = ["LayerRunner", "prune_sequential", "ray_runners"]
+__all__ = ["LayerRunner", "STREAM_DAMP_TOKENS", "prune_sequential", "ray_runners", "stream_ridge"]

@@ -328,6 +328,14 @@ def test_stream_correction_ridge_spans_stream_to_layer_target(model):
     assert all(not torch.allclose(wm[k], ws[k]) and not torch.allclose(wm[k], wl[k]) for k in down[1:])
 
 
+def test_stream_ridge_is_a_fixed_prior_above_its_reference_tokens():
+    from minigpt.sequential import STREAM_DAMP_TOKENS, stream_ridge
+
+    assert stream_ridge(1.0, 128) == stream_ridge(1.0, STREAM_DAMP_TOKENS) == 1.0
+    # Above the reference the relative ridge falls as 1/tokens, so ridge x Gram (which grows with them) stays put.
+    assert stream_ridge(1.0, 16 * STREAM_DAMP_TOKENS) == 1.0 / 16 and stream_ridge(0.5, 4 * STREAM_DAMP_TOKENS) == 0.125
+
+
 def test_allocation_picks_the_stock_shape_with_the_least_predicted_error(model):
     from minigpt import allocate as A
 
