@@ -170,8 +170,8 @@ STREAM_DAMP_TOKENS = 16384  # calibration tokens at which prune.stream_damp is t
 def stream_ridge(stream_damp: float, tokens: float) -> float:
     """The stream correction's ridge relative to its Gram matrix's mean diagonal: `stream_damp` up to 16,384 tokens,
     then falling as 1 / tokens. The Gram matrix grows with the tokens while the drift regression's noise falls, so
-    a fixed prior (a ridge worth 16,384 tokens x stream_damp of the mean input energy) is what generalises: measured
-    best at 16k tokens with 1.0 and at 256k with 1/16 of it (README)."""
+    a fixed prior (a ridge worth 16,384 tokens x stream_damp of the mean input energy) is what generalises: 1.0 was
+    the best at 16k tokens, and 1/16 of it at 256k ties the best value measured there (README)."""
     return stream_damp * min(1.0, STREAM_DAMP_TOKENS / max(tokens, 1.0))
 
 
