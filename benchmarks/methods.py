@@ -22,12 +22,15 @@ A method may carry options:
   * `wanda-sp+seq`: pruned and refit layer by layer on the pruned model's own activations (prune.sequential;
     compensated runs only); `+stream` the same with every MLP output refit toward the dense model's residual
     stream (prune.refit_target stream);
-  * `+sd0.01` sets the stream target's correction ridge (prune.stream_damp) to 0.01;
+  * `+sd0.01` sets the stream target's correction ridge (prune.stream_damp) to 0.01; `+sa` / `+sa0` turn on /
+    off the correction of every attention output toward the dense stream (prune.stream_attn; default on);
   * `+q2` keeps 2 query heads in every KV group, `+kv2` keeps 2 KV groups per layer.
+
+`--model gemma3-270m` (after `make gemma-setup`) runs the same comparison on Gemma-3-270M.
 
 Usage:
   .venv/bin/python benchmarks/methods.py [--targets 0.2,0.3,0.5] [--methods obs,wanda-sp,...] [--damps 0.01]
-                                         [--calib-tokens 16384] [--work runs/bench-methods]
+                                         [--calib-tokens 16384] [--model smollm2-135m] [--work runs/bench-methods]
 """
 
 from __future__ import annotations
@@ -82,7 +85,8 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--damps", default="0.01", help="prune.damp values to compare (compensated runs)")
     ap.add_argument("--calib-tokens", type=int, default=16384)
-    ap.add_argument("--work", default="runs/bench-methods")
+    ap.add_argument("--model", default="smollm2-135m", help="a built-in alias or a model folder")
+    ap.add_argument("--work", default=None, help="data and profile cache (default: runs/bench-methods[-<model>])")
     ap.add_argument("--block-size", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--max-blocks", type=int, default=16, help="blocks of each evaluation text")
@@ -95,9 +99,11 @@ def main() -> None:
     methods = [m for m in args.methods.split(",") if m]
     damps = [float(d) for d in args.damps.split(",")]
     domains = [d for d in args.domains.split(",") if d]
-    work = Path(args.work)
+    # Tokenized data and profiles belong to one model: another model caches them in a folder of its own.
+    work = Path(args.work or "runs/bench-methods" + ("" if args.model == "smollm2-135m" else
+                                                     f"-{Path(args.model).name}"))
     othertext.ensure_sources()
-    folder = resolve(ModelConfig(source="smollm2-135m"))
+    folder = resolve(ModelConfig(source=args.model))
     dense = load_model(folder)
     tok = load_tokenizer(folder)
     # Half the documents calibrate: the licences corpus is small and least squares wants many tokens.
@@ -158,7 +164,8 @@ def main() -> None:
                                       q_heads=next((int(o[1:]) for o in opts if o[:1] == "q" and o[1:].isdigit()), 0),
                                       kv_groups=next((int(o[2:]) for o in opts if o[:2] == "kv"), 0),
                                       stream_damp=next((float(o[2:]) for o in opts if o[:2] == "sd"),
-                                                       PruneConfig.stream_damp))
+                                                       PruneConfig.stream_damp),
+                                      stream_attn="sa0" not in opts and ("sa" in opts or PruneConfig.stream_attn))
                     t1 = time.time()
                     if cfg.sequential:
                         plan, weights = sequential.prune_sequential(
@@ -185,7 +192,7 @@ def main() -> None:
                                                      for d in domains) + f" ({time.time() - t0:.0f}s)", flush=True)
 
     for kind in ("other", "heldout"):
-        print(f"\nSmolLM2-135M, no training; perplexity / dense on {kind} text "
+        print(f"\n{args.model}, no training; perplexity / dense on {kind} text "
               f"({args.max_blocks} blocks x {args.block_size} per domain); dense: "
               + ", ".join(f"{d} {dense_ppl[d][kind]:.2f}" for d in domains))
         print(f"{'method':<26}{'removed':>8} " + " ".join(f"{d:>9}" for d in domains))

@@ -30,9 +30,13 @@ import torch
 from torch import nn
 
 from minigpt import refit, scoring, stats as S
-from minigpt.config import ConfigError, PruneConfig
+from minigpt.config import SEQUENTIAL_METHODS, ConfigError, PruneConfig
 from minigpt.models import arch_of, decoder_layers, residual_scale, widths
 from minigpt.plan import PruningPlan, Shape, plan_from_shape, stream_refit, target_shape, top_units
+
+
+class _AttentionDone(Exception):
+    """Raised from a hook to end a layer pass once the attention output is known (LayerRunner.stats)."""
 
 
 class LayerRunner:
@@ -53,6 +57,7 @@ class LayerRunner:
         # is copied on the first dense_step, so only runs that refit toward the stream hold it.
         self.dense: list[torch.Tensor] | None = None
         self.dense_next: list[torch.Tensor] | None = None
+        self.dense_attn: list[torch.Tensor] = []  # the dense attention output projection's output, per batch
         self._changed = False  # weights applied or layers advanced: the current stream is no longer the dense one
 
     @torch.inference_mode()
@@ -96,45 +101,73 @@ class LayerRunner:
 
     @torch.inference_mode()
     def dense_step(self, index: int) -> None:
-        """The dense model's stream after layer `index`, computed while that layer still has its dense weights."""
+        """The dense model's stream after layer `index`, computed while that layer still has its dense weights, and
+        the dense attention output projection's output (the stream target's mid-layer point)."""
         if self.dense is None:
             if index or self._changed:
                 raise RuntimeError("the dense stream is copied at layer 0 before anything changes: call dense_step "
                                    "for every layer from the first")
             self.dense = [h.clone() for h in self.hidden]
-        self.dense_next = [self._run(index, b, self.dense[b]) for b in range(len(self.hidden))]
+        seen: list[torch.Tensor] = []
+        hook = self.layers[index].get_submodule(arch_of(self.model).attn_out).register_forward_hook(
+            lambda _m, _a, out: seen.append(out.detach()))
+        try:
+            self.dense_next = [self._run(index, b, self.dense[b]) for b in range(len(self.hidden))]
+        finally:
+            hook.remove()
+        self.dense_attn = seen
 
     @torch.inference_mode()
-    def stats(self, index: int, drift: bool = False) -> dict:
+    def stats(self, index: int, drift: str | None = None, attn_only: bool = False) -> dict:
         """Statistics of layer `index` alone (Gram matrices included) on the current activations.
 
-        With `drift`, also the error sums the stream refit needs (after `dense_step(index)`): `mlp_drift` = sum e x^T
-        [1, D, I] and `mlp_drift_sum` = sum e [1, D], with x the MLP output projection's input and e the dense
-        stream minus this model's stream after the layer, divided by the residual scale (so e is in the units of
-        the projection's output)."""
+        With `drift` ("mlp" or "attn"; after `dense_step(index)`), also the error sums the stream target refits
+        from: `<part>_drift` = sum e x^T [1, D, in] and `<part>_drift_sum` = sum e [1, D], with x the input of that
+        part's output projection and e, in the units of the projection's output (divided by the residual scale),
+        the dense stream minus this model's stream just after the part: after the whole layer for "mlp", after
+        the attention's contribution joins the stream for "attn". `attn_only` stops each batch at the attention
+        output (its sums are then the only complete ones): what a correction of the attention alone needs."""
+        if attn_only and drift != "attn":
+            raise ValueError("attn_only needs drift='attn'")
         spec = S.StatSpec(gram=True)
         st = S.layer_stats_for_model(self.model, spec)
         layer = self.layers[index]
         arch = arch_of(self.model)
+        seen: list[tuple[torch.Tensor, torch.Tensor]] = []
         if drift:
+            if drift not in ("mlp", "attn"):
+                raise ValueError(f"drift must be 'mlp' or 'attn', got {drift!r}")
             if self.dense_next is None:
-                raise RuntimeError("stats(drift=True) needs dense_step() for the same layer first")
-            I, D = widths(self.model)["intermediate"], self.hidden[0].shape[-1]
-            st["mlp_drift"] = torch.zeros(1, D, I, dtype=torch.float64)
-            st["mlp_drift_sum"] = torch.zeros(1, D, dtype=torch.float64)
-            seen: list[torch.Tensor] = []
-            hook = layer.get_submodule(arch.mlp_out).register_forward_pre_hook(
-                lambda _m, args: seen.append(args[0].detach()))
+                raise RuntimeError("stats(drift=...) needs dense_step() for the same layer first")
+            mod = layer.get_submodule(arch.mlp_out if drift == "mlp" else arch.attn_out)
+            width = mod.weight.shape[0 if arch.conv1d else 1]
+            st[f"{drift}_drift"] = torch.zeros(1, self.hidden[0].shape[-1], width, dtype=torch.float64)
+            st[f"{drift}_drift_sum"] = torch.zeros(1, self.hidden[0].shape[-1], dtype=torch.float64)
+
+            def keep(_m, args, out):
+                seen.append((args[0].detach(), out.detach()))
+                if attn_only:
+                    raise _AttentionDone
+
+            hook = mod.register_forward_hook(keep)
         scale = residual_scale(self.model)
         try:
             with S.collecting(self.model, st, spec, layer=index):
                 for b in range(len(self.hidden)):
-                    out = self._run(index, b)
+                    try:
+                        out = self._run(index, b)
+                    except _AttentionDone:  # the rest of the layer is not needed
+                        out = None
                     if drift:
-                        x = seen.pop().reshape(-1, I).double()
-                        e = ((self.dense_next[b] - out) / scale).reshape(x.shape[0], -1).double()
-                        st["mlp_drift"][0] += e.T @ x
-                        st["mlp_drift_sum"][0] += e.sum(0)
+                        x, y = seen.pop()
+                        if drift == "mlp":
+                            e = (self.dense_next[b] - out) / scale
+                        else:  # streams just after the attention: the layer's input plus its attention output
+                            e = (self.dense[b] - self.hidden[b]) / scale + self.dense_attn[b] - y
+                        x = x.reshape(-1, x.shape[-1]).double()
+                        e = e.reshape(x.shape[0], -1).double()
+                        st[f"{drift}_drift"][0] += e.T @ x
+                        st[f"{drift}_drift_sum"][0] += e.sum(0)
         finally:
             if drift:
                 hook.remove()
@@ -150,17 +183,18 @@ class LayerRunner:
         self.hidden = [self._run(index, b) for b in range(len(self.hidden))]
         self._changed = True
         if self.dense is not None:
-            self.dense, self.dense_next = self.dense_next, None
+            self.dense, self.dense_next, self.dense_attn = self.dense_next, None, []
 
 
-def _merged(runners, index: int, num_layers: int, remote: bool, drift: bool = False) -> dict:
+def _merged(runners, index: int, num_layers: int, remote: bool, drift: str | None = None,
+            attn_only: bool = False) -> dict:
     """The runners' sums for one layer, merged (exactly: they are sums) and laid out as a whole-model profile."""
     if remote:
         import ray
 
-        parts = ray.get([r.stats.remote(index, drift) for r in runners])
+        parts = ray.get([r.stats.remote(index, drift, attn_only) for r in runners])
     else:
-        parts = [r.stats(index, drift) for r in runners]
+        parts = [r.stats(index, drift, attn_only) for r in runners]
     return S.layer_view(S.merge(S.from_numpy(p) for p in parts), index, num_layers)
 
 
@@ -175,18 +209,19 @@ def stream_ridge(stream_damp: float, tokens: float) -> float:
     return stream_damp * min(1.0, STREAM_DAMP_TOKENS / max(tokens, 1.0))
 
 
-def _toward_stream(work: nn.Module, index: int, st: Mapping[str, torch.Tensor],
-                   damp: float) -> dict[str, torch.Tensor]:
-    """Layer `index`'s MLP output projection refit at full width toward the dense model's stream (refit.corrected);
-    choosing and refitting the kept channels on the result then targets the dense stream."""
+def _toward_stream(work: nn.Module, index: int, st: Mapping[str, torch.Tensor], damp: float,
+                   part: str = "mlp") -> dict[str, torch.Tensor]:
+    """Layer `index`'s MLP (or attention) output projection refit at full width toward the dense model's stream
+    (refit.corrected); choosing and refitting the kept units on the result then targets the dense stream."""
     arch = arch_of(work)
-    mod = decoder_layers(work)[index].get_submodule(arch.mlp_out)
+    module = arch.mlp_out if part == "mlp" else arch.attn_out
+    mod = decoder_layers(work)[index].get_submodule(module)
     W = mod.weight.detach().T if arch.conv1d else mod.weight.detach()
     bias = getattr(mod, "bias", None)
-    Wc, b = refit.corrected(W, st["mlp_gram"][index], st["mlp_drift"][index], damp, bias=bias,
-                            x_sum=st["mlp_sum"][index], count=float(st["tokens"].item()),
-                            e_sum=st["mlp_drift_sum"][index])
-    name = f"{arch.layers}.{index}.{arch.mlp_out}"
+    Wc, b = refit.corrected(W, st[f"{part}_gram"][index], st[f"{part}_drift"][index], damp, bias=bias,
+                            x_sum=st[f"{part}_sum"][index], count=float(st["tokens"].item()),
+                            e_sum=st[f"{part}_drift_sum"][index])
+    name = f"{arch.layers}.{index}.{module}"
     out = {f"{name}.weight": Wc.T if arch.conv1d else Wc}
     if b is not None:
         out[f"{name}.bias"] = b
@@ -219,9 +254,9 @@ def prune_sequential(model: nn.Module, runners: Sequence, prune_cfg: PruneConfig
     `runners` are LayerRunner objects (or Ray actor handles of them with remote=True) over disjoint shares of the
     calibration blocks; `shape` defaults to the job's uniform target shape. Only width pruning is sequential (a
     depth cut has no per-layer order to follow)."""
-    if prune_cfg.method in ("depth", "cus-prun", "taylor") or prune_cfg.mode != "target":
-        raise ConfigError(f"prune.sequential supports target-mode width pruning with contextual, wanda-sp, "
-                          f"magnitude, random or obs, not {prune_cfg.method!r} ({prune_cfg.mode})")
+    if prune_cfg.method not in SEQUENTIAL_METHODS or prune_cfg.mode != "target":
+        raise ConfigError(f"prune.sequential supports target-mode width pruning with "
+                          f"{', '.join(SEQUENTIAL_METHODS)}, not {prune_cfg.method!r} ({prune_cfg.mode})")
     stream = stream_refit(prune_cfg, model)
     work = copy.deepcopy(model).eval()  # the driver's copy: scored and refit layer by layer
     w = widths(work)
@@ -230,21 +265,25 @@ def prune_sequential(model: nn.Module, runners: Sequence, prune_cfg: PruneConfig
     mlp_keep: list = [None] * w["layers"]
     kv_keep: list = [None] * w["layers"]
     weights: dict[str, torch.Tensor] = {}
+    cut = {"attn": shape.kv_groups < w["kv_heads"], "mlp": shape.mlp_width < w["intermediate"]}
+    correct = {"attn": stream and prune_cfg.stream_attn, "mlp": stream}
     for i in range(w["layers"]):
         if stream:
             _broadcast(runners, remote, "dense_step", i)
+        # Attention first (groups chosen, or its output corrected), then the MLP on the attention's new outputs.
         for part in ("attn", "mlp"):
-            if part == "attn" and shape.kv_groups == w["kv_heads"]:
+            if not (cut[part] or correct[part]):
                 continue
-            if part == "mlp" and shape.mlp_width == w["intermediate"] and not stream:
-                continue
-            st = _merged(runners, i, w["layers"], remote, drift=stream and part == "mlp")
-            if stream and part == "mlp":
-                # Every layer's MLP output absorbs the stream's drift, whether it loses channels or not; the
-                # channels are then chosen and refit from the corrected projection.
-                corrected = _toward_stream(work, i, st, stream_ridge(prune_cfg.stream_damp, float(st["tokens"])))
+            # A correction alone of the attention needs only the layer's first half on each batch.
+            st = _merged(runners, i, w["layers"], remote, drift=part if correct[part] else None,
+                         attn_only=part == "attn" and not cut["attn"])
+            if correct[part]:
+                # The part's output projection absorbs the stream's drift at full width, whether it loses units
+                # or not; its units are then chosen and refit from the corrected projection.
+                ridge = stream_ridge(prune_cfg.stream_damp, float(st["tokens"]))
+                corrected = _toward_stream(work, i, st, ridge, part)
                 _write(work, corrected)
-                if shape.mlp_width == w["intermediate"]:
+                if not cut[part]:
                     new = {k: v.to(dtype) for k, v in corrected.items()}
                     weights.update(new)
                     _broadcast(runners, remote, "apply", new)

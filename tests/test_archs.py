@@ -193,7 +193,7 @@ def test_stream_drift_sums_equal_direct_computation(arch):
     model = make(arch)
     runner = Q.LayerRunner(model, CALIB, 2)
     runner.dense_step(0)  # the dense stream is copied here, before anything changes
-    assert float(S.from_numpy(runner.stats(0, drift=True))["mlp_drift"].abs().max()) < 1e-9
+    assert float(S.from_numpy(runner.stats(0, drift="mlp"))["mlp_drift"].abs().max()) < 1e-9
     arch_ = arch_of(model)
     changed = {n: v * 0.5 for n, v in runner.model.named_parameters() if n.startswith(f"{arch_.layers}.0.")
                and n.endswith(".weight") and v.dim() == 2 and arch_.mlp_out not in n}
@@ -202,7 +202,7 @@ def test_stream_drift_sums_equal_direct_computation(arch):
     with pytest.raises(RuntimeError, match="copied at layer 0 before anything changes"):
         late.dense_step(0)
     runner.apply(changed)
-    st = S.from_numpy(runner.stats(0, drift=True))
+    st = S.from_numpy(runner.stats(0, drift="mlp"))
     seen = []
     layer = decoder_layers(runner.model)[0]
     hook = layer.get_submodule(arch_.mlp_out).register_forward_pre_hook(lambda _m, a: seen.append(a[0].double()))
@@ -218,6 +218,34 @@ def test_stream_drift_sums_equal_direct_computation(arch):
     assert float(E.abs().max()) > 1e-3  # the change did move the stream
     torch.testing.assert_close(st["mlp_drift"][0], E, rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(st["mlp_drift_sum"][0], e_sum, rtol=1e-6, atol=1e-8)
+    # prune.stream_attn: the same sums at the attention output, e = the dense stream after the attention minus
+    # this model's (the layer's input plus the attention output projection's output, in its units). The dense
+    # side is computed here on the untouched model; attn_only (the layer's first half) gives the same sums.
+    def attn_io(m, hidden, b):
+        got = []
+        h = decoder_layers(m)[0].get_submodule(arch_.attn_out).register_forward_hook(
+            lambda _m, a, out: got.append((a[0].double(), out.double())))
+        with torch.no_grad():
+            args, kw = runner.calls[b][0]
+            decoder_layers(m)[0](hidden, *args, **kw)
+        h.remove()
+        return got[0]
+
+    E, e_sum = 0, 0
+    for b in range(len(runner.hidden)):
+        _, y_dense = attn_io(model, runner.dense[b], b)
+        x, y = attn_io(runner.model, runner.hidden[b], b)
+        e = (runner.dense[b].double() - runner.hidden[b].double()) / models.residual_scale(model) + y_dense - y
+        E = E + e.reshape(-1, e.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+        e_sum = e_sum + e.reshape(-1, e.shape[-1]).sum(0)
+    assert float(E.abs().max()) > 1e-3
+    for attn_only in (False, True):
+        st = S.from_numpy(runner.stats(0, "attn", attn_only))
+        # fp32 model: e is formed in fp32 there, in fp64 here
+        torch.testing.assert_close(st["attn_drift"][0], E, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(st["attn_drift_sum"][0], e_sum, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="attn_only needs drift='attn'"):
+        runner.stats(0, "mlp", True)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -305,6 +305,50 @@ def test_stream_refit_is_exact_across_runners_and_tracks_the_dense_stream_closer
         PruneConfig(refit_target="stream", sequential=False)
 
 
+def test_stream_attention_correction_is_exact_and_tracks_the_dense_stream_closer(model):
+    """prune.stream_attn: every attention output projection is also refit at full width toward the dense stream
+    after the attention. Exact across runners; it changes o_proj (which plain MLP pruning leaves alone), brings the
+    calibration blocks' last stream closer to the dense one than the MLP correction alone, and still slims to its
+    masked model; with an infinite ridge it is the layer target again."""
+    from minigpt import sequential as Q
+
+    blocks = _blocks(8)
+
+    def run(parts, **kw):
+        cfg = PruneConfig(method="obs", target=0.3, multiple_of=4, sequential=True, **kw)
+        return Q.prune_sequential(model, [Q.LayerRunner(model, b, 2) for b in parts], cfg, domain="d")
+
+    mlp_only, wm = run([blocks], refit_target="stream", stream_attn=False)
+    one, w1 = run([blocks], refit_target="stream", stream_attn=True)
+    two, w2 = run([blocks[:4], blocks[4:]], refit_target="stream", stream_attn=True)
+    assert one.layers == two.layers and set(w1) == set(w2)
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-7, atol=1e-7)
+    o_proj = [k for k in w1 if "o_proj" in k]
+    assert len(o_proj) == len(one.layers) and not any("o_proj" in k for k in wm)
+    dense_params = dict(model.named_parameters())
+    # Layer 0's attention sees the dense stream (nothing upstream changed yet): e = 0 gives its weights back.
+    torch.testing.assert_close(w1[o_proj[0]], dense_params[o_proj[0]].detach(), rtol=1e-6, atol=1e-6)
+    assert all(not torch.allclose(w1[k], dense_params[k]) for k in o_proj[1:])
+
+    def last_stream(m):
+        with torch.no_grad():
+            return m.model(blocks).last_hidden_state.double()
+
+    dense = last_stream(model)
+    err = {name: (last_stream(SL.slim(model, plan, w)) - dense).square().sum()
+           for name, plan, w in (("mlp", mlp_only, wm), ("attn", one, w1))}
+    assert err["attn"] < err["mlp"]
+    with torch.no_grad():
+        torch.testing.assert_close(SL.slim(model, one, w1)(blocks).logits,
+                                   SL.mask(copy.deepcopy(model), one, w1)(blocks).logits, rtol=1e-5, atol=1e-5)
+    layer, wl = run([blocks], refit_target="layer")
+    huge, wh = run([blocks], refit_target="stream", stream_attn=True, stream_damp=1e12)
+    assert huge.layers == layer.layers
+    for k in wh:
+        torch.testing.assert_close(wh[k], wl[k] if k in wl else dense_params[k].detach(), rtol=1e-6, atol=1e-6)
+
+
 def test_stream_correction_ridge_spans_stream_to_layer_target(model):
     """prune.stream_damp is the ridge of the stream correction alone: as it grows, W* = W + E (G + lam I)^-1 tends
     to W and the stream target's choices and weights become the layer target's; a moderate one differs from both."""
