@@ -6,9 +6,11 @@ layer, pruned layer 1 is chosen and refit on those outputs, and so on. Within a 
 then the MLP channels are chosen on the outputs of the pruned attention. With prune.refit_target `layer` the refit
 target is the layer's full width applied to the same (pruned-model) inputs; with `stream` it is the dense model's
 residual stream after the layer: the runners carry the dense stream beside the pruned one and sum the drift between
-them (`stats(drift=True)`), every MLP output projection is first refit at full width toward the dense stream
+them (`stats(drift="mlp")`), every MLP output projection is first refit at full width toward the dense stream
 (refit.corrected), and its channels are chosen and refit from that, so each layer also undoes what earlier cuts
-left (at the price of one more layer pass per layer and a second copy of the stream).
+left (at the price of one more layer pass per layer and a second copy of the stream). With prune.stream_attn the
+attention output projection is corrected the same way first, toward the dense stream just after the attention
+(`stats(drift="attn", attn_only=True)`: half a layer pass), so the MLP is chosen on inputs closer to the dense ones.
 
 `LayerRunner` holds what one worker needs: a copy of the model being pruned, the residual stream of its share of
 the calibration blocks, and the arguments each layer is called with (masks, rotary tables: captured from the model's
@@ -100,9 +102,9 @@ class LayerRunner:
         return out[0] if isinstance(out, tuple | list) else out
 
     @torch.inference_mode()
-    def dense_step(self, index: int) -> None:
-        """The dense model's stream after layer `index`, computed while that layer still has its dense weights, and
-        the dense attention output projection's output (the stream target's mid-layer point)."""
+    def dense_step(self, index: int, attn: bool = False) -> None:
+        """The dense model's stream after layer `index`, computed while that layer still has its dense weights; with
+        `attn`, also the dense attention output projection's output (for `stats(drift="attn")`)."""
         if self.dense is None:
             if index or self._changed:
                 raise RuntimeError("the dense stream is copied at layer 0 before anything changes: call dense_step "
@@ -110,11 +112,12 @@ class LayerRunner:
             self.dense = [h.clone() for h in self.hidden]
         seen: list[torch.Tensor] = []
         hook = self.layers[index].get_submodule(arch_of(self.model).attn_out).register_forward_hook(
-            lambda _m, _a, out: seen.append(out.detach()))
+            lambda _m, _a, out: seen.append(out.detach())) if attn else None
         try:
             self.dense_next = [self._run(index, b, self.dense[b]) for b in range(len(self.hidden))]
         finally:
-            hook.remove()
+            if hook:
+                hook.remove()
         self.dense_attn = seen
 
     @torch.inference_mode()
@@ -137,8 +140,9 @@ class LayerRunner:
         if drift:
             if drift not in ("mlp", "attn"):
                 raise ValueError(f"drift must be 'mlp' or 'attn', got {drift!r}")
-            if self.dense_next is None:
-                raise RuntimeError("stats(drift=...) needs dense_step() for the same layer first")
+            if self.dense_next is None or (drift == "attn" and not self.dense_attn):
+                raise RuntimeError(f"stats(drift={drift!r}) needs dense_step() for the same layer first"
+                                   + (" (with attn=True)" if drift == "attn" else ""))
             mod = layer.get_submodule(arch.mlp_out if drift == "mlp" else arch.attn_out)
             width = mod.weight.shape[0 if arch.conv1d else 1]
             st[f"{drift}_drift"] = torch.zeros(1, self.hidden[0].shape[-1], width, dtype=torch.float64)
@@ -269,7 +273,7 @@ def prune_sequential(model: nn.Module, runners: Sequence, prune_cfg: PruneConfig
     correct = {"attn": stream and prune_cfg.stream_attn, "mlp": stream}
     for i in range(w["layers"]):
         if stream:
-            _broadcast(runners, remote, "dense_step", i)
+            _broadcast(runners, remote, "dense_step", i, correct["attn"])
         # Attention first (groups chosen, or its output corrected), then the MLP on the attention's new outputs.
         for part in ("attn", "mlp"):
             if not (cut[part] or correct[part]):

@@ -192,7 +192,7 @@ def test_stream_drift_sums_equal_direct_computation(arch):
 
     model = make(arch)
     runner = Q.LayerRunner(model, CALIB, 2)
-    runner.dense_step(0)  # the dense stream is copied here, before anything changes
+    runner.dense_step(0, attn=True)  # the dense stream is copied here, before anything changes
     assert float(S.from_numpy(runner.stats(0, drift="mlp"))["mlp_drift"].abs().max()) < 1e-9
     arch_ = arch_of(model)
     changed = {n: v * 0.5 for n, v in runner.model.named_parameters() if n.startswith(f"{arch_.layers}.0.")
@@ -246,6 +246,9 @@ def test_stream_drift_sums_equal_direct_computation(arch):
         torch.testing.assert_close(st["attn_drift_sum"][0], e_sum, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="attn_only needs drift='attn'"):
         runner.stats(0, "mlp", True)
+    runner.dense_step(0)  # without attn=True the dense attention output is not kept
+    with pytest.raises(RuntimeError, match="with attn=True"):
+        runner.stats(0, "attn")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
