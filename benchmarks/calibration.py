@@ -10,7 +10,9 @@
                     partly pruned model, its channels chosen and refit before the next layer runs) / one-shot
                     planning (one Gram pass, then the plan and the refit from it), obs at 20%, same blocks.
 * stream_vs_oneshot: the same with the stream refit target (prune.refit_target stream: the dense stream runs beside
-                    the pruned one and every down_proj is also refit toward it).
+                    the pruned one and every down_proj and o_proj is also refit toward it).
+* streamattn_vs_streammlp: planning tokens/s of the stream target with its attention correction (prune.stream_attn,
+                    the default) / without it (MLP outputs corrected only).
 * workers2_vs_1:    Ray calibration tokens/s with 2 workers / 1 worker (1 thread each), same shards, actor
                     start-up and model load subtracted (needs 2 idle cores to mean anything).
 
@@ -98,12 +100,13 @@ def main() -> None:
         prof = S.accumulate(model, blocks, args.batch, spec=P.stat_spec(cfg, model))
         refit.compensation(model, P.build_plan(prof, model, cfg, domain="bench"), prof)
 
-    def seq(target: str):
-        cfg = PruneConfig(method="obs", target=0.2, sequential=True, refit_target=target)
+    def seq(target: str, attn: bool = True):
+        cfg = PruneConfig(method="obs", target=0.2, sequential=True, refit_target=target, stream_attn=attn)
         sequential.prune_sequential(model, [sequential.LayerRunner(model, blocks, args.batch)], cfg, domain="bench")
 
     plan_s = {}
-    for name, fn in {"oneshot": oneshot, "seq": lambda: seq("layer"), "stream": lambda: seq("stream")}.items():
+    for name, fn in {"oneshot": oneshot, "seq": lambda: seq("layer"), "stream": lambda: seq("stream"),
+                     "streammlp": lambda: seq("stream", attn=False)}.items():
         t0 = time.perf_counter()
         fn()
         plan_s[name] = time.perf_counter() - t0
@@ -135,7 +138,7 @@ def main() -> None:
     print(f"  + Gram          {rates1['gram']:8.0f} tok/s")
     print(f"  + Gram + depth  {rates1['depth']:8.0f} tok/s")
     for name in plan_s:
-        print(f"planning, {name:<8}{tokens / plan_s[name]:8.0f} tok/s ({plan_s[name]:.0f} s)")
+        print(f"planning, {name:<10}{tokens / plan_s[name]:8.0f} tok/s ({plan_s[name]:.0f} s)")
     print(f"ray, 1 worker     {rates[1]:8.0f} tok/s (steady state)")
     print(f"ray, 2 workers    {rates[2]:8.0f} tok/s (steady state)")
     print(json.dumps({"calib_vs_plain": round(calib_r / plain_r, 3), "calib_vs_decoder": round(calib_r / dec_r, 3),
@@ -143,6 +146,7 @@ def main() -> None:
                       "depth_vs_decoder": round(rates1["depth"] / dec_r, 3),
                       "seq_vs_oneshot": round(plan_s["oneshot"] / plan_s["seq"], 3),
                       "stream_vs_oneshot": round(plan_s["oneshot"] / plan_s["stream"], 3),
+                      "streamattn_vs_streammlp": round(plan_s["streammlp"] / plan_s["stream"], 3),
                       "workers2_vs_1": round(rates[2] / rates[1], 3), "calib_tokens_per_s": round(calib_r),
                       "threads": args.threads}))
 
