@@ -143,37 +143,40 @@ def obs_order(W: torch.Tensor, G: torch.Tensor, group: int = 1, damp: float = 0.
     remove = min(len(allowed) - (candidates is None), units - 1 if remove is None else remove)
     H, _ = _damped(G, damp)
     Hinv = torch.cholesky_inverse(_cholesky(H))
-    alive = list(range(units))  # units still present, in the column order of W / Hinv
+    # W and Hinv keep their full size and are updated in place: a removed unit's columns (and Hinv's rows and
+    # columns) become exactly zero and are masked out of the choice, which costs one rank-|Q| update per step
+    # instead of copying both matrices down to the units left.
+    cols = torch.arange(m).reshape(units, group)
+    pickable = torch.zeros(units, dtype=torch.bool)
+    pickable[list(allowed)] = True
     order: list[int] = []
     errors: list[float] = []
     total = 0.0
     while len(order) < remove:
-        n = len(alive)
-        cols = torch.arange(n * group).reshape(n, group)
         if group == 1:
             cost = W.square().sum(0) / Hinv.diagonal()
         else:
-            blocks = Hinv[cols[:, :, None], cols[:, None, :]]  # [n, g, g]
-            Wq = W[:, cols].permute(1, 0, 2)  # [n, d, g]
+            blocks = Hinv[cols[:, :, None], cols[:, None, :]]  # [units, g, g]
+            blocks[~pickable] = torch.eye(group, dtype=blocks.dtype)  # removed units: zero blocks, never picked
+            Wq = W[:, cols].permute(1, 0, 2)  # [units, d, g]
             cost = (Wq @ torch.linalg.inv(blocks) * Wq).sum((1, 2))
-        if candidates is not None:  # units that must stay are never picked
-            cost = torch.where(torch.tensor([u in allowed for u in alive]), cost, torch.full_like(cost, float("inf")))
+        cost = torch.where(pickable, cost, torch.full_like(cost, float("inf")))
         k = min(batch, remove - len(order))
         pick = torch.topk(cost, k, largest=False).indices.sort().values
         Q = cols[pick].reshape(-1)
         Binv = torch.linalg.inv(Hinv[Q][:, Q])
         # Joint cost of removing the batch (equals cost[pick] when k == 1).
         total += float((W[:, Q] @ Binv * W[:, Q]).sum())
-        W = W - W[:, Q] @ Binv @ Hinv[Q, :]
-        Hinv = Hinv - Hinv[:, Q] @ Binv @ Hinv[Q, :]
-        keep = torch.ones(n * group, dtype=torch.bool)
-        keep[Q] = False
-        W, Hinv = W[:, keep], Hinv[keep][:, keep]
-        gone = set(pick.tolist())
-        for p in sorted(gone):
-            order.append(alive[p])
+        left = Binv @ Hinv[Q, :]
+        W.addmm_(W[:, Q], left, alpha=-1)
+        Hinv.addmm_(Hinv[:, Q], left, alpha=-1)
+        W[:, Q] = 0  # exactly (the update leaves rounding residue there)
+        Hinv[Q, :] = 0
+        Hinv[:, Q] = 0
+        pickable[pick] = False
+        for p in pick.tolist():
+            order.append(p)
             errors.append(total)
-        alive = [u for i, u in enumerate(alive) if i not in gone]
     return order, errors
 
 

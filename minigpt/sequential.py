@@ -61,6 +61,7 @@ class LayerRunner:
         self.dense_next: list[torch.Tensor] | None = None
         self.dense_attn: list[torch.Tensor] = []  # the dense attention output projection's output, per batch
         self._changed = False  # weights applied or layers advanced: the current stream is no longer the dense one
+        self._reuse: tuple | None = None  # (layer, MLP output projection's name, [(out, x, y)] per batch): `stats`
 
     @torch.inference_mode()
     def _capture(self, ids: torch.Tensor) -> torch.Tensor:
@@ -129,32 +130,44 @@ class LayerRunner:
         part's output projection and e, in the units of the projection's output (divided by the residual scale),
         the dense stream minus this model's stream just after the part: after the whole layer for "mlp", after
         the attention's contribution joins the stream for "attn". `attn_only` stops each batch at the attention
-        output (its sums are then the only complete ones): what a correction of the attention alone needs."""
+        output (its sums are then the only complete ones): what a correction of the attention alone needs.
+
+        A whole-layer pass also keeps, per batch, the layer's output and the MLP output projection's input and
+        output, where the layer's output is linear in that projection's (pre-norm blocks): if only that
+        projection changes before `advance`, the next stream is then out + scale (W' x - W x), with no second
+        pass through the layer. It costs (intermediate + 2 hidden) values per token until `advance`."""
         if attn_only and drift != "attn":
             raise ValueError("attn_only needs drift='attn'")
         spec = S.StatSpec(gram=True)
         st = S.layer_stats_for_model(self.model, spec)
         layer = self.layers[index]
         arch = arch_of(self.model)
-        seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+        hooked: dict[str, nn.Module] = {}
         if drift:
             if drift not in ("mlp", "attn"):
                 raise ValueError(f"drift must be 'mlp' or 'attn', got {drift!r}")
             if self.dense_next is None or (drift == "attn" and not self.dense_attn):
                 raise RuntimeError(f"stats(drift={drift!r}) needs dense_step() for the same layer first"
                                    + (" (with attn=True)" if drift == "attn" else ""))
-            mod = layer.get_submodule(arch.mlp_out if drift == "mlp" else arch.attn_out)
+            hooked["drift"] = mod = layer.get_submodule(arch.mlp_out if drift == "mlp" else arch.attn_out)
             width = mod.weight.shape[0 if arch.conv1d else 1]
             st[f"{drift}_drift"] = torch.zeros(1, self.hidden[0].shape[-1], width, dtype=torch.float64)
             st[f"{drift}_drift_sum"] = torch.zeros(1, self.hidden[0].shape[-1], dtype=torch.float64)
+        if not attn_only and arch.post_norms is None:
+            hooked["mlp"] = layer.get_submodule(arch.mlp_out)
+        seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {k: [] for k in hooked}
 
+        def keeper(key: str):
             def keep(_m, args, out):
-                seen.append((args[0].detach(), out.detach()))
+                seen[key].append((args[0].detach(), out.detach()))
                 if attn_only:
                     raise _AttentionDone
+            return keep
 
-            hook = mod.register_forward_hook(keep)
+        hooks = [m.register_forward_hook(keeper(k)) for k, m in hooked.items()]
         scale = residual_scale(self.model)
+        kept = []
+        self._reuse = None
         try:
             with S.collecting(self.model, st, spec, layer=index):
                 for b in range(len(self.hidden)):
@@ -162,29 +175,43 @@ class LayerRunner:
                         out = self._run(index, b)
                     except _AttentionDone:  # the rest of the layer is not needed
                         out = None
+                    if "mlp" in seen:
+                        kept.append((out, *seen["mlp"].pop()))
                     if drift:
-                        x, y = seen.pop()
+                        x, y = seen["drift"].pop()
                         if drift == "mlp":
                             e = (self.dense_next[b] - out) / scale
                         else:  # streams just after the attention: the layer's input plus its attention output
                             e = (self.dense[b] - self.hidden[b]) / scale + self.dense_attn[b] - y
-                        x = x.reshape(-1, x.shape[-1]).double()
-                        e = e.reshape(x.shape[0], -1).double()
-                        st[f"{drift}_drift"][0] += e.T @ x
-                        st[f"{drift}_drift_sum"][0] += e.sum(0)
+                        x = x.reshape(-1, x.shape[-1])
+                        e = e.reshape(x.shape[0], -1)
+                        st[f"{drift}_drift"][0] += S.cross(e, x)
+                        st[f"{drift}_drift_sum"][0] += e.sum(0, dtype=torch.float64)
         finally:
-            if drift:
-                hook.remove()
+            for h in hooks:
+                h.remove()
+        if kept:
+            self._reuse = (index, f"{arch.layers}.{index}.{arch.mlp_out}.", kept)
         st["tokens"] += self.tokens
         return S.to_numpy(st)
 
     def apply(self, weights: Mapping[str, torch.Tensor]) -> None:
         _write(self.model, weights)
         self._changed = True
+        if self._reuse and any(not k.startswith(self._reuse[1]) for k in weights):
+            self._reuse = None  # more than the MLP output projection changed: advance runs the layer again
 
     @torch.inference_mode()
     def advance(self, index: int) -> None:
-        self.hidden = [self._run(index, b) for b in range(len(self.hidden))]
+        """Move the stream one layer on, through layer `index` as it now is."""
+        if self._reuse is not None and self._reuse[0] == index:
+            # Only the MLP output projection changed since the last whole-layer pass (see `stats`).
+            mod = self.layers[index].get_submodule(arch_of(self.model).mlp_out)
+            scale = residual_scale(self.model)
+            self.hidden = [out + scale * (mod(x) - y) for out, x, y in self._reuse[2]]
+        else:
+            self.hidden = [self._run(index, b) for b in range(len(self.hidden))]
+        self._reuse = None
         self._changed = True
         if self.dense is not None:
             self.dense, self.dense_next, self.dense_attn = self.dense_next, None, []

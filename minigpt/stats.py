@@ -118,10 +118,17 @@ def _first_tensor(x):
     return x[0] if isinstance(x, tuple | list) else x
 
 
+def cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a^T b of [N, p] and [N, q] batches in fp64: the product in the activations' precision (fp32 at least; a
+    batch's error is then ~1e-7 relative), the sums it is added to in fp64 (so they merge exactly)."""
+    def wide(t: torch.Tensor) -> torch.Tensor:
+        return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+    return (wide(a).T @ wide(b)).double()
+
+
 def _gram(x: torch.Tensor) -> torch.Tensor:
-    """x^T x of a [N, m] batch: the product in the activation's precision (fp32 at least), the sum in fp64."""
-    x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    return (x.T @ x).double()
+    """x^T x of a [N, m] batch (see `cross`)."""
+    return cross(x, x)
 
 
 class _Collector:
@@ -208,7 +215,7 @@ class _Collector:
                 if k + 1 + n > L:
                     continue
                 b = h[k + 1 + n] - h[k + 1] + a[k]
-                st[f"depth_cross_{n}"][k] += (a[k].T @ b).double()
+                st[f"depth_cross_{n}"][k] += cross(a[k], b)
                 st[f"depth_bsq_{n}"][k] += b.square().sum(0, dtype=torch.float64)
         self.hidden.clear()
         self.mlp_out.clear()
