@@ -12,8 +12,8 @@ Each figure is perplexity / the dense model's perplexity on the same text.
 
 Prints a table per text kind, then one line of JSON whose keys name what they are: `best_<pct>_<domain>` is the
 lowest ratio to dense on other-source text over the stock-checkpoint methods at that target (uniform widths; the
-winning method is in `best_method_<pct>_<domain>`), `gain_<method>_<pct>` the mean over domains of the ratio
-without compensation / with it (> 1: compensation helps).
+winning method is in `best_method_<pct>_<domain>`), `best_heldout_<pct>_<domain>` the same on the held-out split,
+`gain_<method>_<pct>` the mean over domains of the ratio without compensation / with it (> 1: compensation helps).
 
 A method may carry options:
   * `wanda-sp+alloc`: the allocation chooses the stock shape (replaced layers, KV groups, MLP width;
@@ -204,10 +204,11 @@ def main() -> None:
     for target in targets:
         pct = round(target * 100)
         for d in domains:
-            cands = {k: results[k][d]["other"] for k in rows if k.endswith(f"/{target:g}")}
-            best = min(cands, key=cands.get)
-            figures[f"best_{pct}_{d}"] = round(cands[best], 3)
-            figures[f"best_method_{pct}_{d}"] = best.rsplit("/", 1)[0]
+            for kind, tag in (("other", ""), ("heldout", "heldout_")):
+                cands = {k: results[k][d][kind] for k in rows if k.endswith(f"/{target:g}")}
+                best = min(cands, key=cands.get)
+                figures[f"best_{tag}{pct}_{d}"] = round(cands[best], 3)
+                figures[f"best_method_{tag}{pct}_{d}"] = best.rsplit("/", 1)[0]
         for method in methods:
             if "+" in method:
                 continue
