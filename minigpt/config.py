@@ -11,16 +11,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from minigpt.packaged import PACKAGED
 from minigpt.yamlconf import ConfigError, apply_override, build, load_yaml
 
-
-BUILTIN_SOURCES = ("licenses", "python-stdlib", "hpo")
+# Corpora minigpt knows by name: the demo's three, and the out-of-source texts read from PyPI packages.
+BUILTIN_SOURCES = ("licenses", "python-stdlib", "hpo") + tuple(PACKAGED)
+_LABEL = re.compile(r"[A-Za-z0-9_.-]+")
 FILE_SOURCES = ("text", "jsonl", "parquet")
 SOURCE_KINDS = FILE_SOURCES + ("hf",) + BUILTIN_SOURCES
 PRUNE_METHODS = ("contextual", "cus-prun", "taylor", "wanda-sp", "magnitude", "random", "depth", "obs")
@@ -50,25 +53,56 @@ class SourceConfig:
     hf_name: str | None = None  # dataset configuration name (hf)
     hf_split: str = "train"
     max_documents: int | None = None
+    name: str | None = None  # what reports call it (eval sources); default: the kind, or the path's file name
 
     def __post_init__(self) -> None:
         _check(self.kind in SOURCE_KINDS, f"source kind {self.kind!r} is not one of {', '.join(SOURCE_KINDS)}")
         if self.kind in FILE_SOURCES or self.kind == "hf":
             _check(bool(self.path), f"source kind {self.kind!r} needs a path")
         _check(self.max_documents is None or self.max_documents > 0, "max_documents must be positive")
+        _check(self.name is None or _LABEL.fullmatch(self.name) is not None,
+               f"source name {self.name!r} must be letters, digits, '.', '-' or '_'")
+
+    @property
+    def label(self) -> str:
+        """A short folder-safe name: `name`, else the kind for built-in corpora, else the path's last part."""
+        if self.name:
+            return self.name
+        if not self.path:
+            return self.kind
+        plain = [p for p in Path(self.path).parts if not any(c in p for c in "*?[")]  # a glob's last plain folder
+        stem = plain[-1].split(".")[0] if plain else ""
+        return re.sub(r"[^A-Za-z0-9_-]+", "-", stem).strip("-") or self.kind
 
 
 @dataclass(frozen=True)
 class DomainConfig:
-    """A domain and its sources; in a job file `domains` maps each name to its fields."""
+    """A domain and its sources; in a job file `domains` maps each name to its fields.
+
+    `eval_sources` are text of the domain from other sources than `sources` (ideally of other forms too): the job
+    never calibrates, trains, validates, searches or selects on them; the evaluation scores every model on each
+    one beside the held-out split, so a report shows whether an expert kept its domain or only its corpus."""
 
     name: str
     sources: tuple[SourceConfig, ...]
+    eval_sources: tuple[SourceConfig, ...] = ()
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and self.name.replace("-", "").replace("_", "").isalnum(),
                f"domain name {self.name!r} must be letters, digits, '-' or '_'")
         _check(len(self.sources) > 0, f"domain {self.name!r} has no sources")
+        labels = [s.label for s in self.eval_sources]
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        _check(not dup, f"domain {self.name!r}: eval_sources named {', '.join(dup)} more than once "
+                        "(give each a distinct name)")
+        same = [s.label for s in self.eval_sources
+                if dataclasses.replace(s, name=None) in [dataclasses.replace(t, name=None) for t in self.sources]]
+        _check(not same, f"domain {self.name!r}: eval source {', '.join(same)} is also one of its sources "
+                         "(out-of-source text must come from elsewhere)")
+
+    def without_eval(self) -> DomainConfig:
+        """The domain as the stages before evaluation see it (adding an eval source re-runs none of them)."""
+        return dataclasses.replace(self, eval_sources=())
 
 
 @dataclass(frozen=True)
@@ -106,6 +140,10 @@ class DataConfig:
     blocks_per_shard: int = 8
     salt: str = "minigpt"
     seed: int = 0  # where each document's window starts when a budget is spread over a split (minigpt.corpora)
+    eval_tokens: int = 8192  # per eval source (domains.*.eval_sources), at most: windows spread over its documents
+    # An eval-source document sharing at least this share of its word 8-grams with the domain's own documents is
+    # dropped: text copied from the calibration source is not out-of-source (e.g. a licence in both lists).
+    eval_overlap: float = 0.2
 
     def __post_init__(self) -> None:
         _check(self.block_size >= 8, "data.block_size must be at least 8")
@@ -118,6 +156,8 @@ class DataConfig:
         _check(self.max_document_chars >= 100, "data.max_document_chars must be at least 100")
         _check(self.blocks_per_shard > 0, "data.blocks_per_shard must be positive")
         _check(self.seed >= 0, "data.seed must be >= 0")
+        _check(self.eval_tokens >= self.block_size, "data.eval_tokens must be at least data.block_size")
+        _check(0 < self.eval_overlap <= 1, "data.eval_overlap must be in (0, 1]")
 
 
 @dataclass(frozen=True)

@@ -289,7 +289,7 @@ def _write_shards(split_dir: Path, stream: _SplitStream, block_size: int, blocks
     return names
 
 
-def _write_documents(path: Path, documents: Sequence[tuple[str, str, int, int]]) -> None:
+def write_documents(path: Path, documents: Sequence[tuple[str, str, int, int]]) -> None:
     table = pa.table({"doc_hash": pa.array([d[0] for d in documents], type=pa.string()),
                       "text": pa.array([d[1] for d in documents], type=pa.string()),
                       "start": pa.array([d[2] for d in documents], type=pa.int64()),
@@ -416,7 +416,7 @@ def _budget(split: str, data: DataConfig) -> int | None:
 
 def _write_split(split_dir: Path, stream: _SplitStream, data: DataConfig) -> list[str]:
     split_dir.mkdir()
-    _write_documents(split_dir / "documents.parquet", stream.documents)
+    write_documents(split_dir / "documents.parquet", stream.documents)
     return _write_shards(split_dir, stream, data.block_size, data.blocks_per_shard)
 
 
@@ -494,5 +494,5 @@ def retokenize(documents: Sequence[tuple[str, str]], tokenizer: Any, block_size:
 __all__ = [
     "DomainData", "SplitData", "SPLITS", "assign_split", "bos_id", "build_stream", "doc_hash", "gather_documents",
     "min_window", "prepare_domain", "read_blocks", "read_n_bytes", "retokenize", "sample_windows", "token_bytes",
-    "tokenize_documents",
+    "tokenize_documents", "write_documents",
 ]

@@ -24,6 +24,8 @@ eval.json (schema "minigpt.eval/1"; keys are only ever added, never renamed)::
          "mcq": {"harness", "n", "accuracy", "accuracy_ci", "accuracy_norm", "accuracy_norm_ci", "chance",
                  "by_subject": {...}} | null,
          "general": {same keys as a domain} | null,
+         "oos": {domain: {source: {same keys as a domain}}},  # out-of-source text (domains.*.eval_sources):
+                                          # the dense model on every domain's, an expert on its own domain's
          "samples": {domain: {"prompt", "text"}},   # greedy continuation of the start of a held-out document
          "sample": str,                   # the first of "samples" (its text)
          "seconds": float}}}              # wall time of the quality task
@@ -45,6 +47,7 @@ from torch import nn
 
 from minigpt.config import ConfigError, EvaluateConfig
 from minigpt.corpora import DomainData
+from minigpt.evaltext import EvalSets, LeakageError, check_leakage  # noqa: F401 (LeakageError: re-exported)
 from minigpt.io import atomic_write_json, json_safe
 from minigpt.metrics import add_intervals, lm_metrics  # lm_metrics: search, quantize and benchmarks use it from here
 from minigpt.tasks import MCQItem, mcq_accuracy, read_questions
@@ -53,35 +56,8 @@ SCHEMA = "minigpt.eval/1"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
-class LeakageError(ValueError):
-    """A held-out document is also in a calibration or training split (by document hash)."""
-
-
 def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-# ------------------------------------------------------------------------------------------- leakage
-
-
-def check_leakage(data: DomainData) -> None:
-    """Raise LeakageError if a held-out document hash also appears in the calib or train split of the domain.
-
-    A missing calib/train split cannot leak and is skipped; a missing held-out split is an error.
-    """
-    if "heldout" not in data.splits:
-        raise FileNotFoundError(f"domain {data.domain!r}: no held-out split in {data.out_dir}")
-    heldout = data.doc_hashes("heldout")
-    leaked: set[str] = set()
-    where = []
-    for split in ("calib", "train"):
-        common = heldout & data.doc_hashes(split) if split in data.splits else set()
-        if common:
-            leaked |= common
-            where.append(split)
-    if leaked:
-        raise LeakageError(f"domain {data.domain!r}: {len(leaked)} held-out document(s) also in the "
-                           f"{' and '.join(where)} split(s)")
 
 
 # ------------------------------------------------------------------------------------ size, speed, sample
@@ -193,7 +169,8 @@ def _load(folder: str, cfg: EvaluateConfig):
 
 
 def _evaluate_model(label: str, folder: str, domain_texts: dict[str, list[str]], cfg: EvaluateConfig,
-                    block_size: int, mcq_items: list[MCQItem] | None, general: list[str] | None) -> dict:
+                    block_size: int, mcq_items: list[MCQItem] | None, general: list[str] | None,
+                    oos_texts: dict[str, dict[str, list[str]]] | None = None) -> dict:
     """Everything but speed for one model (the body of one Ray task)."""
     torch.set_num_threads(max(1, int(cfg.num_cpus)))
     t0 = time.perf_counter()
@@ -203,6 +180,13 @@ def _evaluate_model(label: str, folder: str, domain_texts: dict[str, list[str]],
         domains[domain] = lm_metrics(model, tok, texts, block_size, cfg.batch_size, cfg.max_blocks)
         print(f"[evaluate] {label} on {domain}: ppl {domains[domain]['ppl']:.3f}, "
               f"{domains[domain]['bits_per_byte']:.4f} bits/byte", flush=True)
+    # Out-of-source text: an expert on its own domain's (what it is for), the dense model on all (the reference).
+    oos: dict[str, dict] = {}
+    for domain in sample_domains(label, list(domain_texts)):
+        for source, texts in ((oos_texts or {}).get(domain) or {}).items():
+            m = oos.setdefault(domain, {})[source] = lm_metrics(model, tok, texts, block_size, cfg.batch_size,
+                                                                cfg.max_blocks)
+            print(f"[evaluate] {label} on {domain}/{source} (out of source): ppl {m['ppl']:.3f}", flush=True)
     samples = {}
     for domain in sample_domains(label, list(domain_texts)):
         prompt = sample_prompt(domain_texts[domain], cfg.sample_prompt_chars)
@@ -220,6 +204,7 @@ def _evaluate_model(label: str, folder: str, domain_texts: dict[str, list[str]],
         "mcq": mcq,
         "general": (lm_metrics(model, tok, general, block_size, cfg.batch_size, cfg.general_max_blocks)
                     if general else None),
+        "oos": oos,
         "samples": samples,
         "sample": next(iter(samples.values()))["text"] if samples else "",
         "seconds": time.perf_counter() - t0,
@@ -232,9 +217,11 @@ def _speed_model(folder: str, cfg: EvaluateConfig) -> dict:
     return speed_metrics(model, cfg.speed_batch, cfg.speed_seq_len, cfg.speed_repeats)
 
 
-def _check_inputs(run_dir: Path, models: dict[str, str], domains: list[str], cfg: EvaluateConfig
-                  ) -> tuple[dict[str, list[str]], list[MCQItem] | None, list[str] | None]:
-    """Held-out texts per domain, MCQ items and general texts, after every check that needs no model."""
+def _check_inputs(run_dir: Path, models: dict[str, str], domains: list[str], cfg: EvaluateConfig,
+                  oos: dict[str, tuple[Path, Sequence[str]]] | None = None
+                  ) -> tuple[dict[str, list[str]], list[MCQItem] | None, list[str] | None, dict]:
+    """Held-out texts per domain, MCQ items, general texts and out-of-source texts per domain and source, after
+    every check that needs no model (leakage of held-out and out-of-source documents included)."""
     if not models:
         raise ConfigError("evaluate: no models to evaluate")
     if not domains:
@@ -243,17 +230,30 @@ def _check_inputs(run_dir: Path, models: dict[str, str], domains: list[str], cfg
         if not (Path(folder) / "config.json").is_file():
             raise ConfigError(f"evaluate: model {label!r}: {folder} has no config.json")
     data = {d: DomainData.load(run_dir / "data" / d) for d in domains}
+    oos_texts: dict[str, dict[str, list[str]]] = {}
     for d in domains:
-        check_leakage(data[d])
+        sets = None
+        if d in (oos or {}):
+            folder, labels = oos[d]
+            sets = EvalSets.load(folder)
+            missing = sorted(set(labels) - set(sets.sets))
+            if missing:
+                raise ConfigError(f"evaluate: domain {d!r}: out-of-source set(s) {', '.join(missing)} not prepared "
+                                  f"in {folder}")
+            oos_texts[d] = {label: [t for _, t in sets.documents(label)] for label in labels}
+        check_leakage(data[d], sets)
     domain_texts = {d: [text for _, text in data[d].documents("heldout")] for d in domains}
     mcq_items = read_questions(cfg.mcq_file, cfg.mcq_subjects, cfg.mcq_limit) if cfg.mcq_file else None
     general = read_general_texts(cfg.general_text) if cfg.general_text else None
-    return domain_texts, mcq_items, general
+    return domain_texts, mcq_items, general, oos_texts
+
 
 
 def evaluate_run(run_dir: Path, models: dict[str, str], domains: list[str], cfg: EvaluateConfig,
-                 block_size: int) -> dict:
-    """Evaluate every model on every domain's held-out documents and write run_dir/eval.json (see module doc).
+                 block_size: int, oos: dict[str, tuple[Path, Sequence[str]]] | None = None) -> dict:
+    """Evaluate every model on every domain's held-out documents, and on the out-of-source sets `oos` names
+    (domain -> (the folder of its prepared eval sources, their labels)), and write run_dir/eval.json (see module
+    doc).
 
     Inputs are checked (folders, held-out files, leakage, MCQ / general files) before any model is loaded. The
     quality work runs as one Ray task per model, in parallel; the speed benchmark then runs one model at a time
@@ -265,7 +265,7 @@ def evaluate_run(run_dir: Path, models: dict[str, str], domains: list[str], cfg:
     from minigpt.raylib import cluster_cpus, cluster_gpus, ensure_ray
 
     run_dir = Path(run_dir)
-    domain_texts, mcq_items, general = _check_inputs(run_dir, models, domains, cfg)
+    domain_texts, mcq_items, general, oos_texts = _check_inputs(run_dir, models, domains, cfg, oos)
     ensure_ray()
     # A task asking for more than the cluster has would wait forever; say so instead.
     if cluster_cpus() < cfg.num_cpus or cluster_gpus() < cfg.num_gpus:
@@ -274,12 +274,15 @@ def evaluate_run(run_dir: Path, models: dict[str, str], domains: list[str], cfg:
     print(f"[evaluate] {len(models)} model(s) x {len(domains)} domain(s) ("
           + ", ".join(f"{d} {len(domain_texts[d])} held-out documents" for d in domains) + ")"
           + (f", {len(mcq_items)} MCQ questions" if mcq_items else "")
-          + (f", general corpus of {len(general)} document(s)" if general else ""), flush=True)
+          + (f", general corpus of {len(general)} document(s)" if general else "")
+          + "".join(f"; {d} out of source: " + ", ".join(f"{k} {len(v)} documents" for k, v in sets.items())
+                    for d, sets in oos_texts.items()), flush=True)
     quality_task = ray.remote(_evaluate_model).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
     speed_task = ray.remote(_speed_model).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
     texts_ref, mcq_ref, general_ref = ray.put(domain_texts), ray.put(mcq_items), ray.put(general)
-    pending = {quality_task.remote(label, str(folder), texts_ref, cfg, block_size, mcq_ref, general_ref): label
-               for label, folder in models.items()}
+    oos_ref = ray.put(oos_texts)
+    pending = {quality_task.remote(label, str(folder), texts_ref, cfg, block_size, mcq_ref, general_ref,
+                                   oos_ref): label for label, folder in models.items()}
     results: dict[str, dict] = {}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
@@ -303,7 +306,7 @@ def evaluate_run(run_dir: Path, models: dict[str, str], domains: list[str], cfg:
         res["size"]["non_embedding_ratio_vs_dense"] = (
             res["size"]["non_embedding_params"] / results[dense]["size"]["non_embedding_params"] if dense else None)
     add_intervals(results, dense, domains, cfg.bootstrap_samples, cfg.confidence)
-    ordered = {label: {k: results[label][k] for k in ("dir", "size", "speed", "domains", "mcq", "general",
+    ordered = {label: {k: results[label][k] for k in ("dir", "size", "speed", "domains", "mcq", "general", "oos",
                                                       "samples", "sample", "seconds")} for label in models}
     data = {"schema": SCHEMA, "domains": list(domains), "dense": dense, "block_size": block_size,
             "config": dataclasses.asdict(cfg), "models": ordered}

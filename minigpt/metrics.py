@@ -207,8 +207,9 @@ def _ratio(a: float, b: float) -> float:
 
 def add_intervals(models: dict[str, dict], dense: str | None, domains: Sequence[str], samples: int,
                   confidence: float, seed: int = 0) -> None:
-    """Add `intervals` in place to every model's cell of every domain, and to its "general" result when there is
-    one (eval.json's "models" mapping; ratios are to the `dense` model's cell on the same documents)."""
+    """Add `intervals` in place to every model's cell of every domain, to its "general" result when there is one
+    and to its out-of-source cells ("oos": domain -> source -> cell) (eval.json's "models" mapping; ratios are to
+    the `dense` model's cell on the same documents)."""
     def ref_of(section: str, key: str | None) -> dict | None:
         res = models.get(dense) if dense else None
         return (res[section] if key is None else res[section][key]) if res else None
@@ -220,3 +221,8 @@ def add_intervals(models: dict[str, dict], dense: str | None, domains: Sequence[
     for res in models.values():
         if res.get("general"):
             res["general"].update(intervals(res["general"], ref_of("general", None), samples, confidence, seed))
+        # Out-of-source cells: paired with the dense model's cell of the same domain and source.
+        for domain, cells in (res.get("oos") or {}).items():
+            for source, cell in cells.items():
+                ref = ((models.get(dense) or {}).get("oos") or {}).get(domain, {}).get(source) if dense else None
+                cell.update(intervals(cell, ref, samples, confidence, seed))

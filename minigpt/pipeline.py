@@ -49,6 +49,10 @@ class RunLayout:
     def data_dir(self, domain: str) -> Path:
         return self.run_dir / "data" / domain
 
+    def evaltext(self, domain: str) -> Path:
+        """evaltext/<domain>: the domain's out-of-source evaluation sets (minigpt.evaltext)."""
+        return self.run_dir / "evaltext" / domain
+
     def profile(self, domain: str) -> Path:
         return self.run_dir / "profiles" / f"{domain}.safetensors"
 
@@ -135,8 +139,14 @@ def _stream_format() -> int:
 
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", lambda L, d: [L.data_dir(d) / "manifest.json"], settings=("model.source", "data"),
-          extra=lambda p, d: (str(p.model_dir), C.dump_section(p.cfg.domain(d)), _stream_format()),
+          extra=lambda p, d: (str(p.model_dir), C.dump_section(p.cfg.domain(d).without_eval()), _stream_format()),
           run_one=S.prepare),
+    # Out-of-source text is prepared apart from the domain's own data: adding an eval source re-runs only this,
+    # the evaluation and the report.
+    Stage("evaltext", lambda L, d: [L.evaltext(d) / "manifest.json"],
+          settings=("model.source", "data", "recover.enabled", "recover.general_fraction", "recover.general_sources"),
+          extra=lambda p, d: (str(p.model_dir), C.dump_section(p.cfg.domain(d)), _stream_format()),
+          enabled=lambda cfg: any(d.eval_sources for d in cfg.domains), run_one=S.evaltext),
     Stage("calibrate", lambda L, d: [L.profile(d)], lambda cfg: (("prepare", "same"),),
           settings=("model.dtype", "calibrate.dtype", "calibrate.batch_size"), extra=lambda p, d: p.spec,
           run_many=S.calibrate),
@@ -149,6 +159,8 @@ STAGES: tuple[Stage, ...] = (
           settings=("recover.mode", "recover.distill_topk", "recover.distill_temperature", "recover.eval_tokens",
                     "recover.general_fraction",
                     "recover.general_sources", "calibrate.dtype", "calibrate.batch_size"),
+          # General replay leaves out every eval-source document, so the eval sources are part of its key.
+          extra=lambda p, d: ([C.dump_section(x) for x in p.cfg.domains] if p.cfg.recover.general_fraction else None),
           enabled=lambda cfg: cfg.recover.enabled, run_one=S.teacher),
     Stage("recover", lambda L, d: [L.expert(d, "recovered")], lambda cfg: (("slim", "same"), ("teacher", "same")),
           settings=("recover",), enabled=lambda cfg: cfg.recover.enabled, run_many=S.recover),
@@ -156,7 +168,7 @@ STAGES: tuple[Stage, ...] = (
           settings=("quantize",), extra=lambda p, d: str(S.final_expert(p, d)),
           enabled=lambda cfg: cfg.quantize.enabled, run_one=S.quantize),
     Stage("evaluate", lambda L, u: [L.eval_json],
-          lambda cfg: tuple((s, "all") for s in ("prepare", "slim", "recover", "quantize")),
+          lambda cfg: tuple((s, "all") for s in ("prepare", "evaltext", "slim", "recover", "quantize")),
           settings=("evaluate", "data.block_size"), extra=lambda p, u: sorted(S.model_table(p)), per_domain=False,
           run_many=S.evaluate),
     Stage("report", lambda L, u: [L.run_dir / "report.md", L.run_dir / "report.html"],

@@ -77,6 +77,20 @@ def _dcell(models: dict, label: str | None, domain: str) -> dict:
     return ((models.get(label) or {}).get("domains") or {}).get(domain) or {}
 
 
+def oos_cells(eval_data: dict, label: str, domain: str) -> list[tuple[str, float | None, Any]]:
+    """(source, ppl ÷ dense, interval) of a model on each out-of-source text of `domain` (domains.*.eval_sources)."""
+    models = eval_data.get("models") or {}
+    ref = ((models.get(eval_data.get("dense")) or {}).get("oos") or {}).get(domain) or {}
+    cells = ((models.get(label) or {}).get("oos") or {}).get(domain) or {}
+    return [(source, *_ratio_cell(cell, "ppl", ref.get(source))) for source, cell in cells.items()]
+
+
+def worst_oos(eval_data: dict, label: str, domain: str) -> tuple[str, float, Any] | None:
+    """The out-of-source text where the model is furthest above dense (the figure a domain expert answers for)."""
+    cells = [c for c in oos_cells(eval_data, label, domain) if finite(c[1])]
+    return max(cells, key=lambda c: c[1]) if cells else None
+
+
 def _domain_rows(eval_data: dict, domain: str) -> list[str]:
     """Models shown in a domain's table: the reference, that domain's experts, else every model."""
     models = eval_data.get("models") or {}
@@ -139,7 +153,9 @@ def headline(eval_data: dict) -> Section:
     conf = (eval_data.get("config") or {}).get("confidence", 0.95)
     sec = Section("Headline")
     rows, lines = [], []
-    for d, label in final_experts(eval_data).items():
+    experts = final_experts(eval_data)
+    measured_oos = any(oos_cells(eval_data, label, d) for d, label in experts.items())
+    for d, label in experts.items():
         res = models[label]
         size = res.get("size") or {}
         own = _dcell(models, label, d)
@@ -149,20 +165,33 @@ def headline(eval_data: dict) -> Section:
                                        f"{min(others):.2f}–{max(others):.2f}×")
         size_ratio = size.get("non_embedding_ratio_vs_dense")
         speedup = (res.get("speed") or {}).get("speedup_vs_dense")
-        rows.append([label, _count(size.get("non_embedding_params")), _times(size_ratio), _times(speedup),
-                     _with_ci(own_ratio, ci, times=True), spec, _num(own.get("documents_measured"))])
+        worst = worst_oos(eval_data, label, d)
+        two = lambda v: f"{v:.2f}"  # noqa: E731
+        oos_text = "—" if worst is None else f"{_with_ci(worst[1], worst[2], 2, times=True)} ({worst[0]})"
+        row = [label, _count(size.get("non_embedding_params")), _times(size_ratio), _times(speedup)]
+        row += [oos_text] if measured_oos else []
+        rows.append(row + [_with_ci(own_ratio, ci, times=True), spec, _num(own.get("documents_measured"))])
         if finite(own_ratio) and finite(size_ratio):
+            where = (f"; on {d} text from other sources {worst[1]:.2f}× dense{_ci(worst[2], two)} at worst "
+                     f"({worst[0]}, of {len(oos_cells(eval_data, label, d))} text(s))" if worst else "")
             lines.append(f"{label}: {1 - size_ratio:.0%} fewer non-embedding parameters"
-                         + (f", {speedup:.2f}× the dense speed" if finite(speedup) else "")
-                         + f"; held-out perplexity {own_ratio:.2f}× dense{_ci(ci, lambda v: f'{v:.2f}')} on {d}"
+                         + (f", {speedup:.2f}× the dense speed" if finite(speedup) else "") + where
+                         + f"; held-out perplexity {own_ratio:.2f}× dense{_ci(ci, two)} on {d}'s own sources"
                          + (f", {spec} dense on the other domains." if others else "."))
     if rows:
         sec.tables.append(Table("Experts against the dense model", [
-            "expert", "non-embedding params", "size ÷ dense", "speedup", f"own-domain ppl ÷ dense [{conf:.0%} CI]",
-            "other domains ppl ÷ dense", "held-out documents"], rows,
-            note=f"Intervals: bootstrap over held-out documents ({conf:.0%}, paired with the dense model on the "
-                 "same documents). A ratio whose interval excludes 1 differs from dense beyond sampling noise."))
+            "expert", "non-embedding params", "size ÷ dense", "speedup"]
+            + ([f"out-of-source ppl ÷ dense, worst text [{conf:.0%} CI]"] if measured_oos else [])
+            + [f"own-source held-out ppl ÷ dense [{conf:.0%} CI]", "other domains ppl ÷ dense",
+               "held-out documents"], rows,
+            note=f"Intervals: bootstrap over documents ({conf:.0%}, paired with the dense model on the same "
+                 "documents). A ratio whose interval excludes 1 differs from dense beyond sampling noise."))
         sec.text += [("", line) for line in lines]
+        if not measured_oos:
+            sec.text.append(("", "Only text from each domain's own sources was measured (its held-out split). An "
+                                 "expert can look better than dense there and still have learned its source's form "
+                                 "rather than its domain: list text of the domain from other sources under "
+                                 "`domains.<name>.eval_sources` to measure that."))
     else:
         sec.text.append(("", "No expert was evaluated."))
     return sec
@@ -172,7 +201,7 @@ def _quality_section(eval_data: dict) -> Section:
     models: dict = eval_data.get("models") or {}
     dense = eval_data.get("dense")
     conf = (eval_data.get("config") or {}).get("confidence", 0.95)
-    quality = Section("Held-out quality per domain")
+    quality = Section("Quality per domain")
     for d in eval_data.get("domains") or []:
         ref = _dcell(models, dense, d) or None
         rows = []
@@ -187,6 +216,19 @@ def _quality_section(eval_data: dict) -> Section:
         quality.tables.append(Table(f"Domain: {d}", [
             "model", f"perplexity [{conf:.0%} CI]", "ppl ÷ dense", "bits/byte", "bits/byte ÷ dense", "documents",
             "tokens"], rows))
+        sources = [c[0] for c in oos_cells(eval_data, dense, d)] if dense else []
+        if sources:
+            dense_cells = ((models.get(dense) or {}).get("oos") or {}).get(d) or {}
+            orows = [["dense (perplexity)"] + [_with_ci(dense_cells[s_].get("ppl"), dense_cells[s_].get("ppl_ci"), 2)
+                                               for s_ in sources]]
+            for label in _domain_rows(eval_data, d):
+                if label == dense:
+                    continue
+                mine = {c[0]: c for c in oos_cells(eval_data, label, d)}
+                orows.append([label] + [_with_ci(mine[s_][1], mine[s_][2], times=True) if s_ in mine else "—"
+                                        for s_ in sources])
+            quality.tables.append(Table(f"Domain: {d}, text of other sources (ppl ÷ dense [{conf:.0%} CI])",
+                                        ["model"] + sources, orows))
     quality.text.append(("", "Bits per byte are comparable across models with different vocabularies; perplexity "
                              "is per each model's own tokens. Intervals are bootstrap percentile intervals over "
                              "held-out documents; ratios resample the same documents for both models."))
@@ -383,6 +425,10 @@ def console_table(eval_data: dict) -> str:
     conf = (eval_data.get("config") or {}).get("confidence", 0.95)
     head = (f"{'domain':<12}{'dense ppl':>22}{'pruned ÷ dense':>22}{'recovered ÷ dense':>22}"
             f"{'rec bits/byte':>15}{'removed':>9}")
+    oos = {d: {k: worst_oos(eval_data, f"{d}/{k}", d) for k in ("pruned", "recovered")}
+           for d in eval_data.get("domains") or []}
+    if any(v for row in oos.values() for v in row.values()):
+        head += f"{'out of source, worst text: pruned / recovered':>52}"
     out = [f"held-out perplexity [{conf:.0%} bootstrap interval over documents]", head, "-" * len(head)]
     for d in eval_data.get("domains") or []:
         ref = _dcell(models, dense, d)
@@ -394,8 +440,15 @@ def console_table(eval_data: dict) -> str:
         expert = final_experts(eval_data).get(d)
         size_ratio = ((models.get(expert) or {}).get("size") or {}).get("non_embedding_ratio_vs_dense")
         removed = f"{1 - size_ratio:.1%}" if finite(size_ratio) else "-"
-        out.append(f"{d:<12}{cols[0]:>22}{cols[1]:>22}{cols[2]:>22}{_num(rec.get('bits_per_byte'), 4):>15}"
-                   f"{removed:>9}")
+        line = (f"{d:<12}{cols[0]:>22}{cols[1]:>22}{cols[2]:>22}{_num(rec.get('bits_per_byte'), 4):>15}"
+                f"{removed:>9}")
+        if any(oos[d].values()):
+            cells = [f"{w[1]:.2f}×" if w else "-" for w in oos[d].values()]
+            name = next(w[0] for w in oos[d].values() if w)
+            line += f"{' / '.join(cells) + f' ({name})':>52}"
+        out.append(line)
+    if not any(v for row in oos.values() for v in row.values()):
+        out.append("(own-source held-out text only: no domain lists eval_sources)")
     return "\n".join(out)
 
 

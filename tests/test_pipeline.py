@@ -63,6 +63,15 @@ def test_end_to_end_outputs(finished_run):
             AutoTokenizer.from_pretrained(path)
             assert model.config.intermediate_size < 64
         assert f"{domain}" in proc.stdout and "recovered" in proc.stdout
+        # Out-of-source text: every expert scored on it with a paired interval; the worst text named.
+        oos = row["oos"]["questions"]
+        for kind in ("pruned", "recovered"):
+            lo, hi = oos[f"{kind}_ppl_ratio_ci"]
+            assert lo <= oos[f"{kind}_ppl_ratio"] <= hi
+            assert row[f"{kind}_oos_worst"]["source"] == "questions"
+    assert "out of source, worst text" in proc.stdout and "(questions)" in proc.stdout
+    head = (run / "report.md").read_text().split("## Quality per domain")[0]
+    assert "out-of-source ppl ÷ dense, worst text" in head and "text from other sources" in head
     assert (run / "report.html").is_file() and (run / "eval.json").is_file()
     assert all(r["status"] == "done" for r in status(run)), status(run)
     # Recovery trains on the domain's train split and must lower perplexity on its held-out split (documents no
@@ -105,7 +114,7 @@ def test_changed_setting_reruns_only_what_depends_on_it(finished_run, tmp_path):
     for name in before:
         stage = name.split(".")[0]
         same = before[name]["time"] == after[name]["time"]
-        assert same == (stage in ("prepare", "calibrate", "slim", "teacher")), name
+        assert same == (stage in ("prepare", "evaltext", "calibrate", "slim", "teacher")), name
 
 
 def _descendants(pid: int) -> list[int]:
