@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import othertext  # noqa: E402
 
-from minigpt import corpora, plan as P, refit, sequential, slim as SL, stats as S  # noqa: E402
+from minigpt import corpora, general as G, plan as P, refit, sequential, slim as SL, stats as S  # noqa: E402
 from minigpt.config import DataConfig, DomainConfig, ModelConfig, PruneConfig, SourceConfig  # noqa: E402
 from minigpt.evaluate import lm_metrics  # noqa: E402
 from minigpt.models import count_parameters, load_model, load_tokenizer, resolve  # noqa: E402
@@ -134,6 +134,18 @@ def main() -> None:
         profiles[name], grads[name] = _profile(dense, blocks, spec, work / "profiles" / f"{name}-{args.calib_tokens}"
                                                ".safetensors", args.batch, args.taylor_blocks) \
             if not all({"seq", "stream"} & set(m.split("+")[1:]) for m in methods) else (None, None)
+    # General text (prune.general_weight, `+g<w>` and the default): what a job samples from the dense model itself
+    # (minigpt.general), calibrate.general_tokens of it, sampled once and cached with its profile.
+    gen_path = work / "general" / "sampled-8192.pt"
+    if gen_path.is_file():
+        general = torch.load(gen_path)
+    else:
+        general = G.sample_blocks(dense, tok, 8192 // args.block_size, args.block_size, seed=0,
+                                  on_batch=lambda n: print(f"[bench] general text: {n} blocks sampled", flush=True))
+        gen_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(general, gen_path)
+    general_profile = _profile(dense, general, spec, gen_path.with_suffix(".safetensors"), args.batch,
+                               args.taylor_blocks)[0]
     print(f"[bench] data + profiles ready in {time.time() - t0:.0f}s", flush=True)
 
     def metrics(model, d):
@@ -156,7 +168,9 @@ def main() -> None:
                 results[key] = {}
                 for d in domains:
                     # `default`: exactly what a job gets from PruneConfig's defaults at this target.
-                    cfg = PruneConfig(target=target) if method == "default" else PruneConfig(method=method, target=target, reconstruct=reconstruct, damp=damp,
+                    gw = next((float(o[1:]) for o in opts if o[:1] == "g" and o[1:].replace(".", "").isdigit()), 0.0)
+                    cfg = PruneConfig(target=target) if method == "default" else PruneConfig(method=method,
+                                      general_weight=gw, target=target, reconstruct=reconstruct, damp=damp,
                                       allocate=any(o.startswith("alloc") for o in opts),
                                       verify=0 if "alloc0" in opts else 4,
                                       sequential="seq" in opts or "stream" in opts,
@@ -168,16 +182,21 @@ def main() -> None:
                                       stream_attn="sa0" not in opts and ("sa" in opts or PruneConfig.stream_attn))
                     t1 = time.time()
                     if cfg.sequential:
+                        # General text rides along, its sums weighted to general_weight x the domain's token mass.
+                        runners = [sequential.LayerRunner(dense, calib[d], args.batch, general,
+                                                          cfg.general_weight * calib[d].numel() / general.numel())]
                         plan, weights = sequential.prune_sequential(
-                            dense, [sequential.LayerRunner(dense, calib[d], args.batch)], cfg, domain=d,
+                            dense, runners, cfg, domain=d,
                             on_layer=lambda i, d=d, t1=t1: print(
                                 f"[bench] {d}: layer {i + 1} pruned ({time.time() - t1:.0f}s)", flush=True)
                             if (i + 1) % 5 == 0 else None)
                     else:
-                        plan = P.build_plan(profiles[d], dense, cfg, domain=d, other_profiles=profiles,
+                        prof = S.mix(profiles[d], general_profile, cfg.general_weight) if cfg.general_weight \
+                            else profiles[d]
+                        plan = P.build_plan(prof, dense, cfg, domain=d, other_profiles=profiles,
                                             grad_stats=grads[d], verify_blocks=valid[d],
                                             log=lambda line, d=d: print(f"[bench] {d}: {line}", flush=True))
-                        weights = refit.compensation(dense, plan, profiles[d]) if reconstruct else None
+                        weights = refit.compensation(dense, plan, prof) if cfg.reconstruct else None
                     small = SL.slim(dense, plan, weights)
                     assert count_parameters(small) == (plan.params["total"], plan.params["non_embedding"])
                     ppl = metrics(small, d)

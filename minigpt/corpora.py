@@ -275,8 +275,15 @@ def build_stream(docs: Sequence[tuple[str, str]], tokenizer: Any, block_size: in
 
 def _write_shards(split_dir: Path, stream: _SplitStream, block_size: int, blocks_per_shard: int) -> list[str]:
     n_blocks = len(stream.ids) // block_size
-    ids = stream.ids.reshape(n_blocks, block_size)
-    n_bytes = stream.n_bytes.reshape(n_blocks, block_size).sum(axis=1)
+    return write_block_shards(split_dir, stream.ids.reshape(n_blocks, block_size),
+                              stream.n_bytes.reshape(n_blocks, block_size), blocks_per_shard)
+
+
+def write_block_shards(out_dir: Path, ids: np.ndarray, n_bytes: np.ndarray, blocks_per_shard: int) -> list[str]:
+    """Token blocks [n, block_size] (and the bytes of text each token covers) as shard-NNNNN.parquet files in
+    `out_dir`; returns their names relative to its parent."""
+    n_blocks, block_size = ids.shape
+    n_bytes = n_bytes.sum(axis=1)
     names = []
     for k, lo in enumerate(range(0, n_blocks, blocks_per_shard)):
         hi = min(lo + blocks_per_shard, n_blocks)
@@ -284,8 +291,8 @@ def _write_shards(split_dir: Path, stream: _SplitStream, block_size: int, blocks
         col = pa.ListArray.from_arrays(offsets, pa.array(ids[lo:hi].reshape(-1), type=pa.int32()))
         table = pa.table({"input_ids": col, "n_bytes": pa.array(n_bytes[lo:hi], type=pa.int64())})
         name = f"shard-{k:05d}.parquet"
-        pq.write_table(table, split_dir / name)
-        names.append(f"{split_dir.name}/{name}")
+        pq.write_table(table, out_dir / name)
+        names.append(f"{out_dir.name}/{name}")
     return names
 
 
@@ -494,5 +501,5 @@ def retokenize(documents: Sequence[tuple[str, str]], tokenizer: Any, block_size:
 __all__ = [
     "DomainData", "SplitData", "SPLITS", "assign_split", "bos_id", "build_stream", "doc_hash", "gather_documents",
     "min_window", "prepare_domain", "read_blocks", "read_n_bytes", "retokenize", "sample_windows", "token_bytes",
-    "tokenize_documents", "write_documents",
+    "tokenize_documents", "write_block_shards", "write_documents",
 ]

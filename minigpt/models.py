@@ -14,6 +14,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,6 +25,9 @@ from minigpt.archs import (ARCHS, SUPPORTED_MODEL_TYPES, Arch, Coupled, arch_of,
                            params_per_unit, per_unit, q_coupling, residual_scale, unit_index, unsupported, widths)
 from minigpt.config import ConfigError, ModelConfig
 from minigpt.io import atomic_dir, atomic_file, package_file
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 @dataclass(frozen=True)
@@ -96,11 +100,29 @@ def _alias_gguf(alias: str, assemble: bool = True) -> Path:
     return _assemble(alias, chunks) if assemble else chunks[0]
 
 
+def _prepared_dir(alias: str, gguf: Path) -> Path:
+    return cache_root() / "models" / f"{alias}-{_file_sha256(gguf)[:16]}"
+
+
+def model_config(cfg: ModelConfig) -> PretrainedConfig:
+    """The base model's transformers config, without loading or preparing weights: config.json of a local folder, a
+    cached hub snapshot or a prepared alias, else the metadata of the alias's GGUF (a split GGUF is assembled into
+    the cache once, as the run would)."""
+    from transformers import AutoConfig
+
+    folder = resolve(cfg, prepare=False)
+    if cfg.source in ALIASES:
+        gguf = _alias_gguf(cfg.source)
+        folder = _prepared_dir(cfg.source, gguf)
+        if not (folder / "config.json").is_file():
+            return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return AutoConfig.from_pretrained(str(folder), trust_remote_code=cfg.trust_remote_code)
+
+
 def prepare_alias(alias: str) -> Path:
     """Dequantize the alias's GGUF once into a safetensors folder cached by the GGUF file's hash."""
     gguf = _alias_gguf(alias)
-    digest = _file_sha256(gguf)[:16]
-    target = cache_root() / "models" / f"{alias}-{digest}"
+    target = _prepared_dir(alias, gguf)
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -168,11 +190,13 @@ def load_model(folder: Path | str, dtype: str = "float32", trust_remote_code: bo
     return model
 
 
-def skeleton(folder: Path | str, trust_remote_code: bool = False) -> nn.Module:
-    """The model's modules on the meta device: shapes and parameter counts from config.json, no weights loaded."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def skeleton(folder: Path | str | PretrainedConfig, trust_remote_code: bool = False) -> nn.Module:
+    """The model's modules on the meta device: shapes and parameter counts from config.json (or a transformers
+    config: model_config), no weights loaded."""
+    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-    cfg = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    cfg = folder if isinstance(folder, PretrainedConfig) else \
+        AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
 

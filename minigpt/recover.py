@@ -3,13 +3,14 @@ This module is the driver (inputs, resources, checkpoint folders, the Ray Train 
 worker runs is minigpt.training.
 
 One Ray Train `TorchTrainer` per domain (a worker group of `recover.workers` data-parallel processes, gloo on CPU,
-NCCL on GPU), each worker running `training.train_loop`: a DeepSpeed engine (ZeRO-2 or ZeRO-3 from a JSON file under
-jobs/deepspeed/, its batch/accumulation/clipping/bf16 entries filled from `RecoverConfig`), a client
-`torch.optim.AdamW` with a warmup + cosine `LambdaLR`, and one of three losses: `full` (next-token cross-entropy),
-`lora` (peft adapters on the attention and MLP projections, merged away before saving) or `distill` (KL to the dense
-model's top-k next-token distribution, cached once per domain by minigpt.teacher, plus cross-entropy: no teacher is
-loaded by the trainers). The budget is `recover.tokens` (or steps); with `recover.eval_every` the worker scores the
-validation split, stops early and keeps the best weights (see minigpt.training).
+NCCL on GPU), each worker running `training.train_loop`: a DeepSpeed engine (ZeRO-2 or ZeRO-3 from a JSON file, by
+default the ones shipped in minigpt/deepspeed/, its batch/accumulation/clipping/bf16 entries filled from
+`RecoverConfig`), a client `torch.optim.AdamW` with a warmup + cosine `LambdaLR`, and one of three losses: `full`
+(next-token cross-entropy), `lora` (peft adapters on the attention and MLP projections, merged away before saving)
+or `distill` (KL to the dense model's top-k next-token distribution, cached once per domain by minigpt.teacher, plus
+cross-entropy: no teacher is loaded by the trainers). The budget is `recover.tokens` (or steps); with
+`recover.eval_every` the worker scores the validation split, stops early and keeps the best weights (see
+minigpt.training).
 
 Concurrency. Ray Train v2's `fit()` blocks its caller until the run ends and its controller is a zero-CPU actor,
 so `recover_all` runs each domain's `fit()` in a driver thread (Train v2 only skips its SIGINT handler off the main

@@ -44,17 +44,24 @@ class _AttentionDone(Exception):
 class LayerRunner:
     """One worker's side of sequential pruning (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, blocks: torch.Tensor, batch_size: int):
+    def __init__(self, model: nn.Module, blocks: torch.Tensor, batch_size: int,
+                 general: torch.Tensor | None = None, general_weight: float = 0.0):
         self.model = copy.deepcopy(model).eval()
         self.layers = decoder_layers(self.model)
         self.hidden: list[torch.Tensor] = []  # residual stream entering the next layer, per batch
         self.calls: list[list[tuple[tuple, dict]]] = []  # per batch, per layer: (extra args, kwargs)
-        self.tokens = 0
         self._returns: list = []  # what a layer returns after its hidden state (None: a bare tensor); see _capture
-        for start in range(0, blocks.shape[0], batch_size):
-            ids = blocks[start:start + batch_size]
-            self.hidden.append(self._capture(ids))
-            self.tokens += ids.numel()
+        # Groups of batches whose sums are weighted alike: the domain's blocks (1), and general text (minigpt.general)
+        # at `general_weight`, which joins the statistics exactly as stats.mix joins a one-shot profile's.
+        self.groups: list[tuple[float, list[int], int]] = []  # (weight, batch indices, tokens)
+        for part, weight in ((blocks, 1.0), (general, general_weight)):
+            if part is None or not len(part) or not weight:
+                continue
+            first = len(self.hidden)
+            for start in range(0, part.shape[0], batch_size):
+                self.hidden.append(self._capture(part[start:start + batch_size]))
+            self.groups.append((float(weight), list(range(first, len(self.hidden))), int(part.numel())))
+        self.tokens = sum(g[2] for g in self.groups)
         # The stream target: the dense model's stream rides along (the same layer, run before it is changed). It
         # is copied on the first dense_step, so only runs that refit toward the stream hold it.
         self.dense: list[torch.Tensor] | None = None
@@ -168,31 +175,36 @@ class LayerRunner:
         scale = residual_scale(self.model)
         kept = []
         self._reuse = None
+        template, parts = st, []
         try:
-            with S.collecting(self.model, st, spec, layer=index):
-                for b in range(len(self.hidden)):
-                    try:
-                        out = self._run(index, b)
-                    except _AttentionDone:  # the rest of the layer is not needed
-                        out = None
-                    if "mlp" in seen:
-                        kept.append((out, *seen["mlp"].pop()))
-                    if drift:
-                        x, y = seen["drift"].pop()
-                        if drift == "mlp":
-                            e = (self.dense_next[b] - out) / scale
-                        else:  # streams just after the attention: the layer's input plus its attention output
-                            e = (self.dense[b] - self.hidden[b]) / scale + self.dense_attn[b] - y
-                        x = x.reshape(-1, x.shape[-1])
-                        e = e.reshape(x.shape[0], -1)
-                        st[f"{drift}_drift"][0] += S.cross(e, x)
-                        st[f"{drift}_drift_sum"][0] += e.sum(0, dtype=torch.float64)
+            for weight, batches, tokens in self.groups:  # each group's sums, then weighted together
+                st = {k: torch.zeros_like(v) for k, v in template.items()}
+                with S.collecting(self.model, st, spec, layer=index):
+                    for b in batches:
+                        try:
+                            out = self._run(index, b)
+                        except _AttentionDone:  # the rest of the layer is not needed
+                            out = None
+                        if "mlp" in seen:
+                            kept.append((out, *seen["mlp"].pop()))
+                        if drift:
+                            x, y = seen["drift"].pop()
+                            if drift == "mlp":
+                                e = (self.dense_next[b] - out) / scale
+                            else:  # streams just after the attention: the layer's input plus its attention output
+                                e = (self.dense[b] - self.hidden[b]) / scale + self.dense_attn[b] - y
+                            x = x.reshape(-1, x.shape[-1])
+                            e = e.reshape(x.shape[0], -1)
+                            st[f"{drift}_drift"][0] += S.cross(e, x)
+                            st[f"{drift}_drift_sum"][0] += e.sum(0, dtype=torch.float64)
+                st["tokens"] += tokens
+                parts.append((weight, st))
         finally:
             for h in hooks:
                 h.remove()
         if kept:
             self._reuse = (index, f"{arch.layers}.{index}.{arch.mlp_out}.", kept)
-        st["tokens"] += self.tokens
+        st = {k: sum(w * part[k] for w, part in parts) for k in template}
         return S.to_numpy(st)
 
     def apply(self, weights: Mapping[str, torch.Tensor]) -> None:
@@ -353,20 +365,26 @@ def _chosen(mlp_keep, kv_keep, w) -> scoring.Scores:
 
 
 def ray_runners(model_dir: str, shards: Sequence[torch.Tensor], batch_size: int, dtype: str = "float32",
-                cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0) -> list:
-    """One LayerRunner actor per share of the calibration blocks, each loading the model itself."""
+                cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
+                general: Sequence[torch.Tensor] | None = None, general_weight: float = 0.0) -> list:
+    """One LayerRunner actor per share of the calibration blocks (and of the general text, when given), each loading
+    the model itself."""
     import ray
 
     @ray.remote
     class _Runner(LayerRunner):
-        def __init__(self, folder, blocks, batch):
+        def __init__(self, folder, blocks, batch, extra, weight):
             from minigpt.models import load_model
 
             torch.set_num_threads(max(1, int(cpus_per_worker)))
-            super().__init__(load_model(folder, dtype), torch.as_tensor(blocks), batch)
+            super().__init__(load_model(folder, dtype), torch.as_tensor(blocks), batch,
+                             None if extra is None else torch.as_tensor(extra), weight)
 
     opts = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker}
-    return [_Runner.options(**opts).remote(str(model_dir), b.numpy(), batch_size) for b in shards]
+    general = list(general) if general is not None else [None] * len(shards)
+    return [_Runner.options(**opts).remote(str(model_dir), b.numpy(), batch_size,
+                                           None if g is None else g.numpy(), general_weight)
+            for b, g in zip(shards, general)]
 
 
 __all__ = ["LayerRunner", "STREAM_DAMP_TOKENS", "prune_sequential", "ray_runners", "stream_ridge"]

@@ -22,14 +22,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from minigpt.config import ConfigError, DomainConfig, SourceConfig
+from minigpt.config import HF_BUILDERS, ConfigError, DomainConfig, SourceConfig
 from minigpt import packaged
 from minigpt.io import package_file
 from minigpt.packaged import PACKAGED
 
 LICENSES_DIR = Path("/usr/share/common-licenses")
 STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
-HF_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
 
 def split_long(text: str, max_chars: int) -> list[str]:

@@ -67,6 +67,34 @@ def calibrate(p: Pipeline, todo: list[str], keys: dict[str, str], finish: Finish
         finish(name)
 
 
+def general(p: Pipeline, todo: list[None], keys: dict, finish: Finish) -> None:
+    """The general text calibrated beside every domain (minigpt.general): shards, then, unless plans are cut
+    sequentially (the runners read the shards), its profile, on the calibration workers."""
+    from minigpt import calibrate as K, evaltext, general as G, models
+
+    L, cfg = p.layout, p.cfg
+    G.prepare_general(L.general, cfg.data, cfg.calibrate.general_tokens, cfg.calibrate.general_sources, p.tokenizer(),
+                      lambda: models.load_model(p.model_dir, cfg.calibrate.dtype, cfg.model.trust_remote_code),
+                      banned=evaltext.banned_hashes(cfg.domains, cfg.data) if cfg.calibrate.general_sources else ())
+    if not cfg.prune.sequential:
+        key = keys[None]
+        shards = [K.Shard(f"_general/{key}/{s.stem}", "_general", str(s)) for s in G.shards(L.general)]
+        K.run_shards(shards, cfg.model, cfg.calibrate, L.ledger, p.spec)
+        K.save_profile(L.general_profile, K.merge_ledger(L.ledger, shards),
+                       {"model": cfg.model.source, "domain": "_general", "shards": len(shards)})
+    finish(None)
+
+
+def planning_stats(p: Pipeline, domain: str):
+    """The statistics a domain's plan is cut from: its profile, mixed with the general text's at
+    prune.general_weight (stats.mix)."""
+    from minigpt import calibrate as K, stats as ST
+
+    stats = K.load_profile(p.layout.profile(domain))[0]
+    w = p.cfg.prune.general_weight
+    return ST.mix(stats, K.load_profile(p.layout.general_profile)[0], w) if w > 0 else stats
+
+
 # ----------------------------------------------------------------------------------------------- search
 
 
@@ -93,7 +121,7 @@ def search(p: Pipeline, domain: str) -> None:
     from minigpt import calibrate as K, corpora, search as SE
 
     L, cfg = p.layout, p.cfg
-    stats, _ = K.load_profile(L.profile(domain))
+    stats = planning_stats(p, domain)
     data = corpora.DomainData.load(L.data_dir(domain))
     texts = [t for _, t in data.documents(cfg.search.split)]
     initial = _allocation_seeds(p, domain, stats, data) if cfg.prune.reconstruct else []
@@ -129,25 +157,28 @@ def slim(p: Pipeline, name: str) -> None:
     if cfg.search.enabled:
         # The picked shapes are compensated like fixed-ratio plans when prune.reconstruct is on; the search itself
         # scores its candidates uncompensated (known limit, see the README).
-        stats, weights = (K.load_profile(L.profile(name))[0] if cfg.prune.reconstruct else None), None
+        stats, weights = (planning_stats(p, name) if cfg.prune.reconstruct else None), None
         picked = [dataclasses.replace(x, reconstruct=cfg.prune.reconstruct, damp=cfg.prune.damp)
                   for x in picked_plans(p, name)]
         plan = picked[0]
         for k, extra in enumerate(picked[1:], start=1):  # further front points: slimmed and evaluated
             small, tok = SL.slim_expert(dense, tokenizer, extra, stats)
-            SL.save_expert(small, tok, L.expert(name, f"search-{k}"))
+            SL.save_expert(small, tok, L.expert(name, f"search-{k}"),
+                           extra_files=ship_files(p, name, f"search-{k}", extra, type(small).__name__))
     elif cfg.prune.sequential:
-        stats = K.load_profile(L.profile(name))[0]
+        stats = K.load_profile(L.profile(name))[0]  # its token counts (vocabulary); the runners sum the rest
         plan, weights = _sequential_plan(p, name, dense, tokenizer, stats)
     else:
-        stats, weights = K.load_profile(L.profile(name))[0], None
+        stats, weights = planning_stats(p, name), None
         plan = _fixed_ratio_plan(p, name, dense, tokenizer, stats)
     small, tok = SL.slim_expert(dense, tokenizer, plan, stats, weights)
     total, non_emb = models.count_parameters(small)
     if (total, non_emb) != (plan.params["total"], plan.params["non_embedding"]):
         raise RuntimeError(f"slimmed {name} has {total}/{non_emb} parameters, plan predicts "
                            f"{plan.params['total']}/{plan.params['non_embedding']}")
-    SL.save_expert(small, tok, L.expert(name, "pruned"))
+    # The expert's card and its base model's terms travel in the same atomic folder as its weights.
+    SL.save_expert(small, tok, L.expert(name, "pruned"),
+                   extra_files=ship_files(p, name, "pruned", plan, type(small).__name__))
     if plan.vocab_keep is not None:
         # The expert's token ids differ from the base's: its train split is re-tokenized for recovery.
         data = corpora.DomainData.load(L.data_dir(name))
@@ -175,14 +206,20 @@ def _sequential_plan(p: Pipeline, name: str, dense, tokenizer, stats):
     calibration blocks (minigpt.sequential)."""
     import ray
 
-    from minigpt import corpora, plan as P, sequential as Q
+    from minigpt import corpora, general as G, plan as P, sequential as Q
     from minigpt.models import decoder_layers
 
     cfg = p.cfg
     blocks = corpora.read_blocks(corpora.DomainData.load(p.layout.data_dir(name)).shards("calib"))
     shares = [s for s in blocks.tensor_split(min(cfg.calibrate.workers, len(blocks))) if len(s)]
+    general, weight = None, cfg.prune.general_weight
+    if weight > 0:
+        # General text rides along on the same runners, its sums weighted to general_weight x the domain's mass.
+        text = corpora.read_blocks(G.shards(p.layout.general))
+        general = text.tensor_split(len(shares))
+        weight *= blocks.numel() / max(text.numel(), 1)
     runners = Q.ray_runners(str(p.model_dir), shares, cfg.calibrate.batch_size, cfg.calibrate.dtype,
-                            cfg.calibrate.cpus_per_worker, cfg.calibrate.gpus_per_worker)
+                            cfg.calibrate.cpus_per_worker, cfg.calibrate.gpus_per_worker, general, weight)
     vocab = P.vocab_keep(stats["token_counts"], tokenizer, cfg.prune.vocab_min_count) if cfg.prune.vocab else None
     n_layers = len(decoder_layers(dense))
     try:
@@ -318,6 +355,7 @@ def recover(p: Pipeline, todo: list[str], keys: dict[str, str], finish: Finish) 
     for t in tasks:
         r = results.get(t.domain)
         if r is not None and r.ok:
+            ship(p, t.domain, "recovered")  # before the stage is recorded done: a done expert has its card
             finish(t.domain, steps=r.steps, final_loss=r.losses[-1] if r.losses else None,
                    tokens_per_s=r.tokens_per_s, expert_step=r.expert_step, stopped_early=r.stopped_early)
             ok.append(t.domain)
@@ -341,6 +379,166 @@ def quantize(p: Pipeline, domain: str) -> None:
     from minigpt import quantize as Q
 
     Q.quantize_expert(final_expert(p, domain), p.layout.expert(domain, "int8"), p.cfg.quantize)
+    ship(p, domain, "int8")
+
+
+# ------------------------------------------------------------------------- cards, terms files, GGUF export
+
+
+def _plan_of(p: Pipeline, domain: str, kind: str):
+    """The plan an expert was cut by: the domain's plan, or the search front point a search-<k> expert is."""
+    from minigpt import plan as P
+
+    if kind.startswith("search-"):
+        picked = picked_plans(p, domain)
+        k = int(kind.split("-", 1)[1])
+        return picked[k] if k < len(picked) else None
+    path = p.layout.plan(domain)
+    return P.PruningPlan.load(path) if path.is_file() else None
+
+
+def _split_facts(p: Pipeline, domain: str, split: str) -> dict | None:
+    try:
+        man = json.loads((p.layout.data_dir(domain) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    s = (man.get("splits") or {}).get(split) or {}
+    return {"tokens": s.get("tokens"), "documents": s.get("documents"),
+            "sources": [x.label for x in p.cfg.domain(domain).sources]}
+
+
+def card_facts(p: Pipeline, domain: str, kind: str, plan, architecture: str, figures: dict | None = None,
+               speed: dict | None = None, gguf: tuple = ()):
+    """What an expert's card states (minigpt.card.CardFacts), from the run folder and the job."""
+    import hashlib
+
+    import minigpt
+    from minigpt import card as CA, config as C, licence as LI
+
+    cfg = p.cfg
+    recovered = kind == "recovered" or (kind == "int8" and p.done("recover", domain))
+    try:
+        manifest = json.loads((p.layout.expert(domain, "recovered") / "_manifest.json").read_text()) \
+            if recovered else None
+    except (OSError, ValueError):
+        manifest = None
+    return CA.CardFacts(
+        name=f"{cfg.name}-{domain}-{kind}", job=cfg.name, domain=domain, kind=kind, base=cfg.model.source,
+        architecture=architecture, licence=LI.base_licence(cfg.model.source, str(p.model_dir)), plan=plan,
+        prune=dataclasses.asdict(cfg.prune), recover=dataclasses.asdict(cfg.recover) if recovered else None,
+        calib=_split_facts(p, domain, "calib"), heldout=_split_facts(p, domain, "heldout"),
+        recovery=manifest, figures=figures, speed=speed, confidence=cfg.evaluate.confidence,
+        job_hash=hashlib.sha256(C.dump(cfg).encode()).hexdigest()[:16], version=minigpt.__version__, gguf=gguf)
+
+
+def ship_files(p: Pipeline, domain: str, kind: str, plan, architecture: str, figures: dict | None = None,
+               speed: dict | None = None, gguf: tuple = (), library: str = "transformers") -> dict[str, str]:
+    """File name -> text of what makes an expert folder shippable: README.md (its model card) and the base model's
+    terms files (LICENSE, use policy, ..., and a NOTICE saying what was modified)."""
+    from minigpt import card as CA, licence as LI
+
+    facts = card_facts(p, domain, kind, plan, architecture, figures, speed, gguf)
+    lic = facts.licence
+    what = (f"structured pruning by minigpt ({plan.method}; MLP width {plan.intermediate_size} -> {plan.mlp_width}, "
+            f"{len(plan.layers)} of {plan.num_layers} layers kept)"
+            + (", then further training on text of the domain" if facts.recovery is not None else "")
+            + (", then int8 weight quantization" if kind == "int8" else "") + ".")
+    return {"README.md": CA.render(facts, library), **LI.expert_files(lic, lic.base_model or p.cfg.model.source, what)}
+
+
+def ship(p: Pipeline, domain: str, kind: str, folder: Path | None = None, figures: dict | None = None,
+         speed: dict | None = None, gguf: tuple = (), library: str = "transformers") -> None:
+    """Write (or rewrite) the card and terms files of an existing expert folder, each file atomically."""
+    from minigpt.io import atomic_write_text
+
+    folder = Path(folder or p.layout.expert(domain, kind))
+    plan = _plan_of(p, domain, kind)
+    if plan is None or not folder.is_dir():
+        return
+    src = folder if library != "gguf" else p.layout.expert(domain, kind)
+    try:
+        arch = (json.loads((src / "config.json").read_text()).get("architectures") or ["?"])[0]
+    except (OSError, ValueError):
+        arch = "?"
+    for name, text in ship_files(p, domain, kind, plan, arch, figures, speed, gguf, library).items():
+        atomic_write_text(folder / name, text)
+
+
+def refresh_cards(p: Pipeline, summary: dict, eval_data: dict) -> None:
+    """Rewrite every expert's card (and its GGUF folder's) with the figures summary.json and eval.json now hold:
+    the cards and the report state the same numbers."""
+    from minigpt import card as CA
+
+    models = eval_data.get("models") or {}
+    for label in model_table(p):
+        if label == "dense":
+            continue
+        domain, kind = label.split("/", 1)
+        fig = (CA.figures(summary["domains"].get(domain), kind) if kind in ("pruned", "recovered")
+               else CA.eval_figures(eval_data, label, domain))
+        ship(p, domain, kind, figures=fig, speed=(models.get(label) or {}).get("speed"))
+    for domain in p.domains:
+        gdir = p.layout.expert(domain, "gguf")
+        try:
+            rec = json.loads((gdir / "export.json").read_text())
+        except (OSError, ValueError):
+            continue
+        kind, label = rec["kind"], f"{domain}/{rec['kind']}"
+        fig = CA.figures(summary["domains"].get(domain), kind)
+        ship(p, domain, kind, gdir, figures=fig, speed=(models.get(label) or {}).get("speed"),
+             gguf=tuple(rec["files"]), library="gguf")
+
+
+def _heldout_blocks(p: Pipeline, domain: str, folder: Path, n: int):
+    """Up to n blocks of the domain's held-out documents in the expert's own tokenization (its vocabulary may be
+    cut): text for reading an exported file back, never for choosing anything."""
+    import torch
+
+    from minigpt import corpora, models
+
+    bs = p.cfg.data.block_size
+    tok = models.load_tokenizer(folder, p.cfg.model.trust_remote_code)
+    ids: list[int] = []
+    for _, text in corpora.DomainData.load(p.layout.data_dir(domain)).documents("heldout"):
+        ids += tok(text)["input_ids"]
+        if len(ids) >= n * bs:
+            break
+    k = min(n, len(ids) // bs)
+    return torch.tensor(ids[: k * bs], dtype=torch.long).reshape(k, bs) if k else None
+
+
+def export(p: Pipeline, domain: str) -> None:
+    """GGUF files of the domain's final expert (export.gguf), each read back with transformers and compared with the
+    expert on held-out blocks, with the expert's card and terms files, into experts/<domain>/gguf/ (one atomic
+    folder)."""
+    from minigpt import export as EX
+    from minigpt.io import atomic_dir, atomic_write_text
+
+    cfg = p.cfg.export
+    src = final_expert(p, domain)
+    EX.read_config(src)  # an architecture it cannot export: one line, before anything is written
+    blocks = _heldout_blocks(p, domain, src, cfg.verify_blocks) if cfg.verify_blocks else None
+    with atomic_dir(p.layout.expert(domain, "gguf")) as tmp:
+        files = [EX.export_gguf(src, tmp / EX.file_name(src, t), t, name=f"{p.cfg.name}-{domain}-{src.name}")
+                 for t in cfg.gguf]
+        if blocks is not None:
+            for f, v in zip(files, EX.verify(src, [tmp / f["file"] for f in files], blocks)):
+                f["verify"] = v
+                bad = EX.problem(f)
+                if bad and bad[0]:
+                    raise RuntimeError(f"export {domain}: {bad[1]}")
+                if bad:
+                    print(f"[export] {domain}: warning: {bad[1]}", flush=True)
+        atomic_write_json(tmp / "export.json", {"kind": src.name, "source": str(src), "files": files})
+        plan = _plan_of(p, domain, src.name)
+        arch = (json.loads((src / "config.json").read_text()).get("architectures") or ["?"])[0]
+        for name, text in ship_files(p, domain, src.name, plan, arch, gguf=tuple(files), library="gguf").items():
+            atomic_write_text(tmp / name, text)
+    print(f"[export] {domain}: " + "; ".join(
+        f"{f['file']} {f['bytes'] / 1e6:.1f} MB" + (f", logits within {f['verify']['max_abs_logit_diff']:.3g}, "
+                                                    f"perplexity {f['verify']['ppl_ratio']:.4f}x the expert's"
+                                                    if 'ppl_ratio' in (f.get('verify') or {}) else "")
+        for f in files), flush=True)
 
 
 # --------------------------------------------------------------------------------------- evaluate, report

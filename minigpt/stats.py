@@ -105,6 +105,30 @@ def merge(parts: Iterable[Mapping[str, torch.Tensor]]) -> Stats:
     return out
 
 
+# Statistics that describe the domain alone: which tokens it uses (vocabulary pruning) is never mixed.
+DOMAIN_ONLY = ("token_counts",)
+
+
+def mix(domain: Mapping[str, torch.Tensor], general: Mapping[str, torch.Tensor], weight: float) -> Stats:
+    """Domain sums plus general text's sums rescaled to `weight` times the domain's token mass (minigpt.general):
+    every mean is then (1 - s) x the domain's + s x general's with s = weight / (1 + weight). A general entry the
+    domain lacks is left out; DOMAIN_ONLY entries are the domain's own. Sums stay sums: mixing merged profiles
+    equals merging mixed parts scaled alike."""
+    if weight < 0:
+        raise ValueError("mix weight must be >= 0")
+    scale = weight * float(domain["tokens"].sum()) / max(float(general["tokens"].sum()), 1.0)
+    out: Stats = {}
+    for k, v in domain.items():
+        v = torch.as_tensor(v, dtype=torch.float64)
+        if k in DOMAIN_ONLY or k not in general or weight == 0:
+            out[k] = v.clone()
+        elif tuple(general[k].shape) != tuple(v.shape):
+            raise ValueError(f"cannot mix {k}: shapes {tuple(v.shape)} and {tuple(general[k].shape)}")
+        else:
+            out[k] = v + scale * torch.as_tensor(general[k], dtype=torch.float64)
+    return out
+
+
 def to_numpy(stats: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """For shipping through Ray: CPU numpy, never CUDA tensors."""
     return {k: v.detach().cpu().numpy() for k, v in stats.items()}

@@ -129,3 +129,22 @@ def test_statistics_over_the_memory_budget_stop_before_any_model_loads(base, cap
     job["prune"] = {**job.get("prune", {}), "sequential": False}  # one-shot: every layer's Gram sums in the profile
     err = _run(tmp, job, capsys)
     assert "GiB, over calibrate.memory_budget_gb=0.0001" in err and "prune.reconstruct=false" in err
+
+
+@pytest.mark.parametrize("overrides,largest", [
+    (["prune.target=0.99"], "cannot be reached by MLP channels alone (at most 0."),
+    (["prune.method=depth", "prune.target=0.9"], "cannot be reached by dropping whole layers (at most 0.6"),
+])
+def test_unreachable_target_stops_before_any_model_loads(base, capsys, monkeypatch, overrides, largest):
+    import minigpt.models as M
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded or prepared before the target was checked")
+
+    monkeypatch.setattr(M, "load_model", no_loading)
+    monkeypatch.setattr(M, "prepare_alias", no_loading)
+    tmp, job = base
+    err = _run(tmp, job, capsys, *overrides)  # one line, nothing written
+    assert f"prune.target {overrides[-1].split('=')[1]} {largest}" in err, err
+    assert main(["validate", str(tmp / "job.yaml"), *overrides]) == 2
+    assert largest in capsys.readouterr().err

