@@ -1,20 +1,22 @@
-"""Pruning methods compared on SmolLM2-135M for the demo domains, with and without least-squares compensation.
+"""Pruning methods compared on SmolLM2-135M for the demo domains, on the out-of-source suite.
 
 For each demo domain (licenses / hpo / python-stdlib) the model is profiled once on the domain's calibration split
-with every statistic (base sums, Gram matrices, depth-replacement moments for the cut lengths the targets need).
-Then for every method, every target (share of non-embedding parameters removed) and compensation off / on
-(`prune.reconstruct`), a plan is built, the model is slimmed physically into a stock checkpoint and scored, with
-no training, on two kinds of text:
-  * `other`:   text of the same domain from OTHER sources than the job reads (benchmarks/othertext.py: SPDX
-               licence texts, MONDO disease definitions, attrs/click/jinja2 code) - the figure that counts;
-  * `heldout`: the domain's own held-out split (documents of the same source never calibrated on).
+with every statistic (base sums, Gram matrices, depth-replacement moments for the cut lengths the targets need), and
+once on the general text a job calibrates beside the domains (8,192 tokens the dense model samples itself,
+minigpt.general). Then for every method, every target (share of non-embedding parameters removed) and compensation
+off / on (`prune.reconstruct`), a plan is built, the model is slimmed physically into a stock checkpoint and scored,
+with no training, on:
+  * the domain's own held-out split (documents of the calibration source never calibrated on), and
+  * every text of the out-of-source suite (benchmarks/othertext.py: per domain one text of the calibration
+    source's form from another source and two or three of other forms) - the figures that count.
 Each figure is perplexity / the dense model's perplexity on the same text.
 
-Prints a table per text kind, then one line of JSON whose keys name what they are: `best_<pct>_<domain>` is the
-lowest ratio to dense on other-source text over the stock-checkpoint methods at that target (uniform widths; the
-winning method is in `best_method_<pct>_<domain>`), `best_heldout_<pct>_<domain>` the same on the held-out split,
-`gain_<method>_<pct>` the mean over domains of the ratio without compensation / with it (> 1: compensation helps).
+Prints a table per domain, then one line of JSON (see `figures`): the lowest worst-case out-of-source ratio of any
+variant per target and domain (`best_<pct>_<domain>`), the job default's ratio per text and its worst
+(`default_<pct>_<domain>_<text>`, `worst_<pct>_<domain>`), plain contextual's (`contextual_...`,
+`baseline_worst_...`) and whether the default is no worse on every text (`noharm_<pct>_<domain>`).
 
+`default` runs exactly what a job gets from PruneConfig's defaults at each target.
 A method may carry options:
   * `wanda-sp+alloc`: the allocation chooses the stock shape (replaced layers, KV groups, MLP width;
     prune.allocate), measuring its 4 shortlisted shapes on the domain's validation split (prune.verify);
@@ -24,7 +26,9 @@ A method may carry options:
     stream (prune.refit_target stream);
   * `+sd0.01` sets the stream target's correction ridge (prune.stream_damp) to 0.01; `+sa` / `+sa0` turn on /
     off the correction of every attention output toward the dense stream (prune.stream_attn; default on);
-  * `+q2` keeps 2 query heads in every KV group, `+kv2` keeps 2 KV groups per layer.
+  * `+q2` keeps 2 query heads in every KV group, `+kv2` keeps 2 KV groups per layer;
+  * `+g0.25` adds the general text at prune.general_weight 0.25 (one-shot: stats.mix of the profiles; sequential:
+    the runners' weighted batch groups).
 
 `--model gemma3-270m` (after `make gemma-setup`) runs the same comparison on Gemma-3-270M.
 

@@ -228,11 +228,14 @@ class PruneConfig:
     allocate: bool = False  # choose the stock shape (replaced layers, KV groups, MLP width) by predicted error...
     verify: int = 4  # ...then measure this many shortlisted shapes on validation blocks, build the best (0: trust it)
     verify_tokens: int = 4096  # validation tokens each shortlisted shape is measured on
-    # What a sequential refit reproduces: `layer`, each layer's dense output on the pruned model's inputs; `stream`,
-    # the dense model's residual stream after the layer (every MLP output projection also absorbs the drift that
-    # earlier pruned layers left; minigpt.refit.corrected); `auto`, stream wherever it applies (sequential,
-    # reconstruct, an architecture whose MLP output joins the stream linearly: plan.stream_refit), else layer.
-    refit_target: str = "auto"
+    # What a sequential refit reproduces: `layer` (the default), each layer's dense output on the pruned model's
+    # inputs; `stream`, the dense model's residual stream after the layer (every MLP output projection also absorbs
+    # the drift that earlier pruned layers left; minigpt.refit.corrected); `auto`, stream wherever it applies
+    # (sequential, reconstruct, an architecture whose MLP output joins the stream linearly: plan.stream_refit), else
+    # layer. The stream target is the best on the calibration source's own held-out text and the worst of the
+    # sequential variants on its domain's text of other forms (README: out-of-source suite): it fits more
+    # parameters to the calibration text.
+    refit_target: str = "layer"
     # Ridge of the stream target's full-width correction (refit.corrected), relative to the mean diagonal of its Gram
     # matrix at 16,384 calibration tokens and falling as 1/tokens above (sequential.stream_ridge). It predicts the
     # stream's drift from one layer's MLP inputs, a regression that overfits a few thousand calibration tokens far

@@ -318,6 +318,23 @@ class SplitData:
     window_tokens: int = 0  # most tokens one document gave to the sample
 
 
+def finished_manifest(out_dir: Path, what: str) -> dict:
+    """out_dir/manifest.json of a folder written atomically with `finished: true`; FileNotFoundError otherwise."""
+    path = Path(out_dir) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{out_dir}: no {what} (manifest.json missing)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("finished") is not True:
+        raise FileNotFoundError(f"{out_dir}: {what} unfinished (manifest.json has no finished: true)")
+    return manifest
+
+
+def read_documents(path: Path) -> list[tuple[str, str]]:
+    """(document hash, text) rows of a documents.parquet, in file order."""
+    table = pq.read_table(path, columns=["doc_hash", "text"])
+    return list(zip(table.column("doc_hash").to_pylist(), table.column("text").to_pylist()))
+
+
 @dataclass(frozen=True)
 class DomainData:
     """A prepared domain folder (see the module docstring); build it with prepare_domain, reopen with load."""
@@ -332,12 +349,7 @@ class DomainData:
     @classmethod
     def load(cls, out_dir: str | Path) -> DomainData:
         out_dir = Path(out_dir)
-        path = out_dir / "manifest.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{out_dir}: no prepared domain data (manifest.json missing)")
-        manifest = json.loads(path.read_text())
-        if manifest.get("finished") is not True:
-            raise FileNotFoundError(f"{out_dir}: domain data is unfinished (manifest.json has no finished: true)")
+        manifest = finished_manifest(out_dir, "prepared domain data")
         splits = {name: SplitData(documents=s["documents"], tokens=s["tokens"], blocks=s["blocks"],
                                   bytes=s["bytes"], shards=tuple(s["shards"]), available=s.get("available", 0),
                                   window_tokens=s.get("window_tokens", 0))
@@ -356,8 +368,7 @@ class DomainData:
     def documents(self, split: str) -> list[tuple[str, str]]:
         """(document hash, the window of its text the split's sample holds), in stream (hash) order."""
         self._split(split)
-        table = pq.read_table(self.out_dir / split / "documents.parquet")
-        return list(zip(table.column("doc_hash").to_pylist(), table.column("text").to_pylist()))
+        return read_documents(self.out_dir / split / "documents.parquet")
 
     def doc_hashes(self, split: str) -> set[str]:
         self._split(split)
@@ -501,5 +512,5 @@ def retokenize(documents: Sequence[tuple[str, str]], tokenizer: Any, block_size:
 __all__ = [
     "DomainData", "SplitData", "SPLITS", "assign_split", "bos_id", "build_stream", "doc_hash", "gather_documents",
     "min_window", "prepare_domain", "read_blocks", "read_n_bytes", "retokenize", "sample_windows", "token_bytes",
-    "tokenize_documents", "write_block_shards", "write_documents",
+    "tokenize_documents", "write_block_shards", "write_documents", "finished_manifest", "read_documents",
 ]

@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from minigpt.config import ConfigError, DataConfig, DomainConfig, SourceConfig
-from minigpt.corpora import DomainData, build_stream, gather_documents, write_documents
+from minigpt.corpora import (DomainData, build_stream, finished_manifest, gather_documents, read_documents,
+                             write_documents)
 from minigpt.io import atomic_dir, atomic_write_json
 
 NGRAM = 8
@@ -127,18 +127,11 @@ class EvalSets:
 
     @classmethod
     def load(cls, out_dir: str | Path) -> EvalSets:
-        import json
-
-        out_dir = Path(out_dir)
-        path = out_dir / "manifest.json"
-        manifest = json.loads(path.read_text()) if path.is_file() else {}
-        if manifest.get("finished") is not True:
-            raise FileNotFoundError(f"{out_dir}: no finished out-of-source evaluation sets")
-        return cls(out_dir, manifest["domain"], manifest["sets"])
+        manifest = finished_manifest(Path(out_dir), "out-of-source evaluation sets")
+        return cls(Path(out_dir), manifest["domain"], manifest["sets"])
 
     def documents(self, label: str) -> list[tuple[str, str]]:
-        table = pq.read_table(self.out_dir / label / "documents.parquet")
-        return list(zip(table.column("doc_hash").to_pylist(), table.column("text").to_pylist()))
+        return read_documents(self.out_dir / label / "documents.parquet")
 
     def texts(self) -> dict[str, list[str]]:
         return {label: [t for _, t in self.documents(label)] for label in self.sets}

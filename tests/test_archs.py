@@ -286,9 +286,10 @@ def test_stream_refit_slims_to_masked_dense_or_is_refused(arch):
 
     model = make(arch)
     cfg = PruneConfig(method="obs", target=0.3, multiple_of=4, sequential=True, refit_target="stream")
-    # The default target (auto) is the stream wherever it applies and the layer target elsewhere, never an error.
-    assert P.stream_refit(PruneConfig(), model) == depth_replaceable(model)
-    assert not P.stream_refit(PruneConfig(sequential=False), model)
+    # `auto` is the stream wherever it applies and the layer target elsewhere, never an error; the default is layer.
+    assert P.stream_refit(PruneConfig(refit_target="auto"), model) == depth_replaceable(model)
+    assert not P.stream_refit(PruneConfig(), model)
+    assert not P.stream_refit(PruneConfig(refit_target="auto", sequential=False), model)
     if not depth_replaceable(model):
         with pytest.raises(ConfigError, match=f"{arch} normalises each block's MLP output"):
             P.stat_spec(cfg, model)

@@ -370,8 +370,8 @@ def test_run_until_a_stage_stops_after_it(tmp_path, monkeypatch):
         PL.Pipeline(C.load(job)).run(until="recovery")
     assert not ran and not (tmp_path / "run").exists()
     assert PL.Pipeline(C.load(job)).run(until="slim") is None
-    assert sorted(set(ran)) == ["calibrate", "prepare", "slim"]
+    assert sorted(set(ran)) == ["calibrate", "general", "prepare", "slim"]  # no eval_sources: no evaltext
     states = _states(tmp_path / "run")
     done = {k for k, v in states.items() if v == "done"}
-    assert done == {f"{s}/{d}" for s in ("prepare", "calibrate", "slim") for d in ("alpha", "beta")}
+    assert done == {f"{s}/{d}" for s in ("prepare", "calibrate", "slim") for d in ("alpha", "beta")} | {"general"}
     assert {v for k, v in states.items() if k not in done} == {"pending"}
