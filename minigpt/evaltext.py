@@ -86,6 +86,11 @@ def prepare_eval_sets(domain: DomainConfig, data: DataConfig, tokenizer: Any, ou
     """Read, clean, sample and write every eval source of `domain` (see the module docstring). `learned`: other
     sources the job trains on (general replay), whose text counts as the domain's own here."""
     out_dir = Path(out_dir)
+    if not domain.eval_sources:  # nothing to clean: the domain's own text is not read (the stage runs per domain)
+        with atomic_dir(out_dir) as tmp:
+            atomic_write_json(tmp / "manifest.json", {"domain": domain.name, "salt": data.salt, "sets": {},
+                                                      "finished": True}, indent=2)
+        return EvalSets.load(out_dir)
     own = gather_documents(domain.without_eval(), data)
     if learned:
         own += gather_documents(DomainConfig("learned", tuple(learned)), data)
