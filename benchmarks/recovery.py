@@ -8,7 +8,8 @@
    of the same domain (benchmarks/othertext.py), as perplexity ratios to the dense model with paired bootstrap
    intervals over documents. Keys: `<mode>_<heldout|other>_<domain>` (also `pruned_...`), and `curves` with the
    validation bits/byte ÷ dense at each score. With `--general-fraction F` every mode also replays general English
-   (MMLU questions) as that share of its training blocks; its keys read `<mode>+replay_...`. `--alpha A` and
+   (the job's general text: the dense model's own samples; `--replay mmlu`: MMLU questions) as that share of its
+   training blocks; its keys read `<mode>+replay_...` (`<mode>+mmlu_...`). `--alpha A` and
    `--temperature T` set distillation's KL weight and temperature (keys `distill@aATT_...`).
 2. The engine (`--engine` alone). A plain PyTorch loop, minigpt's DeepSpeed step (ZeRO from the job's JSON, one
    gloo process) and its cached-distillation step train the same fp32 model from the same weights on the same
@@ -174,7 +175,8 @@ def general_source():
 
 def recovery_curves(job: str, run_dir: str, modes: list[str], lrs: dict[str, float], tokens: int,
                     eval_every: int, eval_tokens: int, other_docs: int, general: float = 0.0,
-                    alpha: float | None = None, temperature: float | None = None) -> dict[str, object]:
+                    alpha: float | None = None, temperature: float | None = None,
+                    replay: str = "self") -> dict[str, object]:
     """Prepare, calibrate, slim and compute the teacher's targets with the job's settings (minigpt's own stages,
     resumed when `run_dir` already holds them), then recover every domain's pruned expert with each mode for
     `tokens` tokens, scoring the validation split every `eval_every` steps, and measure the experts (the
@@ -194,7 +196,7 @@ def recovery_curves(job: str, run_dir: str, modes: list[str], lrs: dict[str, flo
             distill_temperature=cfg.recover.distill_temperature if temperature is None else temperature))
     if general:  # replay: the teacher stage writes the general blocks (and their targets) beside each domain's
         cfg = dataclasses.replace(cfg, recover=dataclasses.replace(
-            cfg.recover, general_fraction=general, general_sources=(general_source(),)))
+            cfg.recover, general_fraction=general, general_sources=(general_source(),) if replay == "mmlu" else ()))
     run_job(cfg, until="teacher")
     p = Pipeline(cfg)
     domains = [d.name for d in cfg.domains]
@@ -211,10 +213,11 @@ def recovery_curves(job: str, run_dir: str, modes: list[str], lrs: dict[str, flo
     for mode in modes:
         rcfg = dataclasses.replace(cfg.recover, mode=mode, tokens=tokens, steps=None, eval_every=eval_every,
                                    patience=0, keep_best=True, lr=lrs.get(mode, cfg.recover.lr), checkpoint_every=0)
-        label = (f"{mode}+replay" if general else mode) + (
+        label = (f"{mode}+{'mmlu' if replay == 'mmlu' else 'replay'}" if general else mode) + (
             f"@a{cfg.recover.distill_alpha:g}T{cfg.recover.distill_temperature:g}"
             if mode == "distill" and (alpha is not None or temperature is not None) else "")
-        name = f"{label}-lr{rcfg.learning_rate:g}-{tokens}" + (f"-g{general:g}" if general else "")
+        name = f"{label}-lr{rcfg.learning_rate:g}-{tokens}" + (f"-g{general:g}" if general else "") + (
+            f"-a{cfg.recover.distill_alpha:g}" if mode == "distill" else "")
         base = Path(run_dir) / "bench-recovery" / name
         tasks = [dataclasses.replace(stages.recovery_task(p, d), out_dir=str(base / d / "recovered"),
                                      checkpoint_dir=str(base / d / "checkpoints")) for d in domains]
@@ -271,7 +274,10 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=None, help="distill: weight of the KL term (recover.distill_alpha)")
     ap.add_argument("--temperature", type=float, default=None, help="distill: recover.distill_temperature")
     ap.add_argument("--general-fraction", type=float, default=0.0,
-                    help="replay: this share of each expert's training blocks is general English (MMLU questions)")
+                    help="replay: this share of each expert's training blocks is general text")
+    ap.add_argument("--replay", choices=("self", "mmlu"), default="self",
+                    help="what replay replays: the job's general text (self: the dense model's own samples, the "
+                         "product's default) or MMLU questions of subjects the suite does not measure")
     args = ap.parse_args()
 
     result: dict[str, object] = {}
@@ -288,7 +294,7 @@ def main() -> None:
         lrs = {m: float(v) for m, v in (x.split("=", 1) for x in args.lr)}
         result.update(recovery_curves(args.job, args.run_dir, args.modes.split(","), lrs, args.tokens,
                                       args.eval_every, args.eval_tokens, args.other_docs, args.general_fraction,
-                                      args.alpha, args.temperature))
+                                      args.alpha, args.temperature, args.replay))
     print(json.dumps(result), flush=True)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from minigpt.config import ConfigError
-from minigpt.io import atomic_write_json
+from minigpt.io import atomic_dir, atomic_write_json
 
 if TYPE_CHECKING:
     from minigpt.pipeline import Pipeline
@@ -76,7 +76,7 @@ def general(p: Pipeline, todo: list[None], keys: dict, finish: Finish) -> None:
     G.prepare_general(L.general, cfg.data, cfg.calibrate.general_tokens, cfg.calibrate.general_sources, p.tokenizer(),
                       lambda: models.load_model(p.model_dir, cfg.calibrate.dtype, cfg.model.trust_remote_code),
                       banned=evaltext.banned_hashes(cfg.domains, cfg.data) if cfg.calibrate.general_sources else ())
-    if not cfg.prune.sequential:
+    if cfg.prune.general_weight > 0 and not cfg.prune.sequential:
         key = keys[None]
         shards = [K.Shard(f"_general/{key}/{s.stem}", "_general", str(s)) for s in G.shards(L.general)]
         K.run_shards(shards, cfg.model, cfg.calibrate, L.ledger, p.spec)
@@ -274,13 +274,16 @@ def student_shards(p: Pipeline, domain: str, split: str) -> list[Path]:
 
 def _general_replay(p: Pipeline, domain: str, train_blocks: int) -> list[Path]:
     """Shards of general text for the domain's training set, in the expert's tokenizer: general_fraction of the
-    mixed set, windows spread over the recover.general_sources documents, none of which is a held-out, validation
-    or eval-source document of any domain (the final figures and early stopping must not have been trained on)."""
+    mixed set. From recover.general_sources: windows spread over their documents, none of which is a held-out,
+    validation or eval-source document of any domain (the final figures and early stopping must not have been
+    trained on). Without them: the job's general text (minigpt.general; by default the dense model's own samples)."""
     from minigpt import config as C, corpora, evaltext, models
 
     L, cfg = p.layout, p.cfg
     f = cfg.recover.general_fraction
     want = math.ceil(train_blocks * f / (1 - f))
+    if not cfg.recover.general_sources:
+        return _replay_general_text(p, domain, want, train_blocks)
     docs = corpora.gather_documents(C.DomainConfig("general", cfg.recover.general_sources), cfg.data)
     banned: set[str] = set()
     for d in p.domains:
@@ -295,6 +298,32 @@ def _general_replay(p: Pipeline, domain: str, train_blocks: int) -> list[Path]:
     print(f"[teacher] {domain}: {got} general replay blocks from {len(docs):,} documents for {train_blocks} "
           f"train blocks (general_fraction {f:g}{'' if got >= want else f', {want} wanted: the corpus is short'})",
           flush=True)
+    return shards
+
+
+def _replay_general_text(p: Pipeline, domain: str, want: int, train_blocks: int) -> list[Path]:
+    """The first `want` blocks of the job's general text as the domain's replay shards: copied where the expert
+    keeps the base vocabulary, decoded and re-tokenized where its vocabulary was pruned."""
+    from minigpt import corpora, general as G, models, plan as P
+
+    L, cfg = p.layout, p.cfg
+    blocks = corpora.read_blocks(G.shards(L.general))[:want]
+    out = L.teacher(domain) / "general"
+    if P.PruningPlan.load(L.plan(domain)).vocab_keep is None:
+        with atomic_dir(out) as tmp:
+            ids = blocks.numpy().astype("int32")  # self-sampled text covers no document bytes (general.py)
+            corpora.write_block_shards(tmp, ids, ids.astype("int64") * 0, cfg.data.blocks_per_shard)
+        shards = G.shards(out)
+    else:
+        base = p.tokenizer()
+        docs = [(f"general-{i}", base.decode(b, skip_special_tokens=True)) for i, b in enumerate(blocks.tolist())]
+        tok = models.load_tokenizer(L.expert(domain, "pruned"), cfg.model.trust_remote_code)
+        shards = corpora.retokenize(docs, tok, cfg.data.block_size, cfg.data.blocks_per_shard, out,
+                                    budget=len(blocks) * cfg.data.block_size, seed=cfg.data.seed)
+    got = len(corpora.read_blocks(shards))
+    print(f"[teacher] {domain}: {got} general replay blocks of the job's general text for {train_blocks} train "
+          f"blocks (general_fraction {cfg.recover.general_fraction:g}"
+          f"{'' if got >= want else f', {want} wanted: raise calibrate.general_tokens'})", flush=True)
     return shards
 
 

@@ -12,6 +12,11 @@ WORDS = {
 }
 
 
+def general_sources(root: Path) -> list[dict]:
+    """A replay corpus for recover.general_sources: the general folder write_tiny_job writes (both vocabularies)."""
+    return [{"kind": "text", "path": str(root / "corpus" / "general")}]
+
+
 def write_tiny_job(root: Path, tokenizer_dir: str, recover: bool = True, steps: int = 3, **overrides) -> Path:
     """A 2-domain job on a tiny Llama that shares the real tokenizer (so corpora tokenize real text)."""
     import random
@@ -54,8 +59,8 @@ def write_tiny_job(root: Path, tokenizer_dir: str, recover: bool = True, steps: 
         "prune": {"method": "contextual", "target": 0.2},
         # lr: large enough that three steps visibly lower held-out perplexity of the tiny random model.
         "recover": {"enabled": recover, "mode": "full", "steps": steps, "batch_size": 2, "workers": 1, "lr": 1e-2,
-                    "cpus_per_worker": 0.5, "eval_every": 2, "general_fraction": 0.25,
-                    "general_sources": [{"kind": "text", "path": str(general)}],
+                    "cpus_per_worker": 0.5, "eval_every": 2, "general_fraction": 0.25,  # replays the job's general
+                    # text (the tiny model's own samples); tests pass recover__general_sources=general_sources(root)
                     "deepspeed_config": str(Path(__file__).resolve().parents[1] / "jobs/deepspeed/zero2.json")},
         "evaluate": {"batch_size": 2},
         "output_dir": str(root / "run"),

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from minigpt import config as C
-from tests.jobs_tiny import write_tiny_job
+from tests.jobs_tiny import general_sources, write_tiny_job
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ def _minigpt(cwd: Path, *args: str, timeout: int = 300) -> subprocess.CompletedP
 
 def _relative_tiny_job(root: Path, tokenizer_dir: str) -> Path:
     """The tiny job with every path written relative to its file, and a DeepSpeed config of its own beside it."""
-    job = write_tiny_job(root, tokenizer_dir)
+    job = write_tiny_job(root, tokenizer_dir, recover__general_sources=general_sources(root))
     raw = yaml.safe_load(job.read_text())
     prefix = f"{root}/"
     raw["model"] = raw["model"].removeprefix(prefix)

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from minigpt.config import ConfigError, RecoverConfig
+from minigpt.config import ConfigError, RecoverConfig, SourceConfig
 from minigpt.recover import check_resources, concurrent_domains, deepspeed_config, recover_all
 from minigpt.training import (RecoveryTask, batch_indices, latest_tag, load_blocks, lr_factor, next_token_loss,
                               stop_early, student_rows, topk_distill_loss)
@@ -114,8 +114,9 @@ def test_recover_budget_in_tokens_or_steps():
         RecoverConfig(steps=3, tokens=100)
     with pytest.raises(ConfigError, match="patience needs"):
         RecoverConfig(patience=2)
-    with pytest.raises(ConfigError, match="general_sources"):
-        RecoverConfig(general_fraction=0.2)
+    with pytest.raises(ConfigError, match="general_fraction is 0"):
+        RecoverConfig(general_sources=(SourceConfig(kind="text", path="x"),))
+    assert RecoverConfig(general_fraction=0.2).general_fraction == 0.2  # without sources: the job's general text
 
 
 def test_deepspeed_config_fills_recover_settings_and_rejects_conflicts(tmp_path):
