@@ -28,14 +28,13 @@ import numpy as np
 import ray
 import torch
 from safetensors.numpy import load_file as load_np
-from safetensors.torch import load_file
 
 from minigpt import stats as S
 from minigpt.config import CalibrateConfig, ModelConfig
-from minigpt.io import atomic_save_np, atomic_write_text
-
-PROFILE_FORMAT = "minigpt.profile/1"
-
+from minigpt.io import atomic_save_np
+from minigpt.corpora import read_blocks
+from minigpt.models import load_model, resolve
+from minigpt.stats import PROFILE_FORMAT, load_profile, save_profile  # noqa: F401 (re-exported)
 
 class CalibrationError(RuntimeError):
     """Calibration could not finish; finished shards stay in the ledger."""
@@ -139,8 +138,6 @@ class Coordinator:
 class CalibrationWorker:
     def __init__(self, worker_id: str, model_cfg: ModelConfig, dtype: str, batch_size: int, threads: int,
                  spec: S.StatSpec = S.StatSpec(), flush_shards: int = 1):
-        from minigpt.models import load_model, resolve
-
         torch.set_num_threads(max(1, threads))
         self.worker_id = worker_id
         self.batch_size = batch_size
@@ -196,8 +193,6 @@ class CalibrationWorker:
 
 def read_shard_blocks(path: str) -> np.ndarray:
     """One shard's blocks (int32, for the object store); a bad shard is a CalibrationError naming its path."""
-    from minigpt.corpora import read_blocks
-
     try:
         arr = read_blocks([path])
     except ValueError as e:
@@ -316,23 +311,6 @@ def merge_ledger(ledger: Path, shards: Sequence[Shard]) -> S.Stats:
         raise CalibrationError(f"ledger {ledger} has overlapping or foreign entries for these shards; delete it to "
                                "recalibrate")
     return S.merge(S.from_numpy(load_np(str(p))) for _, p in entries)
-
-
-def save_profile(path: Path, stats: S.Stats, header: dict) -> None:
-    """Profile = safetensors of the fp64 sums + a JSON header beside it (model, tokens, shards, statistics)."""
-    header = {"format": PROFILE_FORMAT, "statistics": sorted(stats), "tokens": int(stats["tokens"].item()), **header}
-    atomic_save_np(S.to_numpy(stats), path, metadata={"header": json.dumps(header)})
-    atomic_write_text(path.with_suffix(".json"), json.dumps(header, indent=1))
-
-
-def load_profile(path: Path) -> tuple[S.Stats, dict]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        header = json.loads((f.metadata() or {}).get("header", "{}"))
-    if header.get("format") != PROFILE_FORMAT:
-        raise ValueError(f"{path} is not a {PROFILE_FORMAT} file")
-    return load_file(str(path)), header
 
 
 def summarize(domain: str, stats: S.Stats) -> str:

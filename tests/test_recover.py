@@ -19,8 +19,9 @@ import torch
 
 from minigpt.config import ConfigError, RecoverConfig
 from minigpt.recover import check_resources, concurrent_domains, deepspeed_config, recover_all
-from minigpt.training import (RecoveryTask, batch_indices, latest_tag, load_blocks, lr_factor, next_token_loss,
-                              stop_early, student_rows, topk_distill_loss)
+from minigpt.losses import batch_indices, lr_factor, next_token_loss, stop_early, student_rows, topk_distill_loss
+from minigpt.training import latest_tag
+from minigpt.trainset import RecoveryTask, load_blocks
 BLOCK = 32
 VOCAB = 49152  # the real tokenizer's
 
@@ -297,7 +298,7 @@ def _teacher_targets(teacher_dir: str, task: RecoveryTask, keep: tuple[int, ...]
     from transformers import AutoModelForCausalLM
 
     from minigpt import teacher as T
-    from minigpt.training import training_blocks
+    from minigpt.trainset import training_blocks
 
     blocks = training_blocks(task)
     model = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
