@@ -182,14 +182,14 @@ def recovery_curves(job: str, run_dir: str, modes: list[str], lrs: dict[str, flo
     `tokens` tokens, scoring the validation split every `eval_every` steps, and measure the experts (the
     best-validated weights) on the held-out split and on other-source text (benchmarks/othertext.py), as ratios
     to the dense model with paired bootstrap intervals over documents."""
-    from minigpt import config as C, corpora, stages
+    from minigpt import corpora, jobfile as J, stages
     from minigpt.metrics import intervals
     from minigpt.pipeline import Pipeline, run_job
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import othertext
 
-    cfg = C.load(job, [f"output_dir={run_dir}", "recover.mode=distill", f"recover.eval_tokens={eval_tokens}"])
+    cfg = J.load(job, [f"output_dir={run_dir}", "recover.mode=distill", f"recover.eval_tokens={eval_tokens}"])
     if alpha is not None or temperature is not None:  # the teacher stage caches its targets at the temperature
         cfg = dataclasses.replace(cfg, recover=dataclasses.replace(
             cfg.recover, distill_alpha=cfg.recover.distill_alpha if alpha is None else alpha,

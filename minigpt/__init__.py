@@ -1,7 +1,9 @@
 """minigpt: prune one general pretrained LLM into many small domain experts, as a distributed Ray batch job.
 
-Stages (each its own module): corpora -> calibrate (stats) -> scoring -> plan -> slim -> recover -> evaluate -> report,
-run by minigpt.pipeline. The maths modules (stats, scoring, plan, slim) are pure torch and need no Ray.
+Stages, run by minigpt.pipeline from one table (their run functions are minigpt.stages): prepare -> [evaltext] ->
+calibrate -> [general] -> [search] -> slim -> [teacher -> recover] -> [quantize] -> [export] -> evaluate -> report
+([optional]). The maths modules (stats, scoring, refit, plandata, allocate, plan, slim, losses) are pure torch and
+need no Ray; tests/test_imports.py keeps the imports flowing one way.
 """
 
 import logging as _logging
@@ -11,7 +13,8 @@ import logging as _logging
 for _name in ("torchao", "torchao.kernel.intmm", "torch.utils._pytree"):
     _logging.getLogger(_name).setLevel(_logging.ERROR)
 
-from minigpt.config import ConfigError, JobConfig, load  # noqa: E402
+from minigpt.config import ConfigError  # noqa: E402
+from minigpt.jobfile import JobConfig, load  # noqa: E402
 from minigpt.plan import PruningPlan  # noqa: E402
 
 __all__ = ["ConfigError", "JobConfig", "PruningPlan", "load"]

@@ -14,7 +14,7 @@ sum_d F[p, d] sum_t e[t, d]^2 is, up to a constant factor, the second-order incr
     of each group, the same number leaving every group (summed over groups; scaled by the share of groups kept
     when groups go too);
   * a replaced span: the per-channel least-squares residual of its replacement, priced at the stream leaving the
-    span (plan.replacement_span).
+    span (plandata.replacement_span).
 Why a gradient price and not the energy of the stream: the residual stream of most LLMs carries a few "massive"
 channels (SmolLM2: one channel holds 97% of the energy in mid layers) that the next norms mostly ignore; relative to
 raw energy, errors in the other channels look free, and every allocation then drops layers.
@@ -37,8 +37,12 @@ import torch
 from torch import nn
 
 from minigpt.config import ConfigError, PruneConfig
+from minigpt import plandata as P, refit
+from minigpt.losses import validation_nll
 from minigpt.models import (arch_of, count_parameters, decoder_layers, kv_coupling, kv_prunable, layer_params,
                             mlp_coupling, params_per_unit, q_coupling, widths)
+from minigpt.plandata import Shape, depth_options  # noqa: F401 (depth_options: re-exported)
+from minigpt.slim import slim_expert
 
 
 @dataclass(frozen=True)
@@ -52,24 +56,15 @@ class Candidate:
     removed: float  # share of non-embedding parameters removed
 
     def shape(self, num_layers: int):
-        """The plan.Shape this candidate builds in a model of `num_layers` layers."""
-        from minigpt.plan import Shape
-
+        """The plandata.Shape this candidate builds in a model of `num_layers` layers."""
         span = range(self.first, self.first + self.depth) if self.depth else range(0)
         return Shape(tuple(i for i in range(num_layers) if i not in span), self.mlp_width, self.kv_groups,
                      q_heads=self.q_heads)
 
 
-def depth_options(max_layers: int) -> tuple[int, ...]:
-    """Span lengths offered to the allocation (each costs one D x D moment per layer in the profile)."""
-    return tuple(sorted({n for n in (1, 2, 4, max_layers // 2, max_layers) if n >= 1}))
-
-
 def _curve(W: torch.Tensor, G: torch.Tensor, price: torch.Tensor, group: int, damp: float, remove: int,
            candidates=None) -> list[float]:
     """Priced OBS error after removing 0..remove units of W [out, in] (price: per output channel)."""
-    from minigpt import refit
-
     if remove <= 0:
         return [0.0]
     Wp = W.double() * price.double().sqrt()[:, None]
@@ -128,8 +123,6 @@ def candidates(model: nn.Module, stats: Mapping[str, torch.Tensor], fisher: torc
                target: float, multiple_of: int, damp: float, depth: bool = True) -> list[Candidate]:
     """Every stock shape on the grid that removes about `target` of the non-embedding parameters, with its
     predicted loss (`depth` False: no replaced spans)."""
-    from minigpt import plan as P
-
     w = widths(model)
     L, I, G = w["layers"], w["intermediate"], w["kv_heads"]
     per_group = w["heads"] // G
@@ -171,8 +164,6 @@ def allocate(model: nn.Module, stats: Mapping[str, torch.Tensor], prune_cfg: Pru
     """(the cheapest stock shape for prune_cfg.target, every candidate evaluated) — see the module docstring.
 
     `fisher`: taylor_resid [L + 1, D] of stats.taylor_sums on the domain's calibration blocks."""
-    from minigpt import plan as P
-
     _check_inputs(stats, fisher)
     # The widest MLP cut any candidate needs: every layer kept, every KV group kept.
     min_width = P.uniform_mlp_width(model, prune_cfg.target, prune_cfg.multiple_of)
@@ -207,9 +198,6 @@ def shortlist(cands: Sequence[Candidate], n: int) -> list[Candidate]:
 def measured_loss(model: nn.Module, plan, stats: Mapping[str, torch.Tensor], blocks: torch.Tensor,
                   batch_size: int) -> float:
     """Mean next-token loss on `blocks` of the expert `plan` builds (compensated as it will be, slimmed)."""
-    from minigpt.slim import slim_expert
-    from minigpt.training import validation_nll
-
     small, _ = slim_expert(model, None, plan, stats)
     nll = validation_nll(small, blocks, 0, 1, batch_size, torch.device("cpu")).item()
     return nll / max(1, blocks[:, 1:].numel())
@@ -242,8 +230,6 @@ def allocation_front(model: nn.Module, stats: Mapping[str, torch.Tensor], fisher
     """The cheapest stock shape at each feasible target (one set of curves, those of the largest target): the
     predicted Pareto front of size against loss, which warm-starts the architecture search (minigpt.search, whose
     shapes neither replace layers nor cut query heads inside groups: hence the defaults)."""
-    from minigpt import plan as P
-
     _check_inputs(stats, fisher)
     I = widths(model)["intermediate"]
     # The deepest MLP cut any target needs (every layer and group kept); targets the MLPs cannot reach yield nothing.

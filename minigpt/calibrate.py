@@ -28,14 +28,13 @@ import numpy as np
 import ray
 import torch
 from safetensors.numpy import load_file as load_np
-from safetensors.torch import load_file
 
 from minigpt import stats as S
 from minigpt.config import CalibrateConfig, ModelConfig
-from minigpt.io import atomic_save_np, atomic_write_text
-
-PROFILE_FORMAT = "minigpt.profile/1"
-
+from minigpt.io import atomic_save_np
+from minigpt.corpora import read_blocks
+from minigpt.models import load_model, resolve
+from minigpt.stats import PROFILE_FORMAT, load_profile, save_profile  # noqa: F401 (re-exported)
 
 class CalibrationError(RuntimeError):
     """Calibration could not finish; finished shards stay in the ledger."""
@@ -139,8 +138,6 @@ class Coordinator:
 class CalibrationWorker:
     def __init__(self, worker_id: str, model_cfg: ModelConfig, dtype: str, batch_size: int, threads: int,
                  spec: S.StatSpec = S.StatSpec(), flush_shards: int = 1):
-        from minigpt.models import load_model, resolve
-
         torch.set_num_threads(max(1, threads))
         self.worker_id = worker_id
         self.batch_size = batch_size
@@ -157,7 +154,7 @@ class CalibrationWorker:
     def ready(self) -> str:
         return self.worker_id
 
-    def run(self, coordinator, fail_after: int = -1) -> int:
+    def run(self, coordinator) -> int:
         """Process shards until the coordinator has none left; returns how many this call processed."""
         n = 0
         acc: S.Stats | None = None
@@ -175,8 +172,6 @@ class CalibrationWorker:
             if item is None:
                 flush()
                 return n
-            if n == fail_after:  # test hook: die holding a shard
-                os._exit(1)
             shard_id, domain, (ref,) = item
             if domain != held_domain:
                 flush()
@@ -196,8 +191,6 @@ class CalibrationWorker:
 
 def read_shard_blocks(path: str) -> np.ndarray:
     """One shard's blocks (int32, for the object store); a bad shard is a CalibrationError naming its path."""
-    from minigpt.corpora import read_blocks
-
     try:
         arr = read_blocks([path])
     except ValueError as e:
@@ -217,11 +210,11 @@ def flush_size(cfg: CalibrateConfig, spec: S.StatSpec) -> int:
 
 def run_shards(shards: Sequence[Shard], model_cfg: ModelConfig, cfg: CalibrateConfig, ledger: Path,
                spec: S.StatSpec = S.StatSpec(), on_progress: Callable[[dict, list], None] | None = None,
-               max_restarts: int = 3, fail_after: dict[int, int] | None = None) -> None:
+               max_restarts: int = 3) -> None:
     """Run every shard not yet in the ledger once across `cfg.workers` actors, recording their statistics.
 
-    `on_progress(progress, workers)` is called after each event (tests use it to kill a worker);
-    `fail_after` maps a worker index to a shard count after which it dies (tests only).
+    `on_progress(progress, workers)` is called after each event with the coordinator's progress (its `in_flight`
+    maps shard id -> worker id) and the live workers by id (tests use it to kill one).
     """
     ledger = Path(ledger)
     done = finished_shards(ledger, shards)
@@ -232,7 +225,7 @@ def run_shards(shards: Sequence[Shard], model_cfg: ModelConfig, cfg: CalibrateCo
     if todo:
         refs = {s.shard_id: ray.put(read_shard_blocks(s.path)) for s in todo}
         coord = Coordinator.remote(list(shards), refs, str(ledger), sorted(done))
-        _run_workers(coord, model_cfg, cfg, spec, on_progress, max_restarts, fail_after or {})
+        _run_workers(coord, model_cfg, cfg, spec, on_progress, max_restarts)
 
 
 def calibrate(shards: Sequence[Shard], model_cfg: ModelConfig, cfg: CalibrateConfig, ledger: Path,
@@ -245,7 +238,7 @@ def calibrate(shards: Sequence[Shard], model_cfg: ModelConfig, cfg: CalibrateCon
 
 
 def _run_workers(coord, model_cfg: ModelConfig, cfg: CalibrateConfig, spec: S.StatSpec, on_progress,
-                 max_restarts: int, fail_after: dict[int, int]) -> None:
+                 max_restarts: int) -> None:
     threads = max(1, round(cfg.cpus_per_worker)) if cfg.gpus_per_worker == 0 else 1
     opts = {"num_cpus": cfg.cpus_per_worker, "num_gpus": cfg.gpus_per_worker, "max_restarts": 0}
     counter = iter(range(10**6))
@@ -260,7 +253,7 @@ def _run_workers(coord, model_cfg: ModelConfig, cfg: CalibrateConfig, spec: S.St
     for _ in range(cfg.workers):
         wid, actor, i = start_worker()
         workers[wid] = (actor, i)
-    running = {actor.run.remote(coord, fail_after.get(i, -1)): wid for wid, (actor, i) in workers.items()}
+    running = {actor.run.remote(coord): wid for wid, (actor, _) in workers.items()}
     restarts = 0
     last_print = 0.0
     while running:
@@ -278,7 +271,7 @@ def _run_workers(coord, model_cfg: ModelConfig, cfg: CalibrateConfig, spec: S.St
                 raise CalibrationError(f"calibration worker {wid} failed: {e.cause!r}") from None
         progress = ray.get(coord.progress.remote())
         if on_progress:
-            on_progress(progress, [a for a, _ in workers.values()])
+            on_progress(progress, {w: a for w, (a, _) in workers.items()})
         remaining = progress["total"] - progress["done"]
         if remaining and progress["pending"]:
             idle = [w for w in workers if w not in running.values()]
@@ -316,23 +309,6 @@ def merge_ledger(ledger: Path, shards: Sequence[Shard]) -> S.Stats:
         raise CalibrationError(f"ledger {ledger} has overlapping or foreign entries for these shards; delete it to "
                                "recalibrate")
     return S.merge(S.from_numpy(load_np(str(p))) for _, p in entries)
-
-
-def save_profile(path: Path, stats: S.Stats, header: dict) -> None:
-    """Profile = safetensors of the fp64 sums + a JSON header beside it (model, tokens, shards, statistics)."""
-    header = {"format": PROFILE_FORMAT, "statistics": sorted(stats), "tokens": int(stats["tokens"].item()), **header}
-    atomic_save_np(S.to_numpy(stats), path, metadata={"header": json.dumps(header)})
-    atomic_write_text(path.with_suffix(".json"), json.dumps(header, indent=1))
-
-
-def load_profile(path: Path) -> tuple[S.Stats, dict]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        header = json.loads((f.metadata() or {}).get("header", "{}"))
-    if header.get("format") != PROFILE_FORMAT:
-        raise ValueError(f"{path} is not a {PROFILE_FORMAT} file")
-    return load_file(str(path)), header
 
 
 def summarize(domain: str, stats: S.Stats) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from minigpt.licence import GEMMA_NOTICE, GEMMA_POLICY, Licence, front_matter
-from minigpt.plan import PruningPlan
+from minigpt.plandata import PruningPlan
 
 
 

@@ -11,30 +11,27 @@ import sys
 from pathlib import Path
 
 from minigpt.config import ConfigError
+from minigpt import card as CA, export as EX, jobfile as J, licence as LI
+from minigpt.config import ModelConfig
+from minigpt.io import atomic_write_json, atomic_write_text
+from minigpt.models import resolve
+from minigpt.pipeline import JobIncomplete, Pipeline, run_job, status
 
 
 def _cmd_run(args) -> int:
-    from minigpt import config as C
-    from minigpt.pipeline import run_job
-
-    cfg = C.load(args.job, args.overrides)
-    run_job(cfg, args.job, until=args.until)
+    cfg = J.load(args.job, args.overrides)
+    run_job(cfg, until=args.until)
     return 0
 
 
 def _cmd_validate(args) -> int:
-    from minigpt import config as C
-    from minigpt.pipeline import Pipeline
-
-    cfg = C.load(args.job, args.overrides)
+    cfg = J.load(args.job, args.overrides)
     Pipeline(cfg).validate()
     print(f"{args.job}: ok ({len(cfg.domains)} domain(s), output {cfg.output_dir})")
     return 0
 
 
 def _cmd_status(args) -> int:
-    from minigpt.pipeline import status
-
     rows = status(Path(args.run_dir))
     if not rows:
         print(f"{args.run_dir}: no stages recorded")
@@ -47,17 +44,11 @@ def _cmd_status(args) -> int:
 
 
 def _cmd_prepare_model(args) -> int:
-    from minigpt.config import ModelConfig
-    from minigpt.models import resolve
-
     print(resolve(ModelConfig(source=args.model)))
     return 0
 
 
 def _cmd_export(args) -> int:
-    from minigpt import card as CA, export as EX, licence as LI
-    from minigpt.io import atomic_write_json, atomic_write_text
-
     src = Path(args.expert)
     types = list(dict.fromkeys(args.gguf or ["f16"]))
     EX.read_config(src)  # not an expert, or an architecture it cannot export: one line, nothing written
@@ -129,8 +120,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"minigpt: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        from minigpt.pipeline import JobIncomplete
-
         if not isinstance(e, JobIncomplete):
             raise
         print(f"minigpt: incomplete: {e} (other domains finished; re-run to retry)", file=sys.stderr)

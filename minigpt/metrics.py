@@ -4,7 +4,7 @@ Everything here is a plain function of a model and texts, or of numbers (no Ray)
 
 Quality is compared per byte as well as per token: an expert may carry a pruned vocabulary, so the same text becomes
 a different number of tokens. Each model re-tokenizes the raw held-out documents with its OWN tokenizer; bytes per
-token come from `corpora.tokenize_documents`, the one implementation the token shards use too.
+token come from `tokens.tokenize_documents`, the one implementation the token shards use too.
 
 Every figure is a ratio of sums (NLL over tokens, NLL over bytes), and `lm_metrics` keeps those sums per document.
 A bootstrap resample of documents is then a weighted sum of the per-document arrays, so it is exact and cheap: no
@@ -19,10 +19,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-LN2 = math.log(2.0)
+from minigpt.losses import bits_per_byte, token_nll
+from minigpt.tokens import bos_id, tokenize_documents, with_bos
 _TOKENIZE_BATCH = 16  # documents tokenized at a time: a block budget stops early on a large corpus
 
 
@@ -42,8 +42,6 @@ def token_stream(tokenizer, texts: Sequence[str], need: int = 0) -> tuple[np.nda
     The EOS before document i belongs to document i and covers 0 bytes (its NLL counts: the model must predict
     that a new document starts). Tokenizing stops once `need` tokens exist (0 = every text).
     """
-    from minigpt.corpora import tokenize_documents
-
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos_token_id; documents cannot be joined")
@@ -94,8 +92,6 @@ def lm_metrics(model: nn.Module, tokenizer, texts: Sequence[str], block_size: in
     """
     if block_size < 2 or batch_size < 1 or max_blocks < 0:
         raise ValueError("block_size must be >= 2, batch_size >= 1, max_blocks >= 0")
-    from minigpt.corpora import bos_id, with_bos
-
     ids, nbytes, owner = token_stream(tokenizer, texts, max_blocks * block_size)
     bos = bos_id(tokenizer)
     body = block_size - (bos is not None)  # stream tokens per block (a BOS opens each block where the model uses one)
@@ -116,8 +112,7 @@ def lm_metrics(model: nn.Module, tokenizer, texts: Sequence[str], block_size: in
     device = _device_of(model)
     for start in range(0, n_blocks, batch_size):
         x = blocks[start:start + batch_size].to(device)
-        logits = model(input_ids=x).logits[:, :-1]
-        nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
+        nll = token_nll(model(input_ids=x).logits, x)
         # Summed in float64 per document: thousands of tokens keep full precision.
         doc_nll.index_add_(0, doc_of[start:start + batch_size].reshape(-1), nll.double().cpu())
     doc_tokens = torch.bincount(doc_of.reshape(-1), minlength=n_docs)
@@ -126,7 +121,7 @@ def lm_metrics(model: nn.Module, tokenizer, texts: Sequence[str], block_size: in
     if total_bytes == 0:
         raise ValueError("the predicted tokens cover no text bytes")
     loss = total_nll / tokens
-    return {"loss": loss, "ppl": safe_exp(loss), "bits_per_byte": total_nll / (total_bytes * LN2), "tokens": tokens,
+    return {"loss": loss, "ppl": safe_exp(loss), "bits_per_byte": bits_per_byte(total_nll, total_bytes), "tokens": tokens,
             "bytes": total_bytes, "blocks": n_blocks,
             "documents": {"nll": doc_nll.tolist(), "tokens": doc_tokens.tolist(), "bytes": doc_bytes.tolist()}}
 
@@ -173,7 +168,7 @@ def ppl_statistic(cell: dict, n: int) -> Callable[[np.ndarray], np.ndarray]:
 
 def bpb_statistic(cell: dict, n: int) -> Callable[[np.ndarray], np.ndarray]:
     nll, nb = _docs(cell, n, "nll"), _docs(cell, n, "bytes")
-    return lambda w: (w @ nll) / ((w @ nb) * LN2)
+    return lambda w: bits_per_byte(w @ nll, w @ nb)
 
 
 def intervals(cell: dict, ref: dict | None, samples: int, confidence: float, seed: int) -> dict:

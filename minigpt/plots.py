@@ -1,5 +1,6 @@
 """The report's plots, each drawn only when what it plots varies (a flat line or a one-colour matrix says nothing
 the tables do not). matplotlib's object API (Figure + Agg canvas), never pyplot: no global state, no display.
+matplotlib is imported inside each function (only a report or a search draws): it stays off every other start-up.
 """
 
 from __future__ import annotations
@@ -7,6 +8,8 @@ from __future__ import annotations
 import io
 import math
 from typing import Any
+
+import numpy as np
 
 
 def finite(x: Any) -> bool:
@@ -202,3 +205,28 @@ def plot_recovery_curves(summary: dict) -> bytes | None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     return _png(fig)
+
+
+def plot_front(d: dict, baselines=()) -> bytes:
+    """A search front (size against bits per byte; search.SearchResult.to_json) with every evaluated generation's
+    front faded behind it and optional baseline points ({"label", "params" or "latency_ms", "bits_per_byte"})."""
+    from matplotlib.figure import Figure
+
+    key = "latency_ms" if d["objective"] == "latency" else "params"
+    scale = 1.0 if key == "latency_ms" else 1e6
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    for h in d["history"][:-1]:
+        pts = np.array(h["front"])
+        ax.plot(pts[:, 0] / scale, pts[:, 1], ".", color="0.8")
+    pts = np.array([[p[key], p["bits_per_byte"]] for p in d["front"]], dtype=np.float64)
+    ax.step(pts[:, 0] / scale, pts[:, 1], "o-", where="post", label="search front")
+    for b in baselines:
+        ax.plot(b[key] / scale, b["bits_per_byte"], "x", ms=9, label=b["label"])
+    ax.set_xlabel("forward latency (ms)" if key == "latency_ms" else "parameters (M)")
+    ax.set_ylabel("bits per byte (search slice)")
+    ax.set_title(f"{d['domain']}: Pareto front")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+

@@ -22,6 +22,9 @@ import torch
 from torch import nn
 
 from minigpt.config import ConfigError, QuantizeConfig
+from minigpt.evaluate import WEIGHT_SUFFIXES, lm_metrics, speed_metrics
+from minigpt.models import load_tokenizer
+from minigpt.slim import save_expert
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,10 +56,6 @@ def load_quantized(model_dir: Path | str, cfg: QuantizeConfig | None = None, dty
 def quantize_expert(src_dir: Path | str, out_dir: Path | str, cfg: QuantizeConfig = QuantizeConfig(),
                     dtype: str = "float32") -> Path:
     """Quantize the HF expert in `src_dir` and save it (with its tokenizer) to `out_dir` atomically."""
-    from minigpt.models import load_tokenizer
-
-    from minigpt.slim import save_expert
-
     model = load_quantized(src_dir, cfg, dtype=dtype)
     return save_expert(model, load_tokenizer(src_dir), Path(out_dir))
 
@@ -68,8 +67,6 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 def weight_bytes(model_dir: Path | str) -> int:
-    from minigpt.evaluate import WEIGHT_SUFFIXES
-
     return sum(p.stat().st_size for p in Path(model_dir).iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
 
 
@@ -78,9 +75,6 @@ def compare(float_dir: Path | str, quant_dir: Path | str, texts: Sequence[str], 
             dtype: str = "float32") -> dict:
     """Size on disk, forward latency and perplexity of the quantized expert next to the float one, on `texts`
     (pass held-out documents). Both models run in this process with the current torch thread count."""
-    from minigpt.evaluate import lm_metrics, speed_metrics
-    from minigpt.models import load_tokenizer
-
     out = {}
     for label, folder in (("float", float_dir), ("int8", quant_dir)):
         t0 = time.time()

@@ -50,6 +50,8 @@ from typing import Any
 
 from minigpt.config import ConfigError, RecoverConfig
 from minigpt.training import MANIFEST, RecoveryTask, run_name, train_loop, zero_stage
+from minigpt.raylib import cluster_cpus, cluster_gpus, ensure_ray
+from minigpt.targets import load_targets
 
 FINGERPRINT = "_fingerprint.json"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -263,8 +265,6 @@ def _run_domain(task: RecoveryTask, cfg: RecoverConfig, ds: dict[str, Any],
         _prepare_checkpoint_dir(task, fp)
         dense_bpb = None
         if task.teacher_file:
-            from minigpt.teacher import load_targets
-
             dense_bpb = load_targets(task.teacher_file, with_tensors=False).dense_valid_bpb
         trainer = TorchTrainer(
             train_loop,
@@ -301,8 +301,6 @@ def recover_all(tasks: list[RecoveryTask], cfg: RecoverConfig, *,
     `abort_after_step` is a drill for tests and operators: every domain's run raises after that step (after its
     checkpoint, if one was due), as a killed job would; the next call resumes from the last checkpoint.
     """
-    from minigpt.raylib import cluster_cpus, cluster_gpus, ensure_ray
-
     tasks = list(tasks)
     if not tasks:
         return {}

@@ -29,6 +29,7 @@ from torch import nn
 from minigpt.config import ConfigError, PruneConfig
 from minigpt.models import (arch_of, decoder_layers, kv_coupling, kv_prunable, mlp_coupling, per_unit, q_coupling,
                             widths)
+from minigpt import refit
 
 Stats = Mapping[str, torch.Tensor]
 
@@ -187,8 +188,6 @@ def obs(stats: Stats, model: nn.Module, *, shape, damp: float = 0.01, batch: int
     The scores only mean something at the shape's widths (OBS is greedy and path-dependent); `batch` units are
     removed per step (0: a 64th of the units to remove, at least 1). `layers` limits the work to those layers
     (sequential pruning scores one layer at a time); the others score zero."""
-    from minigpt import refit
-
     if shape is None:
         raise ConfigError("prune.method obs needs the target widths before scoring (prune.mode target)")
     if "mlp_gram" not in stats:

@@ -44,7 +44,10 @@ from minigpt import nsga
 from minigpt.io import atomic_file, atomic_write_json
 from minigpt.models import widths
 from minigpt.nsga import Individual, pareto_front
-from minigpt.plan import PruningPlan, Shape, plan_from_shape, vocab_keep
+from minigpt.plandata import PruningPlan, Shape, plan_from_shape, vocab_keep
+from minigpt import plots, raylib, refit, scoring, slim as SL, vocab as V
+from minigpt.evaluate import lm_metrics, speed_metrics
+from minigpt.models import count_parameters, load_model, load_tokenizer
 
 SCHEMA = "minigpt.search/1"
 
@@ -170,11 +173,6 @@ def evaluate_plan(dense: nn.Module, tokenizer, plan: PruningPlan, texts: Sequenc
     Returns params / non_embedding (counted on the slimmed model), loss, ppl, bits_per_byte and, when `latency`
     = (batch, seq_len, repeats) is given, the forward latency_ms of the slimmed model.
     """
-    from minigpt import refit, slim as SL
-    from minigpt import vocab as V
-    from minigpt.evaluate import lm_metrics, speed_metrics
-    from minigpt.models import count_parameters
-
     small = SL.slim(dense, plan, refit.compensation(dense, plan, stats) if plan.reconstruct else None)
     tok = tokenizer
     if plan.vocab_keep is not None:
@@ -199,8 +197,6 @@ class Evaluator:
     def __init__(self, model_dir: str, texts: Sequence[str], block_size: int, batch_size: int, max_blocks: int,
                  threads: int, latency: tuple[int, int, int] | None, dtype: str = "float32",
                  stats: Mapping[str, torch.Tensor] | None = None):
-        from minigpt.models import load_model, load_tokenizer
-
         # Fixed thread count: sums in a different order give different last bits, which could flip a tie.
         torch.set_num_threads(max(1, threads))
         self.model = load_model(model_dir, dtype=dtype).eval()
@@ -276,9 +272,6 @@ def search_domain(profile_stats: Mapping[str, torch.Tensor], model_dir: str | Pa
     """
     import ray
     from ray.util import ActorPool
-
-    from minigpt import raylib, scoring
-    from minigpt.models import load_model, load_tokenizer
 
     t0 = time.time()
     texts = [t for t in texts if t]
@@ -386,30 +379,10 @@ def load_front(path: Path) -> dict:
 def plot_front(data: dict | SearchResult, path: Path, baselines: Sequence[dict] = ()) -> Path:
     """PNG of the front (size against bits per byte) with every evaluated generation's front faded behind it and
     optional baseline points ({"label", "params" or "latency_ms", "bits_per_byte"}). Written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     d = data.to_json() if isinstance(data, SearchResult) else data
-    key = "latency_ms" if d["objective"] == "latency" else "params"
-    scale = 1.0 if key == "latency_ms" else 1e6
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for h in d["history"][:-1]:
-        pts = np.array(h["front"])
-        ax.plot(pts[:, 0] / scale, pts[:, 1], ".", color="0.8")
-    pts = np.array([[p[key], p["bits_per_byte"]] for p in d["front"]], dtype=np.float64)
-    ax.step(pts[:, 0] / scale, pts[:, 1], "o-", where="post", label="search front")
-    for b in baselines:
-        ax.plot(b[key] / scale, b["bits_per_byte"], "x", ms=9, label=b["label"])
-    ax.set_xlabel("forward latency (ms)" if key == "latency_ms" else "parameters (M)")
-    ax.set_ylabel("bits per byte (search slice)")
-    ax.set_title(f"{d['domain']}: Pareto front")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    png = plots.plot_front(d, baselines)
     with atomic_file(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+        tmp.write_bytes(png)
     return Path(path)
 
 

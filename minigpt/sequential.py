@@ -35,6 +35,7 @@ from minigpt import refit, scoring, stats as S
 from minigpt.config import SEQUENTIAL_METHODS, ConfigError, PruneConfig
 from minigpt.models import arch_of, decoder_layers, residual_scale, widths
 from minigpt.plan import PruningPlan, Shape, plan_from_shape, stream_refit, target_shape, top_units
+from minigpt.models import load_model
 
 
 class _AttentionDone(Exception):
@@ -374,8 +375,6 @@ def ray_runners(model_dir: str, shards: Sequence[torch.Tensor], batch_size: int,
     @ray.remote
     class _Runner(LayerRunner):
         def __init__(self, folder, blocks, batch, extra, weight):
-            from minigpt.models import load_model
-
             torch.set_num_threads(max(1, int(cpus_per_worker)))
             super().__init__(load_model(folder, dtype), torch.as_tensor(blocks), batch,
                              None if extra is None else torch.as_tensor(extra), weight)

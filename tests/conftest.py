@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random models built in-process, the prepared SmolLM2-135M folder, and Ray settings."""
+"""Shared fixtures: tiny random models built in-process, the prepared SmolLM2-135M folder, and the one local Ray
+instance Ray tests use (`ray_local`)."""
 
 import os
 
@@ -76,6 +77,28 @@ def smollm2_tokenizer(smollm2_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="module")
+def ray_local(request):
+    """A local Ray instance (2 CPUs, no dashboard) for one test module, shut down after it. A module's `RAY_ENV`
+    (name -> value) is set in the driver's environment, which Ray's processes inherit, while the instance runs."""
+    import ray
+
+    extra = getattr(request.module, "RAY_ENV", {})
+    saved = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"RAY_AUTH_MODE": "token",
+                                                                             "TOKENIZERS_PARALLELISM": "false"}})
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture

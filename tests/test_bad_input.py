@@ -94,27 +94,21 @@ def test_missing_deepspeed_config(base, capsys):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_empty_domain_and_too_many_resources(base, capsys, smollm2_dir):
+def test_empty_domain_and_too_many_resources(base, capsys, smollm2_dir, ray_local):
     """Both need Ray and the tokenizer; they share one embedded Ray to keep the suite fast."""
-    import ray
-
     tmp, job = base
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(tmp / "model")
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        job["calibrate"] = {"workers": 1, "cpus_per_worker": 64}
-        assert "calibrate: one worker needs 64.0 CPU" in _run(tmp, job, capsys)
-        job.pop("calibrate")
-        (tmp / "corpus" / "a.txt").write_text("   \n")
-        err = _run(tmp, job, capsys)
-        assert "domain 'a'" in err
-        (tmp / "corpus" / "a.txt").write_text("just a few words\n")
-        err = _run(tmp, job, capsys)
-        assert "domain 'a'" in err and "calib" in err
-    finally:
-        ray.shutdown()
+    job["calibrate"] = {"workers": 1, "cpus_per_worker": 64}
+    assert "calibrate: one worker needs 64.0 CPU" in _run(tmp, job, capsys)
+    job.pop("calibrate")
+    (tmp / "corpus" / "a.txt").write_text("   \n")
+    err = _run(tmp, job, capsys)
+    assert "domain 'a'" in err
+    (tmp / "corpus" / "a.txt").write_text("just a few words\n")
+    err = _run(tmp, job, capsys)
+    assert "domain 'a'" in err and "calib" in err
 
 
 def test_statistics_over_the_memory_budget_stop_before_any_model_loads(base, capsys, monkeypatch):

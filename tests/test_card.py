@@ -12,7 +12,7 @@ import yaml
 
 from conftest import make_tiny_pair
 from minigpt import card as CA, licence as LI
-from minigpt.config import parse
+from minigpt.jobfile import parse
 from minigpt.plan import LayerPlan, PruningPlan
 
 ROW = {  # one domain's summary.json row, as minigpt.stages.summarize writes it
@@ -206,7 +206,7 @@ def test_hub_cache_snapshot_names_its_hub_id(tmp_path):
 def test_slim_card_is_rewritten_with_the_figures_after_evaluation(tmp_path):
     """ship_files writes the card and terms with a new expert (as the slim stage does); refresh_cards rewrites them
     from summary.json and eval.json (as the job does right after summarising)."""
-    from minigpt import slim, stages as S
+    from minigpt import experts as X, slim
     from minigpt.pipeline import Pipeline
 
     base = tmp_path / "base"
@@ -223,14 +223,14 @@ def test_slim_card_is_rewritten_with_the_figures_after_evaluation(tmp_path):
     plan.save(p.layout.plan("legal"))
     small = slim.slim(model, plan)
     out = slim.save_expert(small, tok, p.layout.expert("legal", "pruned"),
-                           extra_files=S.ship_files(p, "legal", "pruned", plan, type(small).__name__))
+                           extra_files=X.ship_files(p, "legal", "pruned", plan, type(small).__name__))
     assert (out / "LICENSE").read_text() == "MIT licence text" and "modified derivative" in (out / "NOTICE").read_text()
     assert "Not measured yet" in (out / "README.md").read_text()
     assert CA.parse((out / "README.md").read_text())["license"] == "mit"
     eval_data = {"dense": "dense", "models": {"dense": {}, "legal/pruned": {"speed": {
         "latency_ms": 10.0, "tokens_per_s": 12800.0, "speedup_vs_dense": 1.25, "batch_size": 1, "seq_len": 128,
         "threads": 1, "device": "cpu"}}}}
-    S.refresh_cards(p, {"domains": {"legal": ROW}}, eval_data)
+    X.refresh_cards(p, {"domains": {"legal": ROW}}, eval_data)
     card = (out / "README.md").read_text()
     metrics = CA.parse(card)["model-index"][0]["results"][0]["metrics"]
     assert {m["type"]: m["value"] for m in metrics}["perplexity_ratio"] == ROW["pruned_ppl_ratio"]

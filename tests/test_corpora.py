@@ -200,7 +200,7 @@ def test_prepare_domain_splits_blocks_and_bytes(tmp_path, tokenizer, capsys):
     assert dd.blocks("calib") == 16 and dd.tokens("calib") == 512 and dd.blocks("heldout") == 8
     # train_tokens=0: every train document except at most the dropped tail.
     n_train = sum(assign_split(doc_hash(d, "test"), data) == "train" for d in set(docs))
-    assert n_train - 3 <= dd.n_documents("train") <= n_train
+    assert n_train - 3 <= len(dd.doc_hashes("train")) <= n_train
 
     eos = tokenizer.eos_token_id
     by_hash = {h: t for h, t in gather_documents(domain, data)}
@@ -303,7 +303,7 @@ def test_prepared_samples_span_documents_and_follow_the_seed(tmp_path, tokenizer
         m = manifest[split]
         # ~300-token documents: taking them whole would fill the budget from 2 or 3; windows of at most half a
         # block (16 tokens) spread it over budget / 17 documents.
-        assert m["window_tokens"] == 16 and m["documents"] == dd.n_documents(split) >= budget // 17
+        assert m["window_tokens"] == 16 and m["documents"] == len(dd.doc_hashes(split)) >= budget // 17
         assert m["available"] == sum(assign_split(h, data) == split for h, _ in gather_documents(domain, data))
         assert dd.tokens(split) == budget
     other = prepare_domain(domain, dataclasses.replace(data, seed=1), tokenizer, tmp_path / "b")

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minigpt.config import ConfigError, DataConfig, DomainConfig, SourceConfig, parse
+from minigpt.config import ConfigError, DataConfig, DomainConfig, SourceConfig
+from minigpt.jobfile import parse
 from minigpt.corpora import doc_hash, prepare_domain
 from minigpt.evaltext import (EvalSets, LeakageError, banned_hashes, check_leakage, clean, ngram_hashes,
                               prepare_eval_sets)

@@ -70,16 +70,6 @@ def test_leakage_check(tmp_path):
 # ---------------------------------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"RAY_AUTH_MODE": "token",
-                                                                             "TOKENIZERS_PARALLELISM": "false"}})
-    yield
-    ray.shutdown()
-
-
 def param_counts(model) -> tuple[int, int]:
     """(all parameters, non-embedding parameters) counted directly: tied weights once, embeddings and an untied
     lm_head excluded from the second."""

@@ -258,8 +258,8 @@ def test_export_stage_ships_a_verified_gguf_folder(tmp_path):
     expert's terms files and a card (library gguf) that the job later rewrites with the measured figures."""
     import random
 
-    from minigpt import card as CA, plan as P, slim, stages as S
-    from minigpt.config import parse
+    from minigpt import card as CA, experts as X, plan as P, slim, stages as S
+    from minigpt.jobfile import parse
     from minigpt.pipeline import Pipeline
 
     model, tok = make_tiny_pair()
@@ -286,8 +286,8 @@ def test_export_stage_ships_a_verified_gguf_folder(tmp_path):
     plan.save(p.layout.plan("legal"))
     small = slim.slim(model, plan)
     slim.save_expert(small, tok, p.layout.expert("legal", "pruned"),
-                     extra_files=S.ship_files(p, "legal", "pruned", plan, "LlamaForCausalLM"))
-    S.export(p, "legal")
+                     extra_files=X.ship_files(p, "legal", "pruned", plan, "LlamaForCausalLM"))
+    X.export(p, "legal")
     out = p.layout.expert("legal", "gguf")
     assert sorted(x.name for x in out.iterdir()) == ["LICENSE", "NOTICE", "README.md", "export.json",
                                                      "legal-pruned.F16.gguf", "legal-pruned.Q8_0.gguf"]
@@ -300,7 +300,7 @@ def test_export_stage_ships_a_verified_gguf_folder(tmp_path):
     assert meta["library_name"] == "gguf" and "gguf" in meta["tags"] and meta["license"] == "mit"
     row = {"dense_ppl": 300.0, "pruned_ppl": 330.0, "pruned_ppl_ratio": 1.1, "pruned_ppl_ratio_ci": [1.05, 1.15],
            "pruned_bpb": 2.0, "oos": {}}
-    S.refresh_cards(p, {"domains": {"legal": row}}, {"dense": "dense", "models": {}})
+    X.refresh_cards(p, {"domains": {"legal": row}}, {"dense": "dense", "models": {}})
     card = (out / "README.md").read_text()
     assert "1.100× [1.050–1.150]" in card and "legal-pruned.Q8_0.gguf" in card
     assert "read back with transformers" in card
@@ -308,7 +308,8 @@ def test_export_stage_ships_a_verified_gguf_folder(tmp_path):
 
 
 def test_export_section_is_opt_in_and_checked():
-    from minigpt.config import ExportConfig, parse
+    from minigpt.config import ExportConfig
+    from minigpt.jobfile import parse
 
     cfg = parse({"name": "x", "model": "smollm2-135m", "domains": {"d": {"sources": [{"kind": "licenses"}]}}})
     assert cfg.export == ExportConfig() and not cfg.export.enabled and cfg.export.gguf == ("f16",)

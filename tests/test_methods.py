@@ -133,8 +133,10 @@ def test_query_heads_are_pruned_evenly_inside_kv_groups(model, prof):
 
     plan = P.build_plan(prof, model, PruneConfig(method="wanda-sp", target=0.3, q_heads=1, reconstruct=False), domain="d")
     rms = (prof["head_sq_sum"] / prof["tokens"]).sqrt()
+    wanda = scoring.score_all(PruneConfig(method="wanda-sp", target=0.3, q_heads=1, reconstruct=False), prof, model)
     for lp in plan.layers:  # 4 heads in 2 groups: each group keeps its stronger head (wanda-sp scores)
         assert len(lp.q_keep) == 2 and {h // 2 for h in lp.q_keep} == {0, 1}
+        assert all(wanda.q[lp.index, h] > wanda.q[lp.index, h ^ 1] for h in lp.q_keep)
     assert plan.q_width == 1 and plan.kv_width is None and plan.uniform
     small = slim.slim(model, plan)
     assert small.config.num_attention_heads == 2 and small.config.num_key_value_heads == 2

@@ -278,13 +278,13 @@ def _fake_stages(monkeypatch, on_run=None):
 
 
 def _run_fake(job: Path, *overrides: str) -> None:
-    from minigpt import config as C, pipeline as PL
+    from minigpt import jobfile as J, pipeline as PL
 
-    p = PL.Pipeline(C.load(job, list(overrides)))
+    p = PL.Pipeline(J.load(job, list(overrides)))
     for stage in PL.STAGES:
         if stage.enabled(p.cfg):
             p.run_stage(stage)
-    (p.layout.job_yaml).write_text(C.dump(p.cfg))
+    (p.layout.job_yaml).write_text(J.dump(p.cfg))
 
 
 def _job(tmp_path: Path) -> Path:
@@ -344,9 +344,9 @@ def test_status_marks_done_units_stale_when_an_upstream_key_changed(tmp_path, mo
     run = tmp_path / "run"
     # Recovery of alpha redone with other settings, the job stopped before evaluating: evaluate and report are
     # stale, beta's units and everything upstream of recovery stay done.
-    from minigpt import config as C, pipeline as PL
+    from minigpt import jobfile as J, pipeline as PL
 
-    p = PL.Pipeline(C.load(job, ["recover.lr=0.001"]))
+    p = PL.Pipeline(J.load(job, ["recover.lr=0.001"]))
     monkeypatch.setattr(p, "domains", ["alpha"])
     p.run_stage(PL.STAGE["recover"])
     states = _states(run)
@@ -356,7 +356,7 @@ def test_status_marks_done_units_stale_when_an_upstream_key_changed(tmp_path, mo
 
 
 def test_run_until_a_stage_stops_after_it(tmp_path, monkeypatch):
-    from minigpt import config as C, models, pipeline as PL, raylib
+    from minigpt import jobfile as J, models, pipeline as PL, raylib
     from minigpt.config import ConfigError
 
     job = _job(tmp_path)
@@ -367,9 +367,9 @@ def test_run_until_a_stage_stops_after_it(tmp_path, monkeypatch):
     monkeypatch.setattr(models, "resolve", lambda cfg, prepare=True: tmp_path / "model")
     monkeypatch.setattr(raylib, "ensure_ray", lambda *a, **k: None)
     with pytest.raises(ConfigError, match="unknown stage 'recovery'"):
-        PL.Pipeline(C.load(job)).run(until="recovery")
+        PL.Pipeline(J.load(job)).run(until="recovery")
     assert not ran and not (tmp_path / "run").exists()
-    assert PL.Pipeline(C.load(job)).run(until="slim") is None
+    assert PL.Pipeline(J.load(job)).run(until="slim") is None
     assert sorted(set(ran)) == ["calibrate", "general", "prepare", "slim"]  # no eval_sources: no evaltext
     states = _states(tmp_path / "run")
     done = {k for k, v in states.items() if v == "done"}

@@ -8,25 +8,17 @@ import pytest
 import torch
 
 from minigpt import models, plan as P, refit, slim, stats as S
-from minigpt.config import ModelConfig, PruneConfig
+from minigpt.config import PruneConfig
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def real_dir():
-    try:
-        return models.resolve(ModelConfig(source="smollm2-135m"))
-    except Exception as e:  # the Makefile prepares it; a bare checkout without the package skips
-        pytest.skip(f"smollm2-135m not available: {e}")
-
-
-def test_real_model_slims_to_a_stock_checkpoint(real_dir, tmp_path):
+def test_real_model_slims_to_a_stock_checkpoint(smollm2_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(2)
-    dense = models.load_model(real_dir)
-    tok = models.load_tokenizer(real_dir)
+    dense = models.load_model(smollm2_dir)
+    tok = models.load_tokenizer(smollm2_dir)
     import minigpt
 
     text = "".join(open(f).read() for f in sorted(Path(minigpt.__file__).parent.glob("*.py")))

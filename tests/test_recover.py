@@ -7,7 +7,6 @@ on a repetitive synthetic corpus, so a few steps are enough for the loss to fall
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -19,8 +18,9 @@ import torch
 
 from minigpt.config import ConfigError, RecoverConfig, SourceConfig
 from minigpt.recover import check_resources, concurrent_domains, deepspeed_config, recover_all
-from minigpt.training import (RecoveryTask, batch_indices, latest_tag, load_blocks, lr_factor, next_token_loss,
-                              stop_early, student_rows, topk_distill_loss)
+from minigpt.losses import batch_indices, lr_factor, next_token_loss, stop_early, student_rows, topk_distill_loss
+from minigpt.training import latest_tag
+from minigpt.trainset import RecoveryTask, load_blocks
 BLOCK = 32
 VOCAB = 49152  # the real tokenizer's
 
@@ -208,18 +208,8 @@ def _falls(losses: tuple[float, ...]) -> bool:
     return sum(losses[-2:]) / 2 < 0.9 * sum(losses[:2]) / 2
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    os.environ["RAY_AUTH_MODE"] = "token"
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    # The Train controller polls its workers this often (default 2 s); each run starts and ends a poll sooner.
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"RAY_AUTH_MODE": "token",
-                                                                             "TOKENIZERS_PARALLELISM": "false"}})
-    yield
-    ray.shutdown()
+# The Train controller polls its workers this often (default 2 s); each run starts and ends a poll sooner.
+RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}  # for conftest's ray_local
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +230,7 @@ BASE = RecoverConfig(mode="full", steps=6, batch_size=2, workers=2, cpus_per_wor
 
 
 @pytest.mark.slow
-def test_full_two_domains_train_concurrently_and_save_plain_experts(ray_cluster, student, shards, tmp_path):
+def test_full_two_domains_train_concurrently_and_save_plain_experts(ray_local, student, shards, tmp_path):
     other = _shards(tmp_path / "other", period=5, offset=300)
     valid = _shards(tmp_path / "valid", n_shards=1, blocks_per_shard=4)
     tasks = [_task(tmp_path, "legal", student, shards, valid_shards=valid),
@@ -259,7 +249,7 @@ def test_full_two_domains_train_concurrently_and_save_plain_experts(ray_cluster,
 
 
 @pytest.mark.slow
-def test_early_stopping_keeps_the_best_weights(ray_cluster, student, shards, tmp_path):
+def test_early_stopping_keeps_the_best_weights(ray_local, student, shards, tmp_path):
     """A learning rate that wrecks the model: every score after step 0 is worse, so training stops after
     `patience` scores and the expert is the step-0 weights, unchanged."""
     from safetensors.torch import load_file
@@ -277,7 +267,7 @@ def test_early_stopping_keeps_the_best_weights(ray_cluster, student, shards, tmp
 
 
 @pytest.mark.slow
-def test_lora_merges_and_a_failing_domain_does_not_stop_the_other(ray_cluster, student, shards, tmp_path):
+def test_lora_merges_and_a_failing_domain_does_not_stop_the_other(ray_local, student, shards, tmp_path):
     bad = _shards(tmp_path / "bad", offset=VOCAB)  # ids past the student's vocabulary
     cfg = replace(BASE, mode="lora", lora_rank=8, lora_alpha=16, lr=2e-2)
     results = recover_all([_task(tmp_path, "legal", student, shards), _task(tmp_path, "broken", student, bad)], cfg)
@@ -298,7 +288,7 @@ def _teacher_targets(teacher_dir: str, task: RecoveryTask, keep: tuple[int, ...]
     from transformers import AutoModelForCausalLM
 
     from minigpt import teacher as T
-    from minigpt.training import training_blocks
+    from minigpt.trainset import training_blocks
 
     blocks = training_blocks(task)
     model = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
@@ -310,7 +300,7 @@ def _teacher_targets(teacher_dir: str, task: RecoveryTask, keep: tuple[int, ...]
 
 
 @pytest.mark.slow
-def test_distill_zero3_vocab_pruned_student_resumes_after_a_kill(ray_cluster, tmp_path, smollm2_dir):
+def test_distill_zero3_vocab_pruned_student_resumes_after_a_kill(ray_local, tmp_path, smollm2_dir):
     keep = tuple(range(0, 2048, 4))  # student row i = teacher id 4 * i
     teacher = _tiny_llama(tmp_path / "teacher", VOCAB, seed=1, tokenizer_dir=smollm2_dir)
     small = _tiny_llama(tmp_path / "pruned", len(keep), seed=2, tokenizer_dir=smollm2_dir)
@@ -343,7 +333,7 @@ def test_distill_zero3_vocab_pruned_student_resumes_after_a_kill(ray_cluster, tm
     assert time.monotonic() - t0 < 5
 
 
-def test_impossible_resource_request_fails_fast(ray_cluster, student, shards, tmp_path):
+def test_impossible_resource_request_fails_fast(ray_local, student, shards, tmp_path):
     t0 = time.monotonic()
     with pytest.raises(ConfigError, match="CPUs per domain"):
         recover_all([_task(tmp_path, "legal", student, shards)], replace(BASE, workers=4, cpus_per_worker=1.0))
@@ -354,3 +344,7 @@ def test_impossible_resource_request_fails_fast(ray_cluster, student, shards, tm
 def test_load_blocks_reads_contract_shards(shards):
     blocks = load_blocks(shards)
     assert blocks.shape == (16, BLOCK) and blocks.dtype == torch.int64
+    # The ids _shards wrote, shard by shard and block by block in file order (block b of shard s starts at phase
+    # b + s of its 8-id cycle).
+    want = [[100 + (j + b + s) % 8 for j in range(BLOCK)] for s in range(2) for b in range(8)]
+    assert blocks.tolist() == want

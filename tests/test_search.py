@@ -1,7 +1,6 @@
 """NSGA-II maths on hand-made points, shape -> plan, and the Ray search on a tiny model with a tiny tokenizer."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -140,20 +139,8 @@ def test_search_config_rejects_bad_values():
 # ------------------------------------------------------------------------------------------- Ray search
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    os.environ["RAY_AUTH_MODE"] = "token"
-    import ray
-
-    from minigpt import raylib  # noqa: F401
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.ray
-def test_search_is_seeded_and_every_front_plan_slims_into_a_loadable_model(tiny, ray_session, tmp_path):
+def test_search_is_seeded_and_every_front_plan_slims_into_a_loadable_model(tiny, ray_local, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from minigpt import slim
@@ -207,7 +194,7 @@ def test_warm_start_takes_the_given_shapes_first():
     assert space.shape(init[0]) == Shape((0, 1, 3), 32, 1)
 
 
-def test_search_scores_candidates_as_compensated_experts(tiny, ray_session):
+def test_search_scores_candidates_as_compensated_experts(tiny, ray_local):
     """With reconstruct, every candidate is refit from the profile's Gram statistics before it is scored, so the
     front ranks the experts that will be built (a plain slice of the same plan scores differently)."""
     import dataclasses

@@ -53,18 +53,12 @@ def test_targets_file_round_trip_and_digest(tmp_path):
     assert T.load_targets(tmp_path / "none.safetensors").dense_valid_bpb is None
 
 
-def test_ray_workers_compute_the_same_targets_as_one_process(tmp_path):
-    import ray
-
+def test_ray_workers_compute_the_same_targets_as_one_process(ray_local, tmp_path):
     model = make_tiny_llama(vocab=64)
     model.save_pretrained(tmp_path / "dense")
     train, valid = torch.randint(0, 64, (7, 12)), torch.randint(0, 64, (3, 12))
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        got = T.compute_targets(tmp_path / "dense", train, valid, 500, digest="x", k=5, temperature=2.0,
-                                batch_size=2, workers=2, cpus_per_worker=0.5, label="test")
-    finally:
-        ray.shutdown()
+    got = T.compute_targets(tmp_path / "dense", train, valid, 500, digest="x", k=5, temperature=2.0,
+                            batch_size=2, workers=2, cpus_per_worker=0.5, label="test")
     ids, logp = T.topk_logprobs(model.eval(), train, 5, batch_size=3, temperature=2.0)
     assert torch.equal(got.ids, ids) and torch.allclose(got.logprobs.float(), logp.float(), atol=1e-3)
     nll, _ = T.nll_sum(model, valid, batch_size=3)
