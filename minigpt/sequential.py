@@ -12,7 +12,7 @@ left (at the price of one more layer pass per layer and a second copy of the str
 attention output projection is corrected the same way first, toward the dense stream just after the attention
 (`stats(drift="attn", attn_only=True)`: half a layer pass), so the MLP is chosen on inputs closer to the dense ones.
 
-`LayerRunner` holds what one worker needs: a copy of the model being pruned, the residual stream of its share of
+`LayerRunner` holds what one worker needs: the model being pruned, the residual stream of its share of
 the calibration blocks, and the arguments each layer is called with (masks, rotary tables: captured from the model's
 own forward with every layer standing in as the identity, so every architecture works as its modeling code built
 them, at the cost of no layer pass). It answers three calls: `stats`
@@ -20,6 +20,13 @@ them, at the cost of no layer pass). It answers three calls: `stats`
 layer to move the activations one layer on). `prune_sequential` drives any number of runners - in-process, or Ray
 actors (`ray_runners`) each holding the hidden states of its own shards - through that protocol: the driver sums
 the runners' statistics (exact, as everywhere), chooses and solves, and broadcasts the layer.
+
+Nothing holds a second copy of the whole model. A runner built from a model shares its weights and copies a layer
+only when `apply` changes it (the caller's model is never written); one built from a checkpoint folder
+(`LayerRunner.from_folder`, what `ray_runners` starts) runs on a minigpt.streamed.StreamedDecoder: the embedding and
+head resident, one decoder layer read from the folder at a time, the streams in HiddenBuffers under a byte budget.
+The driver likewise copies only the layer it solves, or, given a LayerStore instead of a model, reads each layer
+from the folder, solves it and lets it go: its memory is one layer plus the new weights it returns.
 """
 
 from __future__ import annotations
@@ -33,8 +40,11 @@ from torch import nn
 
 from minigpt import refit, scoring, stats as S
 from minigpt.config import SEQUENTIAL_METHODS, ConfigError, PruneConfig
+from minigpt.hidden import HiddenBuffer
+from minigpt.layerstore import LayerStore
 from minigpt.models import arch_of, decoder_layers, residual_scale, widths
 from minigpt.plan import PruningPlan, Shape, plan_from_shape, stream_refit, target_shape, top_units
+from minigpt.streamed import StreamedDecoder, _params_to_meta, _stored_dtype
 
 
 class _AttentionDone(Exception):
@@ -44,11 +54,21 @@ class _AttentionDone(Exception):
 class LayerRunner:
     """One worker's side of sequential pruning (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, blocks: torch.Tensor, batch_size: int,
-                 general: torch.Tensor | None = None, general_weight: float = 0.0):
-        self.model = copy.deepcopy(model).eval()
-        self.layers = decoder_layers(self.model)
-        self.hidden: list[torch.Tensor] = []  # residual stream entering the next layer, per batch
+    def __init__(self, model: nn.Module | StreamedDecoder, blocks: torch.Tensor, batch_size: int,
+                 general: torch.Tensor | None = None, general_weight: float = 0.0,
+                 hidden_budget: int | None = None, spill_dir: str | None = None):
+        """`model`: a model (its weights shared, see the module docstring) or a StreamedDecoder; with the latter
+        each stream (the pruned one, and the dense one for refit_target stream) is held in a HiddenBuffer of
+        `hidden_budget` bytes (None: unlimited) spilling to `spill_dir`."""
+        self._dec = model if isinstance(model, StreamedDecoder) else None
+        self._budget, self._spill_dir = hidden_budget, spill_dir
+        if self._dec is not None:
+            self.model, self.layers = self._dec.model, self._dec.layers
+        else:
+            self.model, self.layers = _private_layers(model)
+        self._shared = list(self.layers)  # the layers as given: one is put back once its changed copy is done with
+        self._own: dict[int, nn.Module | dict[str, torch.Tensor]] = {}  # changed layers: a copy, or a parked state
+        self.hidden = self._stream()  # residual stream entering the next layer, per batch
         self.calls: list[list[tuple[tuple, dict]]] = []  # per batch, per layer: (extra args, kwargs)
         self._returns: list = []  # what a layer returns after its hidden state (None: a bare tensor); see _capture
         # Groups of batches whose sums are weighted alike: the domain's blocks (1), and general text (minigpt.general)
@@ -59,16 +79,57 @@ class LayerRunner:
                 continue
             first = len(self.hidden)
             for start in range(0, part.shape[0], batch_size):
-                self.hidden.append(self._capture(part[start:start + batch_size]))
+                self.hidden.put(len(self.hidden), self._capture(part[start:start + batch_size]))
             self.groups.append((float(weight), list(range(first, len(self.hidden))), int(part.numel())))
         self.tokens = sum(g[2] for g in self.groups)
         # The stream target: the dense model's stream rides along (the same layer, run before it is changed). It
         # is copied on the first dense_step, so only runs that refit toward the stream hold it.
-        self.dense: list[torch.Tensor] | None = None
-        self.dense_next: list[torch.Tensor] | None = None
+        self.dense: _Batches | HiddenBuffer | None = None
+        self.dense_next: _Batches | HiddenBuffer | None = None
         self.dense_attn: list[torch.Tensor] = []  # the dense attention output projection's output, per batch
         self._changed = False  # weights applied or layers advanced: the current stream is no longer the dense one
         self._reuse: tuple | None = None  # (layer, MLP output projection's name, [(out, x, y)] per batch): `stats`
+
+    @classmethod
+    def from_folder(cls, folder: str, blocks: torch.Tensor, batch_size: int, general: torch.Tensor | None = None,
+                    general_weight: float = 0.0, dtype: str = "float32", hidden_budget: int | None = None,
+                    spill_dir: str | None = None, trust_remote_code: bool = False) -> LayerRunner:
+        """A runner over a checkpoint folder that never holds more than its embedding, head and one decoder layer."""
+        store = LayerStore(folder, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+        return cls(StreamedDecoder(store), blocks, batch_size, general, general_weight, hidden_budget, spill_dir)
+
+    def _stream(self) -> _Batches | HiddenBuffer:
+        """A per-batch stream: a list in memory, a HiddenBuffer under the budget for a streamed runner."""
+        return _Batches() if self._dec is None else HiddenBuffer(self._budget, self._spill_dir)
+
+    def _layer(self, index: int) -> nn.Module:
+        """Layer `index` as it now is; a streamed runner reads it (or brings a changed one back) and makes it the
+        resident layer, parking a changed layer it releases as its state."""
+        if self._dec is None:
+            return self.layers[index]
+        if self._dec.resident != index:
+            if self._dec.resident in self._own:
+                self._own[self._dec.resident] = self._dec.resident_state()
+            with torch.inference_mode(False):  # ordinary tensors, which `apply` may write outside inference mode
+                self._dec.load_layer(index, self._own.get(index))
+        return self.layers[index]
+
+    def _owned_layer(self, index: int) -> nn.Module:
+        """Layer `index`, ready to be written: copied first from a shared model (the caller's stays as it is)."""
+        layer = self._layer(index)
+        if index not in self._own:
+            if self._dec is None:
+                self.layers[index] = layer = copy.deepcopy(layer)
+            self._own[index] = layer
+        return layer
+
+    def _done(self, index: int) -> None:
+        """Layer `index` is behind the stream: the next calls are for later layers, so its copy (or its resident
+        weights) can go."""
+        if self._own.pop(index, None) is not None and self._dec is None:
+            self.layers[index] = self._shared[index]
+        if self._dec is not None and self._dec.resident == index:
+            self._dec.release_layer()
 
     @torch.inference_mode()
     def _capture(self, ids: torch.Tensor) -> torch.Tensor:
@@ -78,6 +139,10 @@ class LayerRunner:
         The decoder runs with every layer standing in as the identity, so a capture costs the embedding and the
         mask / rotary set-up, not a forward pass: the layers are computed one at a time later. The first call runs
         layer 0 for real once, to learn what a layer returns (a tensor, or a tuple with extra entries)."""
+        if self._dec is not None:  # the same capture, on the skeleton (minigpt.streamed)
+            cap = self._dec.capture(ids)
+            self.calls.append(cap.calls)
+            return cap.hidden
         calls: list[tuple[tuple, dict]] = [None] * len(self.layers)  # type: ignore[list-item]
         first: list[torch.Tensor] = []
 
@@ -106,7 +171,7 @@ class LayerRunner:
 
     def _run(self, index: int, b: int, hidden: torch.Tensor | None = None) -> torch.Tensor:
         args, kw = self.calls[b][index]
-        out = self.layers[index](self.hidden[b] if hidden is None else hidden, *args, **kw)
+        out = self._layer(index)(self.hidden.get(b) if hidden is None else hidden, *args, **kw)
         return out[0] if isinstance(out, tuple | list) else out
 
     @torch.inference_mode()
@@ -117,12 +182,18 @@ class LayerRunner:
             if index or self._changed:
                 raise RuntimeError("the dense stream is copied at layer 0 before anything changes: call dense_step "
                                    "for every layer from the first")
-            self.dense = [h.clone() for h in self.hidden]
+            self.dense = self._stream()
+            for b in range(len(self.hidden)):  # never written in place: sharing the tensors is a copy
+                self.dense.put(b, self.hidden.get(b))
         seen: list[torch.Tensor] = []
-        hook = self.layers[index].get_submodule(arch_of(self.model).attn_out).register_forward_hook(
+        hook = self._layer(index).get_submodule(arch_of(self.model).attn_out).register_forward_hook(
             lambda _m, _a, out: seen.append(out.detach())) if attn else None
         try:
-            self.dense_next = [self._run(index, b, self.dense[b]) for b in range(len(self.hidden))]
+            if self.dense_next is not None and self.dense_next is not self.dense:
+                _close(self.dense_next)
+            self.dense_next = self._stream()
+            for b in range(len(self.hidden)):
+                self.dense_next.put(b, self._run(index, b, self.dense.get(b)))
         finally:
             if hook:
                 hook.remove()
@@ -147,7 +218,7 @@ class LayerRunner:
             raise ValueError("attn_only needs drift='attn'")
         spec = S.StatSpec(gram=True)
         st = S.layer_stats_for_model(self.model, spec)
-        layer = self.layers[index]
+        layer = self._layer(index)
         arch = arch_of(self.model)
         hooked: dict[str, nn.Module] = {}
         if drift:
@@ -158,8 +229,9 @@ class LayerRunner:
                                    + (" (with attn=True)" if drift == "attn" else ""))
             hooked["drift"] = mod = layer.get_submodule(arch.mlp_out if drift == "mlp" else arch.attn_out)
             width = mod.weight.shape[0 if arch.conv1d else 1]
-            st[f"{drift}_drift"] = torch.zeros(1, self.hidden[0].shape[-1], width, dtype=torch.float64)
-            st[f"{drift}_drift_sum"] = torch.zeros(1, self.hidden[0].shape[-1], dtype=torch.float64)
+            hidden = widths(self.model)["hidden"]
+            st[f"{drift}_drift"] = torch.zeros(1, hidden, width, dtype=torch.float64)
+            st[f"{drift}_drift_sum"] = torch.zeros(1, hidden, dtype=torch.float64)
         if not attn_only and arch.post_norms is None:
             hooked["mlp"] = layer.get_submodule(arch.mlp_out)
         seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {k: [] for k in hooked}
@@ -173,8 +245,8 @@ class LayerRunner:
 
         hooks = [m.register_forward_hook(keeper(k)) for k, m in hooked.items()]
         scale = residual_scale(self.model)
-        kept = []
-        self._reuse = None
+        kept = [] if self._dec is None else _Triples(self._stream())  # streamed: under the budget too
+        self._drop_reuse()
         template, parts = st, []
         try:
             for weight, batches, tokens in self.groups:  # each group's sums, then weighted together
@@ -190,9 +262,9 @@ class LayerRunner:
                         if drift:
                             x, y = seen["drift"].pop()
                             if drift == "mlp":
-                                e = (self.dense_next[b] - out) / scale
+                                e = (self.dense_next.get(b) - out) / scale
                             else:  # streams just after the attention: the layer's input plus its attention output
-                                e = (self.dense[b] - self.hidden[b]) / scale + self.dense_attn[b] - y
+                                e = (self.dense.get(b) - self.hidden.get(b)) / scale + self.dense_attn[b] - y
                             x = x.reshape(-1, x.shape[-1])
                             e = e.reshape(x.shape[0], -1)
                             st[f"{drift}_drift"][0] += S.cross(e, x)
@@ -202,31 +274,113 @@ class LayerRunner:
         finally:
             for h in hooks:
                 h.remove()
-        if kept:
+        if len(kept):
             self._reuse = (index, f"{arch.layers}.{index}.{arch.mlp_out}.", kept)
         st = {k: sum(w * part[k] for w, part in parts) for k in template}
         return S.to_numpy(st)
 
+    def close(self) -> None:
+        """Drop the streams (and their spill files) and every layer held: the runner has nothing left to do."""
+        self._drop_reuse()
+        for stream in (self.hidden, self.dense, self.dense_next):
+            _close(stream)
+        self.hidden, self.dense, self.dense_next, self.dense_attn = self._stream(), None, None, []
+        self._own.clear()
+        if self._dec is not None:
+            self._dec.release_layer()
+
+    def _drop_reuse(self) -> None:
+        if self._reuse is not None and isinstance(self._reuse[2], _Triples):
+            self._reuse[2].close()
+        self._reuse = None
+
     def apply(self, weights: Mapping[str, torch.Tensor]) -> None:
+        root = arch_of(self.model).layers + "."
+        for index in sorted({int(k[len(root):].split(".", 1)[0]) for k in weights if k.startswith(root)}):
+            self._owned_layer(index)  # resident and private before it is written
         _write(self.model, weights)
         self._changed = True
         if self._reuse and any(not k.startswith(self._reuse[1]) for k in weights):
-            self._reuse = None  # more than the MLP output projection changed: advance runs the layer again
+            self._drop_reuse()  # more than the MLP output projection changed: advance runs the layer again
 
     @torch.inference_mode()
     def advance(self, index: int) -> None:
         """Move the stream one layer on, through layer `index` as it now is."""
         if self._reuse is not None and self._reuse[0] == index:
             # Only the MLP output projection changed since the last whole-layer pass (see `stats`).
-            mod = self.layers[index].get_submodule(arch_of(self.model).mlp_out)
+            mod = self._layer(index).get_submodule(arch_of(self.model).mlp_out)
             scale = residual_scale(self.model)
-            self.hidden = [out + scale * (mod(x) - y) for out, x, y in self._reuse[2]]
+            for b, (out, x, y) in enumerate(self._reuse[2]):
+                self.hidden.put(b, out + scale * (mod(x) - y))
         else:
-            self.hidden = [self._run(index, b) for b in range(len(self.hidden))]
-        self._reuse = None
+            for b in range(len(self.hidden)):
+                self.hidden.put(b, self._run(index, b))
+        self._drop_reuse()
         self._changed = True
+        self._done(index)
         if self.dense is not None:
+            _close(self.dense)
             self.dense, self.dense_next, self.dense_attn = self.dense_next, None, []
+
+
+class _Batches(list):
+    """An in-memory stream: a list of per-batch tensors with HiddenBuffer's get / put."""
+
+    def get(self, b: int) -> torch.Tensor:
+        return self[b]
+
+    def put(self, b: int, value: torch.Tensor) -> None:
+        if b == len(self):
+            self.append(value)
+        else:
+            self[b] = value
+
+
+class _Triples:
+    """(out, x, y) per batch (see `LayerRunner.stats`) in a HiddenBuffer: a streamed runner's budget covers them."""
+
+    def __init__(self, buffer: HiddenBuffer):
+        self.buffer, self.n = buffer, 0
+
+    def append(self, triple: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        for j, t in enumerate(triple):
+            self.buffer.put(3 * self.n + j, t)
+        self.n += 1
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        for b in range(self.n):
+            yield tuple(self.buffer.get(3 * b + j) for j in range(3))
+
+    def close(self) -> None:
+        self.buffer.close()
+
+
+def _close(stream) -> None:
+    if isinstance(stream, HiddenBuffer):
+        stream.close()
+
+
+def _private_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+    """A shallow copy of `model` whose modules on the path to its layer list, and that list, are its own: a layer
+    replaced in it (a changed copy) is not replaced in `model`, every other weight is shared. A model in training
+    mode is copied whole, so that switching to eval (no dropout) does not change the caller's."""
+    if any(m.training for m in model.modules()):
+        model = copy.deepcopy(model).eval()
+    top = _shallow(model)
+    mod = top
+    for name in arch_of(model).layers.split("."):
+        mod._modules[name] = child = _shallow(mod._modules[name])
+        mod = child
+    return top, mod
+
+
+def _shallow(module: nn.Module) -> nn.Module:
+    out = copy.copy(module)
+    out._modules = dict(module._modules)
+    return out
 
 
 def _merged(runners, index: int, num_layers: int, remote: bool, drift: str | None = None,
@@ -289,21 +443,25 @@ def _broadcast(runners, remote: bool, method: str, *args) -> None:
             getattr(r, method)(*args)
 
 
-def prune_sequential(model: nn.Module, runners: Sequence, prune_cfg: PruneConfig, *, domain: str,
+def prune_sequential(model: nn.Module | LayerStore, runners: Sequence, prune_cfg: PruneConfig, *, domain: str,
                      shape: Shape | None = None, remote: bool = False, base_model: str = "", profile: str = "",
                      vocab: tuple[int, ...] | None = None, on_layer=None) -> tuple[PruningPlan, dict[str, torch.Tensor]]:
     """Choose and refit one layer at a time; returns the plan and the new weights (dense shapes) to slim with.
 
     `runners` are LayerRunner objects (or Ray actor handles of them with remote=True) over disjoint shares of the
     calibration blocks; `shape` defaults to the job's uniform target shape. Only width pruning is sequential (a
-    depth cut has no per-layer order to follow)."""
+    depth cut has no per-layer order to follow). `model` may be a LayerStore: each layer is then read when its turn
+    comes and released after it (its new weights are kept in the returned dict)."""
     if prune_cfg.method not in SEQUENTIAL_METHODS or prune_cfg.mode != "target":
         raise ConfigError(f"prune.sequential supports target-mode width pruning with "
                           f"{', '.join(SEQUENTIAL_METHODS)}, not {prune_cfg.method!r} ({prune_cfg.mode})")
-    stream = stream_refit(prune_cfg, model)
-    work = copy.deepcopy(model).eval()  # the driver's copy: scored and refit layer by layer
+    store = model if isinstance(model, LayerStore) else None
+    stream = stream_refit(prune_cfg, model.config)
+    # The driver's model, scored and refit layer by layer: a skeleton with one layer read at a time, or the model
+    # with a private layer list whose layer i is copied before it is written.
+    work, layers = (store.skeleton().eval(), None) if store else _private_layers(model)
     w = widths(work)
-    dtype = next(work.parameters()).dtype
+    dtype = (store.dtype or _stored_dtype(store)) if store else next(work.parameters()).dtype
     shape = shape or target_shape(work, prune_cfg, None, {})
     mlp_keep: list = [None] * w["layers"]
     kv_keep: list = [None] * w["layers"]
@@ -311,6 +469,10 @@ def prune_sequential(model: nn.Module, runners: Sequence, prune_cfg: PruneConfig
     cut = {"attn": shape.kv_groups < w["kv_heads"], "mlp": shape.mlp_width < w["intermediate"]}
     correct = {"attn": stream and prune_cfg.stream_attn, "mlp": stream}
     for i in range(w["layers"]):
+        if store:
+            decoder_layers(work)[i].load_state_dict(store.layer_state(i), strict=True, assign=True)
+        else:
+            layers[i] = copy.deepcopy(layers[i])
         if stream:
             _broadcast(runners, remote, "dense_step", i, correct["attn"])
         # Attention first (groups chosen, or its output corrected), then the MLP on the attention's new outputs.
@@ -345,9 +507,15 @@ def prune_sequential(model: nn.Module, runners: Sequence, prune_cfg: PruneConfig
             weights.update(new)
             _broadcast(runners, remote, "apply", new)
         _broadcast(runners, remote, "advance", i)
+        # Layer i's new weights are in `weights`; no later layer's choice reads it.
+        if store:
+            _params_to_meta(decoder_layers(work)[i])
+        else:
+            layers[i] = decoder_layers(model)[i]
         if on_layer:
             on_layer(i)
-    plan = plan_from_shape(_chosen(mlp_keep, kv_keep, w), model, shape, domain=domain, method=prune_cfg.method,
+    _broadcast(runners, remote, "close")  # the last stream is not needed: spill files go now, not at exit
+    plan = plan_from_shape(_chosen(mlp_keep, kv_keep, w), work if store else model, shape, domain=domain, method=prune_cfg.method,
                            base_model=base_model, profile=profile, target=prune_cfg.target, vocab=vocab,
                            reconstruct=prune_cfg.reconstruct, damp=prune_cfg.damp)
     return dataclasses.replace(plan, sequential=True), weights
@@ -366,19 +534,20 @@ def _chosen(mlp_keep, kv_keep, w) -> scoring.Scores:
 
 def ray_runners(model_dir: str, shards: Sequence[torch.Tensor], batch_size: int, dtype: str = "float32",
                 cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
-                general: Sequence[torch.Tensor] | None = None, general_weight: float = 0.0) -> list:
-    """One LayerRunner actor per share of the calibration blocks (and of the general text, when given), each loading
-    the model itself."""
+                general: Sequence[torch.Tensor] | None = None, general_weight: float = 0.0,
+                hidden_budget: int | None = None, spill_dir: str | None = None) -> list:
+    """One LayerRunner actor per share of the calibration blocks (and of the general text, when given), each
+    streaming the model from its folder (LayerRunner.from_folder: embedding, head and one layer resident; each
+    stream under `hidden_budget` bytes, None: unlimited)."""
     import ray
 
     @ray.remote
     class _Runner(LayerRunner):
         def __init__(self, folder, blocks, batch, extra, weight):
-            from minigpt.models import load_model
-
             torch.set_num_threads(max(1, int(cpus_per_worker)))
-            super().__init__(load_model(folder, dtype), torch.as_tensor(blocks), batch,
-                             None if extra is None else torch.as_tensor(extra), weight)
+            store = LayerStore(folder, dtype=getattr(torch, dtype))
+            super().__init__(StreamedDecoder(store), torch.as_tensor(blocks), batch,
+                             None if extra is None else torch.as_tensor(extra), weight, hidden_budget, spill_dir)
 
     opts = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker}
     general = list(general) if general is not None else [None] * len(shards)

@@ -142,15 +142,24 @@ class StreamedDecoder:
 
     # -- one layer resident at a time ------------------------------------------------------------------------------
 
-    def load_layer(self, i: int) -> nn.Module:
-        """Materialise layer `i` from the store (releasing whichever layer was resident)."""
+    def load_layer(self, i: int, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """Materialise layer `i` from the store, or from `state` (its tensors named relative to the layer: a layer
+        changed in memory and parked, see `resident_state`), releasing whichever layer was resident."""
         if self.resident == i:
             return self.layers[i]
         if self.resident is not None:
             self.release_layer()
-        self.layers[i].load_state_dict(self.store.layer_state(i), strict=True, assign=True)
+        self.layers[i].load_state_dict(self.store.layer_state(i) if state is None else state, strict=True,
+                                       assign=True)
         self.resident = i
         return self.layers[i]
+
+    def resident_state(self) -> dict[str, torch.Tensor]:
+        """The resident layer's own tensors (not copies): what `load_layer(i, state)` takes to bring it back as it
+        is now, after it was released."""
+        if self.resident is None:
+            raise RuntimeError("no layer is resident")
+        return dict(self.layers[self.resident].state_dict(keep_vars=False))
 
     def release_layer(self) -> None:
         if self.resident is not None:
