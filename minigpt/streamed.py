@@ -262,7 +262,8 @@ def _batches(input_ids: torch.Tensor, batch_size: int | None) -> list[torch.Tens
 def streamed_forward(store: LayerStore | StreamedDecoder, input_ids: torch.Tensor, batch_size: int | None = None,
                      on_layer: OnLayer | None = None, hidden_budget: int | None = None,
                      spill_dir: str | None = None,
-                     on_logits: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor | None:
+                     on_logits: Callable[[int, torch.Tensor], None] | None = None,
+                     logits: bool = True) -> torch.Tensor | None:
     """Logits of `input_ids` [N, T] computed one layer at a time: every batch of `batch_size` blocks through layer
     i, then layer i + 1. The residual stream of all batches is held in a HiddenBuffer under `hidden_budget` bytes
     (None: unlimited; 0: every batch spilled to `spill_dir`).
@@ -270,7 +271,7 @@ def streamed_forward(store: LayerStore | StreamedDecoder, input_ids: torch.Tenso
     `on_layer(i, layer)` is called while layer i is resident, before its batches run (e.g. to hook it for
     statistics); a callable it returns is called after they ran (e.g. to remove the hooks). With `on_logits(b,
     logits)` each batch's logits go there and are not kept (all of them are N x T x vocab values: 0.4 GB for 8 x 256
-    tokens of a 49k vocabulary), and None is returned."""
+    tokens of a 49k vocabulary), and None is returned; with `logits=False` the head is not run at all (None)."""
     dec = store if isinstance(store, StreamedDecoder) else StreamedDecoder(store)
     batches = _batches(input_ids, batch_size)
     with HiddenBuffer(hidden_budget, spill_dir) as stream:
@@ -286,6 +287,8 @@ def streamed_forward(store: LayerStore | StreamedDecoder, input_ids: torch.Tenso
                     stream.put(b, dec.run_layer(i, stream.get(b), calls[b]))
                 if done is not None:
                     done()
+        if not logits:
+            return None
         if on_logits is None:
             return torch.cat([dec.finish(ids, stream.get(b)) for b, ids in enumerate(batches)])
         for b, ids in enumerate(batches):
@@ -293,4 +296,43 @@ def streamed_forward(store: LayerStore | StreamedDecoder, input_ids: torch.Tenso
         return None
 
 
-__all__ = ["Captured", "StreamedDecoder", "pin_mmap_threshold", "resident_parameters", "streamed_forward"]
+@torch.inference_mode()
+def accumulate_streamed(dec: StreamedDecoder, blocks: torch.Tensor, batch_size: int, stats=None, spec=None,
+                        hidden_budget: int | None = None, spill_dir: str | None = None):
+    """minigpt.stats.accumulate, layer-streamed: the same statistics of `blocks` [N, T] added into `stats` (fresh
+    ones for `spec` when None), with one decoder layer resident at a time.
+
+    The statistics hooks (stats.collecting with `layer=i`) go on layer i while it is resident, writing into row i
+    of every per-layer entry; the stand-in passes that capture arguments never see them, and the head is not run
+    (no statistic needs it). Depth-span moments need every layer's output of a batch at once, which a layer-major
+    pass does not have: ValueError (collect them with the in-memory path)."""
+    from minigpt import stats as S
+
+    if stats is None:
+        spec = spec or S.StatSpec()
+        stats = S.stats_for_model(dec.model, spec)
+    elif spec is None:
+        spec = S.spec_of(stats)
+    if spec.depth_spans:
+        raise ValueError("depth-span statistics need every layer's activations of a batch at once; they are not "
+                         "collected layer by layer (use stats.accumulate on the whole model)")
+    L = dec.num_layers
+    per_layer = [k for k, shape in S.stat_shapes(dec.model, spec).items()
+                 if len(shape) and shape[0] == L and k not in ("tokens", "token_counts")]
+
+    def on_layer(i: int, _layer: nn.Module):
+        rows = {**stats, **{k: stats[k][i:i + 1] for k in per_layer}}  # views: the hooks add into row i in place
+        ctx = S.collecting(dec.model, rows, spec, layer=i)
+        ctx.__enter__()
+        return lambda: ctx.__exit__(None, None, None)
+
+    streamed_forward(dec, blocks, batch_size, on_layer=on_layer, hidden_budget=hidden_budget, spill_dir=spill_dir,
+                     logits=False)
+    stats["tokens"] += blocks.numel()
+    stats["token_counts"] += torch.bincount(blocks.reshape(-1), minlength=stats["token_counts"].numel()
+                                            ).to(torch.float64)
+    return stats
+
+
+__all__ = ["Captured", "StreamedDecoder", "accumulate_streamed", "pin_mmap_threshold", "resident_parameters",
+           "streamed_forward"]

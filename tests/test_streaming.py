@@ -168,6 +168,27 @@ def test_streamed_forward_of_a_sharded_bf16_checkpoint(tmp_path):
         torch.testing.assert_close(streamed_forward(dec, IDS, batch_size=3), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_streamed_statistics_equal_the_in_memory_pass(arch, tmp_path):
+    """accumulate_streamed (hooks on the resident layer only, into its row) adds what stats.accumulate adds on the
+    whole model, Gram statistics included, into an existing profile too; depth spans are refused."""
+    from minigpt import stats as S
+    from minigpt.streamed import accumulate_streamed
+
+    model = make(arch)
+    dec = StreamedDecoder(LayerStore(saved(model, tmp_path / "m")))
+    spec = S.StatSpec(gram=True)
+    expected = S.accumulate(model, IDS[3:], 2, stats=S.accumulate(model, IDS[:3], 2, spec=spec))
+    got = accumulate_streamed(dec, IDS[3:], 2, accumulate_streamed(dec, IDS[:3], 2, spec=spec),
+                              hidden_budget=0, spill_dir=str(tmp_path))
+    assert set(got) == set(expected)
+    for k, v in expected.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-6, atol=1e-6)
+    assert resident_parameters(dec.model) < sum(p.numel() for p in model.parameters())  # no layer left resident
+    with pytest.raises(ValueError, match="depth-span"):
+        accumulate_streamed(dec, IDS, 2, spec=S.StatSpec(depth_spans=(1,)))
+
+
 # -- hidden-state buffer ----------------------------------------------------------------------------------------------
 
 def test_spilling_every_batch_gives_the_same_logits(tmp_path):
