@@ -35,6 +35,8 @@ from minigpt.io import atomic_save_np
 from minigpt.corpora import read_blocks
 from minigpt.models import load_model, resolve
 from minigpt.stats import PROFILE_FORMAT, load_profile, save_profile  # noqa: F401 (re-exported)
+from minigpt.layerstore import LayerStore
+from minigpt.streamed import StreamedDecoder, accumulate_streamed
 
 class CalibrationError(RuntimeError):
     """Calibration could not finish; finished shards stay in the ledger."""
@@ -137,7 +139,8 @@ class Coordinator:
 @ray.remote
 class CalibrationWorker:
     def __init__(self, worker_id: str, model_cfg: ModelConfig, dtype: str, batch_size: int, threads: int,
-                 spec: S.StatSpec = S.StatSpec(), flush_shards: int = 1):
+                 spec: S.StatSpec = S.StatSpec(), flush_shards: int = 1, streamed: bool = False,
+                 hidden_budget: int | None = None):
         torch.set_num_threads(max(1, threads))
         self.worker_id = worker_id
         self.batch_size = batch_size
@@ -145,7 +148,13 @@ class CalibrationWorker:
         self.flush_shards = flush_shards  # 0: one flush per run of shards of a domain
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         # Each node resolves the model itself (an alias is prepared from its pip package on that node).
-        self.model = load_model(resolve(model_cfg), dtype, model_cfg.trust_remote_code).to(self.device)
+        # Streamed (CPU): one decoder layer resident at a time (minigpt.streamed); depth-span moments need every
+        # layer's activations of a batch at once, so they keep the whole model.
+        self.decoder = _streamed_decoder(resolve(model_cfg), dtype, model_cfg.trust_remote_code) \
+            if streamed and not spec.depth_spans else None
+        self.hidden_budget = hidden_budget
+        self.model = None if self.decoder else \
+            load_model(resolve(model_cfg), dtype, model_cfg.trust_remote_code).to(self.device)
         from ray.util.metrics import Counter, Gauge
 
         self.c_tokens = Counter("minigpt_calib_tokens", "tokens through calibration", tag_keys=("domain", "worker"))
@@ -178,7 +187,10 @@ class CalibrationWorker:
                 held_domain = domain
             blocks = torch.tensor(ray.get(ref), dtype=torch.long)  # copies the read-only store buffer
             t0 = time.perf_counter()
-            acc = S.accumulate(self.model, blocks, self.batch_size, stats=acc, spec=self.spec)
+            if self.decoder is not None:
+                acc = accumulate_streamed(self.decoder, blocks, self.batch_size, acc, self.spec, self.hidden_budget)
+            else:
+                acc = S.accumulate(self.model, blocks, self.batch_size, stats=acc, spec=self.spec)
             dt = time.perf_counter() - t0
             held.append(shard_id)
             if self.flush_shards and len(held) >= self.flush_shards:
@@ -187,6 +199,10 @@ class CalibrationWorker:
             self.c_tokens.inc(tokens, tags={"domain": domain, "worker": self.worker_id})
             self.g_speed.set(tokens / max(dt, 1e-9), tags={"worker": self.worker_id})
             n += 1
+
+
+def _streamed_decoder(folder, dtype: str, trust_remote_code: bool):
+    return StreamedDecoder(LayerStore(folder, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code))
 
 
 def read_shard_blocks(path: str) -> np.ndarray:
@@ -210,9 +226,10 @@ def flush_size(cfg: CalibrateConfig, spec: S.StatSpec) -> int:
 
 def run_shards(shards: Sequence[Shard], model_cfg: ModelConfig, cfg: CalibrateConfig, ledger: Path,
                spec: S.StatSpec = S.StatSpec(), on_progress: Callable[[dict, list], None] | None = None,
-               max_restarts: int = 3) -> None:
+               max_restarts: int = 3, streamed: bool = False, hidden_budget: int | None = None) -> None:
     """Run every shard not yet in the ledger once across `cfg.workers` actors, recording their statistics.
 
+    `streamed`: workers hold one decoder layer at a time (CalibrationWorker), their stream under `hidden_budget`.
     `on_progress(progress, workers)` is called after each event with the coordinator's progress (its `in_flight`
     maps shard id -> worker id) and the live workers by id (tests use it to kill one).
     """
@@ -225,7 +242,7 @@ def run_shards(shards: Sequence[Shard], model_cfg: ModelConfig, cfg: CalibrateCo
     if todo:
         refs = {s.shard_id: ray.put(read_shard_blocks(s.path)) for s in todo}
         coord = Coordinator.remote(list(shards), refs, str(ledger), sorted(done))
-        _run_workers(coord, model_cfg, cfg, spec, on_progress, max_restarts)
+        _run_workers(coord, model_cfg, cfg, spec, on_progress, max_restarts, streamed, hidden_budget)
 
 
 def calibrate(shards: Sequence[Shard], model_cfg: ModelConfig, cfg: CalibrateConfig, ledger: Path,
@@ -238,7 +255,7 @@ def calibrate(shards: Sequence[Shard], model_cfg: ModelConfig, cfg: CalibrateCon
 
 
 def _run_workers(coord, model_cfg: ModelConfig, cfg: CalibrateConfig, spec: S.StatSpec, on_progress,
-                 max_restarts: int) -> None:
+                 max_restarts: int, streamed: bool = False, hidden_budget: int | None = None) -> None:
     threads = max(1, round(cfg.cpus_per_worker)) if cfg.gpus_per_worker == 0 else 1
     opts = {"num_cpus": cfg.cpus_per_worker, "num_gpus": cfg.gpus_per_worker, "max_restarts": 0}
     counter = iter(range(10**6))
@@ -247,7 +264,8 @@ def _run_workers(coord, model_cfg: ModelConfig, cfg: CalibrateConfig, spec: S.St
         i = next(counter)
         wid = f"w{i}"
         return wid, CalibrationWorker.options(name=f"minigpt-calib-{wid}-{os.getpid()}", **opts).remote(
-            wid, model_cfg, cfg.dtype, cfg.batch_size, threads, spec, flush_size(cfg, spec)), i
+            wid, model_cfg, cfg.dtype, cfg.batch_size, threads, spec, flush_size(cfg, spec), streamed,
+            hidden_budget), i
 
     workers = {}
     for _ in range(cfg.workers):

@@ -306,8 +306,9 @@ class RecoverConfig:
     eval_tokens: int = 0  # validation tokens scored each time, at most; 0 = the whole validation split
     patience: int = 0  # evaluations without a better validation loss before stopping; 0 = never stop early
     keep_best: bool = True  # the expert is the best-validated weights (with eval_every), else the last
-    general_fraction: float = 0.0  # share of training blocks drawn from general_sources (replay against forgetting)
-    general_sources: tuple[SourceConfig, ...] = ()  # any corpus sources, as in `domains`
+    general_fraction: float = 0.0  # share of training blocks that replay general text (against forgetting)...
+    general_sources: tuple[SourceConfig, ...] = ()  # ...from these sources; none: the job's general text (the dense
+    # model's own samples, calibrate.general_*), written once per job and never an evaluation document
     lora_rank: int = 16
     lora_alpha: int = 32
     distill_alpha: float = 0.5  # weight of the KL term; 1 - alpha weights cross-entropy
@@ -339,8 +340,8 @@ class RecoverConfig:
                "recover.eval_every, eval_tokens and patience must be >= 0")
         _check(self.patience == 0 or self.eval_every > 0, "recover.patience needs recover.eval_every > 0")
         _check(0 <= self.general_fraction < 1, "recover.general_fraction must be in [0, 1)")
-        _check((self.general_fraction > 0) == bool(self.general_sources),
-               "recover.general_fraction > 0 and recover.general_sources go together (set both or neither)")
+        _check(self.general_fraction > 0 or not self.general_sources,
+               "recover.general_sources is set but recover.general_fraction is 0: give the share of replay blocks")
         _check(self.weight_decay >= 0 and self.grad_clip >= 0, "recover.weight_decay and grad_clip must be >= 0")
         _check(self.lora_rank >= 1 and self.lora_alpha > 0, "recover.lora_rank and lora_alpha must be positive")
         _check(self.distill_temperature > 0, "recover.distill_temperature must be > 0")

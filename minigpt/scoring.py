@@ -114,8 +114,11 @@ def _out_weight_norms(model: nn.Module, coupling) -> list[torch.Tensor]:
     out = next(c for c in coupling if c.output)
     rows = []
     for layer in decoder_layers(model):
-        w = dict(layer.named_parameters())[out.name].detach().double().abs()
-        rows.append(w.sum(1 - out.dim))
+        w = dict(layer.named_parameters())[out.name].detach()
+        if w.device.type == "meta":  # a layer not read (minigpt.sequential streams one at a time): zero
+            rows.append(torch.zeros(w.shape[out.dim], dtype=torch.float64))
+            continue
+        rows.append(w.double().abs().sum(1 - out.dim))
     return rows
 
 
@@ -141,6 +144,8 @@ def _coupled_l2(model: nn.Module, coupling, units: int) -> torch.Tensor:
         params = dict(layer.named_parameters())
         sq = torch.zeros(units, dtype=torch.float64)
         for c in coupling:
+            if params[c.name].device.type == "meta":  # a layer not read (minigpt.sequential): zero
+                continue
             p = params[c.name].detach().double().square()
             per_index = p.sum(dim=[d for d in range(p.dim()) if d != c.dim]) if p.dim() > 1 else p
             sq += per_unit(c, per_index, units).sum(1)  # the coupling's segment of a fused tensor

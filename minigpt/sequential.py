@@ -12,7 +12,7 @@ left (at the price of one more layer pass per layer and a second copy of the str
 attention output projection is corrected the same way first, toward the dense stream just after the attention
 (`stats(drift="attn", attn_only=True)`: half a layer pass), so the MLP is chosen on inputs closer to the dense ones.
 
-`LayerRunner` holds what one worker needs: a copy of the model being pruned, the residual stream of its share of
+`LayerRunner` holds what one worker needs: the model being pruned, the residual stream of its share of
 the calibration blocks, and the arguments each layer is called with (masks, rotary tables: captured from the model's
 own forward with every layer standing in as the identity, so every architecture works as its modeling code built
 them, at the cost of no layer pass). It answers three calls: `stats`
@@ -20,6 +20,13 @@ them, at the cost of no layer pass). It answers three calls: `stats`
 layer to move the activations one layer on). `prune_sequential` drives any number of runners - in-process, or Ray
 actors (`ray_runners`) each holding the hidden states of its own shards - through that protocol: the driver sums
 the runners' statistics (exact, as everywhere), chooses and solves, and broadcasts the layer.
+
+Nothing holds a second copy of the whole model. A runner built from a model shares its weights and copies a layer
+only when `apply` changes it (the caller's model is never written); one built from a checkpoint folder
+(`LayerRunner.from_folder`, what `ray_runners` starts) runs on a minigpt.streamed.StreamedDecoder: the embedding and
+head resident, one decoder layer read from the folder at a time, the streams in HiddenBuffers under a byte budget.
+The driver likewise copies only the layer it solves, or, given a LayerStore instead of a model, reads each layer
+from the folder, solves it and lets it go: its memory is one layer plus the new weights it returns.
 """
 
 from __future__ import annotations
@@ -33,201 +40,12 @@ from torch import nn
 
 from minigpt import refit, scoring, stats as S
 from minigpt.config import SEQUENTIAL_METHODS, ConfigError, PruneConfig
-from minigpt.models import arch_of, decoder_layers, residual_scale, widths
+from minigpt.layerstore import LayerStore
+from minigpt.models import arch_of, decoder_layers, widths
 from minigpt.plan import PruningPlan, Shape, plan_from_shape, stream_refit, target_shape, top_units
-from minigpt.models import load_model
-
-
-class _AttentionDone(Exception):
-    """Raised from a hook to end a layer pass once the attention output is known (LayerRunner.stats)."""
-
-
-class LayerRunner:
-    """One worker's side of sequential pruning (see the module docstring)."""
-
-    def __init__(self, model: nn.Module, blocks: torch.Tensor, batch_size: int,
-                 general: torch.Tensor | None = None, general_weight: float = 0.0):
-        self.model = copy.deepcopy(model).eval()
-        self.layers = decoder_layers(self.model)
-        self.hidden: list[torch.Tensor] = []  # residual stream entering the next layer, per batch
-        self.calls: list[list[tuple[tuple, dict]]] = []  # per batch, per layer: (extra args, kwargs)
-        self._returns: list = []  # what a layer returns after its hidden state (None: a bare tensor); see _capture
-        # Groups of batches whose sums are weighted alike: the domain's blocks (1), and general text (minigpt.general)
-        # at `general_weight`, which joins the statistics exactly as stats.mix joins a one-shot profile's.
-        self.groups: list[tuple[float, list[int], int]] = []  # (weight, batch indices, tokens)
-        for part, weight in ((blocks, 1.0), (general, general_weight)):
-            if part is None or not len(part) or not weight:
-                continue
-            first = len(self.hidden)
-            for start in range(0, part.shape[0], batch_size):
-                self.hidden.append(self._capture(part[start:start + batch_size]))
-            self.groups.append((float(weight), list(range(first, len(self.hidden))), int(part.numel())))
-        self.tokens = sum(g[2] for g in self.groups)
-        # The stream target: the dense model's stream rides along (the same layer, run before it is changed). It
-        # is copied on the first dense_step, so only runs that refit toward the stream hold it.
-        self.dense: list[torch.Tensor] | None = None
-        self.dense_next: list[torch.Tensor] | None = None
-        self.dense_attn: list[torch.Tensor] = []  # the dense attention output projection's output, per batch
-        self._changed = False  # weights applied or layers advanced: the current stream is no longer the dense one
-        self._reuse: tuple | None = None  # (layer, MLP output projection's name, [(out, x, y)] per batch): `stats`
-
-    @torch.inference_mode()
-    def _capture(self, ids: torch.Tensor) -> torch.Tensor:
-        """Keep layer 0's input and the arguments every layer receives (masks, rotary tables: Gemma 3's local and
-        global layers get different ones), without computing the layers.
-
-        The decoder runs with every layer standing in as the identity, so a capture costs the embedding and the
-        mask / rotary set-up, not a forward pass: the layers are computed one at a time later. The first call runs
-        layer 0 for real once, to learn what a layer returns (a tensor, or a tuple with extra entries)."""
-        calls: list[tuple[tuple, dict]] = [None] * len(self.layers)  # type: ignore[list-item]
-        first: list[torch.Tensor] = []
-
-        def stand_in(i: int, real):
-            def forward(*args, **kwargs):
-                hidden = args[0] if args else kwargs["hidden_states"]
-                if i == 0:
-                    first.append(hidden.detach())
-                calls[i] = (tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"})
-                if not self._returns:
-                    out = real(*args, **kwargs)
-                    self._returns.append(tuple(out[1:]) if isinstance(out, tuple | list) else None)
-                tail = self._returns[0]
-                return hidden if tail is None else (hidden, *tail)
-            return forward
-
-        for i, layer in enumerate(self.layers):
-            layer.forward = stand_in(i, layer.forward)
-        try:
-            self.model.base_model(input_ids=ids, use_cache=False)
-        finally:
-            for layer in self.layers:
-                del layer.forward  # the class's own forward again
-        self.calls.append(calls)
-        return first[0]
-
-    def _run(self, index: int, b: int, hidden: torch.Tensor | None = None) -> torch.Tensor:
-        args, kw = self.calls[b][index]
-        out = self.layers[index](self.hidden[b] if hidden is None else hidden, *args, **kw)
-        return out[0] if isinstance(out, tuple | list) else out
-
-    @torch.inference_mode()
-    def dense_step(self, index: int, attn: bool = False) -> None:
-        """The dense model's stream after layer `index`, computed while that layer still has its dense weights; with
-        `attn`, also the dense attention output projection's output (for `stats(drift="attn")`)."""
-        if self.dense is None:
-            if index or self._changed:
-                raise RuntimeError("the dense stream is copied at layer 0 before anything changes: call dense_step "
-                                   "for every layer from the first")
-            self.dense = [h.clone() for h in self.hidden]
-        seen: list[torch.Tensor] = []
-        hook = self.layers[index].get_submodule(arch_of(self.model).attn_out).register_forward_hook(
-            lambda _m, _a, out: seen.append(out.detach())) if attn else None
-        try:
-            self.dense_next = [self._run(index, b, self.dense[b]) for b in range(len(self.hidden))]
-        finally:
-            if hook:
-                hook.remove()
-        self.dense_attn = seen
-
-    @torch.inference_mode()
-    def stats(self, index: int, drift: str | None = None, attn_only: bool = False) -> dict:
-        """Statistics of layer `index` alone (Gram matrices included) on the current activations.
-
-        With `drift` ("mlp" or "attn"; after `dense_step(index)`), also the error sums the stream target refits
-        from: `<part>_drift` = sum e x^T [1, D, in] and `<part>_drift_sum` = sum e [1, D], with x the input of that
-        part's output projection and e, in the units of the projection's output (divided by the residual scale),
-        the dense stream minus this model's stream just after the part: after the whole layer for "mlp", after
-        the attention's contribution joins the stream for "attn". `attn_only` stops each batch at the attention
-        output (its sums are then the only complete ones): what a correction of the attention alone needs.
-
-        A whole-layer pass also keeps, per batch, the layer's output and the MLP output projection's input and
-        output, where the layer's output is linear in that projection's (pre-norm blocks): if only that
-        projection changes before `advance`, the next stream is then out + scale (W' x - W x), with no second
-        pass through the layer. It costs (intermediate + 2 hidden) values per token until `advance`."""
-        if attn_only and drift != "attn":
-            raise ValueError("attn_only needs drift='attn'")
-        spec = S.StatSpec(gram=True)
-        st = S.layer_stats_for_model(self.model, spec)
-        layer = self.layers[index]
-        arch = arch_of(self.model)
-        hooked: dict[str, nn.Module] = {}
-        if drift:
-            if drift not in ("mlp", "attn"):
-                raise ValueError(f"drift must be 'mlp' or 'attn', got {drift!r}")
-            if self.dense_next is None or (drift == "attn" and not self.dense_attn):
-                raise RuntimeError(f"stats(drift={drift!r}) needs dense_step() for the same layer first"
-                                   + (" (with attn=True)" if drift == "attn" else ""))
-            hooked["drift"] = mod = layer.get_submodule(arch.mlp_out if drift == "mlp" else arch.attn_out)
-            width = mod.weight.shape[0 if arch.conv1d else 1]
-            st[f"{drift}_drift"] = torch.zeros(1, self.hidden[0].shape[-1], width, dtype=torch.float64)
-            st[f"{drift}_drift_sum"] = torch.zeros(1, self.hidden[0].shape[-1], dtype=torch.float64)
-        if not attn_only and arch.post_norms is None:
-            hooked["mlp"] = layer.get_submodule(arch.mlp_out)
-        seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {k: [] for k in hooked}
-
-        def keeper(key: str):
-            def keep(_m, args, out):
-                seen[key].append((args[0].detach(), out.detach()))
-                if attn_only:
-                    raise _AttentionDone
-            return keep
-
-        hooks = [m.register_forward_hook(keeper(k)) for k, m in hooked.items()]
-        scale = residual_scale(self.model)
-        kept = []
-        self._reuse = None
-        template, parts = st, []
-        try:
-            for weight, batches, tokens in self.groups:  # each group's sums, then weighted together
-                st = {k: torch.zeros_like(v) for k, v in template.items()}
-                with S.collecting(self.model, st, spec, layer=index):
-                    for b in batches:
-                        try:
-                            out = self._run(index, b)
-                        except _AttentionDone:  # the rest of the layer is not needed
-                            out = None
-                        if "mlp" in seen:
-                            kept.append((out, *seen["mlp"].pop()))
-                        if drift:
-                            x, y = seen["drift"].pop()
-                            if drift == "mlp":
-                                e = (self.dense_next[b] - out) / scale
-                            else:  # streams just after the attention: the layer's input plus its attention output
-                                e = (self.dense[b] - self.hidden[b]) / scale + self.dense_attn[b] - y
-                            x = x.reshape(-1, x.shape[-1])
-                            e = e.reshape(x.shape[0], -1)
-                            st[f"{drift}_drift"][0] += S.cross(e, x)
-                            st[f"{drift}_drift_sum"][0] += e.sum(0, dtype=torch.float64)
-                st["tokens"] += tokens
-                parts.append((weight, st))
-        finally:
-            for h in hooks:
-                h.remove()
-        if kept:
-            self._reuse = (index, f"{arch.layers}.{index}.{arch.mlp_out}.", kept)
-        st = {k: sum(w * part[k] for w, part in parts) for k in template}
-        return S.to_numpy(st)
-
-    def apply(self, weights: Mapping[str, torch.Tensor]) -> None:
-        _write(self.model, weights)
-        self._changed = True
-        if self._reuse and any(not k.startswith(self._reuse[1]) for k in weights):
-            self._reuse = None  # more than the MLP output projection changed: advance runs the layer again
-
-    @torch.inference_mode()
-    def advance(self, index: int) -> None:
-        """Move the stream one layer on, through layer `index` as it now is."""
-        if self._reuse is not None and self._reuse[0] == index:
-            # Only the MLP output projection changed since the last whole-layer pass (see `stats`).
-            mod = self.layers[index].get_submodule(arch_of(self.model).mlp_out)
-            scale = residual_scale(self.model)
-            self.hidden = [out + scale * (mod(x) - y) for out, x, y in self._reuse[2]]
-        else:
-            self.hidden = [self._run(index, b) for b in range(len(self.hidden))]
-        self._reuse = None
-        self._changed = True
-        if self.dense is not None:
-            self.dense, self.dense_next, self.dense_attn = self.dense_next, None, []
+from minigpt.runner import LayerRunner, _private_layers, _write, ray_runners  # noqa: F401 (LayerRunner, ray_runners:
+# the runner side, re-exported for callers)
+from minigpt.streamed import _params_to_meta, _stored_dtype
 
 
 def _merged(runners, index: int, num_layers: int, remote: bool, drift: str | None = None,
@@ -272,14 +90,6 @@ def _toward_stream(work: nn.Module, index: int, st: Mapping[str, torch.Tensor], 
     return out
 
 
-def _write(model: nn.Module, new: Mapping[str, torch.Tensor]) -> None:
-    """Copy new values (tensors, or numpy arrays sent through Ray) into the model's named parameters."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for k, v in new.items():
-            params[k].copy_(torch.as_tensor(v, dtype=params[k].dtype))
-
-
 def _broadcast(runners, remote: bool, method: str, *args) -> None:
     if remote:
         import ray
@@ -290,21 +100,25 @@ def _broadcast(runners, remote: bool, method: str, *args) -> None:
             getattr(r, method)(*args)
 
 
-def prune_sequential(model: nn.Module, runners: Sequence, prune_cfg: PruneConfig, *, domain: str,
+def prune_sequential(model: nn.Module | LayerStore, runners: Sequence, prune_cfg: PruneConfig, *, domain: str,
                      shape: Shape | None = None, remote: bool = False, base_model: str = "", profile: str = "",
                      vocab: tuple[int, ...] | None = None, on_layer=None) -> tuple[PruningPlan, dict[str, torch.Tensor]]:
     """Choose and refit one layer at a time; returns the plan and the new weights (dense shapes) to slim with.
 
     `runners` are LayerRunner objects (or Ray actor handles of them with remote=True) over disjoint shares of the
     calibration blocks; `shape` defaults to the job's uniform target shape. Only width pruning is sequential (a
-    depth cut has no per-layer order to follow)."""
+    depth cut has no per-layer order to follow). `model` may be a LayerStore: each layer is then read when its turn
+    comes and released after it (its new weights are kept in the returned dict)."""
     if prune_cfg.method not in SEQUENTIAL_METHODS or prune_cfg.mode != "target":
         raise ConfigError(f"prune.sequential supports target-mode width pruning with "
                           f"{', '.join(SEQUENTIAL_METHODS)}, not {prune_cfg.method!r} ({prune_cfg.mode})")
-    stream = stream_refit(prune_cfg, model)
-    work = copy.deepcopy(model).eval()  # the driver's copy: scored and refit layer by layer
+    store = model if isinstance(model, LayerStore) else None
+    stream = stream_refit(prune_cfg, model.config)
+    # The driver's model, scored and refit layer by layer: a skeleton with one layer read at a time, or the model
+    # with a private layer list whose layer i is copied before it is written.
+    work, layers = (store.skeleton().eval(), None) if store else _private_layers(model)
     w = widths(work)
-    dtype = next(work.parameters()).dtype
+    dtype = (store.dtype or _stored_dtype(store)) if store else next(work.parameters()).dtype
     shape = shape or target_shape(work, prune_cfg, None, {})
     mlp_keep: list = [None] * w["layers"]
     kv_keep: list = [None] * w["layers"]
@@ -312,6 +126,10 @@ def prune_sequential(model: nn.Module, runners: Sequence, prune_cfg: PruneConfig
     cut = {"attn": shape.kv_groups < w["kv_heads"], "mlp": shape.mlp_width < w["intermediate"]}
     correct = {"attn": stream and prune_cfg.stream_attn, "mlp": stream}
     for i in range(w["layers"]):
+        if store:
+            decoder_layers(work)[i].load_state_dict(store.layer_state(i), strict=True, assign=True)
+        else:
+            layers[i] = copy.deepcopy(layers[i])
         if stream:
             _broadcast(runners, remote, "dense_step", i, correct["attn"])
         # Attention first (groups chosen, or its output corrected), then the MLP on the attention's new outputs.
@@ -346,9 +164,15 @@ def prune_sequential(model: nn.Module, runners: Sequence, prune_cfg: PruneConfig
             weights.update(new)
             _broadcast(runners, remote, "apply", new)
         _broadcast(runners, remote, "advance", i)
+        # Layer i's new weights are in `weights`; no later layer's choice reads it.
+        if store:
+            _params_to_meta(decoder_layers(work)[i])
+        else:
+            layers[i] = decoder_layers(model)[i]
         if on_layer:
             on_layer(i)
-    plan = plan_from_shape(_chosen(mlp_keep, kv_keep, w), model, shape, domain=domain, method=prune_cfg.method,
+    _broadcast(runners, remote, "close")  # the last stream is not needed: spill files go now, not at exit
+    plan = plan_from_shape(_chosen(mlp_keep, kv_keep, w), work if store else model, shape, domain=domain, method=prune_cfg.method,
                            base_model=base_model, profile=profile, target=prune_cfg.target, vocab=vocab,
                            reconstruct=prune_cfg.reconstruct, damp=prune_cfg.damp)
     return dataclasses.replace(plan, sequential=True), weights
@@ -363,27 +187,6 @@ def _chosen(mlp_keep, kv_keep, w) -> scoring.Scores:
         mlp[i, list(mlp_keep[i] or range(w["intermediate"]))] = 1
         kv[i, list(kv_keep[i] or range(w["kv_heads"]))] = 1
     return scoring.Scores(mlp=mlp, kv=kv, layer=torch.zeros(L, dtype=torch.float64), vocab=torch.zeros(0))
-
-
-def ray_runners(model_dir: str, shards: Sequence[torch.Tensor], batch_size: int, dtype: str = "float32",
-                cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
-                general: Sequence[torch.Tensor] | None = None, general_weight: float = 0.0) -> list:
-    """One LayerRunner actor per share of the calibration blocks (and of the general text, when given), each loading
-    the model itself."""
-    import ray
-
-    @ray.remote
-    class _Runner(LayerRunner):
-        def __init__(self, folder, blocks, batch, extra, weight):
-            torch.set_num_threads(max(1, int(cpus_per_worker)))
-            super().__init__(load_model(folder, dtype), torch.as_tensor(blocks), batch,
-                             None if extra is None else torch.as_tensor(extra), weight)
-
-    opts = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker}
-    general = list(general) if general is not None else [None] * len(shards)
-    return [_Runner.options(**opts).remote(str(model_dir), b.numpy(), batch_size,
-                                           None if g is None else g.numpy(), general_weight)
-            for b, g in zip(shards, general)]
 
 
 __all__ = ["LayerRunner", "STREAM_DAMP_TOKENS", "prune_sequential", "ray_runners", "stream_ridge"]

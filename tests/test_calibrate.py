@@ -91,6 +91,20 @@ def test_gram_statistics_merge_exactly_across_workers_with_grouped_flushes(ray_l
             torch.testing.assert_close(two[d][k], direct[k], rtol=1e-9, atol=1e-9)
 
 
+def test_streamed_workers_equal_the_direct_pass(ray_local, setup, tmp_path):
+    """Workers holding one decoder layer at a time (stream spilled to disk) give the in-memory profile, Gram
+    statistics included; depth-span moments fall back to the whole model and are equal too."""
+    root, model, shards = setup
+    mcfg = ModelConfig(source=str(root / "model"))
+    for spec in (S.StatSpec(gram=True), S.StatSpec(depth_spans=(1,))):
+        got = calibrate(shards, mcfg, _cfg(2), tmp_path / f"s{len(spec.depth_spans)}", spec=spec, streamed=True,
+                        hidden_budget=0)
+        for d in ("a", "b"):
+            direct = _direct(model, shards, d, spec)
+            for k in direct:
+                torch.testing.assert_close(got[d][k], direct[k], rtol=1e-9, atol=1e-9)
+
+
 def _killing_coordinator(nth: int = 3):
     """The coordinator, except that it kills the worker it hands its `nth` shard to, once, as it hands it over: that
     worker dies holding every shard it has not recorded (with grouped flushes, more than one). Defined in a function

@@ -1,0 +1,126 @@
+"""Predict a worker's memory from the model's config alone, before any weight is read.
+
+Where a job places its workers (how many per node, streamed or whole-model) must be decided before a model loads:
+a 7B model in fp32 is 28 GB, more than many nodes give a worker. `model_sizes` counts the parameters of the
+embedding, of one decoder layer and of the head from the model's skeleton on the meta device (exact for every
+architecture, tied embeddings counted once, no weight read); `predict_memory` turns them into bytes for a dtype, a
+batch shape and a hidden-state budget. It is a pure function: the terms are documented on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from minigpt.archs import arch_of, widths
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """Parameter counts of a model's parts and the widths its activations are made of."""
+
+    embed_params: int  # embeddings outside the layers (token, and GPT-2's position embedding)
+    layer_params: int  # one decoder layer (every layer of a supported model has the same)
+    head_params: int  # final norm and lm_head (no lm_head when it is tied to the embedding)
+    num_layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    @property
+    def total_params(self) -> int:
+        return self.embed_params + self.num_layers * self.layer_params + self.head_params
+
+
+def model_sizes(config) -> ModelSizes:
+    """ModelSizes of a transformers config (or a model: its config), from its skeleton on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    config = getattr(config, "config", config)
+    with torch.device("meta"):
+        skel = AutoModelForCausalLM.from_config(config)
+    root = arch_of(config).layers + "."
+    embed_modules = {m for m, mod in skel.named_modules() if isinstance(mod, nn.Embedding) and not m.startswith(root)}
+    parts = {"embed": 0, "layer0": 0, "head": 0}
+    for name, p in skel.named_parameters():  # a tied lm_head is the embedding's parameter: listed once, under it
+        module = name.rsplit(".", 1)[0]
+        if name.startswith(root):
+            if name.startswith(f"{root}0."):
+                parts["layer0"] += p.numel()
+        else:
+            parts["embed" if module in embed_modules else "head"] += p.numel()
+    w = widths(config)
+    return ModelSizes(parts["embed"], parts["layer0"], parts["head"], w["layers"], w["hidden"], w["intermediate"],
+                      w["heads"], w["kv_heads"], w["head_dim"], w["vocab"])
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes of each term of `predict_memory` and the two peaks built from them."""
+
+    embed_bytes: int
+    layer_bytes: int
+    head_bytes: int
+    all_layers_bytes: int
+    hidden_bytes: int
+    activation_bytes: int
+    base_bytes: int
+    streamed_peak: int
+    whole_peak: int
+
+
+def dtype_bytes(dtype: torch.dtype | str) -> int:
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def activation_bytes(s: ModelSizes, batch: int, seq: int, nbytes: int) -> int:
+    """Working set of one inference forward step on `batch` x `seq` tokens, an upper bound (eager attention):
+
+    * a decoder layer: its input and output (2 N D), plus the larger of its attention half - normed input (N D),
+      q, k, v and their rotated copies (2 N (H + 2G) hd), k and v repeated to every query head (2 N H hd), the
+      attention output (N H hd), the scores and their softmax (2 B H T^2), the mask (B T^2) - and its MLP half -
+      normed input (N D), gate, up and their product (3 N I);
+    * the head: the final norm's output (N D) and the logits (N V).
+    They never live at once (inference frees each step's intermediates), so the working set is the larger."""
+    n = batch * seq
+    attn = n * s.hidden + 2 * n * (s.heads + 2 * s.kv_heads) * s.head_dim + 3 * n * s.heads * s.head_dim \
+        + 2 * batch * s.heads * seq * seq + batch * seq * seq
+    mlp = n * s.hidden + 3 * n * s.intermediate
+    layer = 2 * n * s.hidden + max(attn, mlp)
+    head = n * s.hidden + n * s.vocab
+    return max(layer, head) * nbytes
+
+
+def predict_memory(s: ModelSizes, dtype: torch.dtype | str = torch.float32, batch: int = 1, seq: int = 2048,
+                   tokens: int = 0, hidden_budget: int | None = None, base_bytes: int = 0) -> MemoryEstimate:
+    """Peak bytes of a streamed worker and of a whole-model process (minigpt.streamed, minigpt.sequential).
+
+    * embed / layer / head: parameters x bytes per element of `dtype` (the head without a tied lm_head);
+    * hidden: the residual stream a worker holds between layers for its share of `tokens` calibration tokens
+      (tokens x hidden x bytes), capped by `hidden_budget` (the rest is spilled to disk: minigpt.hidden); 0 for a
+      plain forward, which holds no stream between batches;
+    * activations: `activation_bytes` for one batch of `batch` x `seq` tokens;
+    * base: what the process holds before any model (interpreter, torch, transformers: ~0.2-0.3 GB on CPU).
+
+    streamed peak = embed + head + ONE layer + hidden + activations + base
+    whole peak    = embed + head + EVERY layer + hidden + activations + base
+    Captured call arguments (masks, rotary tables per batch) and a spilled entry read back (one batch) are small
+    beside these and not counted; outputs a caller keeps (logits of every batch) are the caller's."""
+    b = dtype_bytes(dtype)
+    embed, layer, head = s.embed_params * b, s.layer_params * b, s.head_params * b
+    held = tokens * s.hidden * b
+    hidden = held if hidden_budget is None else min(held, hidden_budget)
+    act = activation_bytes(s, batch, seq, b)
+    shared = embed + head + hidden + act + base_bytes
+    return MemoryEstimate(embed, layer, head, s.num_layers * layer, hidden, act, base_bytes,
+                          streamed_peak=shared + layer, whole_peak=shared + s.num_layers * layer)
+
+
+__all__ = ["MemoryEstimate", "ModelSizes", "activation_bytes", "dtype_bytes", "model_sizes", "predict_memory"]
