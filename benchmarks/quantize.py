@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from minigpt import corpora, plan as P, quantize as Q, slim as SL, stats as ST
-from minigpt.config import DataConfig, DomainConfig, ModelConfig, PruneConfig, QuantizeConfig, SourceConfig
+from minigpt.config import DataConfig, DomainConfig, ModelConfig, PruneConfig, SourceConfig  # noqa: E402
+from minigpt.optconfig import QuantizeConfig
 from minigpt.models import load_model, load_tokenizer, resolve
 
 

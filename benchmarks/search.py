@@ -22,7 +22,8 @@ from pathlib import Path
 
 from minigpt import corpora, plan as P, raylib, search as SE, slim as SL, stats as ST
 from minigpt.calibrate import load_profile, save_profile
-from minigpt.config import ConfigError, DataConfig, DomainConfig, ModelConfig, PruneConfig, SearchConfig, SourceConfig
+from minigpt.config import ConfigError, DataConfig, DomainConfig, ModelConfig, PruneConfig, SourceConfig  # noqa: E402
+from minigpt.optconfig import SearchConfig
 from minigpt.io import json_safe
 from minigpt.evaluate import lm_metrics
 from minigpt.models import load_model, load_tokenizer, resolve

@@ -149,9 +149,9 @@ class CalibrationWorker:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         # Each node resolves the model itself (an alias is prepared from its pip package on that node).
         # Streamed (CPU): one decoder layer resident at a time (minigpt.streamed); depth-span moments need every
-        # layer's activations of a batch at once, so they keep the whole model.
+        # layer's activations of a batch at once, and a GPU worker runs the whole model on its device.
         self.decoder = _streamed_decoder(resolve(model_cfg), dtype, model_cfg.trust_remote_code) \
-            if streamed and not spec.depth_spans else None
+            if streamed and not spec.depth_spans and self.device == "cpu" else None
         self.hidden_budget = hidden_budget
         self.model = None if self.decoder else \
             load_model(resolve(model_cfg), dtype, model_cfg.trust_remote_code).to(self.device)
@@ -226,10 +226,11 @@ def flush_size(cfg: CalibrateConfig, spec: S.StatSpec) -> int:
 
 def run_shards(shards: Sequence[Shard], model_cfg: ModelConfig, cfg: CalibrateConfig, ledger: Path,
                spec: S.StatSpec = S.StatSpec(), on_progress: Callable[[dict, list], None] | None = None,
-               max_restarts: int = 3, streamed: bool = False, hidden_budget: int | None = None) -> None:
+               max_restarts: int = 3) -> None:
     """Run every shard not yet in the ledger once across `cfg.workers` actors, recording their statistics.
 
-    `streamed`: workers hold one decoder layer at a time (CalibrationWorker), their stream under `hidden_budget`.
+    With calibrate.streamed, CPU workers hold one decoder layer at a time (CalibrationWorker), their stream in
+    memory up to calibrate.stream_memory_gb.
     `on_progress(progress, workers)` is called after each event with the coordinator's progress (its `in_flight`
     maps shard id -> worker id) and the live workers by id (tests use it to kill one).
     """
@@ -242,7 +243,7 @@ def run_shards(shards: Sequence[Shard], model_cfg: ModelConfig, cfg: CalibrateCo
     if todo:
         refs = {s.shard_id: ray.put(read_shard_blocks(s.path)) for s in todo}
         coord = Coordinator.remote(list(shards), refs, str(ledger), sorted(done))
-        _run_workers(coord, model_cfg, cfg, spec, on_progress, max_restarts, streamed, hidden_budget)
+        _run_workers(coord, model_cfg, cfg, spec, on_progress, max_restarts)
 
 
 def calibrate(shards: Sequence[Shard], model_cfg: ModelConfig, cfg: CalibrateConfig, ledger: Path,
@@ -255,17 +256,18 @@ def calibrate(shards: Sequence[Shard], model_cfg: ModelConfig, cfg: CalibrateCon
 
 
 def _run_workers(coord, model_cfg: ModelConfig, cfg: CalibrateConfig, spec: S.StatSpec, on_progress,
-                 max_restarts: int, streamed: bool = False, hidden_budget: int | None = None) -> None:
+                 max_restarts: int) -> None:
     threads = max(1, round(cfg.cpus_per_worker)) if cfg.gpus_per_worker == 0 else 1
-    opts = {"num_cpus": cfg.cpus_per_worker, "num_gpus": cfg.gpus_per_worker, "max_restarts": 0}
+    opts = {"num_cpus": cfg.cpus_per_worker, "num_gpus": cfg.gpus_per_worker, "max_restarts": 0,
+            **cfg.ray_memory}
     counter = iter(range(10**6))
 
     def start_worker():
         i = next(counter)
         wid = f"w{i}"
         return wid, CalibrationWorker.options(name=f"minigpt-calib-{wid}-{os.getpid()}", **opts).remote(
-            wid, model_cfg, cfg.dtype, cfg.batch_size, threads, spec, flush_size(cfg, spec), streamed,
-            hidden_budget), i
+            wid, model_cfg, cfg.dtype, cfg.batch_size, threads, spec, flush_size(cfg, spec), cfg.streamed,
+            int(cfg.stream_memory_gb * 2**30)), i
 
     workers = {}
     for _ in range(cfg.workers):

@@ -15,6 +15,7 @@ import torch
 
 from minigpt import corpora, general as G, plan as P, search as SE, sequential as Q, stats as ST
 from minigpt.config import ConfigError
+from minigpt.layerstore import LayerStore
 from minigpt.models import decoder_layers
 from minigpt.plandata import PruningPlan
 from minigpt.runfolder import Run
@@ -90,10 +91,14 @@ def _sequential_plan(p: Run, name: str, dense, tokenizer, stats):
         text = corpora.read_blocks(G.shards(p.layout.general))
         general = text.tensor_split(len(shares))
         weight *= blocks.numel() / max(text.numel(), 1)
-    runners = Q.ray_runners(str(p.model_dir), shares, cfg.calibrate.batch_size, cfg.calibrate.dtype,
-                            cfg.calibrate.cpus_per_worker, cfg.calibrate.gpus_per_worker, general, weight)
+    c = cfg.calibrate
+    runners = Q.ray_runners(str(p.model_dir), shares, c.batch_size, c.dtype, c.cpus_per_worker, c.gpus_per_worker,
+                            general, weight, hidden_budget=int(c.stream_memory_gb * 2**30), streamed=c.streamed,
+                            memory=c.ray_memory.get("memory", 0))
     vocab = P.vocab_keep(stats["token_counts"], tokenizer, cfg.prune.vocab_min_count) if cfg.prune.vocab else None
-    n_layers = len(decoder_layers(dense))
+    # `dense` is the model, or with calibrate.streamed its LayerStore: the driver reads, solves and lets go of one
+    # layer at a time.
+    n_layers = dense.num_layers if isinstance(dense, LayerStore) else len(decoder_layers(dense))
     try:
         return Q.prune_sequential(dense, runners, cfg.prune, domain=name, remote=True, vocab=vocab,
                                   base_model=cfg.model.source, profile=str(p.layout.profile(name)),

@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from minigpt.config import GGUF_TYPES, ConfigError
+from minigpt.config import ConfigError
+from minigpt.optconfig import GGUF_TYPES
 from minigpt.io import atomic_file
 from minigpt.licence import front_matter
 from minigpt.models import load_model, load_tokenizer

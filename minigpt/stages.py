@@ -23,6 +23,8 @@ from minigpt import (allocate as A, config as C, corpora, evaltext as ET, evalua
                      training)
 from minigpt.domainplan import plan_domain, planning_stats
 from minigpt.io import atomic_dir, atomic_write_json
+from minigpt.layerstore import LayerStore
+from minigpt.slimstream import slim_to_folder
 from minigpt.experts import final_expert, model_table, ship
 from minigpt.runfolder import Run
 
@@ -121,7 +123,17 @@ def search(p: Run, domain: str) -> None:
 
 
 def slim(p: Run, name: str) -> None:
-    """Plan the domain in the job's mode (domainplan.plan_domain), slim physically, save."""
+    """Plan the domain in the job's mode (domainplan.plan_domain), slim physically, save. A sequential plan with
+    calibrate.streamed never loads the whole model: the driver and slimming read one layer at a time."""
+    if p.cfg.prune.sequential and p.cfg.calibrate.streamed and not p.cfg.search.enabled:
+        store, tokenizer = LayerStore(p.model_dir, dtype=torch.float32, trust_remote_code=p.cfg.model.trust_remote_code), \
+            p.tokenizer()
+        planned = plan_domain(p, name, store, tokenizer)
+        skeleton = store.skeleton()
+        _save_pruned(p, name, planned.plan, models.skeleton(SL.slim_config(skeleton, planned.plan)),
+                     lambda out, files: slim_to_folder(store, planned.plan, out, planned.weights, tokenizer,
+                                                       extra_files=files), type(skeleton).__name__)
+        return
     dense, tokenizer = p.dense()
     planned = plan_domain(p, name, dense, tokenizer)
     for k, extra in enumerate(planned.extra, start=1):  # further search front points: slimmed and evaluated
@@ -129,21 +141,23 @@ def slim(p: Run, name: str) -> None:
         SL.save_expert(small, tok, p.layout.expert(name, f"search-{k}"),
                        extra_files=X.ship_files(p, name, f"search-{k}", extra, type(small).__name__))
     small, tok = SL.slim_expert(dense, tokenizer, planned.plan, planned.stats, planned.weights)
-    _save_pruned(p, name, planned.plan, small, tok)
+    _save_pruned(p, name, planned.plan, small, lambda out, files: SL.save_expert(small, tok, out, extra_files=files),
+                 type(small).__name__)
 
 
-def _save_pruned(p: Run, name: str, plan, small, tok) -> None:
-    """Check the slimmed model's parameter count against the plan's, then save the expert with its card and terms
-    files, its train and validation splits in its own vocabulary when that was cut, and the plan."""
+def _save_pruned(p: Run, name: str, plan, small, write, architecture: str) -> None:
+    """Check the slimmed model's parameter count (`small`: the model, or its skeleton) against the plan's, then
+    `write(folder, extra_files)` the expert with its card and terms files, its train and validation splits in its
+    own vocabulary when that was cut, and the plan."""
     L, cfg = p.layout, p.cfg
     total, non_emb = models.count_parameters(small)
     if (total, non_emb) != (plan.params["total"], plan.params["non_embedding"]):
         raise RuntimeError(f"slimmed {name} has {total}/{non_emb} parameters, plan predicts "
                            f"{plan.params['total']}/{plan.params['non_embedding']}")
     # The expert's card and its base model's terms travel in the same atomic folder as its weights.
-    SL.save_expert(small, tok, L.expert(name, "pruned"),
-                   extra_files=X.ship_files(p, name, "pruned", plan, type(small).__name__))
+    write(L.expert(name, "pruned"), X.ship_files(p, name, "pruned", plan, architecture))
     if plan.vocab_keep is not None:
+        tok = models.load_tokenizer(L.expert(name, "pruned"), cfg.model.trust_remote_code)
         # The expert's token ids differ from the base's: its train split is re-tokenized for recovery.
         data = corpora.DomainData.load(L.data_dir(name))
         for split in ("train", "valid"):

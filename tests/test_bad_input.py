@@ -142,3 +142,23 @@ def test_unreachable_target_stops_before_any_model_loads(base, capsys, monkeypat
     assert f"prune.target {overrides[-1].split('=')[1]} {largest}" in err, err
     assert main(["validate", str(tmp / "job.yaml"), *overrides]) == 2
     assert largest in capsys.readouterr().err
+
+
+def test_a_worker_memory_limit_below_the_predicted_peak_stops_before_any_model_loads(base, capsys, monkeypatch):
+    import minigpt.models as M
+    from minigpt import memory
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded before the workers' memory was checked")
+
+    monkeypatch.setattr(M, "load_model", no_loading)
+    tmp, job = base
+    sizes = memory.model_sizes(M.model_config(M.ModelConfig(source=str(tmp / "model"))))
+    peak = memory.predict_memory(sizes, "float32", 4, 256, 0, 0, memory.BASE_BYTES).streamed_peak
+    job["calibrate"] = {"worker_memory_gb": round(0.9 * peak / 2**30, 4), "stream_memory_gb": 0}
+    err = _run(tmp, job, capsys)
+    assert "calibrate.worker_memory_gb=" in err and "below one worker's predicted peak" in err, err
+    # Streamed, a limit a little above the predicted peak passes, where the whole model needs more.
+    job["calibrate"]["worker_memory_gb"] = round(1.05 * peak / 2**30 + 0.01, 4)
+    (tmp / "job.yaml").write_text(yaml.safe_dump(job))
+    assert main(["validate", str(tmp / "job.yaml")]) == 0

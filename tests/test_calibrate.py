@@ -91,14 +91,19 @@ def test_gram_statistics_merge_exactly_across_workers_with_grouped_flushes(ray_l
             torch.testing.assert_close(two[d][k], direct[k], rtol=1e-9, atol=1e-9)
 
 
-def test_streamed_workers_equal_the_direct_pass(ray_local, setup, tmp_path):
-    """Workers holding one decoder layer at a time (stream spilled to disk) give the in-memory profile, Gram
-    statistics included; depth-span moments fall back to the whole model and are equal too."""
+def test_streamed_and_whole_model_workers_equal_the_direct_pass(ray_local, setup, tmp_path):
+    """Workers holding one decoder layer at a time (calibrate.streamed, the default; here with the stream spilled
+    to disk) and workers holding the whole model give the in-memory profile, Gram statistics included; depth-span
+    moments fall back to the whole model and are equal too."""
+    import dataclasses
+
     root, model, shards = setup
     mcfg = ModelConfig(source=str(root / "model"))
-    for spec in (S.StatSpec(gram=True), S.StatSpec(depth_spans=(1,))):
-        got = calibrate(shards, mcfg, _cfg(2), tmp_path / f"s{len(spec.depth_spans)}", spec=spec, streamed=True,
-                        hidden_budget=0)
+    assert _cfg(2).streamed
+    for k, (spec, streamed) in enumerate(((S.StatSpec(gram=True), True), (S.StatSpec(gram=True), False),
+                                          (S.StatSpec(depth_spans=(1,)), True))):
+        cfg = dataclasses.replace(_cfg(2), streamed=streamed, stream_memory_gb=0)
+        got = calibrate(shards, mcfg, cfg, tmp_path / f"s{k}", spec=spec)
         for d in ("a", "b"):
             direct = _direct(model, shards, d, spec)
             for k in direct:

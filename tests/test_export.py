@@ -308,7 +308,7 @@ def test_export_stage_ships_a_verified_gguf_folder(tmp_path):
 
 
 def test_export_section_is_opt_in_and_checked():
-    from minigpt.config import ExportConfig
+    from minigpt.optconfig import ExportConfig
     from minigpt.jobfile import parse
 
     cfg = parse({"name": "x", "model": "smollm2-135m", "domains": {"d": {"sources": [{"kind": "licenses"}]}}})

@@ -6,7 +6,8 @@ import torch
 pytest.importorskip("torchao")
 
 from minigpt import quantize as Q  # noqa: E402
-from minigpt.config import ConfigError, QuantizeConfig  # noqa: E402
+from minigpt.config import ConfigError  # noqa: E402
+from minigpt.optconfig import QuantizeConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module")

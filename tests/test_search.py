@@ -8,7 +8,8 @@ import torch
 
 from minigpt import nsga as N
 from minigpt import search as S
-from minigpt.config import ConfigError, SearchConfig
+from minigpt.config import ConfigError
+from minigpt.optconfig import SearchConfig
 
 from tests.conftest import TEXT, make_tiny_pair
 
