@@ -9,7 +9,8 @@
    intervals over documents. Keys: `<mode>_<heldout|other>_<domain>` (also `pruned_...`), and `curves` with the
    validation bits/byte ÷ dense at each score. With `--general-fraction F` every mode also replays general English
    (the job's general text: the dense model's own samples; `--replay mmlu`: MMLU questions) as that share of its
-   training blocks; its keys read `<mode>+replay_...` (`<mode>+mmlu_...`). `--alpha A` and
+   training blocks (a comma list of shares: each in turn); its keys read `<mode>+replay<share>_...`
+   (`<mode>+mmlu<share>_...`). `--alpha A` and
    `--temperature T` set distillation's KL weight and temperature (keys `distill@aATT_...`).
 2. The engine (`--engine` alone). A plain PyTorch loop, minigpt's DeepSpeed step (ZeRO from the job's JSON, one
    gloo process) and its cached-distillation step train the same fp32 model from the same weights on the same
@@ -174,7 +175,7 @@ def general_source():
 
 
 def recovery_curves(job: str, run_dir: str, modes: list[str], lrs: dict[str, float], tokens: int,
-                    eval_every: int, eval_tokens: int, other_docs: int, general: float = 0.0,
+                    eval_every: int, eval_tokens: int, other_docs: int, generals: tuple[float, ...] = (0.0,),
                     alpha: float | None = None, temperature: float | None = None,
                     replay: str = "self") -> dict[str, object]:
     """Prepare, calibrate, slim and compute the teacher's targets with the job's settings (minigpt's own stages,
@@ -194,10 +195,12 @@ def recovery_curves(job: str, run_dir: str, modes: list[str], lrs: dict[str, flo
         cfg = dataclasses.replace(cfg, recover=dataclasses.replace(
             cfg.recover, distill_alpha=cfg.recover.distill_alpha if alpha is None else alpha,
             distill_temperature=cfg.recover.distill_temperature if temperature is None else temperature))
-    if general:  # replay: the teacher stage writes the general blocks (and their targets) beside each domain's
-        cfg = dataclasses.replace(cfg, recover=dataclasses.replace(
-            cfg.recover, general_fraction=general, general_sources=(general_source(),) if replay == "mmlu" else ()))
-    run_job(cfg, until="teacher")
+    def with_replay(general: float):  # the teacher stage writes the general blocks (and their targets) beside
+        return dataclasses.replace(cfg, recover=dataclasses.replace(  # each domain's training blocks
+            cfg.recover, general_fraction=general,
+            general_sources=(general_source(),) if general and replay == "mmlu" else ()))
+
+    run_job(with_replay(generals[0]), until="teacher")
     p = Pipeline(cfg)
     domains = [d.name for d in cfg.domains]
     bs = cfg.data.block_size
@@ -210,10 +213,12 @@ def recovery_curves(job: str, run_dir: str, modes: list[str], lrs: dict[str, flo
              "pruned": {d: _ppl_cells(str(p.layout.expert(d, "pruned")), texts[d], bs, 0) for d in domains}}
     out: dict[str, object] = {"tokens": tokens, "eval_every_steps": eval_every}
     curves: dict[str, dict] = {}
-    for mode in modes:
+    for k, (general, mode) in enumerate((g, m) for g in generals for m in modes):
+        if k and mode == modes[0]:  # the next replay share: its training blocks and their targets
+            run_job(with_replay(general), until="teacher")
         rcfg = dataclasses.replace(cfg.recover, mode=mode, tokens=tokens, steps=None, eval_every=eval_every,
                                    patience=0, keep_best=True, lr=lrs.get(mode, cfg.recover.lr), checkpoint_every=0)
-        label = (f"{mode}+{'mmlu' if replay == 'mmlu' else 'replay'}" if general else mode) + (
+        label = (f"{mode}+{'mmlu' if replay == 'mmlu' else 'replay'}{general:g}" if general else mode) + (
             f"@a{cfg.recover.distill_alpha:g}T{cfg.recover.distill_temperature:g}"
             if mode == "distill" and (alpha is not None or temperature is not None) else "")
         name = f"{label}-lr{rcfg.learning_rate:g}-{tokens}" + (f"-g{general:g}" if general else "") + (
@@ -273,8 +278,8 @@ def main() -> None:
     ap.add_argument("--other-docs", type=int, default=24, help="documents of each out-of-source text")
     ap.add_argument("--alpha", type=float, default=None, help="distill: weight of the KL term (recover.distill_alpha)")
     ap.add_argument("--temperature", type=float, default=None, help="distill: recover.distill_temperature")
-    ap.add_argument("--general-fraction", type=float, default=0.0,
-                    help="replay: this share of each expert's training blocks is general text")
+    ap.add_argument("--general-fraction", default="0",
+                    help="replay: this share of each expert's training blocks is general text (a comma list: each)")
     ap.add_argument("--replay", choices=("self", "mmlu"), default="self",
                     help="what replay replays: the job's general text (self: the dense model's own samples, the "
                          "product's default) or MMLU questions of subjects the suite does not measure")
@@ -293,7 +298,8 @@ def main() -> None:
     if not args.engine:
         lrs = {m: float(v) for m, v in (x.split("=", 1) for x in args.lr)}
         result.update(recovery_curves(args.job, args.run_dir, args.modes.split(","), lrs, args.tokens,
-                                      args.eval_every, args.eval_tokens, args.other_docs, args.general_fraction,
+                                      args.eval_every, args.eval_tokens, args.other_docs,
+                                      tuple(float(g) for g in args.general_fraction.split(",")),
                                       args.alpha, args.temperature, args.replay))
     print(json.dumps(result), flush=True)
 

@@ -31,15 +31,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from streaming import _status_mib  # noqa: E402  (/proc/self/status in MiB, as that benchmark reads it)
 
 MIB = 2**20
-
-
-def _status_mib(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(key)
 
 
 def _ids(tokens: int, seq: int, vocab: int) -> torch.Tensor:

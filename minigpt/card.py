@@ -22,6 +22,10 @@ from minigpt.licence import GEMMA_NOTICE, GEMMA_POLICY, Licence, front_matter
 from minigpt.plandata import PruningPlan
 
 
+def _article(word: str) -> str:
+    """The indefinite article for a domain name, by its first letter: "an alpha expert", "a legal expert"."""
+    return "An" if word[:1].lower() in "aeiou" else "A"
+
 
 def _recovered(f: CardFacts) -> bool:
     """Trained back after pruning: the recovered expert, or an int8 one quantized from it."""
@@ -382,8 +386,8 @@ def render(f: CardFacts, library: str = "transformers") -> str:
     pr = f.plan.params or {}
     cut = (f"{1 - pr['non_embedding'] / pr['dense_non_embedding']:.1%}" if pr.get("non_embedding") and
            pr.get("dense_non_embedding") else f"{f.plan.target:.0%}")
-    lead = (f"A {f.domain} expert {_words(f)} from `{f.base}` by minigpt {f.version}: {cut} of the non-embedding "
-            f"parameters removed physically by `{f.plan.method}`, chosen on text of the domain"
+    lead = (f"{_article(f.domain)} {f.domain} expert {_words(f)} from `{f.base}` by minigpt {f.version}: {cut} of the "
+            f"non-embedding parameters removed physically by `{f.plan.method}`, chosen on text of the domain"
             + (", then trained back on it" if _recovered(f) else "") + ".")
     body = [title, "", lead, "", *_evaluation(f), *_removed(f), *_recovery(f), *_loading(f, library), *_licence(f),
             *_provenance(f)]

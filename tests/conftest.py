@@ -104,3 +104,19 @@ def ray_local(request):
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()
+
+
+# Widths of the tiny configs every architecture test builds (test_archs, test_streaming): small enough to run in
+# milliseconds, with 2 KV groups of 2 query heads so head pruning has something to choose.
+TINY_KW = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64)
+TINY_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)  # defaults of some configs lie outside a 96-token vocab
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread is fastest, and on a busy 2-core machine spinning threads cost 10x (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

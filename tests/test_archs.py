@@ -17,18 +17,10 @@ from minigpt.archs import arch_of, decoder_layers, depth_replaceable, kv_prunabl
 from minigpt.config import ConfigError, ModelConfig, PruneConfig, PRUNE_METHODS
 from minigpt.models import check_architecture, count_parameters
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and on a busy 2-core machine spinning threads cost 10x (measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.conftest import TINY_IDS, TINY_KW
 
-
-KW = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-          num_key_value_heads=2, max_position_embeddings=64)
-IDS_ = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)  # defaults of some configs lie outside a 96-token vocab
+pytestmark = pytest.mark.usefixtures("one_thread")
+KW, IDS_ = TINY_KW, TINY_IDS
 
 
 def _config(arch: str):

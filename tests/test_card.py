@@ -236,3 +236,10 @@ def test_slim_card_is_rewritten_with_the_figures_after_evaluation(tmp_path):
     assert {m["type"]: m["value"] for m in metrics}["perplexity_ratio"] == ROW["pruned_ppl_ratio"]
     assert "1.239× [1.170–1.330]" in card and "1.25× the base model's speed" in card and "`demo`" in card
     assert json.loads((out / "config.json").read_text())["intermediate_size"] == 48
+
+
+def test_the_lead_says_an_before_a_vowel():
+    import dataclasses
+
+    assert "\nA legal expert" in CA.render(_facts(APACHE))
+    assert "\nAn alpha expert" in CA.render(dataclasses.replace(_facts(APACHE), domain="alpha"))

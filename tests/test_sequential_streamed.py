@@ -16,12 +16,7 @@ CALIB = torch.randint(0, 128, (6, 12), generator=torch.Generator().manual_seed(1
 GENERAL = torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(2))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
