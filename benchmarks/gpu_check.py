@@ -67,6 +67,8 @@ def deepspeed_steps(folder: str, device: str, blocks: torch.Tensor, batch: int, 
     cuda = device == "cuda"
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": os.environ.get("MASTER_PORT", "29531"),
                        "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
+    if not cuda:  # the CPU accelerator would compile its shm op first (minutes); gloo alone is enough (field notes)
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     out: dict = {"backend": "nccl" if cuda else "gloo"}
     losses = {}
