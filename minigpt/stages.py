@@ -230,7 +230,8 @@ def _replay_general_text(p: Run, domain: str, want: int, train_blocks: int) -> l
         shards = G.shards(out)
     else:
         base = p.tokenizer()
-        docs = [(f"general-{i}", base.decode(b, skip_special_tokens=True)) for i, b in enumerate(blocks.tolist())]
+        texts = [base.decode(b, skip_special_tokens=True) for b in blocks.tolist()]
+        docs = [(corpora.doc_hash(t, cfg.data.salt), t) for t in texts]  # documents are keyed by their hash
         tok = models.load_tokenizer(L.expert(domain, "pruned"), cfg.model.trust_remote_code)
         shards = corpora.retokenize(docs, tok, cfg.data.block_size, cfg.data.blocks_per_shard, out,
                                     budget=len(blocks) * cfg.data.block_size, seed=cfg.data.seed)
