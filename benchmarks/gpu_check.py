@@ -103,7 +103,12 @@ def main() -> None:
     from minigpt.config import ModelConfig
     from minigpt.models import resolve
 
-    folder = str(resolve(ModelConfig(source=args.model)))
+    try:
+        folder = str(resolve(ModelConfig(source=args.model)))
+    except Exception as e:  # `make bench` on a machine without `make scale-setup`: the demo's model instead
+        print(f"[gpu_check] {args.model} is not available ({e}); using smollm2-135m", flush=True)
+        args.model = "smollm2-135m"
+        folder = str(resolve(ModelConfig(source=args.model)))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = "bfloat16" if device == "cuda" else "float32"
     from transformers import AutoConfig
