@@ -28,6 +28,7 @@ from torch import nn
 
 from minigpt import stats as S
 from minigpt.archs import decoder_layers
+from minigpt.config import ConfigError
 from minigpt.hidden import HiddenBuffer
 from minigpt.layerstore import LayerStore
 
@@ -58,13 +59,14 @@ def _rebuild_buffers(model: nn.Module) -> None:
             if names[id(b)] in persistent:
                 continue
             if not b.is_floating_point():
-                raise NotImplementedError(f"cannot rebuild the non-float buffer {names[id(b)]} of a streamed model")
+                raise ConfigError(f"{names[id(b)]}: a non-float buffer the checkpoint does not hold; this model "
+                                  "cannot be streamed: set calibrate.streamed false")
             mod._buffers[n] = torch.full(b.shape, float("nan"), dtype=b.dtype)
         model._init_weights(mod)
         for n, b in mod._buffers.items():
             if b is not None and b.device.type != "meta" and b.is_floating_point() and b.isnan().any():
-                raise NotImplementedError(f"{type(mod).__name__}.{n}: the modeling code does not initialise this "
-                                          "buffer; the model cannot be streamed")
+                raise ConfigError(f"{type(mod).__name__}.{n}: the modeling code does not initialise this buffer; "
+                                  "this model cannot be streamed: set calibrate.streamed false")
 
 
 def pin_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
