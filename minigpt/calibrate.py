@@ -36,6 +36,7 @@ from minigpt.corpora import read_blocks
 from minigpt.models import load_model, resolve
 from minigpt.stats import PROFILE_FORMAT, load_profile, save_profile  # noqa: F401 (re-exported)
 from minigpt.layerstore import LayerStore
+from minigpt.memory import peak_rss_mib, report_peaks
 from minigpt.streamed import StreamedDecoder, accumulate_streamed
 
 class CalibrationError(RuntimeError):
@@ -162,6 +163,9 @@ class CalibrationWorker:
 
     def ready(self) -> str:
         return self.worker_id
+
+    def peak_rss_mib(self) -> float:
+        return peak_rss_mib()
 
     def run(self, coordinator) -> int:
         """Process shards until the coordinator has none left; returns how many this call processed."""
@@ -312,7 +316,13 @@ def _run_workers(coord, model_cfg: ModelConfig, cfg: CalibrateConfig, spec: S.St
             rate = progress["tokens"] / max(progress["elapsed"], 1e-9)
             print(f"[calibrate] {progress['done']}/{progress['total']} shards, {progress['tokens']:.0f} tokens, "
                   f"{rate:.0f} tok/s", flush=True)
-    for actor, _ in workers.values():
+    actors = [actor for actor, _ in workers.values()]
+    try:  # measured, beside the prediction validate printed
+        print(report_peaks("calibration workers", ray.get([a.peak_rss_mib.remote() for a in actors], timeout=30)),
+              flush=True)
+    except Exception:  # noqa: BLE001 - a worker that cannot answer is killed below all the same
+        pass
+    for actor in actors:
         ray.kill(actor)
 
 

@@ -16,6 +16,7 @@ import torch
 from minigpt import corpora, general as G, plan as P, search as SE, sequential as Q, stats as ST
 from minigpt.config import ConfigError
 from minigpt.layerstore import LayerStore
+from minigpt.memory import report_peaks
 from minigpt.models import decoder_layers
 from minigpt.plandata import PruningPlan
 from minigpt.runfolder import Run
@@ -105,6 +106,11 @@ def _sequential_plan(p: Run, name: str, dense, tokenizer, stats):
                                   on_layer=lambda i: print(f"[slim] {name}: sequential, layer {i + 1}/{n_layers}"
                                                            " pruned and refit", flush=True))
     finally:
+        try:
+            print(report_peaks(f"{name}: sequential runners", ray.get([r.peak_rss_mib.remote() for r in runners],
+                                                                     timeout=30)), flush=True)
+        except Exception:  # noqa: BLE001 - a runner that died already said why; it is killed all the same
+            pass
         for r in runners:
             ray.kill(r)
 

@@ -40,6 +40,22 @@ class ModelSizes:
         return self.embed_params + self.num_layers * self.layer_params + self.head_params
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, in MiB (what the kernel measured: every byte it ever held)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def report_peaks(what: str, peaks: list[float], predicted: int | None = None) -> str:
+    """One line of measured peaks (MiB) of a stage's processes, beside the prediction when there is one."""
+    shown = ", ".join(f"{p:.0f}" for p in sorted(peaks))
+    tail = f" (predicted {predicted / 2**20:.0f} MiB each)" if predicted else ""
+    return f"[memory] {what}: peak RSS {shown} MiB{tail}"
+
+
 def model_sizes(config) -> ModelSizes:
     """ModelSizes of a transformers config (or a model: its config), from its skeleton on the meta device."""
     from transformers import AutoModelForCausalLM
@@ -126,4 +142,5 @@ def predict_memory(s: ModelSizes, dtype: torch.dtype | str = torch.float32, batc
                           streamed_peak=shared + layer, whole_peak=shared + s.num_layers * layer)
 
 
-__all__ = ["BASE_BYTES", "MemoryEstimate", "ModelSizes", "activation_bytes", "dtype_bytes", "model_sizes", "predict_memory"]
+__all__ = ["BASE_BYTES", "MemoryEstimate", "ModelSizes", "activation_bytes", "dtype_bytes", "model_sizes", "peak_rss_mib",
+           "predict_memory", "report_peaks"]

@@ -321,10 +321,13 @@ class Pipeline(Run):
                 self.book.mark(stage.name, u, keys[u], "failed", error=error, upstream=self._upstream(stage, u))
                 return
             seconds = time.time() - started[u]
+            # The driver's peak so far (it only grows): the stage where it jumps is the one that held the memory.
+            driver_mib = MEM.peak_rss_mib()
             self.book.mark(stage.name, u, keys[u], "done", seconds=round(seconds, 1),
                            outputs=[str(p) for p in stage.outputs(self.layout, u)],
-                           upstream=self._upstream(stage, u), **extra)
-            print(f"[pipeline] {_label(stage.name, u)}: done in {seconds:.1f}s", flush=True)
+                           upstream=self._upstream(stage, u), driver_peak_rss_mib=round(driver_mib), **extra)
+            print(f"[pipeline] {_label(stage.name, u)}: done in {seconds:.1f}s (driver peak RSS {driver_mib:.0f} MiB)",
+                  flush=True)
 
         try:
             if stage.run_one is not None:

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from minigpt.config import ConfigError, RecoverConfig
+from minigpt.memory import report_peaks
 from minigpt.training import MANIFEST, RecoveryTask, run_name, train_loop, zero_stage
 from minigpt.raylib import cluster_cpus, cluster_gpus, ensure_ray
 from minigpt.targets import load_targets
@@ -283,6 +284,9 @@ def _run_domain(task: RecoveryTask, cfg: RecoverConfig, ds: dict[str, Any],
         manifest = _read_manifest(task.out_dir)
         if manifest is None:
             raise RuntimeError(f"training ended but {task.out_dir} holds no finished expert")
+        if manifest.get("peak_rss_mib"):
+            print(report_peaks(f"recover {task.domain}: {len(manifest['peak_rss_mib'])} worker(s)",
+                               manifest["peak_rss_mib"]), flush=True)
         # The expert is final; its DeepSpeed checkpoints (GBs on real models) are no longer needed.
         shutil.rmtree(task.checkpoint_dir, ignore_errors=True)
         return _result_from_manifest(task, manifest, skipped=False)

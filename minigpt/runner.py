@@ -20,6 +20,7 @@ from torch import nn
 from minigpt import stats as S
 from minigpt.hidden import HiddenBuffer
 from minigpt.layerstore import LayerStore
+from minigpt.memory import peak_rss_mib
 from minigpt.models import arch_of, load_model, residual_scale, widths
 from minigpt.streamed import StreamedDecoder
 
@@ -254,6 +255,10 @@ class LayerRunner:
             self._reuse = (index, f"{arch.layers}.{index}.{arch.mlp_out}.", kept)
         st = {k: sum(w * part[k] for w, part in parts) for k in template}
         return S.to_numpy(st)
+
+    def peak_rss_mib(self) -> float:
+        """The process's peak resident memory (a runner actor reports its own, measured)."""
+        return peak_rss_mib()
 
     def close(self) -> None:
         """Drop the streams (and their spill files) and every layer held: the runner has nothing left to do."""

@@ -24,6 +24,7 @@ import torch
 
 from minigpt.config import RecoverConfig
 from minigpt.io import atomic_dir, atomic_file, atomic_write_json
+from minigpt.memory import peak_rss_mib
 from minigpt.losses import (batch_indices, bits_per_byte, lr_factor, next_token_loss, stop_early, topk_distill_loss,
                             validation_nll)
 from minigpt.trainset import DistillTargets, RecoveryTask, load_distill_targets, training_blocks, validation_blocks
@@ -284,6 +285,10 @@ def train_loop(config: dict[str, Any]) -> None:
     use_best = bool(history) and cfg.keep_best
     expert_step = min(history, key=lambda h: h["valid_bpb"])["step"] if use_best else step
     state = None if use_best else _gather_state_dict(engine, stage, rank)
+    peaks = [peak_rss_mib()]  # every rank's own peak, measured, for the manifest
+    if dist.is_available() and dist.is_initialized() and world > 1:
+        peaks = [None] * world
+        dist.all_gather_object(peaks, peak_rss_mib())
     if rank == 0:
         if use_best:
             from safetensors.torch import load_file
@@ -297,7 +302,8 @@ def train_loop(config: dict[str, Any]) -> None:
                     "started_at": started_at, "finished_at": finished_at, "world_size": world, "zero_stage": stage,
                     "student_dir": task.student_dir, "train_blocks": len(blocks) - task.general_blocks,
                     "general_blocks": task.general_blocks, "curve": history, "expert_step": expert_step,
-                    "stopped_early": stopped_early, "dense_valid_bpb": config.get("dense_valid_bpb")}
+                    "stopped_early": stopped_early, "dense_valid_bpb": config.get("dense_valid_bpb"),
+                    "peak_rss_mib": peaks}
         save_recovered(state, task, cfg, manifest)
 
 
