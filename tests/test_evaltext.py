@@ -11,7 +11,7 @@ from minigpt.config import ConfigError, DataConfig, DomainConfig, SourceConfig
 from minigpt.jobfile import parse
 from minigpt.corpora import doc_hash, prepare_domain
 from minigpt.evaltext import (EvalSets, LeakageError, banned_hashes, check_leakage, clean, ngram_hashes,
-                              prepare_eval_sets)
+                              prepare_eval_sets, shared_fraction)
 from tests.conftest import make_tiny_tokenizer
 
 WORDS = "the court shall grant the licensee a perpetual right to copy and modify the work each year".split()
@@ -55,6 +55,15 @@ def test_missing_eval_source_is_one_line_before_work(tmp_path):
     with pytest.raises(ConfigError, match=r"^domain 'legal': eval source 'statutes': source path .* matches no "
                                           r"file$"):
         check_sources(dom)
+
+
+def test_shared_fraction_equals_isin():
+    """The binary search gives np.isin's fraction on random hash sets (edges included: below, above, empty)."""
+    rng = np.random.default_rng(0)
+    for n_own, n_doc in ((0, 5), (1, 3), (50, 1), (1000, 200), (3, 40)):
+        own = np.unique(rng.integers(-50, 50, n_own))
+        grams = np.unique(rng.integers(-60, 60, n_doc))
+        assert shared_fraction(grams, own) == pytest.approx(np.isin(grams, own).mean() if n_own else 0.0)
 
 
 def test_ngram_overlap_and_exact_copies_are_dropped():
