@@ -5,7 +5,8 @@ measurement runs in a fresh subprocess so its peak RSS (VmHWM) is its own:
   * `plain`: a plain in-memory decoder forward of `--tokens` tokens (from_pretrained, no head): tokens/s, peak RSS;
   * `calib`: the layer-streamed calibration pass a CalibrationWorker runs (minigpt.streamed.accumulate_streamed:
     embedding and head resident, one decoder layer read from the checkpoint at a time) over the same tokens, with
-    the base (diagonal) statistics: tokens/s, peak RSS, and the peak minigpt.memory predicts from the config;
+    the base (diagonal) statistics: tokens/s, peak RSS, and the peak minigpt.memory predicts from the config
+    (minigpt.memprobe, which the real-model test runs too);
   * `prune`: sequential pruning as a job runs it, driver and one runner in one process, both streamed (a LayerStore
     driver, LayerRunner.from_folder), default method at `--target` on the same tokens: seconds per layer; then the
     expert written layer by layer into sharded safetensors (minigpt.slimstream): seconds, and peak RSS of it all.
@@ -31,30 +32,26 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from streaming import _status_mib  # noqa: E402  (/proc/self/status in MiB, as that benchmark reads it)
 
 MIB = 2**20
 
 
-def _ids(tokens: int, seq: int, vocab: int) -> torch.Tensor:
-    return torch.randint(0, vocab, (max(1, tokens // seq), seq), generator=torch.Generator().manual_seed(0))
-
-
 def child(mode: str, folder: str, tokens: int, seq: int, batch: int, target: float) -> dict:
     """One measurement in this process (see the module docstring)."""
-    from minigpt import stats as S
     from minigpt.config import PruneConfig
     from minigpt.layerstore import LayerStore
-    from minigpt.memory import BASE_BYTES, model_sizes, predict_memory
+    from minigpt.memory import peak_rss_mib
+    from minigpt.memprobe import random_blocks, streamed_calibration
     from minigpt.models import load_model
-    from minigpt.streamed import StreamedDecoder, accumulate_streamed, pin_mmap_threshold
+    from minigpt.streamed import pin_mmap_threshold
 
+    if mode == "calib":  # the measurement tests/test_real_model.py holds the prediction to
+        got = streamed_calibration(folder, tokens, seq, batch, threads=2)
+        return {"tok_s": got["tok_s"], "predicted_mib": got["predicted_mib"], "rss_mib": got["peak_rss_mib"]}
     pin_mmap_threshold()
     torch.set_num_threads(2)
     store = LayerStore(folder, dtype=torch.float32)
-    ids = _ids(tokens, seq, store.config.vocab_size)
+    ids = random_blocks(tokens, seq, store.config.vocab_size)
     out: dict = {}
     if mode == "plain":
         model = load_model(folder)
@@ -63,13 +60,6 @@ def child(mode: str, folder: str, tokens: int, seq: int, batch: int, target: flo
             for lo in range(0, len(ids), batch):
                 model.model(ids[lo:lo + batch])  # the decoder only, as calibration runs it
         out["tok_s"] = ids.numel() / (time.perf_counter() - t0)
-    elif mode == "calib":
-        dec = StreamedDecoder(store)
-        t0 = time.perf_counter()
-        accumulate_streamed(dec, ids, batch, spec=S.StatSpec())
-        out["tok_s"] = ids.numel() / (time.perf_counter() - t0)
-        est = predict_memory(model_sizes(store.config), "float32", batch, seq, ids.numel(), None, BASE_BYTES)
-        out["predicted_mib"] = est.streamed_peak / MIB
     else:  # prune: streamed driver and runner, then the expert written layer by layer
         import tempfile
 
@@ -87,7 +77,7 @@ def child(mode: str, folder: str, tokens: int, seq: int, batch: int, target: flo
             t0 = time.perf_counter()
             slim_to_folder(store, plan, Path(tmp) / "expert", weights)
             out["write_s"] = time.perf_counter() - t0
-    out["rss_mib"] = _status_mib("VmHWM")
+    out["rss_mib"] = peak_rss_mib()
     return out
 
 

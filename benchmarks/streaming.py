@@ -26,13 +26,6 @@ import numpy as np
 import torch
 
 
-def _status_mib(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(key)
-
-
 def _ids(blocks: int, seq: int, vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (blocks, seq), generator=torch.Generator().manual_seed(0))
 
@@ -40,12 +33,12 @@ def _ids(blocks: int, seq: int, vocab: int) -> torch.Tensor:
 def child(mode: str, folder: str, blocks: int, seq: int, batch: int, repeats: int, out: str) -> dict:
     """One mode in this process: time its forward, write its logits to `out`, report its memory."""
     from minigpt.layerstore import LayerStore
-    from minigpt.memory import model_sizes, predict_memory
+    from minigpt.memory import model_sizes, peak_rss_mib, predict_memory, status_mib
     from minigpt.models import load_model
     from minigpt.streamed import StreamedDecoder, pin_mmap_threshold, streamed_forward
 
     pin_mmap_threshold()  # both modes under the allocator setting a streamed worker uses (StreamedDecoder sets it)
-    base = _status_mib("VmRSS")
+    base = status_mib("VmRSS")
     t0 = time.perf_counter()
     if mode == "plain":
         model = load_model(folder)
@@ -78,7 +71,7 @@ def child(mode: str, folder: str, blocks: int, seq: int, batch: int, repeats: in
                                base_bytes=int(base * 2**20))
     peak_predicted = predicted.whole_peak if mode == "plain" else predicted.streamed_peak
     return {"mode": mode, "seconds": best, "tokens_per_s": blocks * seq / best, "setup_seconds": setup,
-            "base_rss_mib": base, "peak_rss_mib": _status_mib("VmHWM"),
+            "base_rss_mib": base, "peak_rss_mib": peak_rss_mib(),
             # the logits of one batch, written out, are held too: not a model term
             "predicted_peak_mib": peak_predicted / 2**20 + batch * seq * config.vocab_size * 4 / 2**20}
 

@@ -33,7 +33,8 @@ DEFAULT_RECOVER_TOKENS = 65536  # recovery budget when a job sets neither recove
 DEFAULT_LR = {"full": 1.5e-4, "distill": 1.5e-4, "lora": 5e-4}
 
 
-PACKAGED_DEEPSPEED = ("zero2.json", "zero3.json")  # minigpt/deepspeed/, package data (pyproject.toml)
+# minigpt/deepspeed/, package data (pyproject.toml)
+PACKAGED_DEEPSPEED = ("zero2.json", "zero3.json", "zero3_offload.json")
 
 
 def packaged_deepspeed(name: str) -> str:

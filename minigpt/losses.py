@@ -31,7 +31,9 @@ def batch_indices(n_blocks: int, step: int, micro: int, rank: int, world: int, m
 
     The global stream of blocks is a seeded permutation per epoch; optimizer step `step`, micro step `micro` and
     worker `rank` own a fixed slice of it. It depends on nothing but its arguments, so a resumed run sees exactly
-    the batches the uninterrupted run would have, and workers never overlap within a step.
+    the batches the uninterrupted run would have, and workers never overlap within a step. Step `step` covers
+    stream positions [step * G, (step + 1) * G), G = micro_batch x grad_accum x world, however G is split: one
+    worker accumulating two micro batches trains on the same blocks as two workers of one micro batch each.
     """
     out = []
     start = ((step * grad_accum + micro) * world + rank) * micro_batch

@@ -9,7 +9,9 @@ batch shape and a hidden-state budget. It is a pure function: the terms are docu
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -41,12 +43,27 @@ class ModelSizes:
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident memory so far, in MiB (what the kernel measured: every byte it ever held)."""
-    import resource
-    import sys
+    """This process's peak resident memory so far, in MiB (what the kernel measured: every byte it ever held).
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+    Linux: the high-water mark of this process's own address space (VmHWM). Not getrusage's ru_maxrss: the kernel
+    carries that across exec from the address space it replaced, so a subprocess started from a 1 GB parent
+    (Python's subprocess uses vfork) reports the parent's 1 GB however little it holds itself (measured). Elsewhere,
+    ru_maxrss."""
+    try:
+        return status_mib("VmHWM")
+    except (OSError, KeyError):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def status_mib(key: str) -> float:
+    """One memory line of /proc/self/status (VmRSS, VmHWM, ...) in MiB; OSError off Linux, KeyError if absent."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise KeyError(key)
 
 
 def report_peaks(what: str, peaks: list[float], predicted: int | None = None) -> str:
@@ -142,5 +159,5 @@ def predict_memory(s: ModelSizes, dtype: torch.dtype | str = torch.float32, batc
                           streamed_peak=shared + layer, whole_peak=shared + s.num_layers * layer)
 
 
-__all__ = ["BASE_BYTES", "MemoryEstimate", "ModelSizes", "activation_bytes", "dtype_bytes", "model_sizes", "peak_rss_mib",
-           "predict_memory", "report_peaks"]
+__all__ = ["BASE_BYTES", "MemoryEstimate", "ModelSizes", "activation_bytes", "dtype_bytes", "model_sizes",
+           "peak_rss_mib", "predict_memory", "report_peaks", "status_mib"]

@@ -3,12 +3,13 @@ This module is the driver (inputs, resources, checkpoint folders, the Ray Train 
 worker runs is minigpt.training.
 
 One Ray Train `TorchTrainer` per domain (a worker group of `recover.workers` data-parallel processes, gloo on CPU,
-NCCL on GPU), each worker running `training.train_loop`: a DeepSpeed engine (ZeRO-2 or ZeRO-3 from a JSON file, by
-default the ones shipped in minigpt/deepspeed/, its batch/accumulation/clipping/bf16 entries filled from
-`RecoverConfig`), a client `torch.optim.AdamW` with a warmup + cosine `LambdaLR`, and one of three losses: `full`
-(next-token cross-entropy), `lora` (peft adapters on the attention and MLP projections, merged away before saving)
-or `distill` (KL to the dense model's top-k next-token distribution, cached once per domain by minigpt.teacher, plus
-cross-entropy: no teacher is loaded by the trainers). The budget is `recover.tokens` (or steps); with
+NCCL on GPU), each worker running `training.train_loop`: a DeepSpeed engine (ZeRO-2 or ZeRO-3, optionally with the
+optimizer state and parameters offloaded to CPU memory, from a JSON file, by default the ones shipped in
+minigpt/deepspeed/, its batch/accumulation/clipping/bf16 entries filled from `RecoverConfig`), a client
+`torch.optim.AdamW` with a warmup + cosine `LambdaLR`, and one of three losses: `full` (next-token cross-entropy),
+`lora` (peft adapters on the attention and MLP projections, merged away before saving) or `distill` (KL to the
+dense model's top-k next-token distribution, cached once per domain by minigpt.teacher, plus cross-entropy: no
+teacher is loaded by the trainers). The budget is `recover.tokens` (or steps); with
 `recover.eval_every` the worker scores the validation split, stops early and keeps the best weights (see
 minigpt.training).
 
@@ -111,6 +112,18 @@ def deepspeed_config(cfg: RecoverConfig) -> dict[str, Any]:
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"{path}: zero_optimization.stage must be 0-3, got {stage!r}")
+    if _offloaded(ds, "offload_optimizer", path):
+        # recover's optimizer is a client torch AdamW (it compiles no op); DeepSpeed refuses one beside an
+        # offloaded optimizer unless told that it may run it on the CPU partitions (slower than its
+        # DeepSpeedCPUAdam, which compiles for minutes).
+        if ds.get("zero_force_ds_cpu_optimizer") is True:
+            raise ConfigError(f"{path}: zero_force_ds_cpu_optimizer must be false with offload_optimizer: recover "
+                              "steps its own torch AdamW on the offloaded partitions")
+        if stage == 0:
+            raise ConfigError(f"{path}: offload_optimizer needs zero_optimization.stage 1-3")
+        ds["zero_force_ds_cpu_optimizer"] = False
+    if _offloaded(ds, "offload_param", path) and stage != 3:
+        raise ConfigError(f"{path}: offload_param needs zero_optimization.stage 3, got {stage!r}")
     for key in ("fp16", "bf16"):
         if ds.get(key, {}).get("enabled") not in (None, "auto", False) and not cfg.use_gpu:
             raise ConfigError(f"{path}: {key} needs recover.use_gpu (CPU training runs in float32)")
@@ -125,6 +138,19 @@ def deepspeed_config(cfg: RecoverConfig) -> dict[str, Any]:
     ds.setdefault("zero_allow_untested_optimizer", True)
     ds.setdefault("steps_per_print", 10**9)
     return ds
+
+
+def _offloaded(ds: dict[str, Any], key: str, path: Path) -> bool:
+    """Whether zero_optimization.<key> (offload_optimizer / offload_param) moves something off the device."""
+    section = ds.get("zero_optimization", {}).get(key)
+    if section is None:
+        return False
+    device = section.get("device", "none") if isinstance(section, dict) else None
+    if device not in ("none", "cpu", "nvme"):
+        raise ConfigError(f"{path}: zero_optimization.{key}.device must be none, cpu or nvme, got {device!r}")
+    if device == "nvme" and not section.get("nvme_path"):
+        raise ConfigError(f"{path}: zero_optimization.{key} on nvme needs nvme_path")
+    return device != "none"
 
 
 def check_tasks(tasks: list[RecoveryTask], cfg: RecoverConfig) -> None:

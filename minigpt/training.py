@@ -51,6 +51,19 @@ def zero_stage(ds: dict[str, Any]) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
+def held_parameters(module: torch.nn.Module) -> tuple[int, int]:
+    """(parameter elements this rank owns, elements of the whole model). Under ZeRO-3 a rank owns its partition of
+    each parameter (`ds_tensor`, padded to a multiple of the world size; about 1 / world of the model), whose full
+    shape is `ds_numel`; otherwise every rank holds all of it. Parameters below ZeRO-3's
+    stage3_param_persistence_threshold are also kept whole on every rank between steps: not counted here."""
+    held = total = 0
+    for p in module.parameters():
+        part = getattr(p, "ds_tensor", None)
+        held += part.numel() if part is not None else p.numel()
+        total += getattr(p, "ds_numel", p.numel())
+    return held, total
+
+
 def _lora_config(cfg: RecoverConfig):
     from peft import LoraConfig
 
@@ -204,6 +217,7 @@ def train_loop(config: dict[str, Any]) -> None:
     valid, valid_bytes = validation_blocks(task, cfg.eval_tokens) if cfg.eval_every else (None, 0)
     engine, scheduler = build_engine(model, cfg, ds, total_steps)
     stage = zero_stage(ds)
+    held, param_elements = held_parameters(engine.module)  # what ZeRO-3 partitioned, for the manifest
 
     step, losses, resumed_from, history = 0, [], 0, []
     ck_dir = str(deepspeed_dir(task))
@@ -285,10 +299,11 @@ def train_loop(config: dict[str, Any]) -> None:
     use_best = bool(history) and cfg.keep_best
     expert_step = min(history, key=lambda h: h["valid_bpb"])["step"] if use_best else step
     state = None if use_best else _gather_state_dict(engine, stage, rank)
-    peaks = [peak_rss_mib()]  # every rank's own peak, measured, for the manifest
+    per_rank = [(peak_rss_mib(), held)]  # every rank's own peak, measured, and its parameters, for the manifest
     if dist.is_available() and dist.is_initialized() and world > 1:
-        peaks = [None] * world
-        dist.all_gather_object(peaks, peak_rss_mib())
+        per_rank = [None] * world
+        dist.all_gather_object(per_rank, (peak_rss_mib(), held))
+    peaks = [peak for peak, _ in per_rank]
     if rank == 0:
         if use_best:
             from safetensors.torch import load_file
@@ -303,7 +318,8 @@ def train_loop(config: dict[str, Any]) -> None:
                     "student_dir": task.student_dir, "train_blocks": len(blocks) - task.general_blocks,
                     "general_blocks": task.general_blocks, "curve": history, "expert_step": expert_step,
                     "stopped_early": stopped_early, "dense_valid_bpb": config.get("dense_valid_bpb"),
-                    "peak_rss_mib": peaks}
+                    "peak_rss_mib": peaks, "param_elements": param_elements,
+                    "param_elements_held": [h for _, h in per_rank]}
         save_recovered(state, task, cfg, manifest)
 
 

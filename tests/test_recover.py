@@ -16,11 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from minigpt.config import ConfigError, RecoverConfig, SourceConfig
+from minigpt.config import ConfigError, RecoverConfig, SourceConfig, packaged_deepspeed
 from minigpt.recover import check_resources, concurrent_domains, deepspeed_config, recover_all
 from minigpt.losses import batch_indices, lr_factor, next_token_loss, stop_early, student_rows, topk_distill_loss
 from minigpt.training import latest_tag
 from minigpt.trainset import RecoveryTask, load_blocks
+ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 32
 VOCAB = 49152  # the real tokenizer's
 
@@ -46,6 +47,23 @@ def test_batch_indices_partition_each_step_and_are_reproducible():
     assert sorted(epoch) == list(range(n))  # one epoch visits every block once
     assert batch_indices(n, 0, 0, 0, world, micro, accum, seed=8) != batch_indices(n, 0, 0, 0, world, micro, accum,
                                                                                     seed=7)
+
+
+def test_batch_indices_give_a_step_the_same_blocks_whatever_the_world_size():
+    """What data-parallel users expect: micro batch x accumulation x workers fixes the blocks of every optimizer
+    step, however the product is split (the two-worker ZeRO-3 test relies on it)."""
+    n, seed = 20, 3  # 20 blocks, 8 a step: steps 2 and 3 straddle the epoch boundary
+
+    def step_blocks(step: int, micro_batch: int, accum: int, world: int) -> list[int]:
+        return sorted(i for m in range(accum) for r in range(world)
+                      for i in batch_indices(n, step, m, r, world, micro_batch, accum, seed))
+
+    splits = [(8, 1, 1), (4, 2, 1), (4, 1, 2), (2, 2, 2), (1, 4, 2), (2, 1, 4), (1, 1, 8)]
+    for step in range(5):
+        want = step_blocks(step, *splits[0])
+        assert len(want) == 8
+        assert all(step_blocks(step, *split) == want for split in splits[1:]), step
+    assert step_blocks(0, 8, 1, 1) != step_blocks(1, 8, 1, 1)
 
 
 def _full_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -135,6 +153,30 @@ def test_deepspeed_config_fills_recover_settings_and_rejects_conflicts(tmp_path)
         deepspeed_config(replace(cfg, deepspeed_config=str(bad)))
     with pytest.raises(ConfigError, match="not found"):
         deepspeed_config(replace(cfg, deepspeed_config="jobs/deepspeed/nope.json"))
+
+
+def test_deepspeed_offload_config_is_packaged_and_checked(tmp_path):
+    cfg = RecoverConfig(deepspeed_config=packaged_deepspeed("zero3_offload.json"))
+    ds = deepspeed_config(cfg)
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
+    assert ds["zero_force_ds_cpu_optimizer"] is False  # DeepSpeed would refuse recover's client AdamW otherwise
+    assert (ROOT / "jobs/deepspeed/zero3_offload.json").resolve() == Path(cfg.deepspeed_config).resolve()
+    path = tmp_path / "mine.json"
+    # An offloaded optimizer of the user's own file: the same permission is given.
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}))
+    assert deepspeed_config(replace(cfg, deepspeed_config=str(path)))["zero_force_ds_cpu_optimizer"] is False
+    for bad, match in (({"stage": 2, "offload_param": {"device": "cpu"}}, "offload_param needs"),
+                       ({"stage": 3, "offload_param": {"device": "gpu"}}, "none, cpu or nvme"),
+                       ({"stage": 3, "offload_param": {"device": "nvme"}}, "nvme_path"),
+                       ({"stage": 0, "offload_optimizer": {"device": "cpu"}}, "stage 1-3")):
+        path.write_text(json.dumps({"zero_optimization": bad}))
+        with pytest.raises(ConfigError, match=match):
+            deepspeed_config(replace(cfg, deepspeed_config=str(path)))
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}},
+                                "zero_force_ds_cpu_optimizer": True}))
+    with pytest.raises(ConfigError, match="zero_force_ds_cpu_optimizer"):
+        deepspeed_config(replace(cfg, deepspeed_config=str(path)))
 
 
 def test_check_resources_names_what_does_not_fit():
@@ -246,6 +288,57 @@ def test_full_two_domains_train_concurrently_and_save_plain_experts(ray_local, s
     # Validation before training and every 3 steps; the expert is the best-scoring weights.
     assert [h["step"] for h in a.curve] == [0, 3, 6] and a.curve[-1]["valid_bpb"] < a.curve[0]["valid_bpb"]
     assert a.expert_step == min(a.curve, key=lambda h: h["valid_bpb"])["step"] and not a.stopped_early
+
+
+def _weights(out_dir: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(out_dir) / "model.safetensors"))
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.slow
+def test_zero3_two_workers_match_one_worker(ray_local, student, shards, tmp_path):
+    """ZeRO-3 data parallelism changes where the numbers live, not what is computed: one worker accumulating two
+    micro batches and two workers of one micro batch each train on the same 4 blocks every step (batch_indices),
+    so their losses and final weights agree to float32 rounding. Measured on CPU: identical (one worker sums two
+    gradients each scaled by 1/2 in its buffer, two workers average theirs in the reduce-scatter: the same float
+    operations). With zero3_offload.json (optimizer state and parameters offloaded to CPU), whose gradient norm and
+    optimizer step take DeepSpeed's offload path, the weights differ by 1.2e-7 at most (one rounding at weight
+    scale ~1). The tolerance, 1e-5 of the largest weight, is ~100x that; a different batch, or a lost or doubled
+    gradient, moves weights by about lr = 1e-2 (training moved them 1.6e-2). The two-worker runs really partition:
+    each rank owns half of every parameter (its `ds_tensor`s, recorded in the manifest)."""
+    cfg = replace(BASE, steps=3, deepspeed_config=packaged_deepspeed("zero3.json"))
+    runs = {"one": replace(cfg, workers=1, grad_accum=2), "two": replace(cfg, workers=2, grad_accum=1),
+            "offload": replace(cfg, workers=2, grad_accum=1,
+                               deepspeed_config=packaged_deepspeed("zero3_offload.json"))}
+    results = {name: recover_all([_task(tmp_path / name, "legal", student, shards)], c)["legal"]
+               for name, c in runs.items()}
+    for r in results.values():
+        assert r.ok, r.error
+        assert r.steps == 3 and r.tokens == 3 * 4 * BLOCK  # the same global batch of 4 blocks a step
+    one, two, offload = results["one"], results["two"], results["offload"]
+    assert two.losses == pytest.approx(one.losses, rel=1e-5)
+    assert offload.losses == pytest.approx(one.losses, rel=1e-5)
+
+    start, w1, w2, w3 = (_weights(d) for d in (student, one.out_dir, two.out_dir, offload.out_dir))
+    scale = max(w.abs().max().item() for w in w1.values())
+    moved = _max_diff(start, w1)
+    assert moved > 1e-3  # training moved the weights far beyond the tolerance below
+    assert _max_diff(w1, w2) <= 1e-5 * scale, (_max_diff(w1, w2), scale)
+    assert _max_diff(w1, w3) <= 1e-5 * scale, (_max_diff(w1, w3), scale)
+
+    for r, world in ((one, 1), (two, 2), (offload, 2)):
+        manifest = json.loads((Path(r.out_dir) / "_manifest.json").read_text())
+        assert manifest["world_size"] == world and manifest["zero_stage"] == 3
+        total, held = manifest["param_elements"], manifest["param_elements_held"]
+        assert total == sum(w.numel() for w in start.values()) and len(held) == world
+        # Each rank owns 1 / world of every parameter, padded to a multiple of the world size.
+        assert all(total / world <= h <= total / world + 64 for h in held), (held, total)
 
 
 @pytest.mark.slow

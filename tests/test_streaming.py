@@ -3,6 +3,10 @@ in-memory model, one layer resident), the hidden-state buffer's spilling, sharde
 loads, and memory prediction from the config. Tiny random models built in-process, a few seconds in all."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from minigpt.archs import decoder_layers
 from minigpt.hidden import HiddenBuffer
 from minigpt.layerstore import INDEX, SINGLE, LayerStore
-from minigpt.memory import model_sizes, predict_memory
+from minigpt.memory import model_sizes, peak_rss_mib, predict_memory
 from minigpt.shardwriter import ShardedWriter, shard_name, write_state
 from minigpt.streamed import StreamedDecoder, resident_parameters, streamed_forward
 
@@ -314,3 +318,19 @@ def test_predicted_peaks_add_their_terms():
     capped = predict_memory(sizes, "float32", batch=4, seq=16, tokens=1000, hidden_budget=100)
     assert capped.hidden_bytes == 100
     assert predict_memory(sizes, "float32", batch=8, seq=16).activation_bytes > plain.activation_bytes
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads Linux's /proc")
+def test_peak_rss_of_a_child_process_is_its_own():
+    """What the memory probes measure in fresh processes must not be their parent's: getrusage's ru_maxrss is
+    carried across exec from the address space it replaced (Python's subprocess vforks), so a child of a 1 GB test
+    runner would report 1 GB (measured: 812 MiB reported by a child holding 11). peak_rss_mib reads VmHWM."""
+    ballast = b"\1" * (600 * 2**20)  # written, so every page counts in this process's RSS
+    parent = peak_rss_mib()
+    assert parent >= 600
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    code = "from minigpt.memory import peak_rss_mib; print(peak_rss_mib())"
+    child = float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                 check=True).stdout)
+    assert 0 < child < parent - 300, (child, parent)  # torch and minigpt.memory alone: a few hundred MiB
+    del ballast
