@@ -2,7 +2,9 @@
 
 The quality metrics and their bootstrap intervals are pure functions in minigpt.metrics, multiple choice goes
 through lm-evaluation-harness in minigpt.tasks; this module checks the inputs (leakage, files), runs one Ray task
-per model and writes `eval.json`.
+per model and writes `eval.json`. With calibrate.streamed on a CPU, a quality task reads its model one decoder layer
+at a time (minigpt.evalpass.Streamed: perplexity, bits per byte, size and samples); multiple choice (lm-eval's HFLM
+takes a loaded model) and the latency benchmark (the model as it would be deployed) still load it whole.
 
 eval.json (schema "minigpt.eval/1"; keys are only ever added, never renamed)::
 
@@ -47,6 +49,7 @@ from torch import nn
 
 from minigpt.config import ConfigError, EvaluateConfig
 from minigpt.corpora import DomainData
+from minigpt.evalpass import Forward, InMemory, as_forward, open_forward, streams
 from minigpt.evaltext import EvalSets, LeakageError, check_leakage  # noqa: F401 (LeakageError: re-exported)
 from minigpt.io import atomic_write_json, json_safe
 from minigpt.metrics import add_intervals, lm_metrics  # lm_metrics: search, quantize and benchmarks use it from here
@@ -109,19 +112,19 @@ def size_metrics(model_dir: Path | str, model: nn.Module | None = None) -> dict:
             "num_hidden_layers": getattr(cfg, "num_hidden_layers", None)}
 
 
-@torch.inference_mode()
-def generate_sample(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int) -> str:
-    """Greedy continuation of `prompt` (the new text only)."""
-    from transformers import GenerationConfig
-
+def generate_samples(model: nn.Module | Forward, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+    """Greedy continuations of `prompts` (the new text only). A streamed model continues them all in one pass per
+    new token (minigpt.evalpass.Streamed.greedy)."""
     if max_new_tokens <= 0:
-        return ""
-    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(_device_of(model))
-    eos = tokenizer.eos_token_id
-    gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos,
-                               pad_token_id=eos if eos is not None else 0)
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen_cfg)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        return ["" for _ in prompts]
+    ids = [tokenizer(p, add_special_tokens=False, return_tensors="pt")["input_ids"] for p in prompts]
+    outs = as_forward(model).greedy(ids, max_new_tokens, tokenizer.eos_token_id)
+    return [tokenizer.decode(out[0], skip_special_tokens=True) for out in outs]
+
+
+def generate_sample(model: nn.Module | Forward, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """Greedy continuation of `prompt` (the new text only)."""
+    return generate_samples(model, tokenizer, [prompt], max_new_tokens)[0]
 
 
 def sample_prompt(texts: Sequence[str], chars: int) -> str:
@@ -159,20 +162,30 @@ def read_general_texts(path: Path | str) -> list[str]:
     return texts
 
 
+def _on_gpu(cfg: EvaluateConfig) -> bool:
+    return cfg.num_gpus > 0 and torch.cuda.is_available()
+
+
 def _load(folder: str, cfg: EvaluateConfig):
     model = load_model(folder, cfg.dtype)
-    if cfg.num_gpus > 0 and torch.cuda.is_available():
+    if _on_gpu(cfg):
         model = model.to("cuda")
     return model, load_tokenizer(folder)
 
 
 def _evaluate_model(label: str, folder: str, domain_texts: dict[str, list[str]], cfg: EvaluateConfig,
                     block_size: int, mcq_items: list[MCQItem] | None, general: list[str] | None,
-                    oos_texts: dict[str, dict[str, list[str]]] | None = None) -> dict:
-    """Everything but speed for one model (the body of one Ray task)."""
+                    oos_texts: dict[str, dict[str, list[str]]] | None = None, streamed: bool = False,
+                    hidden_budget: int | None = None) -> dict:
+    """Everything but speed for one model (the body of one Ray task). With `streamed` and the model on the CPU it
+    is read one decoder layer at a time (minigpt.evalpass.Streamed), each scored text's residual stream in memory
+    up to `hidden_budget` bytes; only multiple choice (lm-eval's HFLM takes a whole model) loads it whole."""
     torch.set_num_threads(max(1, int(cfg.num_cpus)))
     t0 = time.perf_counter()
-    model, tok = _load(folder, cfg)
+    on_gpu = _on_gpu(cfg)
+    model = open_forward(folder, cfg.dtype, streamed=streams(streamed, on_gpu), device="cuda" if on_gpu else "cpu",
+                         hidden_budget=hidden_budget)
+    tok = load_tokenizer(folder)
     domains = {}
     for domain, texts in domain_texts.items():
         domains[domain] = lm_metrics(model, tok, texts, block_size, cfg.batch_size, cfg.max_blocks)
@@ -185,19 +198,21 @@ def _evaluate_model(label: str, folder: str, domain_texts: dict[str, list[str]],
             m = oos.setdefault(domain, {})[source] = lm_metrics(model, tok, texts, block_size, cfg.batch_size,
                                                                 cfg.max_blocks)
             print(f"[evaluate] {label} on {domain}/{source} (out of source): ppl {m['ppl']:.3f}", flush=True)
-    samples = {}
-    for domain in sample_domains(label, list(domain_texts)):
-        prompt = sample_prompt(domain_texts[domain], cfg.sample_prompt_chars)
-        samples[domain] = {"prompt": prompt, "text": generate_sample(model, tok, prompt, cfg.sample_tokens)}
+    prompts = {d: sample_prompt(domain_texts[d], cfg.sample_prompt_chars)
+               for d in sample_domains(label, list(domain_texts))}
+    continued = generate_samples(model, tok, list(prompts.values()), cfg.sample_tokens)
+    samples = {d: {"prompt": prompt, "text": text} for (d, prompt), text in zip(prompts.items(), continued)}
     mcq = None
     if mcq_items:
-        mcq = mcq_accuracy(model, tok, mcq_items, cfg.batch_size, samples=cfg.bootstrap_samples,
+        whole = model.model if isinstance(model, InMemory) else _load(folder, cfg)[0]
+        mcq = mcq_accuracy(whole, tok, mcq_items, cfg.batch_size, samples=cfg.bootstrap_samples,
                            confidence=cfg.confidence)
+        del whole
         print(f"[evaluate] {label} multiple choice: {mcq['accuracy']:.1%} of {mcq['n']} (chance "
               f"{mcq['chance']:.1%})", flush=True)
     return {
         "dir": folder,
-        "size": size_metrics(folder, model),
+        "size": size_metrics(folder, model.model),  # a streamed model's skeleton has every parameter's shape
         "domains": domains,
         "mcq": mcq,
         "general": (lm_metrics(model, tok, general, block_size, cfg.batch_size, cfg.general_max_blocks)
@@ -248,10 +263,11 @@ def _check_inputs(run_dir: Path, models: dict[str, str], domains: list[str], cfg
 
 
 def evaluate_run(run_dir: Path, models: dict[str, str], domains: list[str], cfg: EvaluateConfig,
-                 block_size: int, oos: dict[str, tuple[Path, Sequence[str]]] | None = None) -> dict:
+                 block_size: int, oos: dict[str, tuple[Path, Sequence[str]]] | None = None, streamed: bool = False,
+                 hidden_budget: int | None = None) -> dict:
     """Evaluate every model on every domain's held-out documents, and on the out-of-source sets `oos` names
     (domain -> (the folder of its prepared eval sources, their labels)), and write run_dir/eval.json (see module
-    doc).
+    doc). `streamed` (calibrate.streamed) runs the quality tasks on the CPU layer-streamed (see `_evaluate_model`).
 
     Inputs are checked (folders, held-out files, leakage, MCQ / general files) before any model is loaded. The
     quality work runs as one Ray task per model, in parallel; the speed benchmark then runs one model at a time
@@ -278,7 +294,7 @@ def evaluate_run(run_dir: Path, models: dict[str, str], domains: list[str], cfg:
     texts_ref, mcq_ref, general_ref = ray.put(domain_texts), ray.put(mcq_items), ray.put(general)
     oos_ref = ray.put(oos_texts)
     pending = {quality_task.remote(label, str(folder), texts_ref, cfg, block_size, mcq_ref, general_ref,
-                                   oos_ref): label for label, folder in models.items()}
+                                   oos_ref, streamed, hidden_budget): label for label, folder in models.items()}
     results: dict[str, dict] = {}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)

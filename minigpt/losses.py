@@ -122,14 +122,6 @@ def stop_early(history: list[dict[str, float]], patience: int) -> bool:
     return len(history) - 1 - best >= patience
 
 
-def nll_sum(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int,
-            device: str | torch.device = "cpu") -> tuple[float, int]:
-    """Summed next-token negative log-likelihood (nats, float64) over the blocks, and the tokens predicted: the
-    same sum the trainers score their validation with (validation_nll), on one process."""
-    total = validation_nll(model, blocks, 0, 1, batch_size, torch.device(device)).item()
-    return total, len(blocks) * max(0, blocks.shape[1] - 1)
-
-
 def bits_per_byte(nll_nats, n_bytes):
     """Summed NLL in nats over the UTF-8 bytes of the text it covers, in bits per byte; nan without bytes. Numbers or
     numpy arrays (a bootstrap's resampled sums)."""

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from minigpt.evalpass import Forward, as_forward
 from minigpt.losses import bits_per_byte, token_nll
 from minigpt.tokens import bos_id, tokenize_documents, with_bos
 _TOKENIZE_BATCH = 16  # documents tokenized at a time: a block budget stops early on a large corpus
@@ -71,12 +72,8 @@ def token_stream(tokenizer, texts: Sequence[str], need: int = 0) -> tuple[np.nda
 # ---------------------------------------------------------------------------------------- LM quality
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.inference_mode()
-def lm_metrics(model: nn.Module, tokenizer, texts: Sequence[str], block_size: int, batch_size: int,
+def lm_metrics(model: nn.Module | Forward, tokenizer, texts: Sequence[str], block_size: int, batch_size: int,
                max_blocks: int = 0) -> dict:
     """Next-token NLL of `model` on `texts`: totals per token and per byte, and the same sums per document.
 
@@ -89,6 +86,8 @@ def lm_metrics(model: nn.Module, tokenizer, texts: Sequence[str], block_size: in
     bytes). bits_per_byte = NLL in nats / (bytes * ln 2); loss = NLL / tokens; ppl = exp(loss).
     `documents` holds per-document lists `nll`, `tokens`, `bytes` (document order as given; a document the kept
     blocks do not reach has zeros): they sum to the totals and feed `bootstrap`.
+
+    `model` is a loaded model or a minigpt.evalpass Forward (e.g. `Streamed`: one decoder layer resident at a time).
     """
     if block_size < 2 or batch_size < 1 or max_blocks < 0:
         raise ValueError("block_size must be >= 2, batch_size >= 1, max_blocks >= 0")
@@ -109,10 +108,10 @@ def lm_metrics(model: nn.Module, tokenizer, texts: Sequence[str], block_size: in
     bytes_of = torch.from_numpy(nbytes[:n]).view(n_blocks, body)[:, skip:]
     n_docs = int(owner[n - 1]) + 1
     doc_nll = torch.zeros(n_docs, dtype=torch.float64)
-    device = _device_of(model)
-    for start in range(0, n_blocks, batch_size):
-        x = blocks[start:start + batch_size].to(device)
-        nll = token_nll(model(input_ids=x).logits, x)
+    # One batch's logits at a time, reduced at once (a streamed model runs every block through a layer first).
+    for start, logits in as_forward(model).batches(blocks, batch_size):
+        x = blocks[start:start + batch_size].to(logits.device)
+        nll = token_nll(logits, x)
         # Summed in float64 per document: thousands of tokens keep full precision.
         doc_nll.index_add_(0, doc_of[start:start + batch_size].reshape(-1), nll.double().cpu())
     doc_tokens = torch.bincount(doc_of.reshape(-1), minlength=n_docs)

@@ -13,12 +13,16 @@ minigpt.sequential.LayerRunner captures them, so every architecture works as its
 logits come from the model's own forward again, with the last layer standing in as "return the streamed hidden
 state", so the final norm, lm_head and whatever an architecture does after them (Gemma 3's soft-capping, Granite's
 logit scaling) are the modeling code's too. Neither pass computes a layer.
+
+`streamed_logits` hands the logits out one batch at a time, after every batch has been through every layer
+(evaluation and the teacher reduce each batch as it comes: minigpt.evalpass); `streamed_greedy` continues prompts
+without a KV cache, one streamed pass per new token.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -261,6 +265,39 @@ def _batches(input_ids: torch.Tensor, batch_size: int | None) -> list[torch.Tens
     return [input_ids[s:s + size] for s in range(0, input_ids.shape[0], size)]
 
 
+def _through_layers(dec: StreamedDecoder, batches: Sequence[torch.Tensor], stream: HiddenBuffer,
+                    on_layer: OnLayer | None) -> None:
+    """Every batch through layer i, then layer i + 1, ...: afterwards `stream` holds each batch's last layer output
+    (under key b). The call arguments captured per batch live only as long as this pass."""
+    calls = []
+    for b, ids in enumerate(batches):
+        cap = dec.capture(ids)
+        stream.put(b, cap.hidden)
+        calls.append(cap.calls)
+    for i in range(dec.num_layers):
+        with dec.layer(i) as layer:
+            done = on_layer(i, layer) if on_layer else None
+            for b in range(len(batches)):
+                stream.put(b, dec.run_layer(i, stream.get(b), calls[b]))
+            if done is not None:
+                done()
+
+
+@torch.inference_mode()
+def streamed_logits(dec: StreamedDecoder, batches: Sequence[torch.Tensor], hidden_budget: int | None = None,
+                    spill_dir: str | None = None, on_layer: OnLayer | None = None,
+                    head: bool = True) -> Iterator[tuple[int, torch.Tensor]]:
+    """(b, logits of batches[b]) for every batch in order, computed layer-major (see `streamed_forward`), yielded
+    one batch at a time: the head runs on a batch only when the caller asks for the next one, so only one batch's
+    logits ever exist. The batches may differ in length (each is captured and run on its own). With `head=False`
+    the layers run and nothing is yielded."""
+    with HiddenBuffer(hidden_budget, spill_dir) as stream:
+        _through_layers(dec, batches, stream, on_layer)
+        if head:
+            for b, ids in enumerate(batches):
+                yield b, dec.finish(ids, stream.get(b))
+
+
 @torch.inference_mode()
 def streamed_forward(store: LayerStore | StreamedDecoder, input_ids: torch.Tensor, batch_size: int | None = None,
                      on_layer: OnLayer | None = None, hidden_budget: int | None = None,
@@ -276,27 +313,34 @@ def streamed_forward(store: LayerStore | StreamedDecoder, input_ids: torch.Tenso
     logits)` each batch's logits go there and are not kept (all of them are N x T x vocab values: 0.4 GB for 8 x 256
     tokens of a 49k vocabulary), and None is returned; with `logits=False` the head is not run at all (None)."""
     dec = store if isinstance(store, StreamedDecoder) else StreamedDecoder(store)
-    batches = _batches(input_ids, batch_size)
-    with HiddenBuffer(hidden_budget, spill_dir) as stream:
-        calls = []
-        for b, ids in enumerate(batches):
-            cap = dec.capture(ids)
-            stream.put(b, cap.hidden)
-            calls.append(cap.calls)
-        for i in range(dec.num_layers):
-            with dec.layer(i) as layer:
-                done = on_layer(i, layer) if on_layer else None
-                for b in range(len(batches)):
-                    stream.put(b, dec.run_layer(i, stream.get(b), calls[b]))
-                if done is not None:
-                    done()
-        if not logits:
-            return None
-        if on_logits is None:
-            return torch.cat([dec.finish(ids, stream.get(b)) for b, ids in enumerate(batches)])
-        for b, ids in enumerate(batches):
-            on_logits(b, dec.finish(ids, stream.get(b)))
+    parts = streamed_logits(dec, _batches(input_ids, batch_size), hidden_budget, spill_dir, on_layer, head=logits)
+    if not logits:
+        for _ in parts:  # runs the layers; yields nothing
+            pass
         return None
+    if on_logits is None:
+        return torch.cat([out for _, out in parts])
+    for b, out in parts:
+        on_logits(b, out)
+    return None
+
+
+@torch.inference_mode()
+def streamed_greedy(dec: StreamedDecoder, prompts: Sequence[torch.Tensor], max_new_tokens: int, eos: int | None,
+                    hidden_budget: int | None = None) -> list[torch.Tensor]:
+    """Greedy continuations ([1, n <= max_new_tokens] each, ending at `eos` when it is emitted) of `prompts` ([1, T_i]
+    each), without a KV cache: every new token is one streamed pass over the whole prefix of every prompt still
+    going, all prompts together, so the layers are read max_new_tokens times in all, not once per prompt."""
+    seqs = [p.clone() for p in prompts]
+    live = [j for j, p in enumerate(prompts) if p.shape[1]]
+    for _ in range(max_new_tokens):
+        if not live:
+            break
+        for b, logits in streamed_logits(dec, [seqs[j] for j in live], hidden_budget):
+            # float32 argmax, as transformers' greedy search takes it
+            seqs[live[b]] = torch.cat([seqs[live[b]], logits[:, -1].float().argmax(-1, keepdim=True)], dim=1)
+        live = [j for j in live if eos is None or int(seqs[j][0, -1]) != eos]
+    return [s[:, p.shape[1]:] for s, p in zip(seqs, prompts)]
 
 
 @torch.inference_mode()
@@ -336,4 +380,4 @@ def accumulate_streamed(dec: StreamedDecoder, blocks: torch.Tensor, batch_size: 
 
 
 __all__ = ["Captured", "StreamedDecoder", "accumulate_streamed", "pin_mmap_threshold", "resident_parameters",
-           "streamed_forward"]
+           "streamed_forward", "streamed_greedy", "streamed_logits"]

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from minigpt.evalpass import Forward, as_forward
 from minigpt.io import atomic_save_np
 
 TARGETS = "targets.safetensors"
@@ -41,14 +42,14 @@ def blocks_digest(blocks: torch.Tensor) -> str:
 
 
 @torch.no_grad()
-def topk_logprobs(model: torch.nn.Module, blocks: torch.Tensor, k: int, batch_size: int,
-                  device: str | torch.device = "cpu", temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_logprobs(model: torch.nn.Module | Forward, blocks: torch.Tensor, k: int, batch_size: int,
+                  temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's k most likely next tokens at every position and their log-probabilities under the full softmax
-    of logits / temperature (what distillation at that temperature compares against)."""
+    of logits / temperature (what distillation at that temperature compares against). `model`: a loaded model
+    (batches go to its device) or a minigpt.evalpass Forward; one batch's logits exist at a time either way."""
     ids, logps = [], []
-    for lo in range(0, len(blocks), batch_size):
-        logits = model(input_ids=blocks[lo:lo + batch_size].to(device), use_cache=False).logits.float()
-        top = torch.log_softmax(logits / temperature, dim=-1).topk(k, dim=-1)
+    for _, logits in as_forward(model).batches(blocks, batch_size):
+        top = torch.log_softmax(logits.float() / temperature, dim=-1).topk(k, dim=-1)
         ids.append(top.indices.to("cpu", torch.int32))
         logps.append(top.values.to("cpu", torch.float16))
     return torch.cat(ids), torch.cat(logps)

@@ -10,6 +10,9 @@ The same pass scores the dense model on the domain's validation split in bits pe
 recovery curve, in a unit that does not depend on the tokenizer (a vocabulary-pruned expert tokenizes the same
 text into more tokens).
 
+With calibrate.streamed on a CPU, no task holds the dense model: each reads it one decoder layer at a time and runs
+its whole slice of blocks through a layer before the next (minigpt.evalpass.Streamed); a GPU task loads it whole.
+
 The file and the pure maths are minigpt.targets (re-exported here); this module is the Ray pass that fills it.
 """
 
@@ -21,8 +24,8 @@ import numpy as np
 import ray
 import torch
 
-from minigpt.losses import bits_per_byte, nll_sum
-from minigpt.models import load_model
+from minigpt.evalpass import nll_sum, open_forward, streams
+from minigpt.losses import bits_per_byte
 from minigpt.targets import (TARGETS, TeacherTargets, blocks_digest, load_targets, save_targets,  # noqa: F401
                              topk_logprobs)
 
@@ -31,22 +34,28 @@ from minigpt.targets import (TARGETS, TeacherTargets, blocks_digest, load_target
 
 @ray.remote
 def _teacher_task(model_dir: str, dtype: str, trust_remote_code: bool, blocks: np.ndarray, k: int,
-                  batch_size: int, threads: int, nll_only: bool, temperature: float = 1.0) -> tuple:
+                  batch_size: int, threads: int, nll_only: bool, temperature: float = 1.0, streamed: bool = False,
+                  hidden_budget: int | None = None) -> tuple:
     torch.set_num_threads(max(1, threads))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(model_dir, dtype, trust_remote_code).to(device)
+    gpu = torch.cuda.is_available()
+    # Streamed on the CPU (calibrate.streamed): the task holds one decoder layer, not the dense model.
+    model = open_forward(model_dir, dtype, trust_remote_code, streamed=streams(streamed, gpu),
+                         device="cuda" if gpu else "cpu", hidden_budget=hidden_budget)
     x = torch.from_numpy(np.asarray(blocks, dtype=np.int64))
     if nll_only:
-        return nll_sum(model, x, batch_size, device)
-    return tuple(t.numpy() for t in topk_logprobs(model, x, k, batch_size, device, temperature))
+        return nll_sum(model, x, batch_size)
+    return tuple(t.numpy() for t in topk_logprobs(model, x, k, batch_size, temperature))
 
 
 def compute_targets(model_dir: Path | str, train_blocks: torch.Tensor, valid_blocks: torch.Tensor,
                     valid_bytes: int, *, digest: str, k: int, temperature: float = 1.0, dtype: str = "float32", trust_remote_code: bool = False,
                     batch_size: int = 4, workers: int = 1, cpus_per_worker: float = 1.0,
-                    gpus_per_worker: float = 0.0, label: str = "") -> TeacherTargets:
+                    gpus_per_worker: float = 0.0, label: str = "", streamed: bool = False,
+                    hidden_budget: int | None = None) -> TeacherTargets:
     """Run the dense model once: top-k on the training blocks (k > 0) over `workers` Ray tasks, each holding a
-    contiguous slice (concatenated back in order), and bits per byte on the validation blocks.
+    contiguous slice (concatenated back in order), and bits per byte on the validation blocks. With `streamed`, a
+    task on the CPU reads the model one decoder layer at a time (minigpt.evalpass.Streamed), its slice's residual
+    stream in memory up to `hidden_budget` bytes.
 
     `train_blocks` and `valid_blocks` are in the TEACHER's vocabulary; `digest` is blocks_digest of the training
     blocks as the trainer will read them (the student's vocabulary).
@@ -54,13 +63,14 @@ def compute_targets(model_dir: Path | str, train_blocks: torch.Tensor, valid_blo
     opts = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker}
     common = (str(model_dir), dtype, trust_remote_code)
     threads = max(1, round(cpus_per_worker))
+    stream = {"streamed": streamed, "hidden_budget": hidden_budget}
     pending = []
     if k > 0 and len(train_blocks):
         for part in torch.tensor_split(train_blocks, min(workers, len(train_blocks))):
             pending.append(_teacher_task.options(**opts).remote(*common, part.numpy(), k, batch_size, threads, False,
-                                                                temperature))
-    valid_ref = (_teacher_task.options(**opts).remote(*common, valid_blocks.numpy(), 0, batch_size, threads, True)
-                 if len(valid_blocks) else None)
+                                                                temperature, **stream))
+    valid_ref = (_teacher_task.options(**opts).remote(*common, valid_blocks.numpy(), 0, batch_size, threads, True,
+                                                      **stream) if len(valid_blocks) else None)
     parts = ray.get(pending)
     ids = torch.from_numpy(np.concatenate([p[0] for p in parts])) if parts else None
     logprobs = torch.from_numpy(np.concatenate([p[1] for p in parts])) if parts else None

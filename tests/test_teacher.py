@@ -57,10 +57,12 @@ def test_ray_workers_compute_the_same_targets_as_one_process(ray_local, tmp_path
     model = make_tiny_llama(vocab=64)
     model.save_pretrained(tmp_path / "dense")
     train, valid = torch.randint(0, 64, (7, 12)), torch.randint(0, 64, (3, 12))
-    got = T.compute_targets(tmp_path / "dense", train, valid, 500, digest="x", k=5, temperature=2.0,
-                            batch_size=2, workers=2, cpus_per_worker=0.5, label="test")
     ids, logp = T.topk_logprobs(model.eval(), train, 5, batch_size=3, temperature=2.0)
-    assert torch.equal(got.ids, ids) and torch.allclose(got.logprobs.float(), logp.float(), atol=1e-3)
     nll, _ = T.nll_sum(model, valid, batch_size=3)
-    assert got.dense_valid_bpb == pytest.approx(T.bits_per_byte(nll, 500), rel=1e-6)
-    assert got.digest == "x" and got.k == 5 and got.temperature == 2.0
+    for streamed in (False, True):  # calibrate.streamed: the tasks read the model one layer at a time
+        got = T.compute_targets(tmp_path / "dense", train, valid, 500, digest="x", k=5, temperature=2.0,
+                                batch_size=2, workers=2, cpus_per_worker=0.5, label="test", streamed=streamed,
+                                hidden_budget=0)
+        assert torch.equal(got.ids, ids) and torch.allclose(got.logprobs.float(), logp.float(), atol=1e-3)
+        assert got.dense_valid_bpb == pytest.approx(T.bits_per_byte(nll, 500), rel=1e-6)
+        assert got.digest == "x" and got.k == 5 and got.temperature == 2.0
