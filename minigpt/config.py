@@ -202,6 +202,13 @@ class CalibrateConfig:
         _check(self.general_tokens >= 1, "calibrate.general_tokens must be >= 1")
 
     @property
+    def streams_whole_model_stages(self) -> bool:
+        """Whether the teacher pass and evaluation stream layers too: where a worker's memory is limited
+        (worker_memory_gb) and streaming is on. Streamed scoring runs at about a plain forward's speed, but a report
+        sample streamed without a KV cache is several times slower, so a job with no limit loads the model whole."""
+        return self.streamed and self.worker_memory_gb > 0
+
+    @property
     def ray_memory(self) -> dict[str, int]:
         """Ray's memory resource of one calibration worker or runner (worker_memory_gb; none when 0)."""
         return {"memory": int(self.worker_memory_gb * 2**30)} if self.worker_memory_gb > 0 else {}

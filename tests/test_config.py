@@ -182,3 +182,12 @@ def test_duplicate_domain_names_in_yaml(tmp_path):
 def test_missing_file_is_one_line():
     with pytest.raises(C.ConfigError, match="job file not found"):
         J.load("/nonexistent/job.yaml")
+
+
+def test_whole_model_stages_stream_only_under_a_worker_memory_limit():
+    """The teacher and evaluation stream layers where the job limits a worker's memory; otherwise they load the
+    model whole (faster samples). Ray's memory resource follows the same setting."""
+    assert not C.CalibrateConfig().streams_whole_model_stages and C.CalibrateConfig().ray_memory == {}
+    limited = C.CalibrateConfig(worker_memory_gb=2.0)
+    assert limited.streams_whole_model_stages and limited.ray_memory == {"memory": 2 * 2**30}
+    assert not C.CalibrateConfig(worker_memory_gb=2.0, streamed=False).streams_whole_model_stages
