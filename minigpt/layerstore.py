@@ -30,9 +30,7 @@ from torch import nn
 
 from minigpt.archs import arch_of, widths
 from minigpt.models import skeleton
-
-SINGLE = "model.safetensors"
-INDEX = "model.safetensors.index.json"
+from minigpt.shardwriter import INDEX, SINGLE  # the writer names the files; this module reads them
 
 # safetensors header dtype names -> bytes per element (the sizes are read from headers, no tensor is loaded).
 _DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,

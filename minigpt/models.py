@@ -24,6 +24,7 @@ from minigpt.archs import (ARCHS, SUPPORTED_MODEL_TYPES, Arch, Coupled, arch_of,
                            kv_coupling, kv_prunable, layer_params, mlp_coupling, mlp_output, mlp_parts,
                            params_per_unit, per_unit, q_coupling, residual_scale, unit_index, unsupported, widths)
 from minigpt.config import ConfigError, ModelConfig
+from minigpt.ggufconvert import convert_gguf, is_prepared, read_config
 from minigpt.io import atomic_dir, atomic_file, package_file
 
 if TYPE_CHECKING:
@@ -126,31 +127,23 @@ def model_config(cfg: ModelConfig) -> PretrainedConfig:
         gguf = _alias_gguf(cfg.source)
         folder = _prepared_dir(cfg.source, gguf)
         if not (folder / "config.json").is_file():
-            return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            return read_config(gguf)
     return AutoConfig.from_pretrained(str(folder), trust_remote_code=cfg.trust_remote_code)
 
 
 def prepare_alias(alias: str) -> Path:
-    """Dequantize the alias's GGUF once into a safetensors folder cached by the GGUF file's hash."""
+    """Convert the alias's GGUF once into a safetensors folder cached by the GGUF file's hash, one tensor at a
+    time (minigpt.ggufconvert: memory is the largest tensor, not the model)."""
     gguf = _alias_gguf(alias)
     target = _prepared_dir(alias, gguf)
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if is_prepared(target):  # a single model.safetensors (older preparations, small models) or a sharded index
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-    print(f"[models] preparing {alias} from {gguf.name} (one-off dequantization, ~20-60 s)", flush=True)
-    qcfg = GgufConfig(dequantize=True)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, quantization_config=qcfg,
-                                                 dtype=torch.float32)
-    # The dequantized weights are plain fp32; a saved quantization_config would make loaders expect GGUF.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
+    print(f"[models] preparing {alias} from {gguf.name} (one-off dequantization, tensor by tensor)", flush=True)
     # Another process preparing the same alias at once writes the same files: whichever rename lands last wins.
     with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        done = convert_gguf(gguf, tmp, label=alias)
+    print(f"[models] prepared {alias}: {done.tensors} tensors, {done.total_bytes / 2**30:.2f} GiB in {done.shards} "
+          f"file(s), {done.seconds:.0f} s", flush=True)
     return target
 
 

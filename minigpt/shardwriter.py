@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from minigpt.io import atomic_write_text
-from minigpt.layerstore import INDEX, SINGLE
 
+SINGLE = "model.safetensors"  # one shard: save_pretrained's name, and no index
+INDEX = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # save_pretrained's default ("5GB") in bytes, near enough
 
 _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -200,4 +201,4 @@ def write_state(out_dir: Path | str, state: Mapping[str, torch.Tensor],
         return w.close()
 
 
-__all__ = ["DEFAULT_MAX_SHARD_BYTES", "ShardedWriter", "shard_name", "write_state"]
+__all__ = ["DEFAULT_MAX_SHARD_BYTES", "INDEX", "SINGLE", "ShardedWriter", "shard_name", "write_state"]
