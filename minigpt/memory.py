@@ -108,6 +108,8 @@ class MemoryEstimate:
     base_bytes: int
     streamed_peak: int
     whole_peak: int
+    gram_bytes: int = 0  # one layer's second moments as a sequential runner sends them (see runner_peak)
+    runner_peak: int = 0
 
 
 def dtype_bytes(dtype: torch.dtype | str) -> int:
@@ -116,7 +118,7 @@ def dtype_bytes(dtype: torch.dtype | str) -> int:
     return torch.empty(0, dtype=dtype).element_size()
 
 
-def activation_bytes(s: ModelSizes, batch: int, seq: int, nbytes: int) -> int:
+def activation_bytes(s: ModelSizes, batch: int, seq: int, nbytes: int, head: bool = True) -> int:
     """Working set of one inference forward step on `batch` x `seq` tokens, an upper bound (eager attention):
 
     * a decoder layer: its input and output (2 N D), plus the larger of its attention half - normed input (N D),
@@ -130,8 +132,8 @@ def activation_bytes(s: ModelSizes, batch: int, seq: int, nbytes: int) -> int:
         + 2 * batch * s.heads * seq * seq + batch * seq * seq
     mlp = n * s.hidden + 3 * n * s.intermediate
     layer = 2 * n * s.hidden + max(attn, mlp)
-    head = n * s.hidden + n * s.vocab
-    return max(layer, head) * nbytes
+    logits = n * s.hidden + n * s.vocab if head else 0  # a sequential runner never runs the head
+    return max(layer, logits) * nbytes
 
 
 def predict_memory(s: ModelSizes, dtype: torch.dtype | str = torch.float32, batch: int = 1, seq: int = 2048,
@@ -155,8 +157,20 @@ def predict_memory(s: ModelSizes, dtype: torch.dtype | str = torch.float32, batc
     hidden = held if hidden_budget is None else min(held, hidden_budget)
     act = activation_bytes(s, batch, seq, b)
     shared = embed + head + hidden + act + base_bytes
+    # A sequential runner (minigpt.runner) runs no head but holds, per layer: the layer read and its changed copy;
+    # its share's stream, the dense stream and the next dense stream (the stream target), and each batch's MLP
+    # output, input and layer output for reuse (intermediate + 2 hidden values per token), each under the budget;
+    # and the layer's fp64 Gram matrices (MLP input I x I, attention output input Q x Q, the drift D x max(I, Q)):
+    # the running total, the group being summed and the copy Ray serialises.
+    q = s.heads * s.head_dim
+    gram = (s.intermediate ** 2 + q * q + s.hidden * max(s.intermediate, q)) * 8
+    kept = tokens * (s.intermediate + 2 * s.hidden) * b
+    kept = kept if hidden_budget is None else min(kept, hidden_budget)
+    runner = embed + head + 2 * layer + 3 * hidden + kept + activation_bytes(s, batch, seq, b, head=False) \
+        + 3 * gram + base_bytes
     return MemoryEstimate(embed, layer, head, s.num_layers * layer, hidden, act, base_bytes,
-                          streamed_peak=shared + layer, whole_peak=shared + s.num_layers * layer)
+                          streamed_peak=shared + layer, whole_peak=shared + s.num_layers * layer, gram_bytes=gram,
+                          runner_peak=runner)
 
 
 __all__ = ["BASE_BYTES", "MemoryEstimate", "ModelSizes", "activation_bytes", "dtype_bytes", "model_sizes",

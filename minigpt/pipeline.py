@@ -259,12 +259,19 @@ class Pipeline(Run):
         streamed = c.streamed and c.gpus_per_worker == 0
         peak = est.streamed_peak if streamed else est.whole_peak
         gib = 2**30
-        print(f"[memory] each calibration worker and runner: {peak / gib:.2f} GiB predicted ("
+        print(f"[memory] each calibration worker: {peak / gib:.2f} GiB predicted ("
               + (f"streamed: embedding and head {(est.embed_bytes + est.head_bytes) / gib:.2f} + one layer "
                  f"{est.layer_bytes / gib:.3f}" if streamed else f"whole model {(est.embed_bytes + est.head_bytes + est.all_layers_bytes) / gib:.2f}")
               + f" + stream {est.hidden_bytes / gib:.2f} + activations {est.activation_bytes / gib:.2f} GiB)", flush=True)
+        what = "one worker"
+        if self.cfg.prune.sequential and streamed:
+            # A sequential runner holds more than a calibration worker: three streams and the layer's Gram matrices.
+            print(f"[memory] each sequential runner: {est.runner_peak / gib:.2f} GiB predicted (Gram matrices "
+                  f"{est.gram_bytes / gib:.2f} GiB per layer, held three times)", flush=True)
+            if est.runner_peak > peak:
+                peak, what = est.runner_peak, "one sequential runner"
         if c.worker_memory_gb and peak > c.worker_memory_gb * gib:
-            raise ConfigError(f"calibrate.worker_memory_gb={c.worker_memory_gb:g} is below one worker's predicted peak "
+            raise ConfigError(f"calibrate.worker_memory_gb={c.worker_memory_gb:g} is below {what}'s predicted peak "
                               f"of {peak / gib:.2f} GiB (one decoder layer alone is {est.layer_bytes / gib:.3f} GiB); "
                               "raise it" + (", or lower calibrate.stream_memory_gb / calibrate.batch_size" if streamed
                                             else ", or set calibrate.streamed true"))

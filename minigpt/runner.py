@@ -194,10 +194,10 @@ class LayerRunner:
         if attn_only and drift != "attn":
             raise ValueError("attn_only needs drift='attn'")
         spec = S.StatSpec(gram=True)
-        st = S.layer_stats_for_model(self.model, spec)
         layer = self._layer(index)
         arch = arch_of(self.model)
         hooked: dict[str, nn.Module] = {}
+        drift_shapes: dict[str, tuple[int, ...]] = {}
         if drift:
             if drift not in ("mlp", "attn"):
                 raise ValueError(f"drift must be 'mlp' or 'attn', got {drift!r}")
@@ -207,8 +207,7 @@ class LayerRunner:
             hooked["drift"] = mod = layer.get_submodule(arch.mlp_out if drift == "mlp" else arch.attn_out)
             width = mod.weight.shape[0 if arch.conv1d else 1]
             hidden = widths(self.model)["hidden"]
-            st[f"{drift}_drift"] = torch.zeros(1, hidden, width, dtype=torch.float64)
-            st[f"{drift}_drift_sum"] = torch.zeros(1, hidden, dtype=torch.float64)
+            drift_shapes = {f"{drift}_drift": (1, hidden, width), f"{drift}_drift_sum": (1, hidden)}
         if not attn_only and arch.post_norms is None:
             hooked["mlp"] = layer.get_submodule(arch.mlp_out)
         seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {k: [] for k in hooked}
@@ -224,10 +223,13 @@ class LayerRunner:
         scale = residual_scale(self.model)
         kept = [] if self._dec is None else _Triples(self._stream())  # streamed: under the budget too
         self._drop_reuse()
-        template, parts = st, []
+        # Each group's sums, weighted into one total as they finish: two sets of Gram matrices live at once, never
+        # one per group plus their weighted copies (a 0.5B model's MLP Gram alone is 190 MB in fp64).
+        total: dict[str, torch.Tensor] | None = None
         try:
-            for weight, batches, tokens in self.groups:  # each group's sums, then weighted together
-                st = {k: torch.zeros_like(v) for k, v in template.items()}
+            for weight, batches, tokens in self.groups:
+                st = S.layer_stats_for_model(self.model, spec)
+                st.update({k: torch.zeros(shape, dtype=torch.float64) for k, shape in drift_shapes.items()})
                 with S.collecting(self.model, st, spec, layer=index):
                     for b in batches:
                         try:
@@ -247,14 +249,18 @@ class LayerRunner:
                             st[f"{drift}_drift"][0] += S.cross(e, x)
                             st[f"{drift}_drift_sum"][0] += e.sum(0, dtype=torch.float64)
                 st["tokens"] += tokens
-                parts.append((weight, st))
+                if total is None:
+                    total = st if weight == 1 else {k: v.mul_(weight) for k, v in st.items()}
+                else:
+                    for k, v in st.items():
+                        total[k].add_(v, alpha=weight)
+                del st
         finally:
             for h in hooks:
                 h.remove()
         if len(kept):
             self._reuse = (index, f"{arch.layers}.{index}.{arch.mlp_out}.", kept)
-        st = {k: sum(w * part[k] for w, part in parts) for k in template}
-        return S.to_numpy(st)
+        return S.to_numpy(total)
 
     def peak_rss_mib(self) -> float:
         """The process's peak resident memory (a runner actor reports its own, measured)."""
