@@ -387,6 +387,9 @@ class RecoverConfig:
 class EvaluateConfig:
     batch_size: int = 4
     max_blocks: int = 0  # per domain held-out split; 0 = all
+    cross_max_blocks: int = 8  # an expert on ANOTHER domain's held-out split (paired with the dense model's same
+    #                            first blocks); 0 = all. The off-diagonal of the cross-domain matrix only shows that an
+    #                            expert is worse away from its domain: a third of evaluation's time at the full split
     dtype: str = "float32"  # forward dtype; NLL is always summed in float64
     num_cpus: float = 1.0  # per Ray task (one task per model); also the torch thread count in that task
     num_gpus: float = 0.0  # per Ray task; > 0 runs the model on the task's GPU
@@ -405,7 +408,8 @@ class EvaluateConfig:
     general_max_blocks: int = 16  # blocks of the general corpus; 0 = all
 
     def __post_init__(self) -> None:
-        _check(self.batch_size >= 1 and self.max_blocks >= 0, "evaluate.batch_size must be >= 1, max_blocks >= 0")
+        _check(self.batch_size >= 1 and self.max_blocks >= 0 and self.cross_max_blocks >= 0,
+               "evaluate.batch_size must be >= 1, max_blocks and cross_max_blocks >= 0")
         _check(self.dtype in DTYPES, f"evaluate.dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         _check(self.num_cpus > 0 and self.num_gpus >= 0, "evaluate.num_cpus must be > 0 and num_gpus >= 0")
         _check(self.speed_batch >= 1 and self.speed_seq_len >= 2 and self.speed_repeats >= 1,

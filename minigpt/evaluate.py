@@ -22,7 +22,9 @@ eval.json (schema "minigpt.eval/1"; keys are only ever added, never renamed)::
          "domains": {domain: {"loss", "ppl", "bits_per_byte", "tokens", "bytes", "blocks",
                               "ppl_ci", "bits_per_byte_ci", "documents_measured",       # [lo, hi] intervals
                               "ppl_ratio", "ppl_ratio_ci", "bits_per_byte_ratio", "bits_per_byte_ratio_ci",
-                              "documents": {"nll", "tokens", "bytes"}}},  # per held-out document (bootstrap input)
+                              "documents": {"nll", "tokens", "bytes"},  # per held-out document (bootstrap input)
+                              "prefix": {...}}},  # all but experts: the same on the first evaluate.cross_max_blocks
+                                                  # blocks, which an expert scores of another domain's split
          "mcq": {"harness", "n", "accuracy", "accuracy_ci", "accuracy_norm", "accuracy_norm_ci", "chance",
                  "by_subject": {...}} | null,
          "general": {same keys as a domain} | null,
@@ -187,8 +189,14 @@ def _evaluate_model(label: str, folder: str, domain_texts: dict[str, list[str]],
                          hidden_budget=hidden_budget)
     tok = load_tokenizer(folder)
     domains = {}
+    own = sample_domains(label, list(domain_texts))
     for domain, texts in domain_texts.items():
-        domains[domain] = lm_metrics(model, tok, texts, block_size, cfg.batch_size, cfg.max_blocks)
+        # An expert on another domain's text (the cross-domain matrix's off-diagonal) is scored on its first
+        # cross_max_blocks blocks; every other model also reports those blocks alone ("prefix"), to pair with.
+        cross = cfg.cross_max_blocks if domain not in own else 0
+        limit = min(b for b in (cfg.max_blocks, cross) if b) if (cfg.max_blocks or cross) else 0
+        domains[domain] = lm_metrics(model, tok, texts, block_size, cfg.batch_size, limit,
+                                     prefix_blocks=0 if len(own) == 1 else cfg.cross_max_blocks)
         print(f"[evaluate] {label} on {domain}: ppl {domains[domain]['ppl']:.3f}, "
               f"{domains[domain]['bits_per_byte']:.4f} bits/byte", flush=True)
     # Out-of-source text: an expert on its own domain's (what it is for), the dense model on all (the reference).

@@ -74,7 +74,7 @@ def token_stream(tokenizer, texts: Sequence[str], need: int = 0) -> tuple[np.nda
 
 @torch.inference_mode()
 def lm_metrics(model: nn.Module | Forward, tokenizer, texts: Sequence[str], block_size: int, batch_size: int,
-               max_blocks: int = 0) -> dict:
+               max_blocks: int = 0, prefix_blocks: int = 0) -> dict:
     """Next-token NLL of `model` on `texts`: totals per token and per byte, and the same sums per document.
 
     The texts are tokenized with the model's own tokenizer, joined with EOS between documents (as the shards are)
@@ -88,6 +88,8 @@ def lm_metrics(model: nn.Module | Forward, tokenizer, texts: Sequence[str], bloc
     blocks do not reach has zeros): they sum to the totals and feed `bootstrap`.
 
     `model` is a loaded model or a minigpt.evalpass Forward (e.g. `Streamed`: one decoder layer resident at a time).
+    With `prefix_blocks` > 0 the result also holds "prefix": the same figures on the first `prefix_blocks` blocks
+    alone (from the same pass), the reference a model scored with max_blocks=prefix_blocks is paired with.
     """
     if block_size < 2 or batch_size < 1 or max_blocks < 0:
         raise ValueError("block_size must be >= 2, batch_size >= 1, max_blocks >= 0")
@@ -108,12 +110,25 @@ def lm_metrics(model: nn.Module | Forward, tokenizer, texts: Sequence[str], bloc
     bytes_of = torch.from_numpy(nbytes[:n]).view(n_blocks, body)[:, skip:]
     n_docs = int(owner[n - 1]) + 1
     doc_nll = torch.zeros(n_docs, dtype=torch.float64)
+    prefix = min(prefix_blocks, n_blocks)
+    pre_nll = torch.zeros(n_docs, dtype=torch.float64)
     # One batch's logits at a time, reduced at once (a streamed model runs every block through a layer first).
     for start, logits in as_forward(model).batches(blocks, batch_size):
         x = blocks[start:start + batch_size].to(logits.device)
-        nll = token_nll(logits, x)
+        nll = token_nll(logits, x).double().cpu()
         # Summed in float64 per document: thousands of tokens keep full precision.
-        doc_nll.index_add_(0, doc_of[start:start + batch_size].reshape(-1), nll.double().cpu())
+        doc_nll.index_add_(0, doc_of[start:start + batch_size].reshape(-1), nll)
+        if start < prefix:
+            rows = min(len(x), prefix - start)
+            pre_nll.index_add_(0, doc_of[start:start + rows].reshape(-1), nll.view(len(x), -1)[:rows].reshape(-1))
+    out = _figures(doc_nll, doc_of, bytes_of, n_docs)
+    if prefix:
+        out["prefix"] = _figures(pre_nll, doc_of[:prefix], bytes_of[:prefix], n_docs)
+    return out
+
+
+def _figures(doc_nll: torch.Tensor, doc_of: torch.Tensor, bytes_of: torch.Tensor, n_docs: int) -> dict:
+    """lm_metrics' figures from per-document NLL sums and the blocks' document and byte maps."""
     doc_tokens = torch.bincount(doc_of.reshape(-1), minlength=n_docs)
     doc_bytes = torch.zeros(n_docs, dtype=torch.long).index_add_(0, doc_of.reshape(-1), bytes_of.reshape(-1))
     total_nll, tokens, total_bytes = float(doc_nll.sum()), int(doc_tokens.sum()), int(doc_bytes.sum())
@@ -121,7 +136,7 @@ def lm_metrics(model: nn.Module | Forward, tokenizer, texts: Sequence[str], bloc
         raise ValueError("the predicted tokens cover no text bytes")
     loss = total_nll / tokens
     return {"loss": loss, "ppl": safe_exp(loss), "bits_per_byte": bits_per_byte(total_nll, total_bytes), "tokens": tokens,
-            "bytes": total_bytes, "blocks": n_blocks,
+            "bytes": total_bytes, "blocks": len(doc_of),
             "documents": {"nll": doc_nll.tolist(), "tokens": doc_tokens.tolist(), "bytes": doc_bytes.tolist()}}
 
 
@@ -210,8 +225,10 @@ def add_intervals(models: dict[str, dict], dense: str | None, domains: Sequence[
 
     for domain in domains:
         for res in models.values():
-            res["domains"][domain].update(intervals(res["domains"][domain], ref_of("domains", domain), samples,
-                                                    confidence, seed))
+            cell, ref = res["domains"][domain], ref_of("domains", domain)
+            if ref and "prefix" in ref and ref["prefix"]["blocks"] == cell.get("blocks") < ref["blocks"]:
+                ref = ref["prefix"]  # a cell scored on the first blocks only: paired with the reference's same blocks
+            cell.update(intervals(cell, ref, samples, confidence, seed))
     for res in models.values():
         if res.get("general"):
             res["general"].update(intervals(res["general"], ref_of("general", None), samples, confidence, seed))

@@ -110,6 +110,21 @@ def test_bits_per_byte_matches_independent_computation(smollm2_tokenizer):
 
     few = lm_metrics(model, tokenizer, texts, block_size=block, batch_size=2, max_blocks=2)
     assert few["blocks"] == 2 and few["tokens"] == 2 * (block - 1) and few["bytes"] < out["bytes"]
+    # The first blocks' figures from the whole pass equal a pass over those blocks alone (a prefix that ends inside
+    # a batch of 2 included): what an expert's off-domain cell is paired with.
+    for k in (2, 3):
+        whole = lm_metrics(model, tokenizer, texts, block_size=block, batch_size=2, prefix_blocks=k)
+        alone = lm_metrics(model, tokenizer, texts, block_size=block, batch_size=2, max_blocks=k)
+        assert whole["loss"] == out["loss"] and whole["prefix"]["blocks"] == k
+        n = len(alone["documents"]["tokens"])  # the prefix lists every document of the whole pass: zeros beyond
+        pre = whole["prefix"]["documents"]
+        assert pre["tokens"][:n] == alone["documents"]["tokens"] and not any(pre["tokens"][n:])
+        assert pre["bytes"][:n] == alone["documents"]["bytes"]
+        assert pre["nll"][:n] == pytest.approx(alone["documents"]["nll"], rel=1e-6)
+        assert whole["prefix"]["loss"] == pytest.approx(alone["loss"], rel=1e-6)
+        models = {"dense": {"domains": {"d": whole}}, "x/pruned": {"domains": {"d": alone}}}
+        add_intervals(models, "dense", ["d"], samples=50, confidence=0.9)
+        assert models["x/pruned"]["domains"]["d"]["ppl_ratio"] == pytest.approx(1.0, rel=1e-6)  # same blocks
     with pytest.raises(ValueError, match="fewer than one block"):
         lm_metrics(model, tokenizer, ["tiny"], block_size=block, batch_size=1)
 
