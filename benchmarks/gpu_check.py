@@ -75,7 +75,8 @@ def deepspeed_steps(folder: str, device: str, blocks: torch.Tensor, batch: int, 
     for stage in (2, 3):
         cfg = RecoverConfig(steps=steps + 1, batch_size=batch, lr=5e-5, warmup_steps=1, use_gpu=cuda,
                             deepspeed_config=packaged_deepspeed(f"zero{stage}.json"))
-        engine, _ = build_engine(build_student(folder, cfg), cfg, deepspeed_config(cfg), cfg.steps)
+        ds = deepspeed_config(cfg)  # one dict for both, as recovery does: ZeRO-3 loads the student partitioned
+        engine, _ = build_engine(build_student(folder, cfg, ds), cfg, ds, cfg.steps)
         dev = torch.device(device)
         losses[stage] = [train_step(engine, blocks, 0, 0, 1, cfg, dev).item()]  # warm-up step
         seconds = 0.0

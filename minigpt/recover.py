@@ -5,7 +5,8 @@ worker runs is minigpt.training.
 One Ray Train `TorchTrainer` per domain (a worker group of `recover.workers` data-parallel processes, gloo on CPU,
 NCCL on GPU), each worker running `training.train_loop`: a DeepSpeed engine (ZeRO-2 or ZeRO-3, optionally with the
 optimizer state and parameters offloaded to CPU memory, from a JSON file, by default the ones shipped in
-minigpt/deepspeed/, its batch/accumulation/clipping/bf16 entries filled from `RecoverConfig`), a client
+minigpt/deepspeed/, its batch/accumulation/clipping/bf16 entries filled from `RecoverConfig`, no "auto" left; under
+ZeRO-3 the same dict has the student loaded straight into each rank's partitions), a client
 `torch.optim.AdamW` with a warmup + cosine `LambdaLR`, and one of three losses: `full` (next-token cross-entropy),
 `lora` (peft adapters on the attention and MLP projections, merged away before saving) or `distill` (KL to the
 dense model's top-k next-token distribution, cached once per domain by minigpt.teacher, plus cross-entropy: no
@@ -137,7 +138,20 @@ def deepspeed_config(cfg: RecoverConfig) -> dict[str, Any]:
         ds["fp16"] = {**ds["fp16"], "enabled": False}
     ds.setdefault("zero_allow_untested_optimizer", True)
     ds.setdefault("steps_per_print", 10**9)
+    # HF's Trainer fills the other "auto"s (bucket sizes from hidden_size, ...); recover does not guess them, and
+    # DeepSpeed (zero.Init at load time, then initialize) takes only numbers.
+    left = _auto_keys(ds)
+    if left:
+        raise ConfigError(f"{path}: {', '.join(left)} set to \"auto\"; recover fills only "
+                          f"{', '.join(_FILLED_KEYS)}, bf16 and fp16: give a value or remove the key")
     return ds
+
+
+def _auto_keys(node: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of the "auto" values left in a DeepSpeed config."""
+    if isinstance(node, dict):
+        return [k for key, value in node.items() for k in _auto_keys(value, f"{prefix}{key}.")]
+    return [prefix[:-1]] if node == "auto" else []
 
 
 def _offloaded(ds: dict[str, Any], key: str, path: Path) -> bool:

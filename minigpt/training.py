@@ -4,6 +4,11 @@ stopping and checkpoints, and saving the finished expert (`save_recovered`).
 minigpt.recover is the driver that launches this loop per domain; what it trains on is minigpt.trainset, the maths
 (schedule, data order, losses, bits per byte) minigpt.losses, both testable without Ray or DeepSpeed.
 
+Loading. Under ZeRO-3 the student is built and loaded partitioned (`partitioned_loading`: transformers'
+DeepSpeed integration, deepspeed.zero.Init over the engine's own config), so each rank materialises about
+1 / world of the parameters instead of the whole model before `deepspeed.initialize`; the manifest records what
+each rank held after loading (`param_elements_loaded`) and its peak then (`load_peak_rss_mib`).
+
 Validation. With `recover.eval_every`, the model is scored (bits per byte, all ranks summed) on the validation
 split before the first step, every `eval_every` steps and after the last. A better score saves the gathered
 weights as `best-<step>.safetensors` beside the checkpoints; `patience` scores without improvement end the run; the
@@ -13,10 +18,12 @@ continues the same curve and makes the same decisions (and, being bit-identical,
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,11 +78,56 @@ def _lora_config(cfg: RecoverConfig):
                       target_modules=list(cfg.lora_targets), bias="none", task_type="CAUSAL_LM")
 
 
-def build_student(student_dir: str, cfg: RecoverConfig) -> torch.nn.Module:
-    """The model DeepSpeed trains: the pruned checkpoint in fp32, wrapped with LoRA adapters in lora mode."""
+def materialised_parameters(module: torch.nn.Module) -> int:
+    """Parameter elements this rank holds in memory now: whole tensors, plus its ZeRO-3 partitions (`ds_tensor`;
+    a partitioned parameter's own data is then empty). A model loaded whole counts all of itself on every rank."""
+    return sum(p.data.numel() + (p.ds_tensor.numel() if getattr(p, "ds_tensor", None) is not None else 0)
+               for p in module.parameters())
+
+
+def _no_shm_op() -> None:
+    """DeepSpeed would compile its shm op (~70 s, g++) on the first CPU communicator set-up; gloo alone is enough
+    here. Before `zero.Init` as well as `initialize`: either may set the communicator up first."""
+    import deepspeed
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+@contextlib.contextmanager
+def partitioned_loading(ds: dict[str, Any] | None) -> Iterator[None]:
+    """Under ZeRO-3, `from_pretrained` inside this block builds the model under `deepspeed.zero.Init(ds)`: each rank
+    allocates only its partition of every parameter, and rank 0 reads the checkpoint and copies it into the
+    partitions one module at a time (transformers' DeepSpeed integration), so no rank materialises the whole
+    model's parameters. Elsewhere (another stage, or no `ds`) it does nothing.
+
+    transformers finds the config through a weak reference to an `HfDeepSpeedConfig`: the object must stay alive
+    for the whole load, and it is dropped on the way out, since any later `from_pretrained` in this process (rank 0
+    alone rebuilding the plain model in `save_recovered`) would otherwise enter zero.Init's collectives alone and
+    hang. `ds` must hold no "auto" (recover.deepspeed_config resolves or rejects them) and is the very dict
+    `deepspeed.initialize` gets next, so both partition the same way."""
+    if ds is None or zero_stage(ds) != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    _no_shm_op()
+    held = HfDeepSpeedConfig(ds)  # the reference that keeps transformers' weak one alive
+    try:
+        yield
+    finally:
+        del held
+        unset_hf_deepspeed_config()
+
+
+def build_student(student_dir: str, cfg: RecoverConfig, ds: dict[str, Any] | None = None) -> torch.nn.Module:
+    """The model DeepSpeed trains: the pruned checkpoint in fp32, wrapped with LoRA adapters in lora mode. With a
+    ZeRO-3 `ds` (every rank of the group calling) it is loaded already partitioned (`partitioned_loading`); the
+    adapters, created afterwards whole, are partitioned by `deepspeed.initialize` (broadcast from rank 0)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+    with partitioned_loading(ds):
+        model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
     if cfg.mode == "lora":
         from peft import get_peft_model
 
@@ -84,12 +136,17 @@ def build_student(student_dir: str, cfg: RecoverConfig) -> torch.nn.Module:
     return model
 
 
+def vocab_rows(model: torch.nn.Module) -> int:
+    """Rows of the input embedding (a ZeRO-3 partitioned weight's `shape` is [0]; its real one is `ds_shape`)."""
+    weight = model.get_input_embeddings().weight
+    return int(getattr(weight, "ds_shape", weight.shape)[0])
+
+
 def build_engine(model: torch.nn.Module, cfg: RecoverConfig, ds: dict[str, Any], total_steps: int):
     """DeepSpeed engine over `model` with a client AdamW and warmup+cosine LambdaLR (both compile no op)."""
     import deepspeed
 
-    # The shm op would be compiled (~70 s, g++) on the first CPU initialize; gloo alone is enough here.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    _no_shm_op()
     fused = cfg.use_gpu and torch.cuda.is_available()
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, betas=(0.9, 0.95),
                                   fused=fused)
@@ -208,8 +265,10 @@ def train_loop(config: dict[str, Any]) -> None:
         device = torch.device("cpu")
 
     blocks = training_blocks(task)
-    model = build_student(task.student_dir, cfg)
-    vocab = model.get_input_embeddings().weight.shape[0]
+    model = build_student(task.student_dir, cfg, ds)
+    # What loading cost this rank, before DeepSpeed adds its buffers and optimizer state (for the manifest).
+    loaded, load_peak = materialised_parameters(model), peak_rss_mib()
+    vocab = vocab_rows(model)
     if int(blocks.max()) >= vocab:
         raise ValueError(f"train shards hold token id {int(blocks.max())} >= the student's vocabulary ({vocab}); "
                          "shards must be tokenized with the student's tokenizer")
@@ -299,11 +358,13 @@ def train_loop(config: dict[str, Any]) -> None:
     use_best = bool(history) and cfg.keep_best
     expert_step = min(history, key=lambda h: h["valid_bpb"])["step"] if use_best else step
     state = None if use_best else _gather_state_dict(engine, stage, rank)
-    per_rank = [(peak_rss_mib(), held)]  # every rank's own peak, measured, and its parameters, for the manifest
+    # Every rank's own peaks, measured, and its parameters (after loading, and owned in training), for the manifest.
+    mine = (peak_rss_mib(), held, loaded, load_peak)
+    per_rank = [mine]
     if dist.is_available() and dist.is_initialized() and world > 1:
         per_rank = [None] * world
-        dist.all_gather_object(per_rank, (peak_rss_mib(), held))
-    peaks = [peak for peak, _ in per_rank]
+        dist.all_gather_object(per_rank, mine)
+    peaks = [r[0] for r in per_rank]
     if rank == 0:
         if use_best:
             from safetensors.torch import load_file
@@ -319,7 +380,8 @@ def train_loop(config: dict[str, Any]) -> None:
                     "general_blocks": task.general_blocks, "curve": history, "expert_step": expert_step,
                     "stopped_early": stopped_early, "dense_valid_bpb": config.get("dense_valid_bpb"),
                     "peak_rss_mib": peaks, "param_elements": param_elements,
-                    "param_elements_held": [h for _, h in per_rank]}
+                    "param_elements_held": [r[1] for r in per_rank],
+                    "param_elements_loaded": [r[2] for r in per_rank], "load_peak_rss_mib": [r[3] for r in per_rank]}
         save_recovered(state, task, cfg, manifest)
 
 
