@@ -270,7 +270,7 @@ def _run_workers(coord, model_cfg: ModelConfig, cfg: CalibrateConfig, spec: S.St
         i = next(counter)
         wid = f"w{i}"
         return wid, CalibrationWorker.options(name=f"minigpt-calib-{wid}-{os.getpid()}", **opts).remote(
-            wid, model_cfg, cfg.dtype, cfg.batch_size, threads, spec, flush_size(cfg, spec), cfg.streamed,
+            wid, model_cfg, cfg.dtype, cfg.batch_size, threads, spec, flush_size(cfg, spec), cfg.streams,
             int(cfg.stream_memory_gb * 2**30)), i
 
     workers = {}

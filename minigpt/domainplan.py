@@ -94,7 +94,7 @@ def _sequential_plan(p: Run, name: str, dense, tokenizer, stats):
         weight *= blocks.numel() / max(text.numel(), 1)
     c = cfg.calibrate
     runners = Q.ray_runners(str(p.model_dir), shares, c.batch_size, c.dtype, c.cpus_per_worker, c.gpus_per_worker,
-                            general, weight, hidden_budget=int(c.stream_memory_gb * 2**30), streamed=c.streamed,
+                            general, weight, hidden_budget=int(c.stream_memory_gb * 2**30), streamed=c.streams,
                             memory=c.ray_memory.get("memory", 0))
     vocab = P.vocab_keep(stats["token_counts"], tokenizer, cfg.prune.vocab_min_count) if cfg.prune.vocab else None
     # `dense` is the model, or with calibrate.streamed its LayerStore: the driver reads, solves and lets go of one

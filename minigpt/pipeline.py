@@ -256,7 +256,7 @@ class Pipeline(Run):
         sizes = MEM.model_sizes(config)
         est = MEM.predict_memory(sizes, c.dtype, c.batch_size, data.block_size, tokens,
                                  int(c.stream_memory_gb * 2**30), MEM.BASE_BYTES)
-        streamed = c.streamed and c.gpus_per_worker == 0
+        streamed = c.streams and c.gpus_per_worker == 0
         peak = est.streamed_peak if streamed else est.whole_peak
         gib = 2**30
         print(f"[memory] each calibration worker: {peak / gib:.2f} GiB predicted ("

@@ -125,7 +125,7 @@ def search(p: Run, domain: str) -> None:
 def slim(p: Run, name: str) -> None:
     """Plan the domain in the job's mode (domainplan.plan_domain), slim physically, save. A sequential plan with
     calibrate.streamed never loads the whole model: the driver and slimming read one layer at a time."""
-    if p.cfg.prune.sequential and p.cfg.calibrate.streamed and not p.cfg.search.enabled:
+    if p.cfg.prune.sequential and p.cfg.calibrate.streams and not p.cfg.search.enabled:
         store, tokenizer = LayerStore(p.model_dir, dtype=torch.float32, trust_remote_code=p.cfg.model.trust_remote_code), \
             p.tokenizer()
         planned = plan_domain(p, name, store, tokenizer)

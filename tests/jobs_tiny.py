@@ -55,7 +55,8 @@ def write_tiny_job(root: Path, tokenizer_dir: str, recover: bool = True, steps: 
                                           "name": "questions"}]} for n in WORDS},
         "data": {"block_size": 32, "calib_tokens": 256, "heldout_tokens": 128, "train_tokens": 512,
                  "blocks_per_shard": 2, "eval_tokens": 128},
-        "calibrate": {"workers": 2, "cpus_per_worker": 0.5, "batch_size": 2, "general_tokens": 256},
+        # streamed: the layer-streamed path end to end (the default, "auto", streams only under a memory limit).
+        "calibrate": {"workers": 2, "cpus_per_worker": 0.5, "batch_size": 2, "general_tokens": 256, "streamed": True},
         "prune": {"method": "contextual", "target": 0.2},
         # lr: large enough that three steps visibly lower held-out perplexity of the tiny random model.
         "recover": {"enabled": recover, "mode": "full", "steps": steps, "batch_size": 2, "workers": 1, "lr": 1e-2,

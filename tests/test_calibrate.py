@@ -92,14 +92,14 @@ def test_gram_statistics_merge_exactly_across_workers_with_grouped_flushes(ray_l
 
 
 def test_streamed_and_whole_model_workers_equal_the_direct_pass(ray_local, setup, tmp_path):
-    """Workers holding one decoder layer at a time (calibrate.streamed, the default; here with the stream spilled
-    to disk) and workers holding the whole model give the in-memory profile, Gram statistics included; depth-span
-    moments fall back to the whole model and are equal too."""
+    """Workers holding one decoder layer at a time (calibrate.streamed true, or "auto" with a worker memory limit;
+    here with the stream spilled to disk) and workers holding the whole model give the in-memory profile, Gram
+    statistics included; depth-span moments fall back to the whole model and are equal too."""
     import dataclasses
 
     root, model, shards = setup
     mcfg = ModelConfig(source=str(root / "model"))
-    assert _cfg(2).streamed
+    assert not _cfg(2).streams and dataclasses.replace(_cfg(2), worker_memory_gb=1.0).streams
     for k, (spec, streamed) in enumerate(((S.StatSpec(gram=True), True), (S.StatSpec(gram=True), False),
                                           (S.StatSpec(depth_spans=(1,)), True))):
         cfg = dataclasses.replace(_cfg(2), streamed=streamed, stream_memory_gb=0)

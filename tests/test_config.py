@@ -191,3 +191,8 @@ def test_whole_model_stages_stream_only_under_a_worker_memory_limit():
     limited = C.CalibrateConfig(worker_memory_gb=2.0)
     assert limited.streams_whole_model_stages and limited.ray_memory == {"memory": 2 * 2**30}
     assert not C.CalibrateConfig(worker_memory_gb=2.0, streamed=False).streams_whole_model_stages
+    # streamed: "auto" (the default) streams under a limit only; true always; anything else is a one-line error.
+    assert C.CalibrateConfig(streamed=True).streams and not C.CalibrateConfig(streamed=True).streams_whole_model_stages
+    assert C.CalibrateConfig().streamed == "auto" and not C.CalibrateConfig().streams and limited.streams
+    with pytest.raises(C.ConfigError, match="calibrate.streamed must be true, false or auto"):
+        C.CalibrateConfig(streamed="sometimes")

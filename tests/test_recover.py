@@ -19,7 +19,7 @@ import torch
 from minigpt.config import ConfigError, RecoverConfig, SourceConfig, packaged_deepspeed
 from minigpt.recover import check_resources, concurrent_domains, deepspeed_config, recover_all
 from minigpt.losses import batch_indices, lr_factor, next_token_loss, stop_early, student_rows, topk_distill_loss
-from minigpt.training import latest_tag
+from minigpt.training import build_student, latest_tag
 from minigpt.trainset import RecoveryTask, load_blocks
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 32
@@ -453,6 +453,24 @@ def test_distill_zero3_vocab_pruned_student_resumes_after_a_kill(ray_local, tmp_
     again = recover_all([task], cfg)["medical"]
     assert again.ok and again.skipped and again.losses == r.losses
     assert time.monotonic() - t0 < 5
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_gradient_checkpointing_gives_the_same_gradients(student, mode):
+    """recover.gradient_checkpointing recomputes activations in the backward pass: the loss and every trained
+    parameter's gradient are those of the plain model (LoRA's frozen inputs included)."""
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # LoRA's A matrices start alike
+        model = build_student(student, RecoverConfig(mode=mode, gradient_checkpointing=checkpointing))
+        assert model.is_gradient_checkpointing == checkpointing  # (a PeftModel forwards it to the model)
+        loss = next_token_loss(model(input_ids=ids).logits, ids)
+        loss.backward()
+        grads.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (plain_loss, plain), (ck_loss, ck) = grads
+    assert ck_loss == pytest.approx(plain_loss, rel=1e-6) and plain.keys() == ck.keys() and plain
+    assert all(torch.allclose(plain[n], ck[n], rtol=1e-5, atol=1e-7) for n in plain)
 
 
 def test_impossible_resource_request_fails_fast(ray_local, student, shards, tmp_path):
