@@ -9,8 +9,9 @@ memory-mapped file beyond it), and the head then runs batch by batch, so only on
 callers reduce each batch's logits as it comes (per-token NLL, top-k) with the one implementation in
 minigpt.losses, so both paths compute the same figures from the same code.
 
-Which path runs is decided where the model is loaded (`open_forward`): streamed when `calibrate.streamed` is on and
-the model runs on the CPU, the rule calibration workers and sequential runners follow; a GPU holds the whole model.
+Which path runs is decided where the model is loaded (`open_forward`): streamed when the caller asks for it (the
+stages do where calibrate.worker_memory_gb limits a worker: CalibrateConfig.streams_whole_model_stages) and the
+model runs on the CPU; a GPU holds the whole model.
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 
 The quality metrics and their bootstrap intervals are pure functions in minigpt.metrics, multiple choice goes
 through lm-evaluation-harness in minigpt.tasks; this module checks the inputs (leakage, files), runs one Ray task
-per model and writes `eval.json`. With calibrate.streamed on a CPU, a quality task reads its model one decoder layer
-at a time (minigpt.evalpass.Streamed: perplexity, bits per byte, size and samples); multiple choice (lm-eval's HFLM
-takes a loaded model) and the latency benchmark (the model as it would be deployed) still load it whole.
+per model and writes `eval.json`. Streamed (what stages.evaluate asks for under calibrate.worker_memory_gb, on a
+CPU), a quality task reads its model one decoder layer at a time (minigpt.evalpass.Streamed: perplexity, bits per
+byte, size and samples); multiple choice (lm-eval's HFLM takes a loaded model) and the latency benchmark (the model
+as it would be deployed) still load it whole.
 
 eval.json (schema "minigpt.eval/1"; keys are only ever added, never renamed)::
 

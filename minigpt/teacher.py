@@ -10,8 +10,8 @@ The same pass scores the dense model on the domain's validation split in bits pe
 recovery curve, in a unit that does not depend on the tokenizer (a vocabulary-pruned expert tokenizes the same
 text into more tokens).
 
-With calibrate.streamed on a CPU, no task holds the dense model: each reads it one decoder layer at a time and runs
-its whole slice of blocks through a layer before the next (minigpt.evalpass.Streamed); a GPU task loads it whole.
+Streamed (what stages.teacher asks for under calibrate.worker_memory_gb, on a CPU), no task holds the dense model:
+each reads it one decoder layer at a time and runs its whole slice of blocks through a layer before the next (minigpt.evalpass.Streamed); a GPU task loads it whole.
 
 The file and the pure maths are minigpt.targets (re-exported here); this module is the Ray pass that fills it.
 """
