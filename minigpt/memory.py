@@ -149,6 +149,8 @@ def predict_memory(s: ModelSizes, dtype: torch.dtype | str = torch.float32, batc
 
     streamed peak = embed + head + ONE layer + hidden + activations + base
     whole peak    = embed + head + EVERY layer + hidden + activations + base
+    runner peak   = embed + head + 2 layers + 3 x hidden + kept + layer activations + 3 x Gram + base
+                    (a sequential runner; the terms are spelled out where it is computed)
     Captured call arguments (masks, rotary tables per batch) and a spilled entry read back (one batch) are small
     beside these and not counted; outputs a caller keeps (logits of every batch) are the caller's."""
     b = dtype_bytes(dtype)
