@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from minigpt.config import ConfigError
+from minigpt.ggufconvert import name_maps_cached
 from minigpt.optconfig import GGUF_TYPES
 from minigpt.io import atomic_file
 from minigpt.licence import front_matter
@@ -290,8 +291,9 @@ def load_gguf(path: Path | str):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     path = Path(path)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
-                                                 quantization_config=GgufConfig(dequantize=True))
+    with name_maps_cached():  # the same weights, without ~400 rebuilds of gguf's name table (ggufconvert)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                     quantization_config=GgufConfig(dequantize=True))
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     return model.eval(), AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

@@ -124,7 +124,7 @@ def _legacy_plan(reader: Any, raw: dict[str, Any], model: torch.nn.Module) -> tu
         raise ConfigError(f"GGUF architecture {arch!r} is loaded by transformers' packed GGUF path, which the "
                           "streamed converter does not follow")
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=raw)
-    with _name_maps_cached():
+    with name_maps_cached():
         return processor, get_gguf_hf_weights_map(model, processor)
 
 
@@ -137,7 +137,7 @@ def _packed_archs() -> Container[str]:
 
 
 @contextmanager
-def _name_maps_cached() -> Iterator[None]:
+def name_maps_cached() -> Iterator[None]:
     """get_gguf_hf_weights_map recurses into every submodule and rebuilds gguf's (read-only) name table at each
     one: ~400 rebuilds, over 10 s for SmolLM2's 30 layers here. It looks `gguf.get_tensor_name_map` up at call
     time, so a cached one in its place for the call gives the same map at once; were that lookup ever moved, it
@@ -256,4 +256,4 @@ def _write_tokenizer(gguf: Path, out_dir: Path) -> None:
     AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out_dir)
 
 
-__all__ = ["CHUNK_ELEMENTS", "Converted", "convert_gguf", "is_prepared", "read_config"]
+__all__ = ["CHUNK_ELEMENTS", "Converted", "convert_gguf", "is_prepared", "name_maps_cached", "read_config"]
