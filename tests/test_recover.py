@@ -467,7 +467,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(student, mode):
         assert model.is_gradient_checkpointing == checkpointing  # (a PeftModel forwards it to the model)
         loss = next_token_loss(model(input_ids=ids).logits, ids)
         loss.backward()
-        grads.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        grads.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
     (plain_loss, plain), (ck_loss, ck) = grads
     assert ck_loss == pytest.approx(plain_loss, rel=1e-6) and plain.keys() == ck.keys() and plain
     assert all(torch.allclose(plain[n], ck[n], rtol=1e-5, atol=1e-7) for n in plain)
