@@ -270,6 +270,7 @@ class Pipeline(Run):
                   f"{est.gram_bytes / gib:.2f} GiB per layer, held three times)", flush=True)
             if est.runner_peak > peak:
                 peak, what = est.runner_peak, "one sequential runner"
+        self.worker_peak = (peak, what, streamed)  # checked against the Ray nodes' memory once Ray is up
         if c.worker_memory_gb and peak > c.worker_memory_gb * gib:
             raise ConfigError(f"calibrate.worker_memory_gb={c.worker_memory_gb:g} is below {what}'s predicted peak "
                               f"of {peak / gib:.2f} GiB (one decoder layer alone is {est.layer_bytes / gib:.3f} GiB); "
@@ -284,6 +285,14 @@ class Pipeline(Run):
                               f"the cluster has {cpus:g} CPU / {gpus:g} GPU")
         if self.cfg.recover.enabled:
             recover.check_resources([], self.cfg.recover, cpus, gpus)
+        peak, what, streamed = getattr(self, "worker_peak", (0, "", False))
+        node = raylib.largest_node_memory()
+        if peak and node and peak > node:
+            raise ConfigError(f"{what}'s predicted peak of {peak / 2**30:.2f} GiB is more than the largest Ray node's "
+                              f"memory ({node / 2**30:.2f} GiB): " + (
+                                  "lower calibrate.batch_size / calibrate.stream_memory_gb, or use nodes with more "
+                                  "memory" if streamed else "set calibrate.streamed true (one layer resident at a "
+                                  "time), or calibrate.worker_memory_gb to the memory a worker may use"))
 
     # ------------------------------------------------------------------------------ the generic keeper
 

@@ -121,3 +121,10 @@ def cluster_gpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def largest_node_memory() -> float:
+    """Bytes of Ray's `memory` resource on the largest live node (what its tasks and actors may use), 0 if unknown."""
+    import ray
+
+    return max((float(n.get("Resources", {}).get("memory", 0.0)) for n in ray.nodes() if n.get("Alive")), default=0.0)

@@ -163,3 +163,13 @@ def test_a_worker_memory_limit_below_the_predicted_peak_stops_before_any_model_l
     job["calibrate"]["worker_memory_gb"] = round(1.05 * peak / 2**30 + 0.01, 4)
     (tmp / "job.yaml").write_text(yaml.safe_dump(job))
     assert main(["validate", str(tmp / "job.yaml")]) == 0
+    # A model that cannot fit even streamed: the predicted peak above every Ray node's memory stops the run once Ray
+    # is up, before any stage, naming what to change.
+    from minigpt import raylib
+
+    monkeypatch.setattr(raylib, "largest_node_memory", lambda: 0.5 * peak)
+    capsys.readouterr()
+    assert main(["run", str(tmp / "job.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after Ray's own start-up line
+    assert err.startswith("minigpt: error: ") and "more than the largest Ray node's memory" in err, err
+    assert "calibrate.batch_size" in err and not (tmp / "run").exists()
