@@ -36,7 +36,8 @@ from minigpt.corpora import read_blocks
 from minigpt.models import load_model, resolve
 from minigpt.stats import PROFILE_FORMAT, load_profile, save_profile  # noqa: F401 (re-exported)
 from minigpt.layerstore import LayerStore
-from minigpt.memory import peak_rss_mib, report_peaks
+from minigpt.memory import peak_rss_mib
+from minigpt.raylib import print_actor_peaks
 from minigpt.streamed import StreamedDecoder, accumulate_streamed
 
 class CalibrationError(RuntimeError):
@@ -271,7 +272,7 @@ def _run_workers(coord, model_cfg: ModelConfig, cfg: CalibrateConfig, spec: S.St
         wid = f"w{i}"
         return wid, CalibrationWorker.options(name=f"minigpt-calib-{wid}-{os.getpid()}", **opts).remote(
             wid, model_cfg, cfg.dtype, cfg.batch_size, threads, spec, flush_size(cfg, spec), cfg.streams,
-            int(cfg.stream_memory_gb * 2**30)), i
+            cfg.stream_budget), i
 
     workers = {}
     for _ in range(cfg.workers):
@@ -317,11 +318,7 @@ def _run_workers(coord, model_cfg: ModelConfig, cfg: CalibrateConfig, spec: S.St
             print(f"[calibrate] {progress['done']}/{progress['total']} shards, {progress['tokens']:.0f} tokens, "
                   f"{rate:.0f} tok/s", flush=True)
     actors = [actor for actor, _ in workers.values()]
-    try:  # measured, beside the prediction validate printed
-        print(report_peaks("calibration workers", ray.get([a.peak_rss_mib.remote() for a in actors], timeout=30)),
-              flush=True)
-    except Exception:  # noqa: BLE001 - a worker that cannot answer is killed below all the same
-        pass
+    print_actor_peaks("calibration workers", actors)  # measured, beside the prediction validate printed
     for actor in actors:
         ray.kill(actor)
 

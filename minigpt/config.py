@@ -206,6 +206,11 @@ class CalibrateConfig:
         _check(self.general_tokens >= 1, "calibrate.general_tokens must be >= 1")
 
     @property
+    def stream_budget(self) -> int:
+        """stream_memory_gb in bytes: what a streamed process keeps of a residual stream before spilling."""
+        return int(self.stream_memory_gb * 2**30)
+
+    @property
     def streams(self) -> bool:
         """Whether calibration workers, sequential runners, the planning driver and slimming stream layers
         (`streamed`: true, or "auto" with a worker memory limit)."""

@@ -16,7 +16,7 @@ import torch
 from minigpt import corpora, general as G, plan as P, search as SE, sequential as Q, stats as ST
 from minigpt.config import ConfigError
 from minigpt.layerstore import LayerStore
-from minigpt.memory import report_peaks
+from minigpt.raylib import print_actor_peaks
 from minigpt.models import decoder_layers
 from minigpt.plandata import PruningPlan
 from minigpt.runfolder import Run
@@ -94,7 +94,7 @@ def _sequential_plan(p: Run, name: str, dense, tokenizer, stats):
         weight *= blocks.numel() / max(text.numel(), 1)
     c = cfg.calibrate
     runners = Q.ray_runners(str(p.model_dir), shares, c.batch_size, c.dtype, c.cpus_per_worker, c.gpus_per_worker,
-                            general, weight, hidden_budget=int(c.stream_memory_gb * 2**30), streamed=c.streams,
+                            general, weight, hidden_budget=c.stream_budget, streamed=c.streams,
                             memory=c.ray_memory.get("memory", 0))
     vocab = P.vocab_keep(stats["token_counts"], tokenizer, cfg.prune.vocab_min_count) if cfg.prune.vocab else None
     # `dense` is the model, or with calibrate.streamed its LayerStore: the driver reads, solves and lets go of one
@@ -106,11 +106,7 @@ def _sequential_plan(p: Run, name: str, dense, tokenizer, stats):
                                   on_layer=lambda i: print(f"[slim] {name}: sequential, layer {i + 1}/{n_layers}"
                                                            " pruned and refit", flush=True))
     finally:
-        try:
-            print(report_peaks(f"{name}: sequential runners", ray.get([r.peak_rss_mib.remote() for r in runners],
-                                                                     timeout=30)), flush=True)
-        except Exception:  # noqa: BLE001 - a runner that died already said why; it is killed all the same
-            pass
+        print_actor_peaks(f"{name}: sequential runners", runners)
         for r in runners:
             ray.kill(r)
 

@@ -91,8 +91,8 @@ def as_forward(model: nn.Module | Forward) -> Forward:
 
 
 def streams(streamed: bool, on_gpu: bool) -> bool:
-    """Whether a model is run layer-streamed: calibrate.streamed on, and the model not on a GPU (the rule of
-    calibration workers and sequential runners: a GPU worker holds the whole model on its device)."""
+    """Whether a model is run layer-streamed: asked for, and the model not on a GPU (the rule of calibration
+    workers and sequential runners: a GPU worker holds the whole model on its device)."""
     return streamed and not on_gpu
 
 

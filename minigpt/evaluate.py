@@ -195,7 +195,7 @@ def _evaluate_model(label: str, folder: str, domain_texts: dict[str, list[str]],
         # An expert on another domain's text (the cross-domain matrix's off-diagonal) is scored on its first
         # cross_max_blocks blocks; every other model also reports those blocks alone ("prefix"), to pair with.
         cross = cfg.cross_max_blocks if domain not in own else 0
-        limit = min(b for b in (cfg.max_blocks, cross) if b) if (cfg.max_blocks or cross) else 0
+        limit = min(filter(None, (cfg.max_blocks, cross)), default=0)  # the tighter of the two; 0: no limit
         domains[domain] = lm_metrics(model, tok, texts, block_size, cfg.batch_size, limit,
                                      prefix_blocks=0 if len(own) == 1 else cfg.cross_max_blocks)
         print(f"[evaluate] {label} on {domain}: ppl {domains[domain]['ppl']:.3f}, "
@@ -276,7 +276,8 @@ def evaluate_run(run_dir: Path, models: dict[str, str], domains: list[str], cfg:
                  hidden_budget: int | None = None) -> dict:
     """Evaluate every model on every domain's held-out documents, and on the out-of-source sets `oos` names
     (domain -> (the folder of its prepared eval sources, their labels)), and write run_dir/eval.json (see module
-    doc). `streamed` (calibrate.streamed) runs the quality tasks on the CPU layer-streamed (see `_evaluate_model`).
+    doc). `streamed` runs the quality tasks on the CPU layer-streamed (see `_evaluate_model`; the stage asks for it
+    under calibrate.worker_memory_gb).
 
     Inputs are checked (folders, held-out files, leakage, MCQ / general files) before any model is loaded. The
     quality work runs as one Ray task per model, in parallel; the speed benchmark then runs one model at a time

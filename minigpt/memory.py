@@ -66,11 +66,9 @@ def status_mib(key: str) -> float:
     raise KeyError(key)
 
 
-def report_peaks(what: str, peaks: list[float], predicted: int | None = None) -> str:
-    """One line of measured peaks (MiB) of a stage's processes, beside the prediction when there is one."""
-    shown = ", ".join(f"{p:.0f}" for p in sorted(peaks))
-    tail = f" (predicted {predicted / 2**20:.0f} MiB each)" if predicted else ""
-    return f"[memory] {what}: peak RSS {shown} MiB{tail}"
+def report_peaks(what: str, peaks: list[float]) -> str:
+    """One line of measured peaks (MiB) of a stage's processes."""
+    return f"[memory] {what}: peak RSS {', '.join(f'{p:.0f}' for p in sorted(peaks))} MiB"
 
 
 def model_sizes(config) -> ModelSizes:

@@ -255,7 +255,7 @@ class Pipeline(Run):
             tokens += -(-c.general_tokens // c.workers)  # ...and of the general text riding along
         sizes = MEM.model_sizes(config)
         est = MEM.predict_memory(sizes, c.dtype, c.batch_size, data.block_size, tokens,
-                                 int(c.stream_memory_gb * 2**30), MEM.BASE_BYTES)
+                                 c.stream_budget, MEM.BASE_BYTES)
         streamed = c.streams and c.gpus_per_worker == 0
         peak = est.streamed_peak if streamed else est.whole_peak
         gib = 2**30
@@ -285,7 +285,7 @@ class Pipeline(Run):
                               f"the cluster has {cpus:g} CPU / {gpus:g} GPU")
         if self.cfg.recover.enabled:
             recover.check_resources([], self.cfg.recover, cpus, gpus)
-        peak, what, streamed = getattr(self, "worker_peak", (0, "", False))
+        peak, what, streamed = self.worker_peak or (0, "", False)
         node = raylib.largest_node_memory()
         if peak and node and peak > node:
             raise ConfigError(f"{what}'s predicted peak of {peak / 2**30:.2f} GiB is more than the largest Ray node's "

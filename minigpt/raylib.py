@@ -22,6 +22,8 @@ import logging
 import os
 import re
 
+from minigpt.memory import report_peaks
+
 AUTH_MODE = "token"
 # Worker lines forwarded to the driver: minigpt's progress lines, "[stage] ..." with a lowercase tag (see
 # filter_worker_logs). Framework lines start otherwise: DeepSpeed's with a timestamp, torch's with "[rank0]:".
@@ -121,6 +123,17 @@ def cluster_gpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def print_actor_peaks(what: str, actors: list) -> None:
+    """Print the measured peak RSS of actors that have a `peak_rss_mib` method (calibration workers, sequential
+    runners), before they are killed; one that cannot answer (it died, and said why) is left out."""
+    import ray
+
+    try:
+        print(report_peaks(what, ray.get([a.peak_rss_mib.remote() for a in actors], timeout=30)), flush=True)
+    except Exception:  # noqa: BLE001 - the figure is a report; killing the actors goes on regardless
+        pass
 
 
 def largest_node_memory() -> float:

@@ -127,6 +127,7 @@ class Run:
         self.domains = [d.name for d in cfg.domains]
         self.model_dir: Path | None = None
         self.spec = None  # the StatSpec calibration collects (check_statistics)
+        self.worker_peak: tuple[int, str, bool] | None = None  # (bytes, whose, streamed): check_worker_memory
         self.summary: dict | None = None  # summary.json, once the evaluation is done (the report's input)
         self._tokenizer = None
         self._dense = None

@@ -282,7 +282,7 @@ def teacher(p: Run, domain: str) -> None:
                                 trust_remote_code=cfg.model.trust_remote_code, batch_size=c.batch_size,
                                 workers=c.workers, cpus_per_worker=c.cpus_per_worker,
                                 gpus_per_worker=c.gpus_per_worker, label=domain, streamed=c.streams_whole_model_stages,
-                                hidden_budget=int(c.stream_memory_gb * 2**30))
+                                hidden_budget=c.stream_budget)
     T.save_targets(L.teacher(domain) / T.TARGETS, targets)
 
 
@@ -325,7 +325,8 @@ def evaluate(p: Run, todo: list[None], keys: dict, finish: Finish) -> None:
     E.evaluate_run(p.layout.run_dir, model_table(p), [d.name for d in cfg.domains], cfg.evaluate,
                    cfg.data.block_size, oos={d.name: (p.layout.evaltext(d.name), [s.label for s in d.eval_sources])
                         for d in cfg.domains if d.eval_sources},
-                   streamed=cfg.calibrate.streams_whole_model_stages, hidden_budget=int(cfg.calibrate.stream_memory_gb * 2**30))
+                   streamed=cfg.calibrate.streams_whole_model_stages,
+                   hidden_budget=cfg.calibrate.stream_budget)
     finish(None)
 
 

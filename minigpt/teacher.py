@@ -11,7 +11,8 @@ recovery curve, in a unit that does not depend on the tokenizer (a vocabulary-pr
 text into more tokens).
 
 Streamed (what stages.teacher asks for under calibrate.worker_memory_gb, on a CPU), no task holds the dense model:
-each reads it one decoder layer at a time and runs its whole slice of blocks through a layer before the next (minigpt.evalpass.Streamed); a GPU task loads it whole.
+each reads it one decoder layer at a time and runs its whole slice of blocks through a layer before the next
+(minigpt.evalpass.Streamed); a GPU task loads it whole.
 
 The file and the pure maths are minigpt.targets (re-exported here); this module is the Ray pass that fills it.
 """
@@ -38,7 +39,7 @@ def _teacher_task(model_dir: str, dtype: str, trust_remote_code: bool, blocks: n
                   hidden_budget: int | None = None) -> tuple:
     torch.set_num_threads(max(1, threads))
     gpu = torch.cuda.is_available()
-    # Streamed on the CPU (calibrate.streamed): the task holds one decoder layer, not the dense model.
+    # Streamed on the CPU: the task holds one decoder layer, not the dense model.
     model = open_forward(model_dir, dtype, trust_remote_code, streamed=streams(streamed, gpu),
                          device="cuda" if gpu else "cpu", hidden_budget=hidden_budget)
     x = torch.from_numpy(np.asarray(blocks, dtype=np.int64))
