@@ -2,9 +2,11 @@
 
 minigpt's experts are stock uniform-width checkpoints, so an expert of a family llama.cpp knows converts the way
 llama.cpp's own converter converts the base model: the same tensor names, the same metadata keys, Llama's query and
-key rows permuted to GGML's rotary layout, the byte-level BPE tokenizer (vocabulary, merges, token types, special
-ids, chat template) as metadata. Supported: Llama (without rope scaling or biases) and Qwen2; anything else stops
-with one line naming these, before anything is written. Types: f16 (2-D weights in float16, norms and biases in
+key rows permuted to GGML's rotary layout, Gemma's norm weights shifted by one (HF scales by 1 + w, GGML by w), and
+the tokenizer as metadata: byte-level BPE (vocabulary, merges) for Llama and Qwen2, sentencepiece (pieces, scores,
+byte tokens) for Gemma 3, with token types, special ids, BOS flag and chat template. Supported: Llama (without rope
+scaling or biases), Qwen2 and Gemma 3 text models in the layout llama.cpp fixes for Gemma 3 (every sixth layer
+global); anything else stops with one line naming these, before anything is written. Types: f16 (2-D weights in float16, norms and biases in
 float32) and q8_0 (2-D weights whose rows split into 32-value blocks in 8-bit, the rest f16, as llama.cpp does).
 
 `verify` reads a file back with transformers' GGUF loader and compares it with the expert on token blocks: the
@@ -18,6 +20,7 @@ import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,10 +33,27 @@ from minigpt.io import atomic_file
 from minigpt.licence import front_matter
 from minigpt.models import load_model, load_tokenizer
 
-ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}  # model_type -> the class exported
-SUPPORTED = "Llama (LlamaForCausalLM without rope scaling or biases) and Qwen2 (Qwen2ForCausalLM)"
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one transformers model type maps onto llama.cpp's architecture of the same family."""
+
+    arch: str                 # gguf.MODEL_ARCH member
+    permute_qk: bool = False  # Llama: HF's rotary layout (halves) -> GGML's (pairs) in q and k rows
+    norm_shift: float = 0.0   # Gemma: HF's RMSNorm scales by (1 + w), GGML's by w
+    tokenizer: str = "bpe"    # "bpe": byte-level BPE; "spm": sentencepiece pieces with byte fallback
+
+
+FAMILIES = {"llama": Family("LLAMA", permute_qk=True), "qwen2": Family("QWEN2"),
+            "gemma3_text": Family("GEMMA3", norm_shift=1.0, tokenizer="spm")}
+SUPPORTED = ("Llama (LlamaForCausalLM without rope scaling or biases), Qwen2 (Qwen2ForCausalLM) and Gemma 3 "
+             "(Gemma3ForCausalLM, llama.cpp's layout: every sixth layer global)")
 # llama.cpp's token types (gguf.TokenType)
-NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+# llama.cpp fixes these for Gemma 3 (llama-model.cpp): a global layer after every five sliding ones, the sliding
+# layers' rotary base, and attention scaled by 1/sqrt(head size) (but on the 62-layer 27B model).
+GEMMA3_PATTERN, GEMMA3_LOCAL_THETA = 6, 10000.0
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -46,27 +66,61 @@ def read_config(folder: Path) -> dict:
             not (folder / "tokenizer.json").is_file():
         raise ConfigError(f"{folder} is not an expert folder (config.json, *.safetensors and tokenizer.json needed)")
     cfg = json.loads((folder / "config.json").read_text())
-    mt = cfg.get("model_type", "?")
     if cfg.get("quantization_config"):
         raise ConfigError(f"{folder} holds quantized weights ({cfg['quantization_config'].get('quant_method', '?')}); "
                           "export the float expert it was made from")
-    if mt not in ARCHS:
+    return check_config(cfg)
+
+
+def check_config(cfg: dict) -> dict:
+    """`cfg` (a config.json as a dict) when llama.cpp can run it as minigpt writes it; ConfigError naming what
+    cannot be exported otherwise. Also run at a job's validation when its export stage is on."""
+    mt = cfg.get("model_type", "?")
+    if mt not in FAMILIES:
         raise ConfigError(f"cannot export model_type {mt!r} to GGUF; supported: {SUPPORTED}")
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    variant = [k for k, bad in (("rope scaling " + str(rope.get("rope_type") or rope.get("type")),
-                                 (rope.get("rope_type") or rope.get("type") or "default") != "default"),
-                                ("attention_bias", mt == "llama" and cfg.get("attention_bias")),
-                                ("mlp_bias", bool(cfg.get("mlp_bias"))),
-                                ("sliding window", bool(cfg.get("use_sliding_window"))),
-                                (f"hidden_act {cfg.get('hidden_act')}", cfg.get("hidden_act", "silu") != "silu"))
-               if bad]
+    if mt == "gemma3_text":
+        variant = _gemma3_variant(cfg)
+    else:
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        kind = rope.get("rope_type") or rope.get("type") or "default"
+        variant = [k for k, bad in ((f"rope scaling {kind}", kind != "default"),
+                                    ("attention_bias", mt == "llama" and cfg.get("attention_bias")),
+                                    ("mlp_bias", bool(cfg.get("mlp_bias"))),
+                                    ("sliding window", bool(cfg.get("use_sliding_window"))),
+                                    (f"hidden_act {cfg.get('hidden_act')}", cfg.get("hidden_act", "silu") != "silu"))
+                   if bad]
     if variant:
         raise ConfigError(f"cannot export this {mt} variant to GGUF ({', '.join(variant)}); supported: {SUPPORTED}")
     return cfg
 
 
-def _rope_theta(cfg: dict) -> float:
+def _gemma3_variant(cfg: dict) -> list[str]:
+    """What of a Gemma 3 config llama.cpp's fixed Gemma 3 layout cannot express ([] when nothing)."""
+    n, hd = int(cfg["num_hidden_layers"]), head_dim(cfg)
+    pattern = ["full_attention" if (i + 1) % GEMMA3_PATTERN == 0 else "sliding_attention" for i in range(n)]
     rope = cfg.get("rope_parameters") or {}
+    full, local = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
+    kinds = {(r.get("rope_type") or "default") for r in (full, local)}
+    scale = cfg.get("query_pre_attn_scalar") or hd
+    checks = (
+        (f"layer_types other than every {GEMMA3_PATTERN}th layer global",
+         list(cfg.get("layer_types") or pattern) != pattern),
+        (f"rope scaling {sorted(kinds - {'default'})}", kinds != {"default"}),
+        (f"sliding layers' rope_theta {local.get('rope_theta')} (llama.cpp: {GEMMA3_LOCAL_THETA:g})",
+         float(local.get("rope_theta", GEMMA3_LOCAL_THETA)) != GEMMA3_LOCAL_THETA),
+        (f"query_pre_attn_scalar {scale} != head_dim {hd}", int(scale) != hd and n != 62),
+        ("logit soft-capping", bool(cfg.get("final_logit_softcapping") or cfg.get("attn_logit_softcapping"))),
+        ("bidirectional attention", bool(cfg.get("use_bidirectional_attention"))),
+        (f"hidden_activation {cfg.get('hidden_activation')}",
+         cfg.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh"),
+    )
+    return [name for name, bad in checks if bad]
+
+
+def _rope_theta(cfg: dict) -> float:
+    """The rotary base; for Gemma 3 the global layers' (llama.cpp fixes the sliding layers' at 10,000)."""
+    rope = cfg.get("rope_parameters") or {}
+    rope = rope.get("full_attention", rope)
     return float(rope.get("rope_theta") or cfg.get("rope_theta") or 10000.0)
 
 
@@ -108,17 +162,42 @@ def pre_tokenizer(spec: dict) -> str:
                       "llama.cpp name minigpt knows (byte-level BPE with GPT-2, Llama-3, Qwen2 or SmolLM splitting)")
 
 
-def tokenizer_metadata(folder: Path, vocab_size: int) -> dict[str, Any]:
-    """Byte-level BPE tokenizer of an expert folder as GGUF metadata: tokens (padded to the model's vocabulary
-    with unused [PADn] tokens, as llama.cpp does), token types, merges, special ids, BOS flag, chat template."""
-    folder = Path(folder)
-    spec = json.loads((folder / "tokenizer.json").read_text())
+def _bpe_vocab(spec: dict) -> tuple[dict[int, str], dict[int, int]]:
     model = spec.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         raise ConfigError(f"cannot export this tokenizer to GGUF ({model.get('type')} model); supported: byte-level "
                           "BPE tokenizers (GPT-2, Llama-3, SmolLM2, Qwen2 style)")
-    tokens: dict[int, str] = {i: t for t, i in model["vocab"].items()}
-    types = {i: NORMAL for i in tokens}
+    tokens = {i: t for t, i in model["vocab"].items()}
+    return tokens, {i: NORMAL for i in tokens}
+
+
+def _spm_vocab(spec: dict) -> tuple[dict[int, str], dict[int, int]]:
+    """Sentencepiece pieces (▁ for a space, <0xNN> byte tokens) spelled and typed as llama.cpp's converter writes
+    them from tokenizer.model. transformers respells Gemma's runs of two or more spaces, user-defined tokens that
+    llama.cpp matches in the raw text, as runs of ▁; they go back to spaces here (Gemma has no other piece that is
+    two or more ▁)."""
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+        raise ConfigError(f"cannot export this tokenizer to GGUF ({model.get('type')} model without byte fallback); "
+                          "a Gemma 3 expert needs its sentencepiece tokenizer (BPE with byte fallback)")
+    tokens, types = {}, {}
+    for t, i in model["vocab"].items():
+        if len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+            tokens[i], types[i] = t, BYTE
+        elif len(t) > 1 and set(t) == {"\u2581"}:
+            tokens[i], types[i] = " " * len(t), USER_DEFINED
+        else:
+            tokens[i], types[i] = t, NORMAL
+    return tokens, types
+
+
+def tokenizer_metadata(folder: Path, vocab_size: int, kind: str = "bpe") -> dict[str, Any]:
+    """An expert folder's tokenizer as GGUF metadata: tokens (padded to the model's vocabulary with unused [PADn]
+    tokens, as llama.cpp does), token types, special ids, BOS flag, chat template; for byte-level BPE (`kind`
+    "bpe") its merges and pre-tokenizer, for sentencepiece ("spm") the piece scores llama.cpp merges by."""
+    folder = Path(folder)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    tokens, types = (_spm_vocab if kind == "spm" else _bpe_vocab)(spec)
     for a in spec.get("added_tokens") or []:
         tokens[a["id"]] = a["content"]
         types[a["id"]] = CONTROL if a.get("special") else USER_DEFINED
@@ -128,7 +207,6 @@ def tokenizer_metadata(folder: Path, vocab_size: int) -> dict[str, Any]:
     for i in range(vocab_size):
         names.append(tokens.get(i, f"[PAD{i}]"))
         kinds.append(types.get(i, UNUSED))
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     conf = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").is_file() \
         else {}
     template = (folder / "chat_template.jinja").read_text() if (folder / "chat_template.jinja").is_file() \
@@ -145,9 +223,18 @@ def tokenizer_metadata(folder: Path, vocab_size: int) -> dict[str, Any]:
     add_bos = conf.get("add_bos_token")
     if add_bos is None:  # a template that puts a special token first adds BOS
         add_bos = bool(single) and "SpecialToken" in single[0]
-    return {"model": "gpt2", "pre": pre_tokenizer(spec), "tokens": names, "types": kinds, "merges": merges,
-            "bos": special("bos_token"), "eos": special("eos_token"), "unk": special("unk_token"),
-            "pad": special("pad_token"), "add_bos": bool(add_bos), "chat_template": template}
+    out = {"tokens": names, "types": kinds, "bos": special("bos_token"), "eos": special("eos_token"),
+           "unk": special("unk_token"), "pad": special("pad_token"), "add_bos": bool(add_bos),
+           "chat_template": template}
+    if kind == "spm":
+        # llama.cpp merges the adjacent pair whose piece scores highest; sentencepiece's BPE pieces come in merge
+        # order, so a normal piece scores minus its rank among them (Gemma's own file: 'put', id 1000, -506), byte
+        # tokens 0 and control and user-defined tokens -1000, as in the base model's GGUF.
+        rank = iter(range(vocab_size))
+        scores = [-float(next(rank)) if k == NORMAL else 0.0 if k == BYTE else -1000.0 for k in kinds]
+        return {**out, "model": "llama", "pre": "default", "scores": scores}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in (spec.get("model") or {}).get("merges") or []]
+    return {**out, "model": "gpt2", "pre": pre_tokenizer(spec), "merges": merges}
 
 
 # ------------------------------------------------------------------------------------------ tensors
@@ -172,8 +259,8 @@ def gguf_tensors(state: dict[str, torch.Tensor], cfg: dict) -> Iterator[tuple[st
     import gguf
 
     mt = cfg["model_type"]
-    arch = gguf.MODEL_ARCH.LLAMA if mt == "llama" else gguf.MODEL_ARCH.QWEN2
-    names = gguf.get_tensor_name_map(arch, int(cfg["num_hidden_layers"]))
+    fam = FAMILIES[mt]
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, fam.arch), int(cfg["num_hidden_layers"]))
     tied = cfg.get("tie_word_embeddings", False)
     for key, t in state.items():
         if key == "lm_head.weight" and tied:
@@ -183,8 +270,10 @@ def gguf_tensors(state: dict[str, torch.Tensor], cfg: dict) -> Iterator[tuple[st
         if name is None:
             raise ConfigError(f"cannot export tensor {key!r}: no GGUF name for it in the {mt} layout")
         a = t.detach().to(torch.float32).cpu().numpy()
-        if mt == "llama" and name.endswith(("attn_q", "attn_k")):
+        if fam.permute_qk and name.endswith(("attn_q", "attn_k")):
             a = _permute(a, int(cfg["num_attention_heads"] if name.endswith("attn_q") else cfg["num_key_value_heads"]))
+        if fam.norm_shift and key.endswith("norm.weight"):
+            a = a + np.float32(fam.norm_shift)
         yield f"{name}.{suffix}", a
 
 
@@ -217,10 +306,11 @@ def export_gguf(folder: Path | str, out: Path | str, outtype: str = "f16", name:
     if outtype not in GGUF_TYPES:
         raise ConfigError(f"GGUF type {outtype!r} is not one of {', '.join(GGUF_TYPES)}")
     cfg = read_config(folder)
-    tok = tokenizer_metadata(folder, int(cfg["vocab_size"]))
+    fam = FAMILIES[cfg["model_type"]]
+    tok = tokenizer_metadata(folder, int(cfg["vocab_size"]), fam.tokenizer)
     state = load_state(folder)
     meta = card_meta(folder)
-    arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA if cfg["model_type"] == "llama" else gguf.MODEL_ARCH.QWEN2]
+    arch = gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, fam.arch)]
     counts = {"quantized": 0, "tensors": 0}
     with atomic_file(out, suffix=".gguf") as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
@@ -245,6 +335,8 @@ def export_gguf(folder: Path | str, out: Path | str, outtype: str = "f16", name:
         hd = head_dim(cfg)
         if cfg["model_type"] == "llama":
             w.add_rope_dimension_count(hd)
+        if cfg["model_type"] == "gemma3_text":
+            w.add_sliding_window(int(cfg["sliding_window"]))
         w.add_key_length(hd)  # pruned attention keeps its head size while the head count shrinks
         w.add_value_length(hd)
         w.add_vocab_size(int(cfg["vocab_size"]))
@@ -255,7 +347,11 @@ def export_gguf(folder: Path | str, out: Path | str, outtype: str = "f16", name:
         w.add_tokenizer_pre(tok["pre"])
         w.add_token_list(tok["tokens"])
         w.add_token_types(tok["types"])
-        w.add_token_merges(tok["merges"])
+        if "merges" in tok:
+            w.add_token_merges(tok["merges"])
+        if "scores" in tok:
+            w.add_token_scores(tok["scores"])
+            w.add_add_space_prefix(False)  # Gemma's pieces carry their own ▁; nothing is prepended
         for key, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("unk", w.add_unk_token_id),
                          ("pad", w.add_pad_token_id)):
             if tok[key] is not None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from minigpt import config as C, experts as X, jobfile as J, stages as S
+from minigpt import config as C, experts as X, export as EX, jobfile as J, stages as S
 from minigpt.config import ConfigError
 from minigpt.jobfile import JobConfig
 from minigpt.io import atomic_write_text
@@ -201,6 +201,11 @@ class Pipeline(Run):
             raise ConfigError(f"evaluate.general_text: not found: {ev.general_text}")
         if self.layout.run_dir.exists() and not self.layout.run_dir.is_dir():
             raise ConfigError(f"output_dir {self.layout.run_dir} exists and is not a folder")
+        if cfg.export.enabled:  # an architecture llama.cpp cannot take: one line now, not after the whole job
+            try:
+                EX.check_config(models.model_config(cfg.model).to_dict())
+            except ConfigError as e:
+                raise ConfigError(f"export.enabled: {e}") from None
         self.check_target()
         self.check_worker_memory(models.model_config(cfg.model))
 

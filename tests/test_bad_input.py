@@ -86,6 +86,17 @@ def test_unsupported_architecture(base, capsys):
     assert "unsupported architecture 'bloom'" in err and "llama" in err
 
 
+def test_export_of_an_architecture_llama_cpp_cannot_take_stops_at_validation(base, capsys):
+    tmp, job = base
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2)).save_pretrained(tmp / "gpt2")
+    job["model"] = str(tmp / "gpt2")
+    job["export"] = {"enabled": True}
+    err = _run(tmp, job, capsys)
+    assert "export.enabled: cannot export model_type 'gpt2' to GGUF; supported: Llama" in err and "Gemma 3" in err
+
+
 def test_missing_deepspeed_config(base, capsys):
     tmp, job = base
     job["recover"] = {"enabled": True, "deepspeed_config": str(tmp / "nope.json")}

@@ -1,12 +1,13 @@
-"""GGUF export (minigpt.export): tiny Llama and Qwen2 experts written with the gguf package and read back with
-transformers' GGUF loader give the expert's logits (f16: fp16 rounding only) and its tokenization; what cannot be
-exported stops in one line with nothing written; the CLI ships the files with the expert's card and terms files.
+"""GGUF export (minigpt.export): tiny Llama, Qwen2 and Gemma 3 experts written with the gguf package and read back
+with transformers' GGUF loader give the expert's logits (f16: fp16 rounding only) and its tokenization; what cannot
+be exported stops in one line with nothing written; the CLI ships the files with the expert's card and terms files.
 The real SmolLM2-135M expert is checked in a slow test (f16 logits, q8_0 perplexity within 1% of f16)."""
 
 import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -168,7 +169,7 @@ def test_what_cannot_be_exported_stops_in_one_line_with_nothing_written(tmp_path
         assert "\n" not in str(e.value), name
         assert not out.exists(), name
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConfigError, match="Llama .* and Qwen2"):  # a real GPT-2 checkpoint: the supported named
+    with pytest.raises(ConfigError, match="Llama .*Qwen2 .*Gemma 3"):  # a real GPT-2 checkpoint: the supported named
         EX.export_gguf(_gpt2_folder(tmp_path), out / "x.gguf", "f16")
     assert not out.exists()
 
@@ -316,3 +317,101 @@ def test_export_section_is_opt_in_and_checked():
     for bad in ({"gguf": ["q4_k"]}, {"gguf": ["f16", "f16"]}, {"gguf": []}, {"verify_blocks": -1}):
         with pytest.raises(ConfigError, match="export"):
             ExportConfig(**bad)
+
+
+# ------------------------------------------------------------------------------------------ Gemma 3
+
+
+def _tiny_gemma_tokenizer():
+    """A Gemma-style sentencepiece tokenizer made the way a Gemma expert's is (transformers' reading of Gemma's
+    GGUF): control tokens, user-defined runs of newlines and spaces, the 256 byte tokens, then pieces in merge
+    order; every text starts with <bos>."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import add_gguf_special_tokens, gemma_tokenizer
+
+    control = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+    user = ["[multimodal]", "\n", "\n\n", "  ", "   ", "<table>"]
+    pieces = ["\u2581", *"abcdefghijklmnopqrstuvwxyz,.0123456789", "\u2581t", "th", "he", "\u2581th", "\u2581the",
+              "in", "\u2581a", "er", "on", "\u2581o", "an", "re", "\u2581s", "es", "en", "ic", "\u2581c", "\u2581l",
+              "\u2581f", "ox", "\u2581fox"]
+    spec = {"tokens": control + user + [f"<0x{i:02X}>" for i in range(256)] + pieces, "tokenizer_type": "llama",
+            "token_type": [3] * len(control) + [4] * len(user) + [6] * 256 + [1] * len(pieces)}
+    tok = add_gguf_special_tokens(gemma_tokenizer(spec), spec)
+    tok.add_bos_token = True
+    return tok
+
+
+def _tiny_gemma3(vocab: int, **over):
+    """Six layers (five sliding, one global: llama.cpp's Gemma 3 pattern), a window of 8 tokens, one KV head of
+    size 256 (query_pre_attn_scalar = head_dim, as llama.cpp assumes)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(2)
+    cfg = Gemma3TextConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
+                           sliding_window=8, max_position_embeddings=128, rope_theta=1e6, pad_token_id=0,
+                           bos_token_id=2, eos_token_id=1, **over)
+    model = Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2) if p.dim() == 2 else p.add_(torch.randn_like(p) * 0.1)  # every norm too
+    return model
+
+
+def test_gemma3_round_trip_gives_the_experts_logits_and_sentencepiece_tokens(tmp_path):
+    """Norms shifted by one, sliding and global layers, the sentencepiece vocabulary with its scores, byte tokens
+    and runs of spaces spelled as llama.cpp spells them; transformers reads back the expert's logits and tokens."""
+    import gguf
+
+    tok = _tiny_gemma_tokenizer()
+    model = _tiny_gemma3(len(tok))
+    folder, info, loaded, gtok = _round_trip(model, tok, tmp_path)
+    assert type(loaded).__name__ == "Gemma3ForCausalLM" and loaded.config.layer_types == model.config.layer_types
+    assert loaded.config.sliding_window == 8 and info["tensors"] == len(model.state_dict()) - 1  # the tied head
+    x = torch.tensor(tok(" ".join(TEXTS) * 2)["input_ids"][:48]).reshape(2, 24)  # 24 tokens: the window slides
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, _fp16_rounded(model)(x).logits, rtol=1e-4, atol=1e-4)
+    for text in TEXTS + ["the fox <table>  x\n\n", "\u00e9t\u00e9 \u2603"]:  # byte fallback for the last
+        assert gtok(text)["input_ids"] == tok(text)["input_ids"], text
+    assert gtok.chat_template == TEMPLATE
+
+    r = gguf.GGUFReader(str(tmp_path / "gguf" / info["file"]))
+    tokens = r.fields["tokenizer.ggml.tokens"].contents()
+    types = r.fields["tokenizer.ggml.token_type"].contents()
+    scores = r.fields["tokenizer.ggml.scores"].contents()
+    assert r.fields["general.architecture"].contents() == "gemma3"
+    assert r.fields["tokenizer.ggml.model"].contents() == "llama" and "tokenizer.ggml.merges" not in r.fields
+    at = {t: i for i, t in enumerate(tokens)}
+    assert (types[at["<bos>"]], types[at["  "]], types[at["\n"]], types[at["<0x41>"]], types[at["th"]]) == \
+        (EX.CONTROL, EX.USER_DEFINED, EX.USER_DEFINED, EX.BYTE, EX.NORMAL)
+    assert "\u2581\u2581" not in at  # transformers' respelling of Gemma's runs of spaces is undone
+    assert (scores[at["\u2581"]], scores[at["a"]], scores[at["<0x00>"]], scores[at["<eos>"]]) == (0.0, -1.0, 0.0, -1000.0)
+    assert r.fields["gemma3.attention.sliding_window"].contents() == 8 and r.fields["tokenizer.ggml.bos_token_id"].contents() == at["<bos>"]
+    stored = {t.name: t for t in r.tensors}["blk.0.attn_norm.weight"].data
+    assert np.allclose(stored, model.model.layers[0].input_layernorm.weight.detach().numpy() + 1)
+
+
+def test_gemma3_q8_0_stays_near_the_expert(tmp_path):
+    tok = _tiny_gemma_tokenizer()
+    model = _tiny_gemma3(len(tok))
+    folder = _save(model, tok, tmp_path / "expert")
+    q8 = EX.export_gguf(folder, tmp_path / "out" / "e.Q8_0.gguf", "q8_0")
+    x = torch.tensor(tok(" ".join(TEXTS) * 2)["input_ids"][:48]).reshape(2, 24)
+    (res,) = EX.verify(folder, [tmp_path / "out" / q8["file"]], x)
+    assert q8["quantized"] > 0 and abs(res["ppl_ratio"] - 1) < 0.05
+
+
+@pytest.mark.parametrize("over, words", [
+    ({"layer_types": ["full_attention"] + ["sliding_attention"] * 5}, "layer_types other than every 6th"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                          "sliding_attention": {"rope_type": "default", "rope_theta": 5e4}}}, "sliding layers' rope_theta"),
+    ({"query_pre_attn_scalar": 64}, "query_pre_attn_scalar 64 != head_dim 256"),
+    ({"final_logit_softcapping": 30.0}, "logit soft-capping"),
+])
+def test_gemma3_layouts_llama_cpp_fixes_otherwise_stop_in_one_line(tmp_path, over, words):
+    tok = _tiny_gemma_tokenizer()
+    folder = _save(_tiny_gemma3(len(tok)), tok, tmp_path / "expert")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, **over}))
+    with pytest.raises(ConfigError, match=words) as e:
+        EX.export_gguf(folder, tmp_path / "out" / "x.gguf", "f16")
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
