@@ -21,9 +21,9 @@ FILE_SOURCES = ("text", "jsonl", "parquet")
 # Data files a source of kind hf reads with a `datasets` builder (by extension); other hf paths are dataset ids.
 HF_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 SOURCE_KINDS = FILE_SOURCES + ("hf",) + BUILTIN_SOURCES
-PRUNE_METHODS = ("contextual", "cus-prun", "taylor", "wanda-sp", "magnitude", "random", "depth", "obs")
+PRUNE_METHODS = ("contextual", "cus-prun", "taylor", "wanda-sp", "flap", "magnitude", "random", "depth", "obs")
 PRUNE_MODES = ("target", "threshold")
-SEQUENTIAL_METHODS = ("contextual", "wanda-sp", "magnitude", "random", "obs")  # prune.sequential applies to these
+SEQUENTIAL_METHODS = ("contextual", "wanda-sp", "flap", "magnitude", "random", "obs")  # prune.sequential applies to these
 REFIT_TARGETS = ("auto", "layer", "stream")
 RECOVER_MODES = ("full", "lora", "distill")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -250,8 +250,8 @@ class PruneConfig:
     damp: float = 0.01  # ridge of every least-squares solve, relative to the mean diagonal of its Gram matrix
     obs_batch: int = 0  # obs: units removed per OBS step; 0 = auto (a 64th of what a layer loses)
     # Choose and refit layer by layer on the pruned model's own activations (SlimGPT order). `auto` (the default)
-    # turns it on wherever it applies: target-mode width pruning by contextual, wanda-sp, magnitude, random or obs,
-    # without query-head cuts, allocation or a search (measured better than one-shot: README, methods.py).
+    # turns it on wherever it applies: target-mode width pruning by contextual, wanda-sp, flap, magnitude, random or
+    # obs, without query-head cuts, allocation or a search (measured better than one-shot: README, methods.py).
     sequential: bool | str = "auto"
     allocate: bool = False  # choose the stock shape (replaced layers, KV groups, MLP width) by predicted error...
     verify: int = 4  # ...then measure this many shortlisted shapes on validation blocks, build the best (0: trust it)
@@ -302,8 +302,8 @@ class PruneConfig:
         if self.auto_sequential:
             object.__setattr__(self, "sequential", applies and not self.allocate)
         _check(not self.sequential or applies,
-               "prune.sequential needs prune.mode target, prune.q_heads 0 and a method among contextual, wanda-sp, "
-               "magnitude, random, obs")
+               "prune.sequential needs prune.mode target, prune.q_heads 0 and a method among "
+               f"{', '.join(SEQUENTIAL_METHODS)}")
         _check(not self.allocate or (self.mode == "target" and self.method != "depth" and not self.sequential),
                "prune.allocate needs prune.mode target, a width method (not depth) and prune.sequential false")
         _check(self.refit_target in REFIT_TARGETS,

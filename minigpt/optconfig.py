@@ -44,7 +44,7 @@ class SearchConfig:
     def __post_init__(self) -> None:
         _check(self.objective in SEARCH_OBJECTIVES,
                f"search.objective {self.objective!r} is not one of {', '.join(SEARCH_OBJECTIVES)}")
-        _check(self.method in PRUNE_METHODS and self.method not in ("depth", "cus-prun", "taylor", "obs"),
+        _check(self.method in PRUNE_METHODS and self.method not in ("depth", "cus-prun", "taylor", "obs", "flap"),
                f"search.method {self.method!r} must be one of contextual, wanda-sp, magnitude, random")
         _check(self.population >= 4 and self.population % 2 == 0, "search.population must be an even number >= 4")
         _check(self.generations >= 1, "search.generations must be >= 1")

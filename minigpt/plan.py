@@ -35,7 +35,7 @@ def stream_refit(prune_cfg: PruneConfig, model_or_config) -> bool:
 
 def stat_spec(prune_cfg: PruneConfig, model_or_config) -> StatSpec:
     """The optional statistics a job's prune settings need from calibration (minigpt.stats)."""
-    gram = prune_cfg.reconstruct or prune_cfg.method == "obs" or prune_cfg.allocate
+    gram = prune_cfg.reconstruct or prune_cfg.method in ("obs", "flap") or prune_cfg.allocate
     spans = (depth_layers(model_or_config, prune_cfg.target),) if prune_cfg.method == "depth" and \
         prune_cfg.reconstruct else ()
     if spans:

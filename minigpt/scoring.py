@@ -10,6 +10,8 @@ Methods (the seed papers):
               corpora; what serves only the other corpora scores lowest.
   taylor      LLM-Pruner: first-order Taylor importance sum |w * grad| of coupled groups (needs taylor_sums).
   wanda-sp    structured Wanda: sum |W| * ||X|| over a structure's output weights.
+  flap        FLAP: the variance of a structure's input across tokens x the squared norm of its output weights
+              (needs the Gram statistics and sums; a near-constant input is what the refit carries over).
   magnitude   data-free: L2 norm of the structure's coupled weights.
   random      seeded uniform baseline.
   depth       block influence: 1 - mean cos(layer input, layer output); the plan drops the least influential layers
@@ -109,8 +111,8 @@ def taylor(stats: Stats, model: nn.Module, *, grad: Stats | None) -> Scores:
     return _finish(stats, model, grad["taylor_mlp"].double() / n, grad["taylor_kv"].double() / n)
 
 
-def _out_weight_norms(model: nn.Module, coupling) -> list[torch.Tensor]:
-    """Per block: sum |W| of the output projection per index along its coupled dimension."""
+def _out_weight_norms(model: nn.Module, coupling, square: bool = False) -> list[torch.Tensor]:
+    """Per block: sum |W| (square: sum W^2) of the output projection per index along its coupled dimension."""
     out = next(c for c in coupling if c.output)
     rows = []
     for layer in decoder_layers(model):
@@ -118,7 +120,8 @@ def _out_weight_norms(model: nn.Module, coupling) -> list[torch.Tensor]:
         if w.device.type == "meta":  # a layer not read (minigpt.sequential streams one at a time): zero
             rows.append(torch.zeros(w.shape[out.dim], dtype=torch.float64))
             continue
-        rows.append(w.double().abs().sum(1 - out.dim))
+        w = w.double()
+        rows.append((w.square() if square else w.abs()).sum(1 - out.dim))
     return rows
 
 
@@ -136,6 +139,39 @@ def wanda_sp(stats: Stats, model: nn.Module) -> Scores:
         kv = _group_heads(per_head, w["kv_heads"])
         return _finish(stats, model, mlp, kv, per_head)
     return _finish(stats, model, mlp, kv)
+
+
+def _input_variance(stats: Stats, gram: str, total: str, layers: Sequence[int]) -> torch.Tensor:
+    """[L, n] variance across tokens of each input channel of an output projection, from the Gram matrix's
+    diagonal (sum x^2) and the sums (sum x); rows outside `layers` stay zero."""
+    n, sums = _tokens(stats), stats[total].double()
+    out = torch.zeros_like(sums)
+    for i in layers:
+        out[i] = (torch.diagonal(stats[gram][i].double()) / n - (sums[i] / n).square()).clamp_min(0)
+    return out
+
+
+def flap(stats: Stats, model: nn.Module, *, layers: Sequence[int] | None = None) -> Scores:
+    """FLAP (An et al., AAAI 2024), its WIFV metric: the variance of a unit's input across tokens times the squared
+    norm of the output-projection weights it feeds (an MLP channel's column; a query head's head_dim columns,
+    averaged; a KV group's heads, summed).
+
+    A channel whose input hardly fluctuates adds a near-constant vector to the residual stream. FLAP removes it and
+    adds that constant to a bias; minigpt's experts keep the base architecture's bias-free projections, so the
+    least-squares refit (prune.reconstruct, on the uncentred Gram matrix) is what carries the mean over. Needs the
+    Gram statistics and sums (sequential runners sum them layer by layer); `layers` limits the work as for obs."""
+    if "mlp_gram" not in stats or "mlp_sum" not in stats:
+        raise refit.RefitError("prune.method flap needs the profile's Gram statistics and sums (mlp_gram, mlp_sum)")
+    w = widths(model)
+    layers = range(w["layers"]) if layers is None else layers
+    mlp = _input_variance(stats, "mlp_gram", "mlp_sum", layers) * torch.stack(
+        _out_weight_norms(model, mlp_coupling(model), square=True))
+    if not kv_prunable(model):
+        return _finish(stats, model, mlp, None)
+    col = _input_variance(stats, "attn_gram", "attn_sum", layers) * torch.stack(
+        _out_weight_norms(model, kv_coupling(model), square=True))  # [L, H * head_dim]
+    per_head = col.reshape(col.shape[0], w["heads"], w["head_dim"]).mean(-1)
+    return _finish(stats, model, mlp, _group_heads(per_head, w["kv_heads"]), per_head)
 
 
 def _coupled_l2(model: nn.Module, coupling, units: int) -> torch.Tensor:
@@ -250,6 +286,8 @@ def score_all(prune_cfg: PruneConfig | str, stats: Stats, model: nn.Module, *, o
         return random(stats, model, seed=cfg.seed)
     if method == "obs":
         return obs(stats, model, shape=shape, damp=cfg.damp, batch=cfg.obs_batch, layers=layers)
+    if method == "flap":
+        return flap(stats, model, layers=layers)
     return METHODS[method](stats, model)
 
 
@@ -258,6 +296,7 @@ METHODS: dict[str, Callable[..., Scores]] = {
     "cus-prun": cus_prun,
     "taylor": taylor,
     "wanda-sp": wanda_sp,
+    "flap": flap,
     "magnitude": magnitude,
     "random": random,
     "depth": depth,

@@ -85,6 +85,38 @@ def test_wanda_sp_and_magnitude_follow_their_formulas(model, prof):
     torch.testing.assert_close(scoring.magnitude(prof, model).mlp[2], sq.sqrt())
 
 
+def test_flap_is_input_variance_times_squared_output_weights(model):
+    """FLAP's WIFV against a direct computation: each output projection's input captured by a hook, its variance
+    over every token, times the column's sum of squares; a query head averages its columns, a KV group sums its
+    heads. The sequential path (one layer's statistics) gives that layer's row."""
+    blocks = _blocks()
+    prof = S.accumulate(model, blocks, batch_size=2, spec=S.StatSpec(gram=True))
+    seen: dict[str, list] = {}
+    hooks = [m.register_forward_hook(lambda mod, a, out, key=key: seen.setdefault(key, []).append(a[0].reshape(
+        -1, a[0].shape[-1]).double())) for i, layer in enumerate(model.model.layers)
+        for key, m in ((f"mlp{i}", layer.mlp.down_proj), (f"attn{i}", layer.self_attn.o_proj))]
+    with torch.no_grad():
+        model.model(input_ids=blocks)
+    for h in hooks:
+        h.remove()
+    got = scoring.flap(prof, model)
+    for i, layer in enumerate(model.model.layers):
+        x = torch.cat(seen[f"mlp{i}"])
+        ref = x.var(0, unbiased=False) * layer.mlp.down_proj.weight.double().square().sum(0)
+        torch.testing.assert_close(got.mlp[i], ref, rtol=1e-5, atol=1e-9)  # E[x^2] - E[x]^2 against var()
+        a = torch.cat(seen[f"attn{i}"])
+        col = a.var(0, unbiased=False) * layer.self_attn.o_proj.weight.double().square().sum(0)
+        per_head = col.reshape(4, 8).mean(-1)  # 4 heads of 8
+        torch.testing.assert_close(got.q[i], per_head, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(got.kv[i], per_head.reshape(2, 2).sum(-1), rtol=1e-5, atol=1e-9)
+    one = scoring.score_all("flap", S.layer_view({k: v[1:2] if v.dim() >= 2 else v for k, v in prof.items()}, 1, 3),
+                            model, layers=[1])
+    torch.testing.assert_close(one.mlp[1], got.mlp[1])
+    assert not one.mlp[0].any() and not one.mlp[2].any()
+    with pytest.raises(Exception, match="flap needs the profile's Gram statistics"):
+        scoring.flap(S.accumulate(model, blocks, batch_size=2), model)
+
+
 def test_random_is_seeded(model, prof):
     a, b = scoring.random(prof, model, seed=1).mlp, scoring.random(prof, model, seed=1).mlp
     assert torch.equal(a, b) and not torch.equal(a, scoring.random(prof, model, seed=2).mlp)
