@@ -124,7 +124,7 @@ def test_recovery_lr_defaults_to_the_measured_rate_of_its_mode():
 
 def test_sequential_auto_turns_on_where_it_applies(tmp_path):
     job = _write(tmp_path, MINIMAL)
-    assert C.PruneConfig().sequential is True and C.PruneConfig().auto_sequential  # obs, target mode
+    assert C.PruneConfig().sequential is True and C.PruneConfig().auto_sequential  # flap, target mode
     for off in (["prune.method=taylor"], ["prune.method=depth"], ["prune.q_heads=2"], ["prune.allocate=true"],
                 ["prune.method=contextual", "prune.mode=threshold"], ["search.enabled=true"]):
         assert J.load(job, off).prune.sequential is False, off
