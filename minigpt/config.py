@@ -23,7 +23,8 @@ HF_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv":
 SOURCE_KINDS = FILE_SOURCES + ("hf",) + BUILTIN_SOURCES
 PRUNE_METHODS = ("contextual", "cus-prun", "taylor", "wanda-sp", "flap", "magnitude", "random", "depth", "obs")
 PRUNE_MODES = ("target", "threshold")
-SEQUENTIAL_METHODS = ("contextual", "wanda-sp", "flap", "magnitude", "random", "obs")  # prune.sequential applies to these
+# The methods prune.sequential applies to.
+SEQUENTIAL_METHODS = ("contextual", "wanda-sp", "flap", "magnitude", "random", "obs")
 REFIT_TARGETS = ("auto", "layer", "stream")
 RECOVER_MODES = ("full", "lora", "distill")
 DTYPES = ("float32", "bfloat16", "float16")

@@ -6,8 +6,9 @@ key rows permuted to GGML's rotary layout, Gemma's norm weights shifted by one (
 the tokenizer as metadata: byte-level BPE (vocabulary, merges) for Llama and Qwen2, sentencepiece (pieces, scores,
 byte tokens) for Gemma 3, with token types, special ids, BOS flag and chat template. Supported: Llama (without rope
 scaling or biases), Qwen2 and Gemma 3 text models in the layout llama.cpp fixes for Gemma 3 (every sixth layer
-global); anything else stops with one line naming these, before anything is written. Types: f16 (2-D weights in float16, norms and biases in
-float32) and q8_0 (2-D weights whose rows split into 32-value blocks in 8-bit, the rest f16, as llama.cpp does).
+global); anything else stops with one line naming these, before anything is written. Types: f16 (2-D weights in
+float16, norms and biases in float32) and q8_0 (2-D weights whose rows split into 32-value blocks in 8-bit, the rest
+f16, as llama.cpp does).
 
 `verify` reads a file back with transformers' GGUF loader and compares it with the expert on token blocks: the
 largest logit difference (f16: fp16 rounding only) and the perplexity ratio (q8_0: within 1% of the expert).
