@@ -20,8 +20,8 @@ import hashlib
 import json
 import math
 from collections.abc import Iterator
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,7 +33,6 @@ from minigpt.optconfig import GGUF_TYPES
 from minigpt.io import atomic_file
 from minigpt.licence import front_matter
 from minigpt.models import load_model, load_tokenizer
-
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,7 @@ FAMILIES = {"llama": Family("LLAMA", permute_qk=True), "qwen2": Family("QWEN2"),
 SUPPORTED = ("Llama (LlamaForCausalLM without rope scaling or biases), Qwen2 (Qwen2ForCausalLM) and Gemma 3 "
              "(Gemma3ForCausalLM, llama.cpp's layout: every sixth layer global)")
 # llama.cpp's token types (gguf.TokenType)
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+NORMAL, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 3, 4, 5, 6
 # llama.cpp fixes these for Gemma 3 (llama-model.cpp): a global layer after every five sliding ones, the sliding
 # layers' rotary base, and attention scaled by 1/sqrt(head size) (but on the 62-layer 27B model).
 GEMMA3_PATTERN, GEMMA3_LOCAL_THETA = 6, 10000.0

@@ -201,13 +201,14 @@ class Pipeline(Run):
             raise ConfigError(f"evaluate.general_text: not found: {ev.general_text}")
         if self.layout.run_dir.exists() and not self.layout.run_dir.is_dir():
             raise ConfigError(f"output_dir {self.layout.run_dir} exists and is not a folder")
+        config = models.model_config(cfg.model)
         if cfg.export.enabled:  # an architecture llama.cpp cannot take: one line now, not after the whole job
             try:
-                EX.check_config(models.model_config(cfg.model).to_dict())
+                EX.check_config(config.to_dict())
             except ConfigError as e:
                 raise ConfigError(f"export.enabled: {e}") from None
         self.check_target()
-        self.check_worker_memory(models.model_config(cfg.model))
+        self.check_worker_memory(config)
 
     def check_target(self) -> None:
         """Whether the plan can reach prune.target with the structures the job allows (MLP width in steps of

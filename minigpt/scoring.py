@@ -166,7 +166,7 @@ def flap(stats: Stats, model: nn.Module, *, layers: Sequence[int] | None = None)
     layers = range(w["layers"]) if layers is None else layers
     mlp = _input_variance(stats, "mlp_gram", "mlp_sum", layers) * torch.stack(
         _out_weight_norms(model, mlp_coupling(model), square=True))
-    if not kv_prunable(model) or "attn_gram" not in stats:  # no heads to score, or only the MLP's sums collected
+    if not kv_prunable(model):
         return _finish(stats, model, mlp, None)
     col = _input_variance(stats, "attn_gram", "attn_sum", layers) * torch.stack(
         _out_weight_norms(model, kv_coupling(model), square=True))  # [L, H * head_dim]

@@ -340,7 +340,7 @@ def _tiny_gemma_tokenizer():
     return tok
 
 
-def _tiny_gemma3(vocab: int, **over):
+def _tiny_gemma3(vocab: int):
     """Six layers (five sliding, one global: llama.cpp's Gemma 3 pattern), a window of 8 tokens, one KV head of
     size 256 (query_pre_attn_scalar = head_dim, as llama.cpp assumes)."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
@@ -349,7 +349,7 @@ def _tiny_gemma3(vocab: int, **over):
     cfg = Gemma3TextConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
                            num_attention_heads=2, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
                            sliding_window=8, max_position_embeddings=128, rope_theta=1e6, pad_token_id=0,
-                           bos_token_id=2, eos_token_id=1, **over)
+                           bos_token_id=2, eos_token_id=1)
     model = Gemma3ForCausalLM(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
