@@ -362,6 +362,8 @@ class RecoverConfig:
     max_failures: int = 0  # Ray Train restarts of a domain's worker group, each resuming from its last checkpoint
     gradient_checkpointing: bool = False  # recompute each layer's activations in the backward pass: less memory
     #                                       per worker for about a third more compute
+    worker_memory_gb: float = 0.0  # Ray memory resource of each trainer worker, checked against its predicted peak
+    #                                (minigpt.memory.predict_recovery) before anything runs; 0: no limit
 
     @property
     def learning_rate(self) -> float:
@@ -376,6 +378,7 @@ class RecoverConfig:
         _check(self.batch_size >= 1 and self.grad_accum >= 1, "recover.batch_size and grad_accum must be >= 1")
         _check(self.lr is None or self.lr > 0, "recover.lr must be > 0")
         _check(self.workers >= 1 and self.cpus_per_worker > 0, "recover.workers and cpus_per_worker must be positive")
+        _check(self.worker_memory_gb >= 0, "recover.worker_memory_gb must be >= 0")
         _check(0 <= self.distill_alpha <= 1, "recover.distill_alpha must be in [0, 1]")
         _check(self.warmup_steps >= 0 and self.checkpoint_every >= 0,
                "recover.warmup_steps and checkpoint_every must be >= 0")

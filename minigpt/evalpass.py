@@ -2,7 +2,7 @@
 
 Held-out quality (minigpt.metrics.lm_metrics), the teacher's top-k targets (minigpt.targets.topk_logprobs), the
 dense validation reference (`nll_sum`) and the report's samples need the same thing from a model: the logits of a
-set of blocks, one batch at a time, in order, and a greedy continuation. `InMemory` does that with a loaded model;
+set of blocks, one batch at a time, in order, a greedy continuation, and (the job's general text) sampled blocks. `InMemory` does that with a loaded model;
 `Streamed` with a minigpt.streamed.StreamedDecoder, which holds the embedding, the head and one decoder layer: all
 blocks go through layer 0, then layer 1 (their residual stream in a HiddenBuffer under a byte budget, spilled to a
 memory-mapped file beyond it), and the head then runs batch by batch, so only one batch's logits ever exist. The
@@ -16,7 +16,7 @@ model runs on the CPU; a GPU holds the whole model.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from torch import nn
 from minigpt.layerstore import LayerStore
 from minigpt.losses import token_nll
 from minigpt.models import DTYPE_MAP, load_model
-from minigpt.streamed import StreamedDecoder, streamed_greedy, streamed_logits
+from minigpt.streamed import StreamedDecoder, streamed_greedy, streamed_logits, streamed_sample
 
 Batches = Iterator[tuple[int, torch.Tensor]]  # (index of the batch's first block, its logits [b, T, V])
 
@@ -59,6 +59,26 @@ class InMemory:
             out.append(gen[:, ids.shape[1]:].cpu())
         return out
 
+    @torch.no_grad()  # not inference_mode: the blocks may feed a backward pass later (taylor sums)
+    def sample(self, start: int, n_blocks: int, block_size: int, seed: int, batch: int,
+               on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+        """[n_blocks, block_size] ids from `start`, sampled at temperature 1 by transformers' `generate` (no top-k /
+        top-p: the model's own distribution, but never its end of text: min_new_tokens holds every eos id of its
+        generation config back), seeded once, `batch` sequences at a time."""
+        from transformers import GenerationConfig
+
+        gen = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=block_size - 1,
+                               min_new_tokens=block_size - 1, pad_token_id=int(start),
+                               eos_token_id=eos_ids(self.model.generation_config) or None)
+        torch.manual_seed(seed)
+        out = []
+        for lo in range(0, n_blocks, batch):
+            x = torch.full((min(batch, n_blocks - lo), 1), int(start), dtype=torch.long, device=self.device)
+            out.append(self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=gen).cpu())
+            if on_batch:
+                on_batch(lo + len(out[-1]))
+        return torch.cat(out)[:, :block_size]
+
 
 class Streamed:
     """A StreamedDecoder: every pass reads each decoder layer once (see the module docstring); the residual stream
@@ -81,8 +101,27 @@ class Streamed:
         """Every prompt in one streamed pass per new token (minigpt.streamed.streamed_greedy)."""
         return streamed_greedy(self.dec, prompts, max_new_tokens, eos, self.hidden_budget)
 
+    def sample(self, start: int, n_blocks: int, block_size: int, seed: int, batch: int,
+               on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+        """The blocks `InMemory.sample` draws, with a KV cache and one layer resident (streamed_sample); the eos ids
+        held back are those of the folder's generation config, as from_pretrained reads it."""
+        from transformers import GenerationConfig
+
+        try:
+            gen = GenerationConfig.from_pretrained(self.dec.store.folder)
+        except OSError:  # no generation_config.json: from_pretrained derives one from the model's config
+            gen = GenerationConfig.from_model_config(self.model.config)
+        return streamed_sample(self.dec, start, n_blocks, block_size, seed, batch, eos_ids(gen), on_batch)
+
+
 
 Forward = InMemory | Streamed
+
+
+def eos_ids(gen) -> list[int]:
+    """The end-of-text ids of a generation config (none, one, or a list)."""
+    eos = gen.eos_token_id
+    return [] if eos is None else [int(e) for e in (eos if isinstance(eos, list | tuple) else [eos])]
 
 
 def as_forward(model: nn.Module | Forward) -> Forward:

@@ -19,7 +19,7 @@ eval.json (schema "minigpt.eval/1"; keys are only ever added, never renamed)::
          "size": {"params", "non_embedding_params", "weight_bytes", "vocab_size", "intermediate_size",
                   "num_hidden_layers", "non_embedding_ratio_vs_dense"},
          "speed": {"batch_size", "seq_len", "repeats", "threads", "device", "latency_ms", "latency_ms_min",
-                   "tokens_per_s", "speedup_vs_dense"},
+                   "tokens_per_s", "speedup_vs_dense"} | null,  # null: the models were streamed (no latency)
          "domains": {domain: {"loss", "ppl", "bits_per_byte", "tokens", "bytes", "blocks",
                               "ppl_ci", "bits_per_byte_ci", "documents_measured",       # [lo, hi] intervals
                               "ppl_ratio", "ppl_ratio_ci", "bits_per_byte_ratio", "bits_per_byte_ratio_ci",
@@ -55,6 +55,7 @@ from minigpt.corpora import DomainData
 from minigpt.evalpass import Forward, InMemory, as_forward, open_forward, streams
 from minigpt.evaltext import EvalSets, LeakageError, check_leakage  # noqa: F401 (LeakageError: re-exported)
 from minigpt.io import atomic_write_json, json_safe
+from minigpt.memory import peak_rss_mib, report_peaks
 from minigpt.metrics import add_intervals, lm_metrics  # lm_metrics: search, quantize and benchmarks use it from here
 from minigpt.tasks import MCQItem, mcq_accuracy, read_questions
 from minigpt.models import count_parameters, load_model, load_tokenizer
@@ -230,6 +231,7 @@ def _evaluate_model(label: str, folder: str, domain_texts: dict[str, list[str]],
         "samples": samples,
         "sample": next(iter(samples.values()))["text"] if samples else "",
         "seconds": time.perf_counter() - t0,
+        "peak_rss_mib": peak_rss_mib(),  # printed, not written: the task's own only in a fresh process (streamed)
     }
 
 
@@ -299,7 +301,9 @@ def evaluate_run(run_dir: Path, models: dict[str, str], domains: list[str], cfg:
           + (f", general corpus of {len(general)} document(s)" if general else "")
           + "".join(f"; {d} out of source: " + ", ".join(f"{k} {len(v)} documents" for k, v in sets.items())
                     for d, sets in oos_texts.items()), flush=True)
-    quality_task = ray.remote(_evaluate_model).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
+    # Streamed (a memory-bounded job), each model gets a fresh worker process, so the peak it reports is its own.
+    fresh = ray.remote(max_calls=1)(_evaluate_model) if streamed else ray.remote(_evaluate_model)
+    quality_task = fresh.options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
     speed_task = ray.remote(_speed_model).options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
     texts_ref, mcq_ref, general_ref = ray.put(domain_texts), ray.put(mcq_items), ray.put(general)
     oos_ref = ray.put(oos_texts)
@@ -316,15 +320,22 @@ def evaluate_run(run_dir: Path, models: dict[str, str], domains: list[str], cfg:
         cells = ", ".join(f"{d} {results[label]['domains'][d]['ppl']:.2f}" for d in domains)
         print(f"[evaluate] {label} done in {results[label]['seconds']:.1f} s: ppl {cells} "
               f"({len(results)}/{len(models)})", flush=True)
+        if streamed:
+            print(report_peaks(f"evaluate {label}", [results[label]["peak_rss_mib"]]), flush=True)
+    if streamed:  # a latency is the whole model's, resident: what a memory-limited job never loads
+        print("[evaluate] speed not measured: the models were streamed (calibrate.worker_memory_gb limits a "
+              "worker), and a latency needs the whole model resident", flush=True)
     for label, folder in models.items():
-        results[label]["speed"] = ray.get(speed_task.remote(str(folder), cfg))
-        print(f"[evaluate] {label} speed: {results[label]['speed']['latency_ms']:.1f} ms per "
-              f"{cfg.speed_batch}x{cfg.speed_seq_len} forward", flush=True)
+        results[label]["speed"] = None if streamed else ray.get(speed_task.remote(str(folder), cfg))
+        if not streamed:
+            print(f"[evaluate] {label} speed: {results[label]['speed']['latency_ms']:.1f} ms per "
+                  f"{cfg.speed_batch}x{cfg.speed_seq_len} forward", flush=True)
 
     dense = "dense" if "dense" in results else None
     for res in results.values():
-        res["speed"]["speedup_vs_dense"] = (results[dense]["speed"]["latency_ms"] / res["speed"]["latency_ms"]
-                                            if dense else None)
+        if res["speed"] is not None:
+            res["speed"]["speedup_vs_dense"] = (results[dense]["speed"]["latency_ms"] / res["speed"]["latency_ms"]
+                                                if dense else None)
         res["size"]["non_embedding_ratio_vs_dense"] = (
             res["size"]["non_embedding_params"] / results[dense]["size"]["non_embedding_params"] if dense else None)
     add_intervals(results, dense, domains, cfg.bootstrap_samples, cfg.confidence)

@@ -26,39 +26,28 @@ from torch import nn
 
 from minigpt.config import DataConfig, DomainConfig, SourceConfig
 from minigpt.corpora import bos_id, build_stream, gather_documents, write_block_shards
+from minigpt.evalpass import Forward, as_forward
 from minigpt.io import atomic_dir, atomic_write_json
 
 SAMPLE_BATCH = 16  # sequences sampled at once: a step costs about the same up to a few dozen sequences on CPU
 
 
-@torch.no_grad()  # not inference_mode: the blocks may feed a backward pass later (taylor sums)
-def sample_blocks(model: nn.Module, tokenizer: Any, n_blocks: int, block_size: int, seed: int = 0,
+def sample_blocks(model: nn.Module | Forward, tokenizer: Any, n_blocks: int, block_size: int, seed: int = 0,
                   batch: int = SAMPLE_BATCH, on_batch=None) -> torch.Tensor:
     """[n_blocks, block_size] token ids the model samples itself: each block opens with the document start (BOS
     where the tokenizer uses one, else EOS) and continues with block_size - 1 tokens sampled at temperature 1 (no
-    top-k / top-p: the model's own distribution), seeded."""
-    from transformers import GenerationConfig
-
+    top-k / top-p: the model's own distribution), seeded. A loaded model samples with transformers' `generate`, a
+    streamed one (minigpt.evalpass.Streamed, one layer resident) draws the same blocks with its own KV cache."""
     start = bos_id(tokenizer)
     start = tokenizer.eos_token_id if start is None else start
-    device = next(model.parameters()).device
-    gen = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=block_size - 1,
-                           min_new_tokens=block_size - 1, pad_token_id=tokenizer.eos_token_id, eos_token_id=None)
-    torch.manual_seed(seed)
-    out = []
-    for lo in range(0, n_blocks, batch):
-        x = torch.full((min(batch, n_blocks - lo), 1), int(start), dtype=torch.long, device=device)
-        out.append(model.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=gen).cpu())
-        if on_batch:
-            on_batch(lo + len(out[-1]))
-    return torch.cat(out)[:, :block_size]
+    return as_forward(model).sample(int(start), n_blocks, block_size, seed, batch, on_batch)
 
 
 def prepare_general(out_dir: Path, data: DataConfig, tokens: int, sources: tuple[SourceConfig, ...], tokenizer: Any,
-                    load_model, banned: Iterable[str] = ()) -> int:
+                    open_model, banned: Iterable[str] = ()) -> int:
     """Write the job's general text as token shards in `out_dir` (atomically) and return its blocks: windows spread
     over `sources`' documents (none of the `banned` hashes: evaluation documents), or blocks the dense model
-    (`load_model()`) samples itself when there are no sources."""
+    (`open_model()`: a loaded model or a streamed Forward) samples itself when there are no sources."""
     n_blocks = max(1, -(-tokens // data.block_size))
     with atomic_dir(out_dir) as tmp:
         if sources:
@@ -68,7 +57,7 @@ def prepare_general(out_dir: Path, data: DataConfig, tokens: int, sources: tuple
             ids, n_bytes = stream.ids.reshape(-1, data.block_size), stream.n_bytes.reshape(-1, data.block_size)
             what = f"{len(stream.documents):,} documents of {', '.join(s.label for s in sources)}"
         else:
-            model = load_model()
+            model = open_model()
             ids = sample_blocks(model, tokenizer, n_blocks, data.block_size, data.seed,
                                 on_batch=lambda n: print(f"[general] sampled {n}/{n_blocks} blocks", flush=True))
             ids = ids.numpy().astype(np.int32)

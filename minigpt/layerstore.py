@@ -57,7 +57,7 @@ class TensorInfo:
         return self.numel * _DTYPE_BYTES[self.dtype]
 
 
-def _read_header(path: Path) -> dict[str, dict]:
+def read_header(path: Path) -> dict[str, dict]:
     """A safetensors file's header (name -> dtype, shape, offsets): its first 8 + n bytes, nothing more."""
     with path.open("rb") as f:
         n = int.from_bytes(f.read(8), "little")
@@ -94,7 +94,7 @@ class LayerStore:
         self.num_layers: int = widths(self.config)["layers"]
         self.index: dict[str, TensorInfo] = {}
         for name in checkpoint_files(self.folder):
-            for key, h in _read_header(self.folder / name).items():
+            for key, h in read_header(self.folder / name).items():
                 self.index[key] = TensorInfo(name, h["dtype"], tuple(h["shape"]))
         self._layer_names = self._split_layers()
 

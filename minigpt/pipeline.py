@@ -253,8 +253,9 @@ class Pipeline(Run):
                               "one layer's Gram sums at a time), or set prune.reconstruct=false")
 
     def check_worker_memory(self, config) -> None:
-        """Predict the peak memory of one calibration worker or sequential runner from the config (minigpt.memory),
-        print it, and stop with one line when calibrate.worker_memory_gb cannot hold it."""
+        """Predict the peak memory of one calibration worker, sequential runner and recovery worker from the config
+        (minigpt.memory; the expert sized by prune.target), print them, and stop with one line when
+        calibrate.worker_memory_gb or recover.worker_memory_gb cannot hold its workers'."""
         c, data = self.cfg.calibrate, self.cfg.data
         tokens = -(-data.calib_tokens // c.workers)  # a runner's share of a domain's calibration blocks...
         if self.cfg.prune.sequential and self.cfg.needs_general_text:
@@ -276,12 +277,21 @@ class Pipeline(Run):
                   f"{est.gram_bytes / gib:.2f} GiB per layer, held three times)", flush=True)
             if est.runner_peak > peak:
                 peak, what = est.runner_peak, "one sequential runner"
-        self.worker_peak = (peak, what, streamed)  # checked against the Ray nodes' memory once Ray is up
         if c.worker_memory_gb and peak > c.worker_memory_gb * gib:
             raise ConfigError(f"calibrate.worker_memory_gb={c.worker_memory_gb:g} is below {what}'s predicted peak "
                               f"of {peak / gib:.2f} GiB (one decoder layer alone is {est.layer_bytes / gib:.3f} GiB); "
                               "raise it" + (", or lower calibrate.stream_memory_gb / calibrate.batch_size" if streamed
                                             else ", or set calibrate.streamed true"))
+        if self.cfg.recover.enabled:
+            rc = self.cfg.recover
+            removed = self.cfg.prune.target if self.cfg.prune.mode == "target" else 0.0
+            rec = recover.predict_worker(config, rc, recover.deepspeed_config(rc), data.block_size, removed)
+            print(f"[memory] each recovery worker: {rec.peak / gib:.2f} GiB predicted ({rec.describe()}; "
+                  f"{rc.workers} worker(s) per domain, {rc.mode})", flush=True)
+            recover.check_worker_memory(rec, rc)
+            if rec.peak > peak:
+                peak, what = rec.peak, "one recovery worker"
+        self.worker_peak = (peak, what, streamed)  # checked against the Ray nodes' memory once Ray is up
 
     def check_resources(self) -> None:
         cpus, gpus = raylib.cluster_cpus(), raylib.cluster_gpus()
@@ -290,15 +300,17 @@ class Pipeline(Run):
             raise ConfigError(f"calibrate: one worker needs {c.cpus_per_worker} CPU / {c.gpus_per_worker} GPU, "
                               f"the cluster has {cpus:g} CPU / {gpus:g} GPU")
         if self.cfg.recover.enabled:
-            recover.check_resources([], self.cfg.recover, cpus, gpus)
+            recover.check_resources(self.cfg.recover, cpus, gpus)
         peak, what, streamed = self.worker_peak or (0, "", False)
         node = raylib.largest_node_memory()
         if peak and node and peak > node:
+            advice = ("lower recover.batch_size, or set recover.mode lora, recover.gradient_checkpointing true, or "
+                      "more recover.workers with a ZeRO-3 deepspeed_config" if what == "one recovery worker" else
+                      "lower calibrate.batch_size / calibrate.stream_memory_gb, or use nodes with more memory"
+                      if streamed else "set calibrate.streamed true (one layer resident at a time), or "
+                      "calibrate.worker_memory_gb to the memory a worker may use")
             raise ConfigError(f"{what}'s predicted peak of {peak / 2**30:.2f} GiB is more than the largest Ray node's "
-                              f"memory ({node / 2**30:.2f} GiB): " + (
-                                  "lower calibrate.batch_size / calibrate.stream_memory_gb, or use nodes with more "
-                                  "memory" if streamed else "set calibrate.streamed true (one layer resident at a "
-                                  "time), or calibrate.worker_memory_gb to the memory a worker may use"))
+                              f"memory ({node / 2**30:.2f} GiB): {advice}")
 
     # ------------------------------------------------------------------------------ the generic keeper
 

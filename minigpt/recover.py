@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from minigpt.config import ConfigError, RecoverConfig
-from minigpt.memory import report_peaks
+from minigpt import memory as MEM
 from minigpt.training import MANIFEST, RecoveryTask, run_name, train_loop, zero_stage
 from minigpt.raylib import cluster_cpus, cluster_gpus, ensure_ray
 from minigpt.targets import load_targets
@@ -201,10 +201,8 @@ def check_tasks(tasks: list[RecoveryTask], cfg: RecoverConfig) -> None:
             raise ConfigError(f"{where}: out_dir and checkpoint_dir are required")
 
 
-def check_resources(tasks: list[RecoveryTask], cfg: RecoverConfig, cluster_cpus: float, cluster_gpus: float) -> None:
+def check_resources(cfg: RecoverConfig, cluster_cpus: float, cluster_gpus: float) -> None:
     """Raise ConfigError if ONE domain's worker group can never be placed (Ray Train would wait forever)."""
-    if not tasks:
-        return
     need_cpu = cfg.workers * cfg.cpus_per_worker
     if need_cpu > cluster_cpus + 1e-9:
         raise ConfigError(f"recover needs {cfg.workers} workers x {cfg.cpus_per_worker:g} CPUs = {need_cpu:g} CPUs "
@@ -213,6 +211,34 @@ def check_resources(tasks: list[RecoveryTask], cfg: RecoverConfig, cluster_cpus:
     if cfg.use_gpu and cfg.workers > cluster_gpus + 1e-9:
         raise ConfigError(f"recover needs {cfg.workers} GPUs per domain (recover.use_gpu, one per worker), but the "
                           f"Ray cluster has {cluster_gpus:g}")
+
+
+def predict_worker(model_config, cfg: RecoverConfig, ds: dict[str, Any], seq: int,
+                   removed: float = 0.0) -> MEM.RecoveryEstimate:
+    """The predicted peak of one trainer worker (minigpt.memory.predict_recovery) recovering an expert of
+    `model_config`'s architecture; `removed` (a fraction of the decoder layers' parameters and MLP width) sizes an
+    expert not written yet from its dense model."""
+    s = MEM.model_sizes(model_config)
+    if removed:
+        s = dataclasses.replace(s, layer_params=round(s.layer_params * (1 - removed)),
+                                intermediate=round(s.intermediate * (1 - removed)))
+    if cfg.mode == "lora":
+        trainable = round(MEM.lora_params(model_config, cfg.lora_targets, cfg.lora_rank) * (1 - removed))
+    else:
+        trainable = s.total_params
+    return MEM.predict_recovery(s, trainable=trainable, batch=cfg.batch_size, seq=seq, zero_stage=zero_stage(ds),
+                                world=cfg.workers, gradient_checkpointing=cfg.gradient_checkpointing,
+                                distill=cfg.mode == "distill",
+                                prefetch=int(ds.get("zero_optimization", {}).get("stage3_prefetch_bucket_size", 5e7)))
+
+
+def check_worker_memory(est: MEM.RecoveryEstimate, cfg: RecoverConfig) -> None:
+    """One line when recover.worker_memory_gb cannot hold a trainer worker's predicted peak."""
+    if cfg.worker_memory_gb and est.peak > cfg.worker_memory_gb * 2**30:
+        raise ConfigError(f"recover.worker_memory_gb={cfg.worker_memory_gb:g} is below a trainer worker's predicted "
+                          f"peak of {est.peak / 2**30:.2f} GiB ({est.describe()}); raise it, or lower "
+                          "recover.batch_size, or set recover.mode lora, recover.gradient_checkpointing true, or more "
+                          "recover.workers with a ZeRO-3 deepspeed_config")
 
 
 def concurrent_domains(n_tasks: int, cfg: RecoverConfig, cluster_cpus: float, cluster_gpus: float) -> int:
@@ -288,6 +314,7 @@ def _run_domain(task: RecoveryTask, cfg: RecoverConfig, ds: dict[str, Any],
                 abort_after_step: int | None) -> RecoveryResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+    from transformers import AutoConfig
 
     task = dataclasses.replace(task, student_dir=os.path.abspath(task.student_dir),
                                out_dir=os.path.abspath(task.out_dir),
@@ -304,6 +331,11 @@ def _run_domain(task: RecoveryTask, cfg: RecoverConfig, ds: dict[str, Any],
             shutil.rmtree(task.checkpoint_dir, ignore_errors=True)
             return _result_from_manifest(task, manifest, skipped=True)
         _prepare_checkpoint_dir(task, fp)
+        est = predict_worker(AutoConfig.from_pretrained(task.student_dir), cfg, ds, block_size(task))
+        print(f"[memory] recover {task.domain}: each of {cfg.workers} trainer worker(s) {est.peak / 2**30:.2f} GiB "
+              f"predicted ({est.describe()})", flush=True)
+        check_worker_memory(est, cfg)
+        memory = {"memory": int(cfg.worker_memory_gb * 2**30)} if cfg.worker_memory_gb else {}
         dense_bpb = None
         if task.teacher_file:
             dense_bpb = load_targets(task.teacher_file, with_tensors=False).dense_valid_bpb
@@ -315,7 +347,7 @@ def _run_domain(task: RecoveryTask, cfg: RecoverConfig, ds: dict[str, Any],
             # Ray Train would pick gloo on CPU by itself; DeepSpeed then reuses this process group.
             torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
-                                         resources_per_worker={"CPU": cfg.cpus_per_worker}),
+                                         resources_per_worker={"CPU": cfg.cpus_per_worker, **memory}),
             run_config=RunConfig(name=run_name(task), storage_path=task.checkpoint_dir,
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                                  failure_config=FailureConfig(max_failures=cfg.max_failures)),
@@ -325,8 +357,8 @@ def _run_domain(task: RecoveryTask, cfg: RecoverConfig, ds: dict[str, Any],
         if manifest is None:
             raise RuntimeError(f"training ended but {task.out_dir} holds no finished expert")
         if manifest.get("peak_rss_mib"):
-            print(report_peaks(f"recover {task.domain}: {len(manifest['peak_rss_mib'])} worker(s)",
-                               manifest["peak_rss_mib"]), flush=True)
+            print(MEM.report_peaks(f"recover {task.domain}: {len(manifest['peak_rss_mib'])} worker(s)",
+                                   manifest["peak_rss_mib"]) + f" ({est.peak / 2**20:.0f} predicted)", flush=True)
         # The expert is final; its DeepSpeed checkpoints (GBs on real models) are no longer needed.
         shutil.rmtree(task.checkpoint_dir, ignore_errors=True)
         return _result_from_manifest(task, manifest, skipped=False)
@@ -352,7 +384,7 @@ def recover_all(tasks: list[RecoveryTask], cfg: RecoverConfig, *,
     ds = deepspeed_config(cfg)
     ensure_ray()
     cpus, gpus = cluster_cpus(), cluster_gpus()
-    check_resources(tasks, cfg, cpus, gpus)
+    check_resources(cfg, cpus, gpus)
     parallel = concurrent_domains(len(tasks), cfg, cpus, gpus)
     print(f"[recover] {len(tasks)} domain(s), {parallel} at a time, {cfg.workers} worker(s) x "
           f"{cfg.cpus_per_worker:g} CPU each, mode {cfg.mode}, ZeRO-{zero_stage(ds)}", flush=True)

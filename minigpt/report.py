@@ -357,7 +357,8 @@ def build_sections(eval_data: dict, plans: dict[str, dict] | None = None,
         prow.append([label, _num(s.get("latency_ms"), 1), _num(s.get("tokens_per_s"), 0),
                      _times(s.get("speedup_vs_dense"))])
     speed.tables.append(Table("Forward latency", ["model", "latency (ms)", "tokens/s", "speedup vs dense"],
-                              prow, note=shape))
+                              prow, note=shape or "not measured: the models were evaluated layer-streamed "
+                              "(calibrate.worker_memory_gb), and a latency needs the whole model resident"))
     sections.append(speed)
 
     if any(res.get("mcq") for res in models.values()):

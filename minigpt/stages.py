@@ -22,6 +22,7 @@ from minigpt import (allocate as A, config as C, corpora, evaltext as ET, evalua
                      models, plan as P, quantize as Q, recover as R, report as RP, search as SE, slim as SL, stats as S,
                      training)
 from minigpt.domainplan import plan_domain, planning_stats
+from minigpt.evalpass import open_forward
 from minigpt.io import atomic_dir, atomic_write_json
 from minigpt.layerstore import LayerStore
 from minigpt.slimstream import slim_to_folder
@@ -75,7 +76,8 @@ def general(p: Run, todo: list[None], keys: dict, finish: Finish) -> None:
 
     L, cfg = p.layout, p.cfg
     G.prepare_general(L.general, cfg.data, cfg.calibrate.general_tokens, cfg.calibrate.general_sources, p.tokenizer(),
-                      lambda: models.load_model(p.model_dir, cfg.calibrate.dtype, cfg.model.trust_remote_code),
+                      lambda: open_forward(p.model_dir, cfg.calibrate.dtype, cfg.model.trust_remote_code,
+                                           streamed=cfg.calibrate.streams_whole_model_stages),
                       banned=ET.banned_hashes(cfg.domains, cfg.data) if cfg.calibrate.general_sources else ())
     if cfg.prune.general_weight > 0 and not cfg.prune.sequential:
         key = keys[None]

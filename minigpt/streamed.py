@@ -16,12 +16,14 @@ logit scaling) are the modeling code's too. Neither pass computes a layer.
 
 `streamed_logits` hands the logits out one batch at a time, after every batch has been through every layer
 (evaluation and the teacher reduce each batch as it comes: minigpt.evalpass); `streamed_greedy` continues prompts
-without a KV cache, one streamed pass per new token.
+without a KV cache, one streamed pass per new token; `streamed_sample` samples the job's general text with one
+(every layer's entry of transformers' own cache extended by that layer as it runs).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -196,8 +198,9 @@ class StreamedDecoder:
                 self.load_layer(keep)
 
     def _with_stand_ins(self, stand_in: Callable[[int, tuple, dict], torch.Tensor], ids: torch.Tensor,
-                        whole: bool) -> Any:
-        """Run the model's own forward with every layer replaced by `stand_in(i, args, kwargs) -> hidden`."""
+                        whole: bool, cache: Any = None) -> Any:
+        """Run the model's own forward with every layer replaced by `stand_in(i, args, kwargs) -> hidden` (with a KV
+        `cache`, the layers' arguments carry it and the positions after what it holds)."""
         def forward_of(i: int, real: Callable):
             def forward(*args, **kwargs):
                 if not self._returns:
@@ -211,14 +214,17 @@ class StreamedDecoder:
             layer.forward = forward_of(i, layer.forward)
         try:
             module = self.model if whole else self.model.base_model
-            return module(input_ids=ids, use_cache=False)
+            if cache is None:
+                return module(input_ids=ids, use_cache=False)
+            return module(input_ids=ids, past_key_values=cache, use_cache=True)
         finally:
             for layer in self.layers:
                 del layer.forward  # the class's own forward again
 
     @torch.inference_mode()
-    def capture(self, ids: torch.Tensor) -> Captured:
-        """Layer 0's input and every layer's call arguments for one batch, without computing a layer."""
+    def capture(self, ids: torch.Tensor, cache: Any = None) -> Captured:
+        """Layer 0's input and every layer's call arguments for one batch, without computing a layer (with a KV
+        `cache`: arguments that make each layer read and extend its entry of it, see `streamed_sample`)."""
         calls: Calls = [None] * self.num_layers  # type: ignore[list-item]
         first: list[torch.Tensor] = []
 
@@ -229,7 +235,7 @@ class StreamedDecoder:
             calls[i] = (tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"})
             return hidden
 
-        self._with_stand_ins(record, ids, whole=False)
+        self._with_stand_ins(record, ids, whole=False, cache=cache)
         return Captured(first[0], calls)
 
     @torch.inference_mode()
@@ -344,6 +350,38 @@ def streamed_greedy(dec: StreamedDecoder, prompts: Sequence[torch.Tensor], max_n
 
 
 @torch.inference_mode()
+def streamed_sample(dec: StreamedDecoder, start: int, n_blocks: int, block_size: int, seed: int, batch: int,
+                    eos: Sequence[int] = (), on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+    """[n_blocks, block_size] token ids sampled at temperature 1 from the document start `start`, never an `eos`
+    id (every block runs its whole length), with a KV cache: each new token of a batch of sequences is one pass over
+    the layers, each layer read from the store, run on the batch's newest tokens, extending its own entry of the
+    cache. The draws are transformers' sampling search's (softmax of the float32 logits with the eos ids at -inf,
+    one multinomial per step, seeded once), so the blocks are the ones `generate` samples in memory with
+    min_new_tokens (minigpt.evalpass.InMemory.sample), while only one layer is ever resident."""
+    from transformers import DynamicCache
+
+    dec.capture(torch.full((1, 1), int(start)))  # learns what a layer returns without a cache (never with one)
+    torch.manual_seed(seed)
+    out = []
+    for lo in range(0, n_blocks, batch):
+        seqs = torch.full((min(batch, n_blocks - lo), 1), int(start), dtype=torch.long)
+        cache = DynamicCache(config=dec.model.config)
+        while seqs.shape[1] < block_size:
+            cap = dec.capture(seqs[:, -1:], cache)
+            hidden = cap.hidden
+            for i in range(dec.num_layers):
+                hidden = dec.run_layer(i, hidden, cap.calls)
+            dec.release_layer()
+            logits = dec.finish(seqs[:, -1:], hidden)[:, -1].float()
+            logits[:, list(eos)] = -math.inf
+            seqs = torch.cat([seqs, torch.multinomial(logits.softmax(-1), num_samples=1)], dim=1)
+        out.append(seqs)
+        if on_batch:
+            on_batch(lo + len(seqs))
+    return torch.cat(out)
+
+
+@torch.inference_mode()
 def accumulate_streamed(dec: StreamedDecoder, blocks: torch.Tensor, batch_size: int, stats=None, spec=None,
                         hidden_budget: int | None = None, spill_dir: str | None = None):
     """minigpt.stats.accumulate, layer-streamed: the same statistics of `blocks` [N, T] added into `stats` (fresh
@@ -380,4 +418,4 @@ def accumulate_streamed(dec: StreamedDecoder, blocks: torch.Tensor, batch_size: 
 
 
 __all__ = ["Captured", "StreamedDecoder", "accumulate_streamed", "pin_mmap_threshold", "resident_parameters",
-           "streamed_forward", "streamed_greedy", "streamed_logits"]
+           "streamed_forward", "streamed_greedy", "streamed_logits", "streamed_sample"]

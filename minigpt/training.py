@@ -10,10 +10,14 @@ DeepSpeed integration, deepspeed.zero.Init over the engine's own config), so eac
 each rank held after loading (`param_elements_loaded`) and its peak then (`load_peak_rss_mib`).
 
 Validation. With `recover.eval_every`, the model is scored (bits per byte, all ranks summed) on the validation
-split before the first step, every `eval_every` steps and after the last. A better score saves the gathered
-weights as `best-<step>.safetensors` beside the checkpoints; `patience` scores without improvement end the run; the
+split before the first step, every `eval_every` steps and after the last. A better score saves the weights as
+`best-<step>/` beside the checkpoints; `patience` scores without improvement end the run; the
 expert is the best weights (`keep_best`). The history travels in the DeepSpeed client state, so a resumed run
 continues the same curve and makes the same decisions (and, being bit-identical, writes the same best weights).
+
+Saving. Best and last weights are gathered one decoder layer at a time and written by rank 0 as they arrive, and
+the expert is made from them one layer at a time (minigpt.trainsave): no rank ever holds the whole model, so a
+ZeRO-3 group can recover an expert bigger than any one of its workers.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import contextlib
 import functools
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,16 +34,18 @@ from typing import Any
 
 import torch
 
+from minigpt.archs import arch_of
 from minigpt.config import RecoverConfig
-from minigpt.io import atomic_dir, atomic_file, atomic_write_json
 from minigpt.memory import peak_rss_mib
 from minigpt.losses import (batch_indices, bits_per_byte, lr_factor, next_token_loss, stop_early, topk_distill_loss,
                             validation_nll)
+from minigpt.trainsave import fill_partitioned, write_engine_weights, write_expert
 from minigpt.trainset import DistillTargets, RecoveryTask, load_distill_targets, training_blocks, validation_blocks
 
 MANIFEST = "_manifest.json"
 TAG_PREFIX = "step_"
 BEST_PREFIX = "best-"
+LAST_DIR = "last"  # the last weights, when they are not the best-validated ones
 
 
 # ------------------------------------------------------------------------------------------------ the engine
@@ -95,16 +102,16 @@ def _no_shm_op() -> None:
 
 @contextlib.contextmanager
 def partitioned_loading(ds: dict[str, Any] | None) -> Iterator[None]:
-    """Under ZeRO-3, `from_pretrained` inside this block builds the model under `deepspeed.zero.Init(ds)`: each rank
-    allocates only its partition of every parameter, and rank 0 reads the checkpoint and copies it into the
-    partitions one module at a time (transformers' DeepSpeed integration), so no rank materialises the whole
-    model's parameters. Elsewhere (another stage, or no `ds`) it does nothing.
+    """Under ZeRO-3, `from_config` inside this block builds the model under `deepspeed.zero.Init(ds)` (transformers'
+    DeepSpeed integration): each rank allocates only its partition of every parameter, so no rank materialises the
+    whole model's parameters (minigpt.trainsave.fill_partitioned then copies the checkpoint in, layer by layer).
+    Elsewhere (another stage, or no `ds`) it does nothing.
 
     transformers finds the config through a weak reference to an `HfDeepSpeedConfig`: the object must stay alive
-    for the whole load, and it is dropped on the way out, since any later `from_pretrained` in this process (rank 0
-    alone rebuilding the plain model in `save_recovered`) would otherwise enter zero.Init's collectives alone and
-    hang. `ds` must hold no "auto" (recover.deepspeed_config resolves or rejects them) and is the very dict
-    `deepspeed.initialize` gets next, so both partition the same way."""
+    for the whole build, and it is dropped on the way out, since any later `from_pretrained` in this process (one
+    rank alone) would otherwise enter zero.Init's collectives alone and hang. `ds` must hold no "auto"
+    (recover.deepspeed_config resolves or rejects them) and is the very dict `deepspeed.initialize` gets next, so
+    both partition the same way."""
     if ds is None or zero_stage(ds) != 3:
         yield
         return
@@ -122,11 +129,19 @@ def partitioned_loading(ds: dict[str, Any] | None) -> Iterator[None]:
 
 def build_student(student_dir: str, cfg: RecoverConfig, ds: dict[str, Any] | None = None) -> torch.nn.Module:
     """The model DeepSpeed trains: the pruned checkpoint in fp32, wrapped with LoRA adapters in lora mode. With a
-    ZeRO-3 `ds` (every rank of the group calling) it is loaded already partitioned (`partitioned_loading`); the
-    adapters, created afterwards whole, are partitioned by `deepspeed.initialize` (broadcast from rank 0)."""
-    from transformers import AutoModelForCausalLM
+    ZeRO-3 `ds` (every rank of the group calling) it is built partitioned and filled one layer at a time
+    (`partitioned_loading`, minigpt.trainsave.fill_partitioned); the adapters, created afterwards whole, are
+    partitioned by `deepspeed.initialize` (broadcast from rank 0)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    with partitioned_loading(ds):
+    if ds is not None and zero_stage(ds) == 3:
+        import torch.distributed as dist
+
+        config = AutoConfig.from_pretrained(student_dir)
+        with partitioned_loading(ds):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        fill_partitioned(model, student_dir, arch_of(config).layers, dist.get_rank())
+    else:
         model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
     if cfg.gradient_checkpointing:
         # Each layer's activations are recomputed in the backward pass instead of kept: a 0.5B model's LoRA worker
@@ -197,52 +212,35 @@ def latest_tag(task: RecoveryTask) -> str | None:
     return latest.read_text().strip() if latest.is_file() else None
 
 
-def _gather_state_dict(engine, stage: int, rank: int) -> dict[str, torch.Tensor] | None:
-    """Full fp32 CPU weights on rank 0 (ZeRO-3 shards gathered; every rank must call this)."""
-    import deepspeed
-
-    module = engine.module
-    params = list(module.parameters()) if stage == 3 else []
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=stage == 3):
-        if rank != 0:
-            return None
-        return {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()}
+def best_dir(task: RecoveryTask, step: int) -> Path:
+    return Path(task.checkpoint_dir) / f"{BEST_PREFIX}{step:06d}"
 
 
-def save_recovered(state: dict[str, torch.Tensor], task: RecoveryTask, cfg: RecoverConfig,
-                manifest: dict[str, Any]) -> None:
-    """Plain HF checkpoint (LoRA merged) + tokenizer + manifest into a temporary sibling, then rename to out_dir."""
-    from transformers import AutoTokenizer
-
-    model = build_student(task.student_dir, cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or {})
-    if unexpected or [k for k in missing if not any(k.endswith(t) for t in tied)]:
-        raise RuntimeError(f"trained weights do not match the student: missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]}")
-    if cfg.mode == "lora":
-        model = model.merge_and_unload()
-    model.eval()
-    with atomic_dir(task.out_dir) as tmp:  # an unfinished or outdated expert is replaced as a whole
-        model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(task.student_dir).save_pretrained(tmp)
-        atomic_write_json(tmp / MANIFEST, manifest)
+def _save_weights(engine, stage: int, rank: int, out_dir: Path) -> None:
+    """The engine's weights into `out_dir`, one layer gathered at a time (minigpt.trainsave; every rank calls),
+    replacing an older folder of the same name (a resumed run saving the same step again)."""
+    if rank == 0 and out_dir.exists():
+        shutil.rmtree(out_dir)
+    write_engine_weights(engine.module, arch_of(engine.module).layers, stage, rank, out_dir)
 
 
-def best_file(task: RecoveryTask, step: int) -> Path:
-    return Path(task.checkpoint_dir) / f"{BEST_PREFIX}{step:06d}.safetensors"
+def _save_best(engine, stage: int, rank: int, task: RecoveryTask, step: int) -> None:
+    """The best-validated weights so far, replacing the previous best (every rank calls)."""
+    path = best_dir(task, step)
+    _save_weights(engine, stage, rank, path)
+    if rank == 0:
+        for old in Path(task.checkpoint_dir).glob(f"{BEST_PREFIX}*"):
+            if old != path:
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
 
 
-def _save_best(state: dict[str, torch.Tensor], task: RecoveryTask, step: int) -> None:
-    """Rank 0: the best-validated weights so far, replacing the previous best file."""
-    from safetensors.torch import save_file
+def save_recovered(weights_dir: Path, task: RecoveryTask, cfg: RecoverConfig, manifest: dict[str, Any]) -> None:
+    """The plain expert (LoRA merged) + tokenizer + manifest from the saved engine weights, one layer at a time."""
+    from transformers import AutoConfig
 
-    path = best_file(task, step)
-    with atomic_file(path, suffix=".safetensors") as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-    for old in Path(task.checkpoint_dir).glob(f"{BEST_PREFIX}*.safetensors"):
-        if old != path:
-            old.unlink(missing_ok=True)
+    root = arch_of(AutoConfig.from_pretrained(task.student_dir)).layers
+    scaling = cfg.lora_alpha / cfg.lora_rank if cfg.mode == "lora" else None
+    write_expert(weights_dir, task.student_dir, root, task.out_dir, scaling, {MANIFEST: manifest})
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -304,9 +302,7 @@ def train_loop(config: dict[str, Any]) -> None:
                         "valid_loss": nll.item() / (len(valid) * (valid.shape[1] - 1))})
         is_best = all(h["valid_bpb"] > bpb for h in history[:-1])
         if is_best and cfg.keep_best:
-            state = _gather_state_dict(engine, stage, rank)
-            if rank == 0:
-                _save_best(state, task, step)
+            _save_best(engine, stage, rank, task, step)
         if rank == 0:
             print(f"[recover] {task.domain} step {step}/{total_steps} validation {bpb:.4f} bits/byte"
                   + (" (best)" if is_best else ""), flush=True)
@@ -362,7 +358,9 @@ def train_loop(config: dict[str, Any]) -> None:
     # step, so a best last step saved them too): read them back instead of gathering the engine's again.
     use_best = bool(history) and cfg.keep_best
     expert_step = min(history, key=lambda h: h["valid_bpb"])["step"] if use_best else step
-    state = None if use_best else _gather_state_dict(engine, stage, rank)
+    weights = best_dir(task, expert_step) if use_best else Path(task.checkpoint_dir) / LAST_DIR
+    if not use_best:
+        _save_weights(engine, stage, rank, weights)
     # Every rank's own peaks, measured, and its parameters (after loading, and owned in training), for the manifest.
     mine = (peak_rss_mib(), held, loaded, load_peak)
     per_rank = [mine]
@@ -371,10 +369,6 @@ def train_loop(config: dict[str, Any]) -> None:
         dist.all_gather_object(per_rank, mine)
     peaks = [r[0] for r in per_rank]
     if rank == 0:
-        if use_best:
-            from safetensors.torch import load_file
-
-            state = load_file(str(best_file(task, expert_step)))
         # The first step of a run pays for allocation and warm-up; leave it out of the rate when there are others.
         steady = rates[1:] or rates
         manifest = {"finished": True, "domain": task.domain, "mode": cfg.mode, "fingerprint": config["fingerprint"],
@@ -387,7 +381,7 @@ def train_loop(config: dict[str, Any]) -> None:
                     "peak_rss_mib": peaks, "param_elements": param_elements,
                     "param_elements_held": [r[1] for r in per_rank],
                     "param_elements_loaded": [r[2] for r in per_rank], "load_peak_rss_mib": [r[3] for r in per_rank]}
-        save_recovered(state, task, cfg, manifest)
+        save_recovered(weights, task, cfg, manifest)
 
 
 def _report_interval() -> float:

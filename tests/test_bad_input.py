@@ -184,3 +184,16 @@ def test_a_worker_memory_limit_below_the_predicted_peak_stops_before_any_model_l
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after Ray's own start-up line
     assert err.startswith("minigpt: error: ") and "more than the largest Ray node's memory" in err, err
     assert "calibrate.batch_size" in err and not (tmp / "run").exists()
+
+
+def test_a_recovery_worker_limit_below_its_predicted_peak_stops_before_anything_runs(base, capsys):
+    """recover.worker_memory_gb is checked at validation against a trainer worker's predicted peak (the expert
+    sized from the dense config and prune.target), naming the setting and what the worker needs."""
+    tmp, job = base
+    job["recover"] = {"enabled": True, "mode": "full", "worker_memory_gb": 0.01}
+    err = _run(tmp, job, capsys)
+    assert "recover.worker_memory_gb=0.01 is below a trainer worker's predicted peak" in err, err
+    job["recover"]["worker_memory_gb"] = 8
+    (tmp / "job.yaml").write_text(yaml.safe_dump(job))
+    assert main(["validate", str(tmp / "job.yaml")]) == 0
+    assert "[memory] each recovery worker:" in capsys.readouterr().out

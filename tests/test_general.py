@@ -70,6 +70,27 @@ def test_sampled_blocks_open_with_a_document_start_and_repeat_with_the_seed():
     assert not torch.equal(a, G.sample_blocks(model, tok, 5, 12, seed=4, batch=2))
 
 
+@pytest.mark.parametrize("make", ["llama", "gemma3"])
+def test_streamed_sampling_draws_the_blocks_generate_draws(tmp_path, make):
+    """The general text of a model too big for one process: sampled with one layer resident and a KV cache that
+    each layer extends as it runs, it is token for token what `generate` samples from the loaded model (the same
+    seed, the same draws), on Llama and on Gemma 3's sliding-window layers."""
+    from minigpt.evalpass import open_forward
+    from minigpt.streamed import resident_parameters
+
+    model, tok = make_tiny_pair()
+    if make == "gemma3":
+        from test_export import _tiny_gemma3
+
+        model = _tiny_gemma3(vocab=len(tok))
+    model.save_pretrained(tmp_path / "m")
+    streamed = open_forward(tmp_path / "m", streamed=True)
+    a = G.sample_blocks(model, tok, 5, 20, seed=3, batch=2)
+    b = G.sample_blocks(streamed, tok, 5, 20, seed=3, batch=2)
+    assert torch.equal(a, b)
+    assert resident_parameters(streamed.model) < sum(p.numel() for p in model.parameters())
+
+
 def test_prepare_general_from_sources_leaves_out_evaluation_documents(tmp_path):
     model, tok = make_tiny_pair()
     docs = [f"general text number {i}: the quick brown fox jumps over the lazy dog. " * 4 for i in range(12)]
@@ -78,11 +99,11 @@ def test_prepare_general_from_sources_leaves_out_evaluation_documents(tmp_path):
     data = DataConfig(block_size=16, blocks_per_shard=2)
     banned = {doc_hash(docs[0], data.salt)}
     n = G.prepare_general(tmp_path / "out", data, 4000, (SourceConfig(kind="text", path=str(tmp_path)),), tok,
-                          load_model=lambda: pytest.fail("sources given: nothing is sampled"), banned=banned)
+                          open_model=lambda: pytest.fail("sources given: nothing is sampled"), banned=banned)
     blocks = read_blocks(G.shards(tmp_path / "out"))
     assert n == len(blocks) and 10 <= n < 4000 // 16 and blocks.shape[1] == 16  # all the text there is
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["finished"] is True and manifest["source"].startswith("11 documents")  # 12 less the banned one
     # No sources: the model samples the blocks itself.
-    n = G.prepare_general(tmp_path / "sampled", data, 40, (), tok, load_model=lambda: model)
+    n = G.prepare_general(tmp_path / "sampled", data, 40, (), tok, open_model=lambda: model)
     assert n == 3 and len(read_blocks(G.shards(tmp_path / "sampled"))) == 3

@@ -21,6 +21,10 @@ from minigpt.recover import check_resources, concurrent_domains, deepspeed_confi
 from minigpt.losses import batch_indices, lr_factor, next_token_loss, stop_early, student_rows, topk_distill_loss
 from minigpt.training import build_student, latest_tag
 from minigpt.trainset import RecoveryTask, load_blocks
+
+from conftest import make_tiny_llama
+
+
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 32
 VOCAB = 49152  # the real tokenizer's
@@ -185,12 +189,11 @@ def test_deepspeed_offload_config_is_packaged_and_checked(tmp_path):
 
 
 def test_check_resources_names_what_does_not_fit():
-    tasks = [RecoveryTask("a", "s", ("x",), "o", "c")]
-    check_resources(tasks, RecoverConfig(workers=2, cpus_per_worker=1.0), 2.0, 0.0)
+    check_resources(RecoverConfig(workers=2, cpus_per_worker=1.0), 2.0, 0.0)
     with pytest.raises(ConfigError, match="3 workers x 1 CPUs = 3 CPUs"):
-        check_resources(tasks, RecoverConfig(workers=3, cpus_per_worker=1.0), 2.0, 0.0)
+        check_resources(RecoverConfig(workers=3, cpus_per_worker=1.0), 2.0, 0.0)
     with pytest.raises(ConfigError, match="GPUs"):
-        check_resources(tasks, RecoverConfig(workers=2, use_gpu=True), 8.0, 1.0)
+        check_resources(RecoverConfig(workers=2, use_gpu=True), 8.0, 1.0)
     assert concurrent_domains(5, RecoverConfig(workers=2, cpus_per_worker=0.5), 2.0, 0.0) == 2
     assert concurrent_domains(1, RecoverConfig(workers=2, cpus_per_worker=0.5), 8.0, 0.0) == 1
 
@@ -488,3 +491,29 @@ def test_load_blocks_reads_contract_shards(shards):
     # b + s of its 8-id cycle).
     want = [[100 + (j + b + s) % 8 for j in range(BLOCK)] for s in range(2) for b in range(8)]
     assert blocks.tolist() == want
+
+
+def test_lora_parameters_are_counted_exactly_and_the_recovery_peak_adds_its_terms():
+    """minigpt.memory's recovery prediction: LoRA's trainable parameters are what peft creates; ZeRO-3 over two
+    workers halves the weights and partitions gradients and optimizer state; checkpointing shrinks activations."""
+    from peft import get_peft_model
+
+    from minigpt import memory as MEM
+    from minigpt.training import _lora_config
+
+    model = make_tiny_llama()
+    cfg = RecoverConfig(mode="lora", lora_rank=4)
+    peft_model = get_peft_model(model, _lora_config(cfg))
+    created = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
+    assert MEM.lora_params(model.config, cfg.lora_targets, 4) == created
+    s = MEM.model_sizes(model.config)
+    kw = dict(batch=2, seq=16, gradient_checkpointing=False, distill=False, base_bytes=0)
+    one = MEM.predict_recovery(s, trainable=s.total_params, zero_stage=2, world=1, **kw)
+    three = MEM.predict_recovery(s, trainable=s.total_params, zero_stage=3, world=2, **kw)
+    assert three.weights == one.weights // 2 and three.optimizer < one.optimizer and three.gradients < one.gradients
+    assert three.gathered > 0 == one.gathered
+    gc = MEM.predict_recovery(s, trainable=s.total_params, zero_stage=2, world=1,
+                              **{**kw, "gradient_checkpointing": True})
+    assert gc.activations < one.activations and gc.peak - one.peak == gc.activations - one.activations
+    lora = MEM.predict_recovery(s, trainable=created, zero_stage=2, world=1, **kw)
+    assert lora.gradients == 2 * created * 4 and lora.weights == one.weights
