@@ -64,9 +64,14 @@ scale-bench: $(SCALE_STAMP)
 	$(BIN)/python benchmarks/scale.py --models smollm2-135m,qwen2.5-coder-0.5b --modes plain,calib,prune,runner
 	$(BIN)/python benchmarks/scale.py --models qwen2.5-coder-1.5b --modes plain,calib,runner
 	$(BIN)/python -m minigpt run jobs/scale-qwen05.yaml
+	@mkdir -p runs
+	bash -o pipefail -c '$(BIN)/python -m minigpt run jobs/scale-qwen15.yaml 2>&1 | tee runs/scale-qwen15.log'
+	$(BIN)/python benchmarks/job_costs.py runs/scale-qwen15 --log runs/scale-qwen15.log
 
+# Two pytest workers, each test module on one of them (its module-scoped runs and Ray instance with it): most of
+# the suite's wall time is waiting on Ray start-ups and subprocess jobs, which the other worker fills.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -n 2 --dist loadfile
 
 bench: $(STAMP)
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done

@@ -145,7 +145,7 @@ def main() -> None:
         general = torch.load(gen_path)
     else:
         general = G.sample_blocks(dense, tok, 8192 // args.block_size, args.block_size, seed=0,
-                                  on_batch=lambda n: print(f"[bench] general text: {n} blocks sampled", flush=True))
+                                  on_batch=lambda n, _: print(f"[bench] general text: {n} blocks sampled", flush=True))
         gen_path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(general, gen_path)
     general_profile = _profile(dense, general, spec, gen_path.with_suffix(".safetensors"), args.batch,

@@ -61,8 +61,8 @@ class InMemory:
 
     @torch.no_grad()  # not inference_mode: the blocks may feed a backward pass later (taylor sums)
     def sample(self, start: int, n_blocks: int, block_size: int, seed: int, batch: int,
-               on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
-        """[n_blocks, block_size] ids from `start`, sampled at temperature 1 by transformers' `generate` (no top-k /
+               on_batch: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """[n_blocks, block_size] ids from `start` (`on_batch(blocks done, block_size)` after each batch), sampled at temperature 1 by transformers' `generate` (no top-k /
         top-p: the model's own distribution, but never its end of text: min_new_tokens holds every eos id of its
         generation config back), seeded once, `batch` sequences at a time."""
         from transformers import GenerationConfig
@@ -76,7 +76,7 @@ class InMemory:
             x = torch.full((min(batch, n_blocks - lo), 1), int(start), dtype=torch.long, device=self.device)
             out.append(self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=gen).cpu())
             if on_batch:
-                on_batch(lo + len(out[-1]))
+                on_batch(lo + len(out[-1]), block_size)
         return torch.cat(out)[:, :block_size]
 
 
@@ -102,8 +102,8 @@ class Streamed:
         return streamed_greedy(self.dec, prompts, max_new_tokens, eos, self.hidden_budget)
 
     def sample(self, start: int, n_blocks: int, block_size: int, seed: int, batch: int,
-               on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
-        """The blocks `InMemory.sample` draws, with a KV cache and one layer resident (streamed_sample); the eos ids
+               on_batch: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """The blocks `InMemory.sample` draws (`on_batch` also every 32 tokens of a batch), with a KV cache and one layer resident (streamed_sample); the eos ids
         held back are those of the folder's generation config, as from_pretrained reads it."""
         from transformers import GenerationConfig
 

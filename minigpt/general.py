@@ -16,7 +16,7 @@ Written once per job as token shards (`prepare_general`) and calibrated like a d
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ SAMPLE_BATCH = 16  # sequences sampled at once: a step costs about the same up t
 
 
 def sample_blocks(model: nn.Module | Forward, tokenizer: Any, n_blocks: int, block_size: int, seed: int = 0,
-                  batch: int = SAMPLE_BATCH, on_batch=None) -> torch.Tensor:
+                  batch: int = SAMPLE_BATCH, on_batch: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """[n_blocks, block_size] token ids the model samples itself: each block opens with the document start (BOS
     where the tokenizer uses one, else EOS) and continues with block_size - 1 tokens sampled at temperature 1 (no
     top-k / top-p: the model's own distribution), seeded. A loaded model samples with transformers' `generate`, a
@@ -58,8 +58,12 @@ def prepare_general(out_dir: Path, data: DataConfig, tokens: int, sources: tuple
             what = f"{len(stream.documents):,} documents of {', '.join(s.label for s in sources)}"
         else:
             model = open_model()
-            ids = sample_blocks(model, tokenizer, n_blocks, data.block_size, data.seed,
-                                on_batch=lambda n: print(f"[general] sampled {n}/{n_blocks} blocks", flush=True))
+            def progress(blocks: int, tokens: int) -> None:
+                print(f"[general] sampled {blocks}/{n_blocks} blocks" + (
+                    f", the next {min(SAMPLE_BATCH, n_blocks - blocks)} at token {tokens}/{data.block_size}"
+                    if tokens < data.block_size else ""), flush=True)
+
+            ids = sample_blocks(model, tokenizer, n_blocks, data.block_size, data.seed, on_batch=progress)
             ids = ids.numpy().astype(np.int32)
             n_bytes = np.zeros_like(ids, dtype=np.int64)  # calibration reads token ids only
             what = "text the dense model sampled itself"

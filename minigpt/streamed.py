@@ -351,13 +351,16 @@ def streamed_greedy(dec: StreamedDecoder, prompts: Sequence[torch.Tensor], max_n
 
 @torch.inference_mode()
 def streamed_sample(dec: StreamedDecoder, start: int, n_blocks: int, block_size: int, seed: int, batch: int,
-                    eos: Sequence[int] = (), on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+                    eos: Sequence[int] = (), on_batch: Callable[[int, int], None] | None = None,
+                    every: int = 32) -> torch.Tensor:
     """[n_blocks, block_size] token ids sampled at temperature 1 from the document start `start`, never an `eos`
     id (every block runs its whole length), with a KV cache: each new token of a batch of sequences is one pass over
     the layers, each layer read from the store, run on the batch's newest tokens, extending its own entry of the
     cache. The draws are transformers' sampling search's (softmax of the float32 logits with the eos ids at -inf,
     one multinomial per step, seeded once), so the blocks are the ones `generate` samples in memory with
-    min_new_tokens (minigpt.evalpass.InMemory.sample), while only one layer is ever resident."""
+    min_new_tokens (minigpt.evalpass.InMemory.sample), while only one layer is ever resident. `on_batch(blocks
+    done, tokens of the batch in progress)` is called every `every` tokens and after each batch: a 1.5B model on
+    two CPU cores takes seconds per token."""
     from transformers import DynamicCache
 
     dec.capture(torch.full((1, 1), int(start)))  # learns what a layer returns without a cache (never with one)
@@ -375,9 +378,11 @@ def streamed_sample(dec: StreamedDecoder, start: int, n_blocks: int, block_size:
             logits = dec.finish(seqs[:, -1:], hidden)[:, -1].float()
             logits[:, list(eos)] = -math.inf
             seqs = torch.cat([seqs, torch.multinomial(logits.softmax(-1), num_samples=1)], dim=1)
+            if on_batch and seqs.shape[1] % every == 0 and seqs.shape[1] < block_size:
+                on_batch(lo, seqs.shape[1])
         out.append(seqs)
         if on_batch:
-            on_batch(lo + len(seqs))
+            on_batch(lo + len(seqs), block_size)
     return torch.cat(out)
 
 
