@@ -214,13 +214,15 @@ class RecoveryEstimate:
 
 
 def predict_recovery(s: ModelSizes, *, trainable: int, batch: int, seq: int, zero_stage: int, world: int,
-                     gradient_checkpointing: bool, distill: bool, prefetch: int = 0,
+                     gradient_checkpointing: bool, distill: bool, live: int = 10**9, prefetch: int = 0,
                      base_bytes: int = BASE_BYTES) -> RecoveryEstimate:
     """Peak bytes of one recovery worker (minigpt.training: fp32 weights, AdamW, DeepSpeed ZeRO `zero_stage` over
     `world` workers) training `trainable` parameters (all of them, or LoRA's) of a model of sizes `s`:
 
     * weights: every parameter, 1 / world of them under ZeRO-3, which gathers a module's parameters while it runs
-      (`gathered`: the largest of one layer and the embedding, and the next `prefetch` elements);
+      and keeps gathered ones it will reuse soon (the backward pass reuses them all) up to `live` elements
+      (stage3_max_live_parameters / max_reuse_distance): `gathered` is the larger of that (at most the other
+      ranks' share) and the largest module, plus the next `prefetch` elements;
     * gradients of the trainable parameters (whole, and reduced into a partition from ZeRO-2 on), and AdamW's two moments plus DeepSpeed's
       flat fp32 copy of the partition it updates (partitioned from ZeRO-1 on; offloading moves them to CPU memory,
       which on a CPU worker is the same memory);
@@ -235,7 +237,9 @@ def predict_recovery(s: ModelSizes, *, trainable: int, batch: int, seq: int, zer
     params = s.total_params
     shard = world if zero_stage == 3 else 1
     weights = params * b // shard
-    gathered = (max(s.layer_params, s.embed_params) + prefetch) * b if zero_stage == 3 and world > 1 else 0
+    others = params - params // world
+    gathered = (max(s.layer_params, s.embed_params, min(live, others)) + prefetch) * b \
+        if zero_stage == 3 and world > 1 else 0
     # ZeRO-1/2 keep the full .grad tensors until they are reduced into the partition's flat buffer; ZeRO-3 reduces
     # and partitions each gradient as the backward pass produces it.
     gradients = trainable * b // world if zero_stage == 3 else \

@@ -219,6 +219,7 @@ def predict_worker(model_config, cfg: RecoverConfig, ds: dict[str, Any], seq: in
     `model_config`'s architecture; `removed` (a fraction of the decoder layers' parameters and MLP width) sizes an
     expert not written yet from its dense model."""
     s = MEM.model_sizes(model_config)
+    zero = ds.get("zero_optimization", {})
     if removed:
         s = dataclasses.replace(s, layer_params=round(s.layer_params * (1 - removed)),
                                 intermediate=round(s.intermediate * (1 - removed)))
@@ -226,10 +227,12 @@ def predict_worker(model_config, cfg: RecoverConfig, ds: dict[str, Any], seq: in
         trainable = round(MEM.lora_params(model_config, cfg.lora_targets, cfg.lora_rank) * (1 - removed))
     else:
         trainable = s.total_params
+    # DeepSpeed's own defaults where the file leaves them out.
+    live = int(min(zero.get("stage3_max_live_parameters", 1e9), zero.get("stage3_max_reuse_distance", 1e9)))
     return MEM.predict_recovery(s, trainable=trainable, batch=cfg.batch_size, seq=seq, zero_stage=zero_stage(ds),
                                 world=cfg.workers, gradient_checkpointing=cfg.gradient_checkpointing,
-                                distill=cfg.mode == "distill",
-                                prefetch=int(ds.get("zero_optimization", {}).get("stage3_prefetch_bucket_size", 5e7)))
+                                distill=cfg.mode == "distill", live=live,
+                                prefetch=int(zero.get("stage3_prefetch_bucket_size", 5e7)))
 
 
 def check_worker_memory(est: MEM.RecoveryEstimate, cfg: RecoverConfig) -> None:

@@ -26,7 +26,7 @@ only when `apply` changes it (the caller's model is never written); one built fr
 (`LayerRunner.from_folder`, what `ray_runners` starts) runs on a minigpt.streamed.StreamedDecoder: the embedding and
 head resident, one decoder layer read from the folder at a time, the streams in HiddenBuffers under a byte budget.
 The driver likewise copies only the layer it solves, or, given a LayerStore instead of a model, reads each layer
-from the folder, solves it and lets it go: its memory is one layer plus the new weights it returns.
+from the folder, solves it and lets it go: its memory is one layer; the new weights it returns wait on disk.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from torch import nn
 
 from minigpt import refit, scoring, stats as S
 from minigpt.config import SEQUENTIAL_METHODS, ConfigError, PruneConfig
+from minigpt.hidden import SpilledTensors
 from minigpt.layerstore import LayerStore
 from minigpt.models import arch_of, decoder_layers, widths
 from minigpt.plan import PruningPlan, Shape, plan_from_shape, stream_refit, target_shape, top_units
@@ -108,7 +109,7 @@ def prune_sequential(model: nn.Module | LayerStore, runners: Sequence, prune_cfg
     `runners` are LayerRunner objects (or Ray actor handles of them with remote=True) over disjoint shares of the
     calibration blocks; `shape` defaults to the job's uniform target shape. Only width pruning is sequential (a
     depth cut has no per-layer order to follow). `model` may be a LayerStore: each layer is then read when its turn
-    comes and released after it (its new weights are kept in the returned dict)."""
+    comes and released after it, and the new weights are kept on disk (a SpilledTensors mapping, read back by name)."""
     if prune_cfg.method not in SEQUENTIAL_METHODS or prune_cfg.mode != "target":
         raise ConfigError(f"prune.sequential supports target-mode width pruning with "
                           f"{', '.join(SEQUENTIAL_METHODS)}, not {prune_cfg.method!r} ({prune_cfg.mode})")
@@ -122,7 +123,9 @@ def prune_sequential(model: nn.Module | LayerStore, runners: Sequence, prune_cfg
     shape = shape or target_shape(work, prune_cfg, None, {})
     mlp_keep: list = [None] * w["layers"]
     kv_keep: list = [None] * w["layers"]
-    weights: dict[str, torch.Tensor] = {}
+    # Streamed, the new weights go to disk as each layer is done (read back one layer at a time by slimming), so
+    # the driver never holds a third of the model's layer weights.
+    weights: dict[str, torch.Tensor] | SpilledTensors = SpilledTensors(0) if store else {}
     cut = {"attn": shape.kv_groups < w["kv_heads"], "mlp": shape.mlp_width < w["intermediate"]}
     correct = {"attn": stream and prune_cfg.stream_attn, "mlp": stream}
     for i in range(w["layers"]):

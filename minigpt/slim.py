@@ -73,13 +73,15 @@ def _param_name(model: nn.Module, tensor: torch.Tensor) -> str:
     return next(n for n, p in model.named_parameters(remove_duplicate=False) if p is tensor)
 
 
-def _check_weights(model: nn.Module, weights: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-    """New values for some dense parameters (minigpt.refit.compensation): same names and shapes as the model's."""
+def _check_weights(model: nn.Module, weights: Mapping[str, torch.Tensor] | None) -> Mapping[str, torch.Tensor]:
+    """New values for some dense parameters (minigpt.refit.compensation): same names and shapes as the model's.
+    The mapping is returned as it is: one kept on disk (minigpt.hidden.SpilledTensors) is read one tensor at a
+    time, here and when slimming uses it."""
     params = dict(model.named_parameters(remove_duplicate=False))
     for name, value in (weights or {}).items():
         if name not in params or params[name].shape != value.shape:
             raise ValueError(f"replacement weight {name} {tuple(value.shape)} does not match the model")
-    return dict(weights or {})
+    return weights if weights is not None else {}
 
 
 def _cuts(model: nn.Module, plan: PruningPlan) -> list[tuple[list[Coupled], int, str]]:

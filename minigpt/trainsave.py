@@ -40,18 +40,21 @@ LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.[^.]+\.weight$")
 
 
 def layer_groups(names: Iterable[str], layers_root: str) -> list[list[str]]:
-    """`names` split into one group per decoder layer (in layer order) and one group for everything else (the
-    embedding, final norm and head), whatever prefix (peft's) stands before `layers_root` ("model.layers")."""
+    """`names` split into one group per decoder layer (in layer order), then one group per module outside them (the
+    embedding, the final norm, the head: each as big as a layer or bigger on a large vocabulary), whatever prefix
+    (peft's) stands before `layers_root` ("model.layers"). A LoRA pair stays with the weight it adapts."""
     pattern = re.compile(rf"(?:^|\.){re.escape(layers_root)}\.(\d+)\.")
     layers: dict[int, list[str]] = {}
-    rest: list[str] = []
+    rest: dict[str, list[str]] = {}
     for n in names:
         m = pattern.search(n)
         if m:
             layers.setdefault(int(m.group(1)), []).append(n)
         else:
-            rest.append(n)
-    return [layers[i] for i in sorted(layers)] + ([rest] if rest else [])
+            lora = LORA.match(n)
+            module = expert_name(lora.group("module")) if lora else expert_name(n).rsplit(".", 1)[0]
+            rest.setdefault(module, []).append(n)
+    return [layers[i] for i in sorted(layers)] + list(rest.values())
 
 
 def persistent_buffers(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -60,6 +60,8 @@ def test_streamed_runners_and_driver_equal_the_in_memory_path(folder, tmp_path, 
     assert set(sweights) == set(weights)
     for k, v in weights.items():
         torch.testing.assert_close(sweights[k], v, rtol=1e-6, atol=1e-6)
+    # The streamed driver kept none of its new weights in memory: they wait on disk until slimming reads them.
+    assert sweights._buffer.memory_bytes == 0 and sweights._buffer.spilled_bytes > 0
     assert not list(tmp_path.glob("minigpt-hidden-*/*.bin"))  # the runners were closed at the end: no spill left
 
 

@@ -19,12 +19,12 @@ def _student(folder, tie: bool):
     return folder
 
 
-def test_layer_groups_split_by_layer_whatever_the_prefix():
+def test_layer_groups_split_by_layer_and_module_whatever_the_prefix():
     names = ["base_model.model.model.layers.10.mlp.up_proj.weight", "base_model.model.model.embed_tokens.weight",
              "base_model.model.model.layers.2.self_attn.q_proj.lora_A.default.weight",
              "base_model.model.model.layers.2.input_layernorm.weight", "base_model.model.lm_head.weight"]
     groups = TS.layer_groups(names, "model.layers")
-    assert groups == [names[2:4], names[:1], [names[1], names[4]]]
+    assert groups == [names[2:4], names[:1], [names[1]], [names[4]]]
 
 
 @pytest.mark.parametrize("lora,tie", [(True, True), (False, False)])
