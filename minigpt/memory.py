@@ -147,8 +147,9 @@ def predict_memory(s: ModelSizes, dtype: torch.dtype | str = torch.float32, batc
 
     streamed peak = embed + head + ONE layer + hidden + activations + base
     whole peak    = embed + head + EVERY layer + hidden + activations + base
-    runner peak   = embed + head + 2 layers + 3 x hidden + kept + layer activations + 3 x Gram + base
-                    (a sequential runner; the terms are spelled out where it is computed)
+    runner peak   = max(embed + head + hidden, 2 layers + 3 x hidden + kept + layer activations + 3 x Gram) + base
+                    (a sequential runner, which drops the embedding and head once its batches are captured; the
+                    terms are spelled out where it is computed)
     Captured call arguments (masks, rotary tables per batch) and a spilled entry read back (one batch) are small
     beside these and not counted; outputs a caller keeps (logits of every batch) are the caller's."""
     b = dtype_bytes(dtype)
@@ -157,7 +158,7 @@ def predict_memory(s: ModelSizes, dtype: torch.dtype | str = torch.float32, batc
     hidden = held if hidden_budget is None else min(held, hidden_budget)
     act = activation_bytes(s, batch, seq, b)
     shared = embed + head + hidden + act + base_bytes
-    # A sequential runner (minigpt.runner) runs no head but holds, per layer: the layer read and its changed copy;
+    # A sequential runner (minigpt.runner) runs no head (nor, after capturing, the embedding) but holds, per layer: the layer read and its changed copy;
     # its share's stream, the dense stream and the next dense stream (the stream target), and each batch's MLP
     # output, input and layer output for reuse (intermediate + 2 hidden values per token), each under the budget;
     # and the layer's fp64 Gram matrices (MLP input I x I, attention output input Q x Q, the drift D x max(I, Q)):
@@ -166,8 +167,9 @@ def predict_memory(s: ModelSizes, dtype: torch.dtype | str = torch.float32, batc
     gram = (s.intermediate ** 2 + q * q + s.hidden * max(s.intermediate, q)) * 8
     kept = tokens * (s.intermediate + 2 * s.hidden) * b
     kept = kept if hidden_budget is None else min(kept, hidden_budget)
-    runner = embed + head + 2 * layer + 3 * hidden + kept + activation_bytes(s, batch, seq, b, head=False) \
-        + 3 * gram + base_bytes
+    # The embedding and head only while the runner captures its batches (it releases them before any layer runs).
+    layers = 2 * layer + 3 * hidden + kept + activation_bytes(s, batch, seq, b, head=False) + 3 * gram
+    runner = max(embed + head + hidden, layers) + base_bytes
     return MemoryEstimate(embed, layer, head, s.num_layers * layer, hidden, act, base_bytes,
                           streamed_peak=shared + layer, whole_peak=shared + s.num_layers * layer, gram_bytes=gram,
                           runner_peak=runner)
@@ -220,9 +222,10 @@ def predict_recovery(s: ModelSizes, *, trainable: int, batch: int, seq: int, zer
     `world` workers) training `trainable` parameters (all of them, or LoRA's) of a model of sizes `s`:
 
     * weights: every parameter, 1 / world of them under ZeRO-3, which gathers a module's parameters while it runs
-      and keeps gathered ones it will reuse soon (the backward pass reuses them all) up to `live` elements
-      (stage3_max_live_parameters / max_reuse_distance): `gathered` is the larger of that (at most the other
-      ranks' share) and the largest module, plus the next `prefetch` elements;
+      (`gathered`: the largest module, the embedding or head on a large vocabulary, twice: measured, a gather
+      holds its flat buffer beside the parameter it fills), keeps gathered ones it will reuse soon up to `live`
+      elements (stage3_max_live_parameters / max_reuse_distance; at most the other ranks' share) and fetches the
+      next `prefetch` elements ahead;
     * gradients of the trainable parameters (whole, and reduced into a partition from ZeRO-2 on), and AdamW's two moments plus DeepSpeed's
       flat fp32 copy of the partition it updates (partitioned from ZeRO-1 on; offloading moves them to CPU memory,
       which on a CPU worker is the same memory);
@@ -232,13 +235,14 @@ def predict_recovery(s: ModelSizes, *, trainable: int, batch: int, seq: int, zer
     * logits: batch x seq x vocab values, five copies (the logits, the loss's copy, its log-softmax, and the
       gradients of both), six when distilling (the tempered copy).
     Measured peaks of the demos' experts (ZeRO-2, one worker): SmolLM2-135M's (distill, 4 x 256) 5.40 GiB
-    against 5.42 predicted, Gemma-3-270M's (full, 2 x 256) 9.19 against 8.74."""
+    against 5.42 predicted, Gemma-3-270M's (full, 2 x 256) 9.19 against 8.74; Qwen2.5-Coder-1.5B's (LoRA, ZeRO-3
+    over two workers, 1 x 256, checkpointing) 7.8 and 8.1 against 6.3: the least certain term is ZeRO-3's."""
     b = 4  # training runs in fp32
     params = s.total_params
     shard = world if zero_stage == 3 else 1
     weights = params * b // shard
     others = params - params // world
-    gathered = (max(s.layer_params, s.embed_params, min(live, others)) + prefetch) * b \
+    gathered = (2 * max(s.layer_params, s.embed_params, s.head_params) + min(live, others) + prefetch) * b \
         if zero_stage == 3 and world > 1 else 0
     # ZeRO-1/2 keep the full .grad tensors until they are reduced into the partition's flat buffer; ZeRO-3 reduces
     # and partitions each gradient as the backward pass produces it.

@@ -170,6 +170,17 @@ class StreamedDecoder:
             raise RuntimeError("no layer is resident")
         return dict(self.layers[self.resident].state_dict(keep_vars=False))
 
+    def release_outside(self) -> None:
+        """Release the embedding and the head: a caller that runs layers only (a sequential runner, once it has
+        captured its batches) needs neither, and on a large vocabulary they are most of what it holds."""
+        root = self.store.arch.layers + "."
+        for name, mod in self.model.named_modules():
+            if mod is not self.model and not name.startswith(root) and name + "." != root:
+                for pname, p in list(mod._parameters.items()):
+                    if p is not None and p.device.type != "meta":
+                        mod._parameters[pname] = nn.Parameter(torch.empty_like(p, device="meta"),
+                                                              requires_grad=False)
+
     def release_layer(self) -> None:
         if self.resident is not None:
             _params_to_meta(self.layers[self.resident])

@@ -37,6 +37,7 @@ import torch
 from minigpt.archs import arch_of
 from minigpt.config import RecoverConfig
 from minigpt.memory import peak_rss_mib
+from minigpt.streamed import pin_mmap_threshold
 from minigpt.losses import (batch_indices, bits_per_byte, lr_factor, next_token_loss, stop_early, topk_distill_loss,
                             validation_nll)
 from minigpt.trainsave import fill_partitioned, write_engine_weights, write_expert
@@ -259,6 +260,9 @@ def train_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, round(cfg.cpus_per_worker)))
+    # ZeRO-3's gather / release cycles (and loading's) free large blocks that glibc would otherwise keep in its heap
+    # after raising its mmap threshold: the worker's RSS then grows by what it once gathered (README: recovery).
+    pin_mmap_threshold()
     torch.manual_seed(cfg.seed)  # LoRA's A matrices start equal on every rank
     if cfg.use_gpu:
         import ray.train.torch as rtt
