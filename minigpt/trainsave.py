@@ -32,7 +32,7 @@ from safetensors import safe_open
 from torch import nn
 
 from minigpt.io import atomic_dir, atomic_write_json
-from minigpt.layerstore import checkpoint_files, read_header
+from minigpt.layerstore import LayerStore, checkpoint_files, read_header
 from minigpt.shardwriter import ShardedWriter
 
 PEFT_PREFIX = "base_model.model."  # what peft puts before the wrapped model's names
@@ -96,8 +96,6 @@ def fill_partitioned(model: nn.Module, student_dir: Path | str, layers_root: str
     """Copy the checkpoint in `student_dir` into `model`, built under zero.Init, one decoder layer at a time (every
     rank calls: the gathers are collective). Persistent buffers, which ZeRO-3 does not partition, every rank reads."""
     import deepspeed
-
-    from minigpt.layerstore import LayerStore
 
     store = LayerStore(student_dir, dtype=torch.float32)
     params = dict(model.named_parameters())

@@ -1,10 +1,30 @@
-"""Helpers that write a tiny but real job (tiny random model, text corpora) into a folder, for pipeline tests."""
+"""Helpers that write a tiny but real job (tiny random model, text corpora) into a folder and run it, for the
+pipeline tests."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
 
 from tests.conftest import make_tiny_llama
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_env() -> dict:
+    """The environment a job's subprocess runs in: no dashboard, token auth, never an outside RAY_ADDRESS."""
+    env = dict(os.environ, MINIGPT_DASHBOARD="0", RAY_AUTH_MODE="token", PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def run_cli(job: Path, *overrides: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    """`python -m minigpt run JOB ray.num_cpus=2 OVERRIDES...` from the repository root."""
+    return subprocess.run([sys.executable, "-m", "minigpt", "run", str(job), "ray.num_cpus=2", *overrides],
+                          cwd=REPO, env=tiny_env(), capture_output=True, text=True, timeout=timeout)
+
 
 WORDS = {
     "alpha": "the court shall grant the licensee a perpetual right to copy and modify the work".split(),

@@ -1,4 +1,6 @@
-"""The whole job on a tiny model: end to end, resumable after the driver is killed, and via `ray job submit`."""
+"""The whole job on a tiny model: end to end, rerun, changed settings, resumable after the driver is killed; the stage
+table's bookkeeping. (`ray job submit` and the other whole-job variants: test_pipeline_jobs.py, so that `make test`'s
+two workers can run both modules at once.)"""
 
 import json
 import math
@@ -13,21 +15,8 @@ import pytest
 import torch
 
 from minigpt.pipeline import status
-from tests.jobs_tiny import write_tiny_job
+from tests.jobs_tiny import REPO, run_cli, tiny_env, write_tiny_job
 
-REPO = Path(__file__).resolve().parents[1]
-heavy = [pytest.mark.ray, pytest.mark.slow]  # the tests that run whole jobs
-
-
-def _env() -> dict:
-    env = dict(os.environ, MINIGPT_DASHBOARD="0", RAY_AUTH_MODE="token", PYTHONUNBUFFERED="1")
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
-def _run_cli(job: Path, *overrides: str, timeout: int = 400) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "minigpt", "run", str(job), "ray.num_cpus=2", *overrides],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +24,7 @@ def finished_run(tmp_path_factory, smollm2_dir):
     """One uninterrupted run of the tiny job; other tests compare against it."""
     root = tmp_path_factory.mktemp("tiny-clean")
     job = write_tiny_job(root, str(smollm2_dir))
-    proc = _run_cli(job)
+    proc = run_cli(job)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return root, job, proc
 
@@ -101,7 +90,7 @@ def _manifests(run: Path) -> dict[str, dict]:
 def test_rerun_skips_everything(finished_run):
     root, job, _ = finished_run
     before = _manifests(root / "run")
-    proc = _run_cli(job)
+    proc = run_cli(job)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("done (skipped)") >= 9
     assert _manifests(root / "run") == before
@@ -116,7 +105,7 @@ def test_changed_setting_reruns_only_what_depends_on_it(finished_run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(root / "run", copy)
     before = _manifests(copy)
-    proc = _run_cli(job, f"output_dir={copy}", "recover.steps=4")
+    proc = run_cli(job, f"output_dir={copy}", "recover.steps=4")
     assert proc.returncode == 0, proc.stderr[-2000:]
     after = _manifests(copy)
     for name in before:
@@ -140,7 +129,7 @@ def test_killed_driver_resumes_to_the_same_result(finished_run, tmp_path, smollm
     root, _, _ = finished_run
     job = write_tiny_job(tmp_path, str(smollm2_dir))
     proc = subprocess.Popen([sys.executable, "-m", "minigpt", "run", str(job), "ray.num_cpus=2"], cwd=REPO,
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=tiny_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     slim_done = tmp_path / "run" / "_stages" / "slim.beta.json"
     deadline = time.time() + 300
@@ -164,7 +153,7 @@ def test_killed_driver_resumes_to_the_same_result(finished_run, tmp_path, smollm
     assert any(r["status"] == "interrupted" for r in status(tmp_path / "run")) or \
         any(r["status"] == "pending" for r in status(tmp_path / "run"))
 
-    resumed = _run_cli(job)
+    resumed = run_cli(job)
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
     after = _manifests(tmp_path / "run")
     for name, m in done_before.items():
@@ -189,59 +178,6 @@ def test_killed_driver_resumes_to_the_same_result(finished_run, tmp_path, smollm
     for label in ea:
         for d, m in ea[label]["domains"].items():
             assert abs(m["loss"] - eb[label]["domains"][d]["loss"]) < 1e-4
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_ray_job_submit_on_a_local_cluster(tmp_path, smollm2_dir):
-    from tests.clusterlib import start_local_cluster, stop_local_cluster, submit_job
-
-    # The architecture search (Ray actors) and int8 quantization ride along, so they run on a real cluster too.
-    job = write_tiny_job(tmp_path, str(smollm2_dir), recover=False, search__enabled=True,
-                         search__population=4, search__generations=2, search__eval_blocks=2, search__workers=1,
-                         search__cpus_per_worker=0.5, quantize__enabled=True)
-    cluster = start_local_cluster(tmp_path / "ray-local", workers=1, cpus_per_node=2)
-    try:
-        result = submit_job(cluster, ["python", "-m", "minigpt", "run", str(job)], timeout=400)
-        assert result.status == "SUCCEEDED", result.logs[-3000:]
-        for line in ("[calibrate]", "[search] alpha", "[pipeline] quantize/beta: done", "[pipeline] evaluate: done"):
-            assert line in result.logs, line
-        run = tmp_path / "run"
-        summary = json.loads((run / "summary.json").read_text())
-        assert set(summary["domains"]) == {"alpha", "beta"}
-        front = json.loads((run / "search" / "alpha.json").read_text())
-        assert front["front"] and (run / "search" / "alpha.png").is_file()
-        evaluated = json.loads((run / "eval.json").read_text())["models"]
-        assert {"alpha/int8", "beta/int8", "alpha/pruned"} <= set(evaluated)
-        html = (run / "report.html").read_text()
-        assert "Pareto front" in html and "alpha/int8" in html
-    finally:
-        stop_local_cluster(cluster)
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_contrastive_kv_vocab_pruning_with_distillation(tmp_path, smollm2_dir):
-    """cus-prun + KV groups + vocabulary pruning + distillation from the dense teacher, through the whole job."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    job = write_tiny_job(tmp_path, str(smollm2_dir), steps=2)
-    proc = _run_cli(job, "prune.method=cus-prun", "prune.kv_groups=1", "prune.vocab=true", "recover.mode=distill",
-                    "prune.target=0.3")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    run = tmp_path / "run"
-    for domain in ("alpha", "beta"):
-        plan = json.loads((run / "plans" / f"{domain}.json").read_text())
-        assert plan["method"] == "cus-prun" and plan["vocab_keep"] and len(plan["vocab_keep"]) < 49152
-        expert = run / "experts" / domain / "recovered"
-        model = AutoModelForCausalLM.from_pretrained(expert)
-        tok = AutoTokenizer.from_pretrained(expert)
-        assert model.config.num_key_value_heads == 1 and model.config.vocab_size == len(plan["vocab_keep"])
-        text = "any text at all: ünïcode, 数字 and {code}"
-        assert tok.decode(tok(text)["input_ids"]) == text
-        assert (run / "experts" / domain / "train").is_dir()  # re-tokenized for the expert's vocabulary
-    summary = json.loads((run / "summary.json").read_text())
-    assert all(r["recover_status"] == "done" for r in summary["domains"].values())
 
 
 # ------------------------------------------------------------------ the stage table's bookkeeping, without models
