@@ -2,7 +2,8 @@
 
 Held-out quality (minigpt.metrics.lm_metrics), the teacher's top-k targets (minigpt.targets.topk_logprobs), the
 dense validation reference (`nll_sum`) and the report's samples need the same thing from a model: the logits of a
-set of blocks, one batch at a time, in order, a greedy continuation, and (the job's general text) sampled blocks. `InMemory` does that with a loaded model;
+set of blocks, one batch at a time, in order, a greedy continuation, and (the job's general text) sampled blocks.
+`InMemory` does that with a loaded model;
 `Streamed` with a minigpt.streamed.StreamedDecoder, which holds the embedding, the head and one decoder layer: all
 blocks go through layer 0, then layer 1 (their residual stream in a HiddenBuffer under a byte budget, spilled to a
 memory-mapped file beyond it), and the head then runs batch by batch, so only one batch's logits ever exist. The
@@ -62,9 +63,10 @@ class InMemory:
     @torch.no_grad()  # not inference_mode: the blocks may feed a backward pass later (taylor sums)
     def sample(self, start: int, n_blocks: int, block_size: int, seed: int, batch: int,
                on_batch: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """[n_blocks, block_size] ids from `start` (`on_batch(blocks done, block_size)` after each batch), sampled at temperature 1 by transformers' `generate` (no top-k /
-        top-p: the model's own distribution, but never its end of text: min_new_tokens holds every eos id of its
-        generation config back), seeded once, `batch` sequences at a time."""
+        """[n_blocks, block_size] ids from `start` (`on_batch(blocks done, block_size)` after each batch), sampled
+        at temperature 1 by transformers' `generate` (no top-k / top-p: the model's own distribution, but never its
+        end of text: min_new_tokens holds every eos id of its generation config back), seeded once, `batch`
+        sequences at a time."""
         from transformers import GenerationConfig
 
         gen = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=block_size - 1,
@@ -103,8 +105,9 @@ class Streamed:
 
     def sample(self, start: int, n_blocks: int, block_size: int, seed: int, batch: int,
                on_batch: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """The blocks `InMemory.sample` draws (`on_batch` also every 32 tokens of a batch), with a KV cache and one layer resident (streamed_sample); the eos ids
-        held back are those of the folder's generation config, as from_pretrained reads it."""
+        """The blocks `InMemory.sample` draws (`on_batch` also every 32 tokens of a batch), with a KV cache and one
+        layer resident (streamed_sample); the eos ids held back are those of the folder's generation config, as
+        from_pretrained reads it."""
         from transformers import GenerationConfig
 
         try:

@@ -158,9 +158,10 @@ def predict_memory(s: ModelSizes, dtype: torch.dtype | str = torch.float32, batc
     hidden = held if hidden_budget is None else min(held, hidden_budget)
     act = activation_bytes(s, batch, seq, b)
     shared = embed + head + hidden + act + base_bytes
-    # A sequential runner (minigpt.runner) runs no head (nor, after capturing, the embedding) but holds, per layer: the layer read and its changed copy;
-    # its share's stream, the dense stream and the next dense stream (the stream target), and each batch's MLP
-    # output, input and layer output for reuse (intermediate + 2 hidden values per token), each under the budget;
+    # A sequential runner (minigpt.runner) runs no head (nor, after capturing, the embedding) but holds, per layer:
+    # the layer read and its changed copy; its share's stream, the dense stream and the next dense stream (the
+    # stream target), and each batch's MLP output, input and layer output for reuse (intermediate + 2 hidden values
+    # per token), each under the budget;
     # and the layer's fp64 Gram matrices (MLP input I x I, attention output input Q x Q, the drift D x max(I, Q)):
     # the running total, the group being summed and the copy Ray serialises.
     q = s.heads * s.head_dim
@@ -226,9 +227,9 @@ def predict_recovery(s: ModelSizes, *, trainable: int, batch: int, seq: int, zer
       holds its flat buffer beside the parameter it fills), keeps gathered ones it will reuse soon up to `live`
       elements (stage3_max_live_parameters / max_reuse_distance; at most the other ranks' share) and fetches the
       next `prefetch` elements ahead;
-    * gradients of the trainable parameters (whole, and reduced into a partition from ZeRO-2 on), and AdamW's two moments plus DeepSpeed's
-      flat fp32 copy of the partition it updates (partitioned from ZeRO-1 on; offloading moves them to CPU memory,
-      which on a CPU worker is the same memory);
+    * gradients of the trainable parameters (whole, and reduced into a partition from ZeRO-2 on), and AdamW's two
+      moments plus DeepSpeed's flat fp32 copy of the partition it updates (partitioned from ZeRO-1 on; offloading
+      moves them to CPU memory, which on a CPU worker is the same memory);
     * activations kept for the backward pass: each layer's intermediates of a batch x seq step (`activation_bytes`'
       attention and MLP terms together), or with gradient checkpointing each layer's input plus one layer's
       intermediates while it is recomputed;

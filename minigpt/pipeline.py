@@ -304,8 +304,7 @@ class Pipeline(Run):
         peak, what, streamed = self.worker_peak or (0, "", False)
         node = raylib.largest_node_memory()
         if peak and node and peak > node:
-            advice = ("lower recover.batch_size, or set recover.mode lora, recover.gradient_checkpointing true, or "
-                      "more recover.workers with a ZeRO-3 deepspeed_config" if what == "one recovery worker" else
+            advice = (recover.LESS_MEMORY if what == "one recovery worker" else
                       "lower calibrate.batch_size / calibrate.stream_memory_gb, or use nodes with more memory"
                       if streamed else "set calibrate.streamed true (one layer resident at a time), or "
                       "calibrate.worker_memory_gb to the memory a worker may use")

@@ -235,13 +235,15 @@ def predict_worker(model_config, cfg: RecoverConfig, ds: dict[str, Any], seq: in
                                 prefetch=int(zero.get("stage3_prefetch_bucket_size", 5e7)))
 
 
+LESS_MEMORY = ("lower recover.batch_size, or set recover.mode lora, recover.gradient_checkpointing true, or more "
+               "recover.workers with a ZeRO-3 deepspeed_config")  # what shrinks a trainer worker's peak
+
+
 def check_worker_memory(est: MEM.RecoveryEstimate, cfg: RecoverConfig) -> None:
     """One line when recover.worker_memory_gb cannot hold a trainer worker's predicted peak."""
     if cfg.worker_memory_gb and est.peak > cfg.worker_memory_gb * 2**30:
         raise ConfigError(f"recover.worker_memory_gb={cfg.worker_memory_gb:g} is below a trainer worker's predicted "
-                          f"peak of {est.peak / 2**30:.2f} GiB ({est.describe()}); raise it, or lower "
-                          "recover.batch_size, or set recover.mode lora, recover.gradient_checkpointing true, or more "
-                          "recover.workers with a ZeRO-3 deepspeed_config")
+                          f"peak of {est.peak / 2**30:.2f} GiB ({est.describe()}); raise it, or {LESS_MEMORY}")
 
 
 def concurrent_domains(n_tasks: int, cfg: RecoverConfig, cluster_cpus: float, cluster_gpus: float) -> int:

@@ -177,4 +177,5 @@ def write_expert(weights_dir: Path | str, student_dir: Path | str, layers_root: 
             atomic_write_json(tmp / name, content)
 
 
-__all__ = ["expert_name", "fill_partitioned", "layer_groups", "merge_lora", "persistent_buffers", "write_engine_weights", "write_expert"]
+__all__ = ["expert_name", "fill_partitioned", "layer_groups", "merge_lora", "persistent_buffers",
+           "write_engine_weights", "write_expert"]

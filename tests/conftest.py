@@ -124,8 +124,8 @@ def one_thread():
 
 # The slowest modules first (whole jobs, Ray Train, the real model's export), so that `make test`'s two workers
 # (`-n 2 --dist loadfile`: a module runs on one worker) start them early and the short ones fill in around them.
-SLOW_FIRST = ("test_pipeline.py", "test_pipeline_jobs.py", "test_recover.py", "test_export.py", "test_calibrate.py", "test_gguf_convert.py",
-              "test_real_model.py", "test_cluster.py")
+SLOW_FIRST = ("test_pipeline.py", "test_pipeline_jobs.py", "test_recover.py", "test_export.py", "test_calibrate.py",
+              "test_gguf_convert.py", "test_real_model.py", "test_cluster.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
