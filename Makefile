@@ -73,8 +73,9 @@ scale-bench: $(SCALE_STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -n 2 --dist loadfile
 
+# job_costs.py reads a finished run (make scale-bench runs it on the 1.5B job's); every other script measures itself.
 bench: $(STAMP)
-	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
+	for b in benchmarks/*.py; do [ $$b = benchmarks/job_costs.py ] || $(BIN)/python $$b || exit 1; done
 
 clean:
 	rm -rf runs .pytest_cache

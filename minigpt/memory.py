@@ -236,8 +236,9 @@ def predict_recovery(s: ModelSizes, *, trainable: int, batch: int, seq: int, zer
     * logits: batch x seq x vocab values, five copies (the logits, the loss's copy, its log-softmax, and the
       gradients of both), six when distilling (the tempered copy).
     Measured peaks of the demos' experts (ZeRO-2, one worker): SmolLM2-135M's (distill, 4 x 256) 5.40 GiB
-    against 5.42 predicted, Gemma-3-270M's (full, 2 x 256) 9.19 against 8.74; Qwen2.5-Coder-1.5B's (LoRA, ZeRO-3
-    over two workers, 1 x 256, checkpointing) 7.8 and 8.1 against 6.3: the least certain term is ZeRO-3's."""
+    against 5.42 predicted, and 4.22 since trainer workers pin glibc's mmap threshold (the prediction is then 28%
+    high); Gemma-3-270M's (full, 2 x 256) 9.19 against 8.74 (unpinned). Qwen2.5-Coder-1.5B's (LoRA, ZeRO-3 over
+    two workers, 1 x 256, checkpointing; unpinned) 7.8 and 8.1 against 6.3: the least certain term is ZeRO-3's."""
     b = 4  # training runs in fp32
     params = s.total_params
     shard = world if zero_stage == 3 else 1
