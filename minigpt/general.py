@@ -58,6 +58,7 @@ def prepare_general(out_dir: Path, data: DataConfig, tokens: int, sources: tuple
             what = f"{len(stream.documents):,} documents of {', '.join(s.label for s in sources)}"
         else:
             model = open_model()
+
             def progress(blocks: int, tokens: int) -> None:
                 print(f"[general] sampled {blocks}/{n_blocks} blocks" + (
                     f", the next {min(SAMPLE_BATCH, n_blocks - blocks)} at token {tokens}/{data.block_size}"
