@@ -42,9 +42,10 @@ Calls = list[tuple[tuple, dict[str, Any]]]  # per layer: (positional args after 
 OnLayer = Callable[[int, nn.Module], Callable[[], None] | None]
 
 
-def _params_to_meta(module: nn.Module) -> None:
-    """Replace every parameter of `module` by a meta tensor of the same shape: its storage is released."""
-    for mod in module.modules():
+def _params_to_meta(module: nn.Module, recurse: bool = True) -> None:
+    """Replace every parameter of `module` (with `recurse`, of its submodules too) by a meta tensor of the same
+    shape: its storage is released."""
+    for mod in module.modules() if recurse else [module]:
         for name, p in list(mod._parameters.items()):
             if p is not None and p.device.type != "meta":
                 mod._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
@@ -175,11 +176,8 @@ class StreamedDecoder:
         captured its batches) needs neither, and on a large vocabulary they are most of what it holds."""
         root = self.store.arch.layers + "."
         for name, mod in self.model.named_modules():
-            if mod is not self.model and not name.startswith(root) and name + "." != root:
-                for pname, p in list(mod._parameters.items()):
-                    if p is not None and p.device.type != "meta":
-                        mod._parameters[pname] = nn.Parameter(torch.empty_like(p, device="meta"),
-                                                              requires_grad=False)
+            if not name.startswith(root):  # the modules around the layers, each its own parameters only
+                _params_to_meta(mod, recurse=False)
 
     def release_layer(self) -> None:
         if self.resident is not None:
