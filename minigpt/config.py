@@ -364,6 +364,8 @@ class RecoverConfig:
     #                                       per worker for about a third more compute
     worker_memory_gb: float = 0.0  # Ray memory resource of each trainer worker, checked against its predicted peak
     #                                (minigpt.memory.predict_recovery) before anything runs; 0: no limit
+    vocab_block_params: int = 2**24  # ZeRO-3: the embedding and head are held as blocks of at most this many
+    #                                  parameters, each gathered alone (minigpt.vocabsplit); 0: whole modules
 
     @property
     def learning_rate(self) -> float:
@@ -379,6 +381,7 @@ class RecoverConfig:
         _check(self.lr is None or self.lr > 0, "recover.lr must be > 0")
         _check(self.workers >= 1 and self.cpus_per_worker > 0, "recover.workers and cpus_per_worker must be positive")
         _check(self.worker_memory_gb >= 0, "recover.worker_memory_gb must be >= 0")
+        _check(self.vocab_block_params >= 0, "recover.vocab_block_params must be >= 0")
         _check(0 <= self.distill_alpha <= 1, "recover.distill_alpha must be in [0, 1]")
         _check(self.warmup_steps >= 0 and self.checkpoint_every >= 0,
                "recover.warmup_steps and checkpoint_every must be >= 0")

@@ -171,6 +171,13 @@ class LayerStore:
                     out[k] = self._owned(f.get_tensor(k))
         return {n: out[n] for n in names}
 
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of tensor `name` (an owned copy in `dtype`): a vocabulary block without the rest."""
+        if name not in self.index:
+            raise KeyError(f"{self.folder}: no tensor {name!r}")
+        with safe_open(str(self.folder / self.index[name].file), framework="pt") as f:
+            return self._owned(f.get_slice(name)[start:stop])
+
     def _owned(self, t: torch.Tensor) -> torch.Tensor:
         # A view on the file mapping would keep the pages resident (see the module docstring): always copy.
         if self.dtype is not None and t.dtype != self.dtype and t.is_floating_point():

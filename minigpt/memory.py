@@ -218,15 +218,16 @@ class RecoveryEstimate:
 
 def predict_recovery(s: ModelSizes, *, trainable: int, batch: int, seq: int, zero_stage: int, world: int,
                      gradient_checkpointing: bool, distill: bool, live: int = 10**9, prefetch: int = 0,
-                     base_bytes: int = BASE_BYTES) -> RecoveryEstimate:
+                     vocab_block: int = 0, base_bytes: int = BASE_BYTES) -> RecoveryEstimate:
     """Peak bytes of one recovery worker (minigpt.training: fp32 weights, AdamW, DeepSpeed ZeRO `zero_stage` over
     `world` workers) training `trainable` parameters (all of them, or LoRA's) of a model of sizes `s`:
 
     * weights: every parameter, 1 / world of them under ZeRO-3, which gathers a module's parameters while it runs
-      (`gathered`: the largest module, the embedding or head on a large vocabulary, twice: measured, a gather
-      holds its flat buffer beside the parameter it fills), keeps gathered ones it will reuse soon up to `live`
-      elements (stage3_max_live_parameters / max_reuse_distance; at most the other ranks' share) and fetches the
-      next `prefetch` elements ahead;
+      (`gathered`: the largest module twice, measured: a gather holds its flat buffer beside the parameter it
+      fills; the embedding or head on a large vocabulary unless they are held as blocks of at most `vocab_block`
+      parameters, minigpt.vocabsplit), keeps gathered ones it will reuse soon up to `live` elements
+      (stage3_max_live_parameters / max_reuse_distance; at most the other ranks' share) and fetches the next
+      `prefetch` elements ahead;
     * gradients of the trainable parameters (whole, and reduced into a partition from ZeRO-2 on), and AdamW's two
       moments plus DeepSpeed's flat fp32 copy of the partition it updates (partitioned from ZeRO-1 on; offloading
       moves them to CPU memory, which on a CPU worker is the same memory);
@@ -234,7 +235,8 @@ def predict_recovery(s: ModelSizes, *, trainable: int, batch: int, seq: int, zer
       attention and MLP terms together), or with gradient checkpointing each layer's input plus one layer's
       intermediates while it is recomputed;
     * logits: batch x seq x vocab values, five copies (the logits, the loss's copy, its log-softmax, and the
-      gradients of both), six when distilling (the tempered copy).
+      gradients of both), six when distilling (the tempered copy), one more from a split head (its blocks' logits
+      beside their concatenation).
     Measured peaks of the demos' experts (ZeRO-2, one worker): SmolLM2-135M's (distill, 4 x 256) 5.40 GiB
     against 5.42 predicted, and 4.22 since trainer workers pin glibc's mmap threshold (the prediction is then 28%
     high); Gemma-3-270M's (full, 2 x 256) 9.19 against 8.74 (unpinned). Qwen2.5-Coder-1.5B's (LoRA, ZeRO-3 over
@@ -244,7 +246,10 @@ def predict_recovery(s: ModelSizes, *, trainable: int, batch: int, seq: int, zer
     shard = world if zero_stage == 3 else 1
     weights = params * b // shard
     others = params - params // world
-    gathered = (2 * max(s.layer_params, s.embed_params, s.head_params) + min(live, others) + prefetch) * b \
+    split = vocab_block and zero_stage == 3
+    vocab_module = min(max(s.embed_params, s.head_params), vocab_block) if split else max(s.embed_params,
+                                                                                          s.head_params)
+    gathered = (2 * max(s.layer_params, vocab_module) + min(live, others) + prefetch) * b \
         if zero_stage == 3 and world > 1 else 0
     # ZeRO-1/2 keep the full .grad tensors until they are reduced into the partition's flat buffer; ZeRO-3 reduces
     # and partitions each gradient as the backward pass produces it.
@@ -256,7 +261,7 @@ def predict_recovery(s: ModelSizes, *, trainable: int, batch: int, seq: int, zer
         + 2 * batch * s.heads * seq * seq + batch * seq * seq
     per_layer = (2 * n * s.hidden + attn + n * s.hidden + 3 * n * s.intermediate) * b
     acts = (s.num_layers * n * s.hidden * b + per_layer) if gradient_checkpointing else s.num_layers * per_layer
-    logits = (6 if distill else 5) * n * s.vocab * b
+    logits = ((6 if distill else 5) + bool(split)) * n * s.vocab * b
     return RecoveryEstimate(weights, gathered, gradients, optimizer, acts, logits, base_bytes)
 
 

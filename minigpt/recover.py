@@ -55,6 +55,7 @@ from minigpt import memory as MEM
 from minigpt.training import MANIFEST, RecoveryTask, run_name, train_loop, zero_stage
 from minigpt.raylib import cluster_cpus, cluster_gpus, ensure_ray
 from minigpt.targets import load_targets
+from minigpt.vocabsplit import block_starts
 
 FINGERPRINT = "_fingerprint.json"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -229,10 +230,14 @@ def predict_worker(model_config, cfg: RecoverConfig, ds: dict[str, Any], seq: in
         trainable = s.total_params
     # DeepSpeed's own defaults where the file leaves them out.
     live = int(min(zero.get("stage3_max_live_parameters", 1e9), zero.get("stage3_max_reuse_distance", 1e9)))
+    block = 0
+    if cfg.vocab_block_params:  # the largest row block of the embedding and head (training._build_partitioned)
+        starts = block_starts(s.vocab, s.hidden, cfg.vocab_block_params)
+        block = starts[1] * s.hidden if len(starts) > 1 else 0
     return MEM.predict_recovery(s, trainable=trainable, batch=cfg.batch_size, seq=seq, zero_stage=zero_stage(ds),
                                 world=cfg.workers, gradient_checkpointing=cfg.gradient_checkpointing,
                                 distill=cfg.mode == "distill", live=live,
-                                prefetch=int(zero.get("stage3_prefetch_bucket_size", 5e7)))
+                                prefetch=int(zero.get("stage3_prefetch_bucket_size", 5e7)), vocab_block=block)
 
 
 LESS_MEMORY = ("lower recover.batch_size, or set recover.mode lora, recover.gradient_checkpointing true, or more "

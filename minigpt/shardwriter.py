@@ -31,6 +31,7 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # save_pretrained's default ("5GB") in byte
 _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
            torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}  # safetensors' dtype name -> torch's
 
 
 def shard_name(k: int, n: int) -> str:
@@ -77,32 +78,60 @@ class ShardedWriter:
         self.total_params = 0
         self._current: _Shard | None = None
         self._data_file = None
+        self._rows: tuple[str, torch.dtype, tuple[int, ...], int] | None = None  # a tensor arriving in rows
         self.closed = False
 
     # -- adding ------------------------------------------------------------------------------------------------------
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        t = tensor.detach().to("cpu").contiguous()
+        self.begin_rows(name, t.dtype, tuple(t.shape))
+        if self._rows is not None:
+            self.add_rows(t)
+
+    def begin_rows(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+        """Start tensor `name`, whose rows (first dimension) then arrive in order through `add_rows` until all
+        `shape[0]` are written: a tensor as big as a vocabulary is written without ever being whole in memory. No
+        other tensor may start before it is complete."""
         if self.closed:
             raise RuntimeError("the writer is closed")
+        if self._rows is not None:
+            raise RuntimeError(f"tensor {self._rows[0]!r} is not complete")
         if name in self.weight_map:
             raise ValueError(f"tensor {name!r} written twice")
-        if tensor.dtype not in _DTYPES:
-            raise TypeError(f"{name}: dtype {tensor.dtype} has no safetensors name")
-        t = tensor.detach().to("cpu").contiguous()
-        nbytes = t.numel() * t.element_size()
+        if dtype not in _DTYPES:
+            raise TypeError(f"{name}: dtype {dtype} has no safetensors name")
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * dtype.itemsize
         shard = self._current
         if shard is not None and shard.entries and shard.nbytes + nbytes > self.max_shard_bytes:
             self._finish_shard()
             shard = None
         if shard is None:
             shard = self._open_shard()
-        shard.entries[name] = _Entry(t.dtype, tuple(t.shape), shard.nbytes, nbytes)
-        if nbytes:
-            self._data_file.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        shard.entries[name] = _Entry(dtype, tuple(shape), shard.nbytes, nbytes)
         shard.nbytes += nbytes
         self.weight_map[name] = shard.number
         self.total_bytes += nbytes
-        self.total_params += t.numel()
+        self.total_params += numel
+        # An empty tensor is complete already.
+        self._rows = (name, dtype, tuple(shape[1:]), shape[0] if shape else 1) if nbytes else None
+
+    def add_rows(self, rows: torch.Tensor) -> None:
+        """The next rows of the tensor `begin_rows` started (for a 0-d tensor: the whole of it)."""
+        if self._rows is None:
+            raise RuntimeError("no tensor is being written")
+        name, dtype, tail, left = self._rows
+        t = rows.detach().to("cpu").contiguous()
+        n = t.shape[0] if t.dim() else 1
+        if t.dtype != dtype or (t.dim() and tuple(t.shape[1:]) != tail) or n > left:
+            raise ValueError(f"{name}: {tuple(t.shape)} {t.dtype} rows do not continue a {dtype} tensor of rows "
+                             f"{tail} with {left} left")
+        if t.numel():
+            self._data_file.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        self._rows = (name, dtype, tail, left - n) if left > n else None
 
     def add_state(self, state: Mapping[str, torch.Tensor], prefix: str = "") -> None:
         """Every tensor of `state` under `prefix` + its name (a layer's state: prefix "model.layers.3.")."""
@@ -150,6 +179,8 @@ class ShardedWriter:
         """Rename the shards to their final names and write the index last; returns the weight files written."""
         if self.closed:
             raise RuntimeError("the writer is closed")
+        if self._rows is not None:
+            raise RuntimeError(f"tensor {self._rows[0]!r} is not complete")
         if self._current is not None:
             self._finish_shard()
         if not self.shards:
@@ -172,7 +203,7 @@ class ShardedWriter:
             self._data_file = None
         for p in [*self.shards, *([self._current.data] if self._current else [])]:
             p.unlink(missing_ok=True)
-        self.shards, self._current, self.closed = [], None, True
+        self.shards, self._current, self._rows, self.closed = [], None, None, True
 
     def __enter__(self) -> ShardedWriter:
         return self

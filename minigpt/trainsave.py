@@ -17,11 +17,16 @@ from the checkpoint (minigpt.layerstore: owned copies, the file closed after) an
 every rank's partitions on the way out. transformers' own ZeRO-3 loading maps every checkpoint file on rank 0 for
 the whole load, so its pages (the whole model) count in that rank's memory.
 
-Memory on rank 0: one decoder layer (or the embedding) at a time, whatever the model's size.
+A student whose embedding and head are held as row blocks (minigpt.vocabsplit, under ZeRO-3) keeps the stock
+checkpoint names: each block is filled from its rows of the stock tensor, and saved back into it row block by row
+block (ShardedWriter.begin_rows); a tensor with nothing to merge is copied into the expert in pieces of rows.
+
+Memory on rank 0: one decoder layer or one vocabulary block at a time, whatever the model's size.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -33,7 +38,8 @@ from torch import nn
 
 from minigpt.io import atomic_dir, atomic_write_json
 from minigpt.layerstore import LayerStore, checkpoint_files, read_header
-from minigpt.shardwriter import ShardedWriter
+from minigpt.shardwriter import DTYPE_NAMES as _DTYPE_NAMES, ShardedWriter
+from minigpt.vocabsplit import BLOCK_PARAMS, row_blocks
 
 PEFT_PREFIX = "base_model.model."  # what peft puts before the wrapped model's names
 LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.[^.]+\.weight$")
@@ -75,6 +81,7 @@ def write_engine_weights(module: nn.Module, layers_root: str, stage: int, rank: 
 
     params = dict(module.named_parameters())
     buffers = persistent_buffers(module)
+    blocks = row_blocks(module)
     writer = ShardedWriter(out_dir) if rank == 0 else None
     try:
         for names in layer_groups([*params, *buffers], layers_root):
@@ -83,7 +90,15 @@ def write_engine_weights(module: nn.Module, layers_root: str, stage: int, rank: 
                 if writer is not None:
                     for n in names:
                         t = params[n] if n in params else buffers[n]
-                        writer.add(n, t.detach().to("cpu", torch.float32 if t.is_floating_point() else t.dtype))
+                        t = t.detach().to("cpu", torch.float32 if t.is_floating_point() else t.dtype)
+                        if n not in blocks:
+                            writer.add(n, t)
+                            continue
+                        # A vocabulary block: the rows of one stock tensor, whose blocks arrive in order.
+                        b = blocks[n]
+                        if b.start == 0:
+                            writer.begin_rows(b.tensor, t.dtype, (b.rows, *t.shape[1:]))
+                        writer.add_rows(t)
         if writer is not None:
             writer.close()
     except BaseException:
@@ -99,15 +114,21 @@ def fill_partitioned(model: nn.Module, student_dir: Path | str, layers_root: str
 
     store = LayerStore(student_dir, dtype=torch.float32)
     params = dict(model.named_parameters())
-    missing = sorted(set(params) - set(store.index))
+    blocks = row_blocks(model)
+    missing = sorted(n for n in params if (blocks[n].tensor if n in blocks else n) not in store.index)
     if missing:
         raise ValueError(f"{student_dir} has no tensor for {missing[:3]} of the model its config builds")
     for names in layer_groups(params, layers_root):
         with deepspeed.zero.GatheredParameters([params[n] for n in names], modifier_rank=0):
             if rank == 0:
                 with torch.no_grad():
-                    for n, value in store.read(names).items():
+                    whole = [n for n in names if n not in blocks]
+                    for n, value in store.read(whole).items():
                         params[n].copy_(value)
+                    for n in names:
+                        if n in blocks:
+                            b = blocks[n]
+                            params[n].copy_(store.read_rows(b.tensor, b.start, b.stop))
     buffers = {n: b for n, b in persistent_buffers(model).items() if n in store.index}
     with torch.no_grad():
         for n, value in store.read(buffers).items():
@@ -146,6 +167,24 @@ def merge_lora(state: dict[str, torch.Tensor], scaling: float | None) -> dict[st
     return out
 
 
+def _copy_rows(folder: Path, where: dict[str, str], names: list[str], writer: ShardedWriter,
+               piece_bytes: int = 4 * BLOCK_PARAMS) -> None:
+    """Tensors `names` of `folder` into `writer` under the plain model's names, in pieces of rows of at most about
+    `piece_bytes`: a vocabulary-sized tensor never whole in memory."""
+    for n in names:
+        with safe_open(str(folder / where[n]), framework="pt") as f:
+            sl = f.get_slice(n)
+            shape, dtype = tuple(sl.get_shape()), _DTYPE_NAMES[sl.get_dtype()]
+            writer.begin_rows(expert_name(n), dtype, shape)
+            if not shape:
+                writer.add_rows(f.get_tensor(n))
+                continue
+            row_bytes = max(1, math.prod(shape[1:]) * dtype.itemsize)
+            step = max(1, piece_bytes // row_bytes)
+            for a in range(0, shape[0], step):
+                writer.add_rows(sl[a:a + step])
+
+
 def write_expert(weights_dir: Path | str, student_dir: Path | str, layers_root: str, out_dir: Path | str,
                  lora_scaling: float | None, json_files: dict[str, Any]) -> None:
     """The plain expert from `write_engine_weights`' folder: LoRA merged, the student's config (fp32, as trained),
@@ -160,6 +199,9 @@ def write_expert(weights_dir: Path | str, student_dir: Path | str, layers_root: 
     with atomic_dir(out_dir) as tmp:
         with ShardedWriter(tmp) as writer:
             for names in layer_groups(where, layers_root):
+                if not any(".lora_" in n for n in names):
+                    _copy_rows(weights_dir, where, names, writer)  # nothing to merge: copied in row pieces
+                    continue
                 state: dict[str, torch.Tensor] = {}
                 for file in sorted({where[n] for n in names}):
                     with safe_open(str(weights_dir / file), framework="pt") as f:

@@ -6,6 +6,7 @@ on a repetitive synthetic corpus, so a few steps are enough for the loss to fall
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import replace
@@ -315,7 +316,8 @@ def test_zero3_two_workers_match_one_worker(ray_local, student, shards, tmp_path
     micro batches and two workers of one micro batch each train on the same 4 blocks every step (batch_indices),
     so their losses and final weights agree to float32 rounding. Measured on CPU: identical (one worker sums two
     gradients each scaled by 1/2 in its buffer, two workers average theirs in the reduce-scatter: the same float
-    operations). With zero3_offload.json (optimizer state and parameters offloaded to CPU), whose gradient norm and
+    operations), although "two" holds the embedding and its tied head as six blocks of rows (minigpt.vocabsplit)
+    and "one" as the stock module. With zero3_offload.json (optimizer state and parameters offloaded to CPU), whose gradient norm and
     optimizer step take DeepSpeed's offload path, the weights differ by 1.2e-7 at most (one rounding at weight
     scale ~1). The tolerance, 1e-5 of the largest weight, is ~100x that; a different batch, or a lost or doubled
     gradient, moves weights by about lr = 1e-2 (training moved them 1.6e-2). The two-worker runs really partition:
@@ -323,7 +325,9 @@ def test_zero3_two_workers_match_one_worker(ray_local, student, shards, tmp_path
     student was loaded, before deepspeed.initialize (`param_elements_loaded`: the whole model on every rank had it
     been loaded whole and partitioned afterwards)."""
     cfg = replace(BASE, steps=3, deepspeed_config=packaged_deepspeed("zero3.json"))
-    runs = {"one": replace(cfg, workers=1, grad_accum=2), "two": replace(cfg, workers=2, grad_accum=1),
+    # "two" also holds the embedding (tied head) as 6 blocks of 8,192 rows (minigpt.vocabsplit), "one" whole.
+    runs = {"one": replace(cfg, workers=1, grad_accum=2, vocab_block_params=0),
+            "two": replace(cfg, workers=2, grad_accum=1, vocab_block_params=2**18),
             "offload": replace(cfg, workers=2, grad_accum=1,
                                deepspeed_config=packaged_deepspeed("zero3_offload.json"))}
     results = {name: recover_all([_task(tmp_path / name, "legal", student, shards)], c)["legal"]
@@ -345,6 +349,7 @@ def test_zero3_two_workers_match_one_worker(ray_local, student, shards, tmp_path
     for r, world in ((one, 1), (two, 2), (offload, 2)):
         manifest = json.loads((Path(r.out_dir) / "_manifest.json").read_text())
         assert manifest["world_size"] == world and manifest["zero_stage"] == 3
+        assert manifest["vocab_blocks"] == (6 if r is two else 0)
         total, held = manifest["param_elements"], manifest["param_elements_held"]
         assert total == sum(w.numel() for w in start.values()) and len(held) == world
         # Each rank owns 1 / world of every parameter, padded to a multiple of the world size...
@@ -378,11 +383,12 @@ def test_lora_merges_and_a_failing_domain_does_not_stop_the_other(ray_local, stu
     """LoRA over ZeRO-3 on two workers: the student is loaded partitioned, the adapters are created afterwards
     whole (deepspeed.initialize partitions them, from rank 0's copy), trained, gathered and merged at save. The
     merged expert differs from the student exactly by a rank <= lora_rank product in each targeted projection and
-    not at all elsewhere (embedding, norms: frozen, and loaded and gathered back bit-exactly)."""
+    not at all elsewhere (embedding, norms: frozen, and loaded and gathered back bit-exactly, the embedding as six
+    blocks of rows each filled from and saved into the stock tensor)."""
     from transformers import AutoModelForCausalLM
 
     bad = _shards(tmp_path / "bad", offset=VOCAB)  # ids past the student's vocabulary
-    cfg = replace(BASE, mode="lora", lora_rank=8, lora_alpha=16, lr=2e-2,
+    cfg = replace(BASE, mode="lora", lora_rank=8, lora_alpha=16, lr=2e-2, vocab_block_params=2**18,
                   deepspeed_config=packaged_deepspeed("zero3.json"))
     results = recover_all([_task(tmp_path, "legal", student, shards), _task(tmp_path, "broken", student, bad)], cfg)
     assert not results["broken"].ok and "vocabulary" in results["broken"].error
@@ -401,7 +407,7 @@ def test_lora_merges_and_a_failing_domain_does_not_stop_the_other(ray_local, stu
     assert AutoModelForCausalLM.from_pretrained(good.out_dir).config.vocab_size == VOCAB
 
     manifest = json.loads((Path(good.out_dir) / "_manifest.json").read_text())
-    assert manifest["zero_stage"] == 3 and manifest["world_size"] == 2
+    assert manifest["zero_stage"] == 3 and manifest["world_size"] == 2 and manifest["vocab_blocks"] == 6
     base = sum(w.numel() for w in before.values())
     adapters = manifest["param_elements"] - base  # created whole on every rank, after the partitioned load
     assert 0 < adapters < base / 10
@@ -517,3 +523,13 @@ def test_lora_parameters_are_counted_exactly_and_the_recovery_peak_adds_its_term
     assert gc.activations < one.activations and gc.peak - one.peak == gc.activations - one.activations
     lora = MEM.predict_recovery(s, trainable=created, zero_stage=2, world=1, **kw)
     assert lora.gradients == 2 * created * 4 and lora.weights == one.weights
+    # A large vocabulary under ZeRO-3: gathered whole, the embedding dominates; held as blocks smaller than a
+    # layer (minigpt.vocabsplit), a layer does, and the head's blocks add one copy of the logits.
+    wide = dataclasses.replace(s, embed_params=100 * s.layer_params, head_params=100 * s.layer_params)
+    whole = MEM.predict_recovery(wide, trainable=created, zero_stage=3, world=2, **kw)
+    blocks = MEM.predict_recovery(wide, trainable=created, zero_stage=3, world=2, vocab_block=s.layer_params // 2,
+                                  **kw)
+    assert whole.gathered - blocks.gathered == 2 * 99 * s.layer_params * 4
+    assert blocks.logits == whole.logits // 5 * 6
+    assert MEM.predict_recovery(wide, trainable=created, zero_stage=2, world=1, vocab_block=8, **kw) == \
+        MEM.predict_recovery(wide, trainable=created, zero_stage=2, world=1, **kw)  # ZeRO-2 never splits
