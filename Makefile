@@ -67,6 +67,7 @@ scale-bench: $(SCALE_STAMP)
 	@mkdir -p runs
 	bash -o pipefail -c '$(BIN)/python -m minigpt run jobs/scale-qwen15.yaml 2>&1 | tee runs/scale-qwen15.log'
 	$(BIN)/python benchmarks/job_costs.py runs/scale-qwen15 --log runs/scale-qwen15.log
+	$(BIN)/python benchmarks/zero3_memory.py --model runs/scale-qwen15/experts/code/pruned
 
 # Two pytest workers, each test module on one of them (its module-scoped runs and Ray instance with it): most of
 # the suite's wall time is waiting on Ray start-ups and subprocess jobs, which the other worker fills.
