@@ -161,8 +161,8 @@ def _build_partitioned(config, cfg: RecoverConfig, ds: dict[str, Any]) -> torch.
     """The student's modules under ZeRO-3, empty, every parameter partitioned as it is created; with
     `recover.vocab_block_params`, the embedding and head as row blocks (minigpt.vocabsplit). zero.Init creates each
     parameter whole before partitioning it, so the model is first built with a one-row stand-in vocabulary, which
-    the blocks then replace: the whole embedding and head never exist on any rank (on Qwen2.5-1.5B they took a
-    worker's load peak from 3.6 to 5.1 GiB)."""
+    the blocks then replace: the whole embedding and head never exist on any rank (on Qwen2.5-1.5B a worker's
+    loading peak was 5.0 GiB with them and is 3.5-3.7 GiB without)."""
     import deepspeed
     from transformers import AutoModelForCausalLM
 
