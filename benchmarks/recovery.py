@@ -10,7 +10,7 @@
    validation bits/byte ÷ dense at each score. With `--general-fraction F` every mode also replays general English
    (the job's general text: the dense model's own samples; `--replay mmlu`: MMLU questions) as that share of its
    training blocks (a comma list of shares: each in turn); its keys read `<mode>+replay<share>_...`
-   (`<mode>+mmlu<share>_...`). `--alpha A` and
+   (`<mode>+mmlu<share>_...`). `--alpha A` (a comma list: each in turn) and
    `--temperature T` set distillation's KL weight and temperature (keys `distill@aATT_...`).
 2. The engine (`--engine` alone). A plain PyTorch loop, minigpt's DeepSpeed step (ZeRO from the job's JSON, one
    gloo process) and its cached-distillation step train the same fp32 model from the same weights on the same
@@ -176,7 +176,7 @@ def general_source():
 
 def recovery_curves(job: str, run_dir: str, modes: list[str], lrs: dict[str, float], tokens: int,
                     eval_every: int, eval_tokens: int, other_docs: int, generals: tuple[float, ...] = (0.0,),
-                    alpha: float | None = None, temperature: float | None = None,
+                    alpha: tuple[float, ...] | None = None, temperature: float | None = None,
                     replay: str = "self") -> dict[str, object]:
     """Prepare, calibrate, slim and compute the teacher's targets with the job's settings (minigpt's own stages,
     resumed when `run_dir` already holds them), then recover every domain's pruned expert with each mode for
@@ -191,10 +191,9 @@ def recovery_curves(job: str, run_dir: str, modes: list[str], lrs: dict[str, flo
     import othertext
 
     cfg = J.load(job, [f"output_dir={run_dir}", "recover.mode=distill", f"recover.eval_tokens={eval_tokens}"])
-    if alpha is not None or temperature is not None:  # the teacher stage caches its targets at the temperature
-        cfg = dataclasses.replace(cfg, recover=dataclasses.replace(
-            cfg.recover, distill_alpha=cfg.recover.distill_alpha if alpha is None else alpha,
-            distill_temperature=cfg.recover.distill_temperature if temperature is None else temperature))
+    alphas = tuple(alpha) if alpha else (cfg.recover.distill_alpha,)
+    if temperature is not None:  # the teacher stage caches its targets at the temperature
+        cfg = dataclasses.replace(cfg, recover=dataclasses.replace(cfg.recover, distill_temperature=temperature))
     def with_replay(general: float):  # the teacher stage writes the general blocks (and their targets) beside
         return dataclasses.replace(cfg, recover=dataclasses.replace(  # each domain's training blocks
             cfg.recover, general_fraction=general,
@@ -213,16 +212,20 @@ def recovery_curves(job: str, run_dir: str, modes: list[str], lrs: dict[str, flo
              "pruned": {d: _ppl_cells(str(p.layout.expert(d, "pruned")), texts[d], bs, 0) for d in domains}}
     out: dict[str, object] = {"tokens": tokens, "eval_every_steps": eval_every}
     curves: dict[str, dict] = {}
-    for k, (general, mode) in enumerate((g, m) for g in generals for m in modes):
-        if k and mode == modes[0]:  # the next replay share: its training blocks and their targets
-            run_job(with_replay(general), until="teacher")
+    # Distillation once per KL weight (--alpha a,b: the teacher's targets do not depend on it), other modes once.
+    variants = [(g, m, a) for g in generals for m in modes
+                for a in (alphas if m == "distill" else (cfg.recover.distill_alpha,))]
+    for k, (general, mode, a) in enumerate(variants):
+        if k and mode == modes[0] and general != variants[k - 1][0]:  # the next replay share: its training blocks
+            run_job(with_replay(general), until="teacher")            # and their targets
         rcfg = dataclasses.replace(cfg.recover, mode=mode, tokens=tokens, steps=None, eval_every=eval_every,
-                                   patience=0, keep_best=True, lr=lrs.get(mode, cfg.recover.lr), checkpoint_every=0)
+                                   patience=0, keep_best=True, lr=lrs.get(mode, cfg.recover.lr), checkpoint_every=0,
+                                   distill_alpha=a)
         label = (f"{mode}+{'mmlu' if replay == 'mmlu' else 'replay'}{general:g}" if general else mode) + (
-            f"@a{cfg.recover.distill_alpha:g}T{cfg.recover.distill_temperature:g}"
+            f"@a{a:g}T{cfg.recover.distill_temperature:g}"
             if mode == "distill" and (alpha is not None or temperature is not None) else "")
         name = f"{label}-lr{rcfg.learning_rate:g}-{tokens}" + (f"-g{general:g}" if general else "") + (
-            f"-a{cfg.recover.distill_alpha:g}" if mode == "distill" else "")
+            f"-a{a:g}" if mode == "distill" else "")
         base = Path(run_dir) / "bench-recovery" / name
         tasks = [dataclasses.replace(stages.recovery_task(p, d), out_dir=str(base / d / "recovered"),
                                      checkpoint_dir=str(base / d / "checkpoints")) for d in domains]
@@ -276,7 +279,8 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=8, help="steps between validation scores")
     ap.add_argument("--eval-tokens", type=int, default=2048)
     ap.add_argument("--other-docs", type=int, default=24, help="documents of each out-of-source text")
-    ap.add_argument("--alpha", type=float, default=None, help="distill: weight of the KL term (recover.distill_alpha)")
+    ap.add_argument("--alpha", default=None,
+                    help="distill: weights of the KL term (recover.distill_alpha), a comma list: each in turn")
     ap.add_argument("--temperature", type=float, default=None, help="distill: recover.distill_temperature")
     ap.add_argument("--general-fraction", default="0",
                     help="replay: this share of each expert's training blocks is general text (a comma list: each)")
@@ -300,7 +304,8 @@ def main() -> None:
         result.update(recovery_curves(args.job, args.run_dir, args.modes.split(","), lrs, args.tokens,
                                       args.eval_every, args.eval_tokens, args.other_docs,
                                       tuple(float(g) for g in args.general_fraction.split(",")),
-                                      args.alpha, args.temperature, args.replay))
+                                      tuple(float(a) for a in args.alpha.split(",")) if args.alpha else None,
+                                      args.temperature, args.replay))
     print(json.dumps(result), flush=True)
 
 
