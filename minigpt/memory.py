@@ -240,7 +240,9 @@ def predict_recovery(s: ModelSizes, *, trainable: int, batch: int, seq: int, zer
     Measured peaks of the demos' experts (ZeRO-2, one worker): SmolLM2-135M's (distill, 4 x 256) 5.40 GiB
     against 5.42 predicted, and 4.22 since trainer workers pin glibc's mmap threshold (the prediction is then 28%
     high); Gemma-3-270M's (full, 2 x 256) 9.19 against 8.74 (unpinned). Qwen2.5-Coder-1.5B's (LoRA, ZeRO-3 over
-    two workers, 1 x 256, checkpointing; unpinned) 7.8 and 8.1 against 6.3: the least certain term is ZeRO-3's."""
+    two workers, 1 x 256, checkpointing; unpinned) 7.8 and 8.1 against 6.3 with the vocabulary gathered whole;
+    over three workers with it in 14 blocks (pinned), 3.8 against 4.0 in the job and, outside Ray on two workers
+    (benchmarks/zero3_memory.py), 4.5 against 5.0 (whole: 6.0 against 6.3)."""
     b = 4  # training runs in fp32
     params = s.total_params
     shard = world if zero_stage == 3 else 1
