@@ -45,19 +45,25 @@ def _phase(rank: int, name: str, peaks: dict[str, float]) -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets the high-water mark: the next phase's peak is its own
 
 
+def _config(world: int, block: int):
+    """The recovery settings measured: LoRA, one block of `--seq` tokens a step, ZeRO-3, gradient checkpointing."""
+    from minigpt.config import RecoverConfig, packaged_deepspeed
+
+    return RecoverConfig(mode="lora", batch_size=1, workers=world, deepspeed_config=packaged_deepspeed("zero3.json"),
+                         gradient_checkpointing=True, vocab_block_params=block)
+
+
 def worker(rank: int, world: int, port: int, folder: str, block: int, steps: int, seq: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     import deepspeed
 
     from minigpt import recover, training
-    from minigpt.config import RecoverConfig, packaged_deepspeed
     from minigpt.streamed import pin_mmap_threshold
 
     torch.set_num_threads(1)
     pin_mmap_threshold()  # as a trainer worker does
-    cfg = RecoverConfig(mode="lora", batch_size=1, workers=world, deepspeed_config=packaged_deepspeed("zero3.json"),
-                        gradient_checkpointing=True, vocab_block_params=block)
+    cfg = _config(world, block)
     ds = recover.deepspeed_config(cfg)
     training._no_shm_op()
     deepspeed.init_distributed(dist_backend="gloo")
@@ -93,14 +99,12 @@ def run(folder: str, world: int, block: int, steps: int, seq: int, tmp: Path) ->
     from transformers import AutoConfig
 
     from minigpt import recover
-    from minigpt.config import RecoverConfig, packaged_deepspeed
 
     out = tmp / f"block-{block}.json"
     mp.start_processes(worker, args=(world, _free_port(), folder, block, steps, seq, str(out)), nprocs=world,
                        start_method="spawn")
     result = json.loads(out.read_text())
-    cfg = RecoverConfig(mode="lora", batch_size=1, workers=world, deepspeed_config=packaged_deepspeed("zero3.json"),
-                        gradient_checkpointing=True, vocab_block_params=block)
+    cfg = _config(world, block)
     est = recover.predict_worker(AutoConfig.from_pretrained(folder), cfg, recover.deepspeed_config(cfg), seq)
     return {**result, "peak_mib": max(result["peaks"].values()), "predicted_mib": est.peak / 2**20}
 

@@ -248,9 +248,10 @@ def predict_recovery(s: ModelSizes, *, trainable: int, batch: int, seq: int, zer
     shard = world if zero_stage == 3 else 1
     weights = params * b // shard
     others = params - params // world
-    split = vocab_block and zero_stage == 3
-    vocab_module = min(max(s.embed_params, s.head_params), vocab_block) if split else max(s.embed_params,
-                                                                                          s.head_params)
+    split = bool(vocab_block) and zero_stage == 3
+    vocab_module = max(s.embed_params, s.head_params)
+    if split:
+        vocab_module = min(vocab_module, vocab_block)
     gathered = (2 * max(s.layer_params, vocab_module) + min(live, others) + prefetch) * b \
         if zero_stage == 3 and world > 1 else 0
     # ZeRO-1/2 keep the full .grad tensors until they are reduced into the partition's flat buffer; ZeRO-3 reduces
@@ -263,7 +264,7 @@ def predict_recovery(s: ModelSizes, *, trainable: int, batch: int, seq: int, zer
         + 2 * batch * s.heads * seq * seq + batch * seq * seq
     per_layer = (2 * n * s.hidden + attn + n * s.hidden + 3 * n * s.intermediate) * b
     acts = (s.num_layers * n * s.hidden * b + per_layer) if gradient_checkpointing else s.num_layers * per_layer
-    logits = ((6 if distill else 5) + bool(split)) * n * s.vocab * b
+    logits = ((6 if distill else 5) + split) * n * s.vocab * b
     return RecoveryEstimate(weights, gathered, gradients, optimizer, acts, logits, base_bytes)
 
 

@@ -15,6 +15,7 @@ save_pretrained does). An exception inside the `with` block removes the temporar
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -101,9 +102,7 @@ class ShardedWriter:
             raise ValueError(f"tensor {name!r} written twice")
         if dtype not in _DTYPES:
             raise TypeError(f"{name}: dtype {dtype} has no safetensors name")
-        numel = 1
-        for d in shape:
-            numel *= d
+        numel = math.prod(shape)
         nbytes = numel * dtype.itemsize
         shard = self._current
         if shard is not None and shard.entries and shard.nbytes + nbytes > self.max_shard_bytes:
