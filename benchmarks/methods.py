@@ -257,8 +257,6 @@ def figures(results: dict, rows: list[str], targets: list[float], domains: list[
             if default in results and base in results:
                 out[f"noharm_{pct}_{d}"] = all(results[default][d][k] <= results[base][d][k] for k in other)
     return out
-    print(f"\n[bench] {time.time() - t0:.0f}s")
-    print(json.dumps({**figures, "dense_ppl": dense_ppl, "results": results}))
 
 
 if __name__ == "__main__":

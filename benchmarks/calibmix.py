@@ -1,0 +1,143 @@
+"""Calibration data against unseen forms: does calibrating a domain on more varied text of it keep the forms it
+never read? And how far could calibration data alone go?
+
+The demo's experts are cut on one source per domain (licences, HPO's one-line definitions, the standard library)
+and lose most on text of the domain's other forms (bar-exam and clinical vignettes, abstracts). For each demo domain
+the job default (PruneConfig at the target, FLAP + layer-by-layer refit + the model's own text at a quarter of the
+domain's mass), no training, is calibrated on `--calib-tokens` tokens of:
+  own       the job's calibration source alone (the demo's set-up);
+  mix-X     the calibration source and every other text of the domain's suite except X, in equal token shares
+            (leave one out: X is the one form never read);
+  only-X    X's own documents outside those it is scored on: an oracle that calibrates on the very form scored,
+            the bound of what calibration data can do for X at this cut.
+Every variant is scored on every text of the suite (the documents benchmarks/othertext.py takes, which never
+calibrate; documents of a text's source calibrate only when they are not among them) and on the own source's
+held-out split. Figures are perplexity / dense on the same text.
+
+Prints a table per domain, then one line of JSON: per domain and other-form text X `own_<d>_<X>`, `mix_<d>_<X>` (X
+unseen), `only_<d>_<X>` (the oracle) and `mix_vs_own_<d>_<X>`.
+
+Usage: .venv/bin/python benchmarks/calibmix.py [--target 0.2] [--domains legal,medical,code] [--variants own,mix,only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import othertext  # noqa: E402
+
+from minigpt import corpora, general as G, sequential, slim as SL  # noqa: E402
+from minigpt.config import DataConfig, DomainConfig, ModelConfig, PruneConfig, SourceConfig  # noqa: E402
+from minigpt.metrics import lm_metrics  # noqa: E402
+from minigpt.models import load_model, load_tokenizer, resolve  # noqa: E402
+from minigpt.sources import iter_documents  # noqa: E402
+
+SAME_FORM = {"legal": "spdx", "medical": "mondo", "code": "pypi-code"}  # the suite text of the source's own form
+
+
+def source_blocks(kind: str, exclude: list[str], tokens: int, tok, block_size: int) -> torch.Tensor:
+    """[n, block_size] calibration blocks of suite text `kind`, from its documents outside `exclude` (those scored)."""
+    scored = set(exclude)
+    docs = [(corpora.doc_hash(t, "calibmix"), t) for t in iter_documents(SourceConfig(kind=kind), othertext.DOC_CHARS)
+            if t not in scored]
+    stream = corpora.build_stream(sorted(docs), tok, block_size, tokens)
+    return torch.from_numpy(stream.ids.astype("int64")).view(-1, block_size)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--target", type=float, default=0.2)
+    ap.add_argument("--domains", default=",".join(othertext.DOMAINS))
+    ap.add_argument("--variants", default="own,mix,only")
+    ap.add_argument("--texts", default="", help="only these other-form texts as X (default: every one)")
+    ap.add_argument("--calib-tokens", type=int, default=16384)
+    ap.add_argument("--max-blocks", type=int, default=16, help="blocks of each evaluation text")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--work", default="runs/bench-calibmix")
+    args = ap.parse_args()
+    t0, bs, work = time.time(), 256, Path(args.work)
+    variants = set(args.variants.split(","))
+    folder = resolve(ModelConfig(source="smollm2-135m"))
+    dense, tok = load_model(folder), load_tokenizer(folder)
+    gen_path = work / "general-8192.pt"
+    if not gen_path.is_file():
+        gen_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(G.sample_blocks(dense, tok, 8192 // bs, bs, seed=0), gen_path)
+    general = torch.load(gen_path)
+    cfg = PruneConfig(target=args.target)
+    data_cfg = DataConfig(block_size=bs, calib_tokens=args.calib_tokens, heldout_tokens=4096, train_tokens=256,
+                          calib_fraction=0.5, heldout_fraction=0.2)
+
+    results: dict = {}
+    for d in [x for x in args.domains.split(",") if x]:
+        own_dir = work / "data" / f"{d}-{args.calib_tokens}"
+        try:
+            data = corpora.DomainData.load(own_dir)
+        except FileNotFoundError:
+            data = corpora.prepare_domain(DomainConfig(d, (SourceConfig(kind=othertext.DOMAINS[d]),)), data_cfg,
+                                          tok, own_dir)
+        suite = othertext.suite(d)
+        texts = {"heldout": [t for _, t in data.documents("heldout")], **suite}
+        own = corpora.read_blocks(data.shards("calib"))
+        others = [k for k in suite if k != SAME_FORM[d] and (not args.texts or k in args.texts.split(","))]
+        kinds = [othertext.DOMAINS[d], *suite]  # every source a mix may draw on
+
+        def blocks_of(kind: str, tokens: int) -> torch.Tensor:
+            n = -(-tokens // bs)
+            return own[:n] if kind == othertext.DOMAINS[d] else source_blocks(kind, suite[kind], tokens, tok, bs)[:n]
+
+        calib = {}
+        if "own" in variants:
+            calib["own"] = own
+        for x in others:
+            if "mix" in variants:
+                rest = [k for k in kinds if k != x]
+                calib[f"mix-{x}"] = torch.cat([blocks_of(k, args.calib_tokens // len(rest)) for k in rest])
+            if "only" in variants:
+                calib[f"only-{x}"] = blocks_of(x, args.calib_tokens)
+        dense_ppl = {k: lm_metrics(dense, tok, t, bs, args.batch, max_blocks=args.max_blocks)["ppl"]
+                     for k, t in texts.items()}
+        results[d] = {"dense_ppl": dense_ppl}
+        for name, blocks in list(calib.items()):
+            t1 = time.time()
+            if len(blocks) < 8:  # pmc-articles: its five articles are nearly all among the scored documents
+                print(f"[calibmix] {d} {name}: skipped, only {len(blocks)} blocks of text to calibrate on", flush=True)
+                del calib[name]
+                continue
+            runner = sequential.LayerRunner(dense, blocks, args.batch, general,
+                                            cfg.general_weight * blocks.numel() / general.numel())
+            plan, weights = sequential.prune_sequential(dense, [runner], cfg, domain=d)
+            small = SL.slim(dense, plan, weights)
+            with torch.inference_mode():
+                results[d][name] = {k: lm_metrics(small, tok, t, bs, args.batch, max_blocks=args.max_blocks)["ppl"]
+                                    / dense_ppl[k] for k, t in texts.items()}
+            del small, runner
+            print(f"[calibmix] {d} {name} ({blocks.shape[0]} blocks, {time.time() - t1:.0f}s): "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in results[d][name].items()), flush=True)
+        print(f"\n{d}, {args.target:.0%} removed, no training; perplexity / dense")
+        print(f"{'calibrated on':<28}" + "".join(f"{k[:18]:>19}" for k in texts))
+        for name in calib:
+            print(f"{name:<28}" + "".join(f"{results[d][name][k]:>19.3f}" for k in texts))
+
+    out: dict = {}
+    for d, r in results.items():
+        for x in [k for k in r["dense_ppl"] if k not in ("heldout", SAME_FORM[d])]:
+            for tag, name in (("own", "own"), ("mix", f"mix-{x}"), ("only", f"only-{x}")):
+                if name in r:
+                    out[f"{tag}_{d}_{x}"] = round(r[name][x], 3)
+            if "own" in r and f"mix-{x}" in r:
+                out[f"mix_vs_own_{d}_{x}"] = round(r[f"mix-{x}"][x] / r["own"][x], 3)
+    print(f"[calibmix] {time.time() - t0:.0f}s", file=sys.stderr)
+    print(json.dumps({**out, "results": results}))
+
+
+if __name__ == "__main__":
+    main()
