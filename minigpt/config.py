@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,12 +60,17 @@ class SourceConfig:
     hf_split: str = "train"
     max_documents: int | None = None
     name: str | None = None  # what reports call it (eval sources); default: the kind, or the path's file name
+    # Share of every split's tokens, relative to the weights of the domain's other sources (all of a domain's sources
+    # set one, or none does). None: the sources' documents are pooled, so each source weighs by its document count.
+    weight: float | None = None
 
     def __post_init__(self) -> None:
         _check(self.kind in SOURCE_KINDS, f"source kind {self.kind!r} is not one of {', '.join(SOURCE_KINDS)}")
         if self.kind in FILE_SOURCES or self.kind == "hf":
             _check(bool(self.path), f"source kind {self.kind!r} needs a path")
         _check(self.max_documents is None or self.max_documents > 0, "max_documents must be positive")
+        _check(self.weight is None or (math.isfinite(self.weight) and self.weight > 0),
+               f"source {self.label}: weight must be a positive number, not {self.weight!r}")
         _check(self.name is None or _LABEL.fullmatch(self.name) is not None,
                f"source name {self.name!r} must be letters, digits, '.', '-' or '_'")
 
@@ -100,8 +106,15 @@ class DomainConfig:
         dup = sorted({x for x in labels if labels.count(x) > 1})
         _check(not dup, f"domain {self.name!r}: eval_sources named {', '.join(dup)} more than once "
                         "(give each a distinct name)")
+        weighted = [s.weight is not None for s in self.sources]
+        _check(all(weighted) or not any(weighted),
+               f"domain {self.name!r}: weight is set on {sum(weighted)} of its {len(weighted)} sources "
+               "(set it on every source, or on none to pool their documents)")
+        _check(all(s.weight is None for s in self.eval_sources),
+               f"domain {self.name!r}: eval_sources take no weight (each is scored on its own)")
         same = [s.label for s in self.eval_sources
-                if dataclasses.replace(s, name=None) in [dataclasses.replace(t, name=None) for t in self.sources]]
+                if dataclasses.replace(s, name=None) in [dataclasses.replace(t, name=None, weight=None)
+                                                         for t in self.sources]]
         _check(not same, f"domain {self.name!r}: eval source {', '.join(same)} is also one of its sources "
                          "(out-of-source text must come from elsewhere)")
 

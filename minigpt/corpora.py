@@ -13,6 +13,13 @@ document is taken whole. The windows are joined with EOS and cut into `block_siz
 manifest; each split's documents.parquet holds the window text of every spanned document (what evaluation and
 re-tokenization read) with its character offsets in the document.
 
+Weighted sources. A domain's sources pool their documents, so each weighs by its document count: a corpus of 20,000
+one-line definitions drowns 50 articles. When its sources carry weights, each split's budget is shared out among
+them in whole blocks in proportion to the weights (`weighted_blocks`), each share is sampled from its source's own
+documents of that split as above, and the shares' blocks are interleaved (`merge_streams`) so that a reader taking
+the first blocks still sees every source. A source that cannot fill its share of a required split is an error
+naming it; the hash still alone decides every document's split.
+
 `n_bytes` is exact per window: every character's bytes are given to the first token whose offset span reaches the
 character's end (fast tokenizers' offset mapping), so a window's tokens sum to its exact UTF-8 size. Only a
 multi-byte character split by byte-level BPE across a block boundary is counted in the earlier block (at most a
@@ -72,11 +79,34 @@ def assign_split(hash_hex: str, data: DataConfig) -> str:
 
 def gather_documents(domain: DomainConfig, data: DataConfig) -> list[tuple[str, str]]:
     """All documents of a domain as (hash, text), deduplicated, sorted by hash."""
-    docs: dict[str, str] = {}
+    return sorted(doc for docs in gather_by_source(domain, data) for doc in docs)
+
+
+def gather_by_source(domain: DomainConfig, data: DataConfig) -> list[list[tuple[str, str]]]:
+    """Per source of the domain, its documents as (hash, text) sorted by hash; a document that several sources
+    yield belongs to the first of them."""
+    seen: set[str] = set()
+    out = []
     for source in domain.sources:
+        docs: dict[str, str] = {}
         for text in iter_documents(source, data.max_document_chars):
-            docs.setdefault(doc_hash(text, data.salt), text)
-    return sorted(docs.items())
+            h = doc_hash(text, data.salt)
+            if h not in seen:
+                seen.add(h)
+                docs[h] = text
+        out.append(sorted(docs.items()))
+    return out
+
+
+def weighted_blocks(n_blocks: int, weights: Sequence[float]) -> list[int]:
+    """`n_blocks` shared out in proportion to `weights` (largest remainder; ties to the earlier source)."""
+    total = float(sum(weights))
+    exact = [n_blocks * w / total for w in weights]
+    out = [int(x) for x in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (-(exact[i] - out[i]), i))
+    for i in by_remainder[: n_blocks - sum(out)]:
+        out[i] += 1
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -182,6 +212,24 @@ def build_stream(docs: Sequence[tuple[str, str]], tokenizer: Any, block_size: in
     kept = (length // body) * body if target is None else min(target, (length // body) * body)
     used = [doc for pos, doc in spans if pos < kept]
     return _SplitStream(*with_bos(ids_all[:kept], bytes_all[:kept], block_size, bos), used, length, cap)
+
+
+def merge_streams(streams: Sequence[_SplitStream], block_size: int) -> _SplitStream:
+    """One split of several sources' streams (whole blocks each), their blocks interleaved evenly: block j of a
+    source of n blocks goes to position (j + 1/2) / n of the whole, so any leading share of the blocks (what a
+    budgeted reader takes) holds every source in about its proportion. Documents stay in hash order."""
+    keys, ids, n_bytes = [], [], []
+    for s, stream in enumerate(streams):
+        n = len(stream.ids) // block_size
+        keys += [((j + 0.5) / n, s) for j in range(n)]
+        ids += list(stream.ids.reshape(n, block_size))
+        n_bytes += list(stream.n_bytes.reshape(n, block_size))
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    return _SplitStream(
+        np.concatenate([ids[i] for i in order]) if order else np.zeros(0, dtype=np.int32),
+        np.concatenate([n_bytes[i] for i in order]) if order else np.zeros(0, dtype=np.int64),
+        sorted(doc for stream in streams for doc in stream.documents),
+        sum(stream.available for stream in streams), max((stream.cap for stream in streams), default=0))
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -355,14 +403,18 @@ def prepare_domain(domain: DomainConfig, data: DataConfig, tokenizer: Any, out_d
     out_dir = Path(out_dir)
     name = domain.name
     try:
-        docs = gather_documents(domain, data)
+        per_source = gather_by_source(domain, data)
     except ConfigError as e:
         raise ConfigError(f"domain {name!r}: {e}") from None
+    docs = sorted(doc for source_docs in per_source for doc in source_docs)
     if not docs:
         raise ConfigError(f"domain {name!r}: its sources yield no documents")
     by_split: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLITS}
     for h, text in docs:
         by_split[assign_split(h, data)].append((h, text))
+    weighted = domain.sources[0].weight is not None  # all of a domain's sources have a weight, or none has
+    by_source = {s: [[doc for doc in source_docs if assign_split(doc[0], data) == s] for source_docs in per_source]
+                 for s in SPLITS} if weighted else {}
     print(f"[prepare] {name}: {len(docs):,} documents "
           f"({', '.join(f'{s} {len(by_split[s]):,}' for s in SPLITS)})", flush=True)
 
@@ -370,7 +422,10 @@ def prepare_domain(domain: DomainConfig, data: DataConfig, tokenizer: Any, out_d
         manifest_splits: dict[str, Any] = {}
         for split in SPLITS:
             budget = _budget(split, data)
-            stream = build_stream(by_split[split], tokenizer, data.block_size, budget, data.seed)
+            if weighted:
+                stream, source_blocks = _weighted_stream(domain, by_source[split], tokenizer, data, split)
+            else:
+                stream = build_stream(by_split[split], tokenizer, data.block_size, budget, data.seed)
             n_blocks = len(stream.ids) // data.block_size
             if split in REQUIRED_SPLITS and len(stream.ids) < (budget or 0):
                 need = f"{budget:,}"
@@ -386,6 +441,11 @@ def prepare_domain(domain: DomainConfig, data: DataConfig, tokenizer: Any, out_d
             short = ""
             if split not in REQUIRED_SPLITS and budget and len(stream.ids) < budget:
                 short = f" (fewer than the {budget:,} asked: every {split} document is used)"
+            if weighted:
+                manifest_splits[split]["sources"] = [{"source": src.label, "weight": src.weight, "blocks": n}
+                                                     for src, n in zip(domain.sources, source_blocks)]
+                short += "; by source: " + ", ".join(f"{src.label} {n}" for src, n in zip(domain.sources,
+                                                                                          source_blocks))
             print(f"[prepare] {name}/{split}: {n_blocks} blocks, {len(stream.ids):,} tokens from "
                   f"{len(stream.documents):,} of {len(by_split[split]):,} documents "
                   f"(at most {stream.cap:,} tokens each), {n_bytes:,} bytes{short}", flush=True)
@@ -403,6 +463,25 @@ def prepare_domain(domain: DomainConfig, data: DataConfig, tokenizer: Any, out_d
         }
         atomic_write_json(tmp / "manifest.json", manifest, indent=2)
     return DomainData.load(out_dir)
+
+
+def _weighted_stream(domain: DomainConfig, docs_by_source: Sequence[Sequence[tuple[str, str]]], tokenizer: Any,
+                     data: DataConfig, split: str) -> tuple[_SplitStream, list[int]]:
+    """A split of a domain whose sources carry weights: each source's share of the budget in whole blocks sampled
+    from its own documents (every document when the split has no budget), then merged. A required split's source
+    that cannot fill its share is an error naming it; an optional split takes what each source has."""
+    budget, bs = _budget(split, data), data.block_size
+    shares = [None] * len(docs_by_source) if budget is None else \
+        weighted_blocks(-(-budget // bs), [s.weight for s in domain.sources])
+    parts = []
+    for source, docs, n in zip(domain.sources, docs_by_source, shares):
+        part = build_stream(docs, tokenizer, bs, None if n is None else n * bs, data.seed)
+        if split in REQUIRED_SPLITS and len(part.ids) < n * bs:
+            raise ConfigError(f"domain {domain.name!r}: source {source.label} has {part.available:,} tokens of "
+                              f"{SPLIT_NAMES[split]} text, its weight's share is {n * bs:,} of the "
+                              f"{budget:,} asked ({BUDGET_KEYS[split]})")
+        parts.append(part)
+    return merge_streams(parts, bs), [len(p.ids) // bs for p in parts]
 
 
 def retokenize(documents: Sequence[tuple[str, str]], tokenizer: Any, block_size: int, blocks_per_shard: int,

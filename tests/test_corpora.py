@@ -21,8 +21,10 @@ from minigpt.config import ConfigError, DataConfig, DomainConfig, SourceConfig
 from minigpt.corpora import (
     DomainData,
     assign_split,
+    build_stream,
     doc_hash,
     gather_documents,
+    merge_streams,
     prepare_domain,
     read_blocks,
     read_n_bytes,
@@ -30,9 +32,11 @@ from minigpt.corpora import (
     sample_windows,
     token_bytes,
     tokenize_documents,
+    weighted_blocks,
 )
 from minigpt.sources import check_sources, iter_documents, parse_obo_term, split_long
 
+MEDICAL = "patient fever cardiac renal hepatic lesion biopsy dose tumour syndrome".split()
 WORDS = ("the court shall grant license any party agreement software clause warranty liability notice copy "
          "source code distribute modify terms conditions section patent holder contributor work derivative").split()
 
@@ -350,6 +354,75 @@ class _CharTokenizer:
 
 
 # ------------------------------------------------------------------------------------------------- errors
+
+
+# ------------------------------------------------------------------------------------- weighted sources
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 500), st.lists(st.floats(0.01, 100.0), min_size=1, max_size=6))
+def test_weighted_blocks_share_out_exactly(n, weights):
+    shares = weighted_blocks(n, weights)
+    assert sum(shares) == n and all(s >= 0 for s in shares)
+    assert all(abs(s - n * w / sum(weights)) < 1 for s, w in zip(shares, weights))  # within one block of exact
+
+
+def _two_source_domain(tmp_path: Path, weights: tuple[float, float]) -> DomainConfig:
+    """`legal`: 200 documents of legal words; `med`: 60 of medical words (a word of one never occurs in the other)."""
+    rng = random.Random(3)
+    write_jsonl(tmp_path / "legal.jsonl", synthetic_docs(200))
+    write_jsonl(tmp_path / "med.jsonl", [f"Case {i}. " + " ".join(rng.choice(MEDICAL) for _ in range(50)) + "."
+                                         for i in range(60)])
+    return DomainConfig("mixed", (SourceConfig("jsonl", path=str(tmp_path / "legal.jsonl"), weight=weights[0]),
+                                  SourceConfig("jsonl", path=str(tmp_path / "med.jsonl"), weight=weights[1])))
+
+
+def _medical_blocks(dd: DomainData, split: str, tokenizer) -> list[bool]:
+    rows = read_blocks(dd.shards(split)).tolist()
+    return [any(w in tokenizer.decode(r).split() for w in MEDICAL) for r in rows]
+
+
+def test_weighted_sources_share_every_split(tmp_path, tokenizer, capsys):
+    """With weights 1 : 3 each required split holds a quarter / three quarters of its blocks from the two sources
+    (pooled, the larger source's 200 documents would dominate the smaller's 60), interleaved so that any leading
+    share of the blocks holds both."""
+    data = small_data()  # calib 16 blocks, held-out 8
+    dd = prepare_domain(_two_source_domain(tmp_path, (1.0, 3.0)), data, tokenizer, tmp_path / "weighted")
+    assert "[prepare] mixed/calib: 16 blocks, 512 tokens" in capsys.readouterr().out
+    for split, n in (("calib", 16), ("heldout", 8)):
+        med = _medical_blocks(dd, split, tokenizer)
+        assert len(med) == n and sum(med) == n * 3 // 4
+        assert 0 < sum(med[: n // 2]) < n // 2  # the first half already holds both sources
+        shares = json.loads((tmp_path / "weighted" / "manifest.json").read_text())["splits"][split]["sources"]
+        assert [(s["weight"], s["blocks"]) for s in shares] == [(1.0, n // 4), (3.0, n * 3 // 4)]
+        assert [h for h, _ in dd.documents(split)] == sorted(h for h, _ in dd.documents(split))
+    # The same documents fall in each split either way: weights choose windows, never a document's split.
+    for split in ("calib", "heldout", "valid", "train"):
+        assert {assign_split(h, data) for h in dd.doc_hashes(split)} <= {split}
+
+
+def test_merge_streams_keeps_every_block_once(tokenizer):
+    docs = [(doc_hash(t, "x"), t) for t in synthetic_docs(40)]
+    parts = [build_stream(docs[:20], tokenizer, 32, 32 * 3), build_stream(docs[20:], tokenizer, 32, 32 * 6)]
+    merged = merge_streams(parts, 32)
+
+    def rows(stream):  # (token ids, bytes) of each block
+        return list(zip(map(tuple, stream.ids.reshape(-1, 32).tolist()), stream.n_bytes.reshape(-1, 32).sum(1).tolist()))
+
+    first = rows(parts[0])
+    assert sorted(rows(merged)) == sorted(first + rows(parts[1]))
+    assert [0 if r in first else 1 for r in rows(merged)] == [1, 0, 1, 1, 0, 1, 1, 0, 1]  # keys (j + 1/2) / n
+    assert [r for r in rows(merged) if r in first] == first  # each source's blocks keep their order
+    assert merged.documents == sorted(parts[0].documents + parts[1].documents)
+
+
+def test_weighted_source_short_of_its_share_is_an_error(tmp_path, tokenizer):
+    domain = _two_source_domain(tmp_path, (1.0, 99.0))  # the medical source cannot give 99% of 4,096 tokens
+    out = tmp_path / "data" / "mixed"
+    with pytest.raises(ConfigError, match=r"^domain 'mixed': source med has [\d,]+ tokens of calibration text, its "
+                                          r"weight's share is 4,064 of the 4,096 asked \(data.calib_tokens\)$"):
+        prepare_domain(domain, small_data(calib_tokens=4096), tokenizer, out)
+    assert list((tmp_path / "data").iterdir()) == []
 
 
 def test_check_sources_errors(tmp_path):
