@@ -17,7 +17,14 @@ held-out split. Figures are perplexity / dense on the same text.
 Prints a table per domain, then one line of JSON: per domain and other-form text X `own_<d>_<X>`, `mix_<d>_<X>` (X
 unseen), `only_<d>_<X>` (the oracle) and `mix_vs_own_<d>_<X>`.
 
+`--recover` asks the same of training instead: the demo's pruned experts (`--run-dir`, 25% removed, made by `make
+demo`) are fine-tuned with the demo's recovery budget and schedule (`--train-tokens` in batches of 4 blocks, lr
+1.5e-4 with 2 warm-up steps and a cosine to a tenth, gradient clip 1, AdamW), on next-token cross-entropy alone (no
+teacher), on the same three kinds of text (own: the demo's train split), and scored the same way. Keys
+`recover_<own|mix|only>_<d>_<X>` and `recover_pruned_<d>_<X>`.
+
 Usage: .venv/bin/python benchmarks/calibmix.py [--target 0.2] [--domains legal,medical,code] [--variants own,mix,only]
+       .venv/bin/python benchmarks/calibmix.py --recover [--run-dir runs/demo] [--train-tokens 8192]
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import othertext  # noqa: E402
 
 from minigpt import corpora, general as G, sequential, slim as SL  # noqa: E402
 from minigpt.config import DataConfig, DomainConfig, ModelConfig, PruneConfig, SourceConfig  # noqa: E402
+from minigpt.losses import lr_factor, next_token_loss  # noqa: E402
 from minigpt.metrics import lm_metrics  # noqa: E402
 from minigpt.models import load_model, load_tokenizer, resolve  # noqa: E402
 from minigpt.sources import iter_documents  # noqa: E402
@@ -52,6 +60,68 @@ def source_blocks(kind: str, exclude: list[str], tokens: int, tok, block_size: i
     return torch.from_numpy(stream.ids.astype("int64")).view(-1, block_size)
 
 
+def fine_tune(model, blocks: torch.Tensor, batch: int, lr: float = 1.5e-4, warmup: int = 2) -> None:
+    """The demo's recovery schedule on `blocks` in order, next-token cross-entropy alone (in place)."""
+    steps = -(-len(blocks) // batch)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * lr_factor(step, warmup, steps, 0.1)
+        loss = next_token_loss(model(blocks[step * batch:(step + 1) * batch]).logits, blocks[step * batch:(step + 1)
+                                                                                              * batch])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def recover_bound(args, dense, tok, bs: int) -> dict:
+    """The `--recover` part (module docstring): per domain, the pruned expert and its fine-tunes on each text."""
+    results: dict = {}
+    for d in [x for x in args.domains.split(",") if x]:
+        data = corpora.DomainData.load(Path(args.run_dir) / "data" / d)
+        pruned_dir = Path(args.run_dir) / "experts" / d / "pruned"
+        suite = othertext.suite(d)
+        texts = {"heldout": [t for _, t in data.documents("heldout")], **suite}
+        own = corpora.read_blocks(data.shards("train"))
+        n = -(-args.train_tokens // bs)
+        others = [k for k in suite if k != SAME_FORM[d] and (not args.texts or k in args.texts.split(","))]
+        kinds = [othertext.DOMAINS[d], *suite]
+
+        def blocks_of(kind: str, tokens: int) -> torch.Tensor:
+            m = -(-tokens // bs)
+            return own[:m] if kind == othertext.DOMAINS[d] else source_blocks(kind, suite[kind], tokens, tok, bs)[:m]
+
+        train = {"pruned": None, "own": own[:n]}
+        for x in others:
+            rest = [k for k in kinds if k != x]
+            train[f"mix-{x}"] = torch.cat([blocks_of(k, args.train_tokens // len(rest)) for k in rest])
+            train[f"only-{x}"] = blocks_of(x, args.train_tokens)
+        dense_ppl = {k: lm_metrics(dense, tok, t, bs, args.batch, max_blocks=args.max_blocks)["ppl"]
+                     for k, t in texts.items()}
+        results[d] = {"dense_ppl": dense_ppl}
+        for name, blocks in train.items():
+            t1 = time.time()
+            if blocks is not None and len(blocks) < 8:
+                print(f"[calibmix] {d} recover {name}: skipped, only {len(blocks)} blocks of text", flush=True)
+                continue
+            model = load_model(pruned_dir)
+            if blocks is not None:
+                # Shuffled once, seeded: batches mix the sources of a mix as a recovery's permutation does.
+                fine_tune(model, blocks[torch.randperm(len(blocks), generator=torch.Generator().manual_seed(0))],
+                          args.batch)
+            with torch.inference_mode():
+                results[d][name] = {k: lm_metrics(model, tok, t, bs, args.batch, max_blocks=args.max_blocks)["ppl"]
+                                    / dense_ppl[k] for k, t in texts.items()}
+            del model
+            print(f"[calibmix] {d} recover {name} ({0 if blocks is None else len(blocks)} blocks, "
+                  f"{time.time() - t1:.0f}s): " + ", ".join(f"{k} {v:.3f}" for k, v in results[d][name].items()),
+                  flush=True)
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--target", type=float, default=0.2)
@@ -62,11 +132,23 @@ def main() -> None:
     ap.add_argument("--max-blocks", type=int, default=16, help="blocks of each evaluation text")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--work", default="runs/bench-calibmix")
+    ap.add_argument("--recover", action="store_true", help="fine-tune the demo's pruned experts instead")
+    ap.add_argument("--run-dir", default="runs/demo", help="--recover: a finished demo run")
+    ap.add_argument("--train-tokens", type=int, default=8192, help="--recover: tokens per fine-tune")
     args = ap.parse_args()
     t0, bs, work = time.time(), 256, Path(args.work)
     variants = set(args.variants.split(","))
     folder = resolve(ModelConfig(source="smollm2-135m"))
     dense, tok = load_model(folder), load_tokenizer(folder)
+    if args.recover:
+        results = recover_bound(args, dense, tok, bs)
+        out = {f"recover_{name.split('-')[0]}_{d}_{x}": round(r[name][x], 3)
+               for d, r in results.items() for name in r if name != "dense_ppl"
+               for x in r["dense_ppl"] if x not in ("heldout", SAME_FORM[d])
+               and (name in ("pruned", "own") or name.endswith(f"-{x}"))}
+        print(f"[calibmix] {time.time() - t0:.0f}s", file=sys.stderr)
+        print(json.dumps({**out, "results": results}))
+        return
     gen_path = work / "general-8192.pt"
     if not gen_path.is_file():
         gen_path.parent.mkdir(parents=True, exist_ok=True)
