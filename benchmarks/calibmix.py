@@ -60,6 +60,25 @@ def source_blocks(kind: str, exclude: list[str], tokens: int, tok, block_size: i
     return torch.from_numpy(stream.ids.astype("int64")).view(-1, block_size)
 
 
+def text_sets(d: str, own: torch.Tensor, suite: dict[str, list[str]], tokens: int, variants: set[str],
+              only_texts: str, tok, bs: int) -> dict[str, torch.Tensor]:
+    """The blocks of each variant of domain `d` (module docstring): `own` (the own source's blocks), and per
+    other-form text X of the suite `mix-X` (every other text but X, equal shares) and `only-X`, `tokens` each."""
+    def blocks_of(kind: str, n_tokens: int) -> torch.Tensor:
+        n = -(-n_tokens // bs)
+        return own[:n] if kind == othertext.DOMAINS[d] else source_blocks(kind, suite[kind], n_tokens, tok, bs)[:n]
+
+    kinds = [othertext.DOMAINS[d], *suite]  # every source a mix may draw on
+    out = {"own": own[: -(-tokens // bs)]} if "own" in variants else {}
+    for x in [k for k in suite if k != SAME_FORM[d] and (not only_texts or k in only_texts.split(","))]:
+        rest = [k for k in kinds if k != x]
+        if "mix" in variants:
+            out[f"mix-{x}"] = torch.cat([blocks_of(k, tokens // len(rest)) for k in rest])
+        if "only" in variants:
+            out[f"only-{x}"] = blocks_of(x, tokens)
+    return out
+
+
 def fine_tune(model, blocks: torch.Tensor, batch: int, lr: float = 1.5e-4, warmup: int = 2) -> None:
     """The demo's recovery schedule on `blocks` in order, next-token cross-entropy alone (in place)."""
     steps = -(-len(blocks) // batch)
@@ -85,20 +104,8 @@ def recover_bound(args, dense, tok, bs: int) -> dict:
         pruned_dir = Path(args.run_dir) / "experts" / d / "pruned"
         suite = othertext.suite(d)
         texts = {"heldout": [t for _, t in data.documents("heldout")], **suite}
-        own = corpora.read_blocks(data.shards("train"))
-        n = -(-args.train_tokens // bs)
-        others = [k for k in suite if k != SAME_FORM[d] and (not args.texts or k in args.texts.split(","))]
-        kinds = [othertext.DOMAINS[d], *suite]
-
-        def blocks_of(kind: str, tokens: int) -> torch.Tensor:
-            m = -(-tokens // bs)
-            return own[:m] if kind == othertext.DOMAINS[d] else source_blocks(kind, suite[kind], tokens, tok, bs)[:m]
-
-        train = {"pruned": None, "own": own[:n]}
-        for x in others:
-            rest = [k for k in kinds if k != x]
-            train[f"mix-{x}"] = torch.cat([blocks_of(k, args.train_tokens // len(rest)) for k in rest])
-            train[f"only-{x}"] = blocks_of(x, args.train_tokens)
+        train = {"pruned": None, **text_sets(d, corpora.read_blocks(data.shards("train")), suite, args.train_tokens,
+                                             {"own", "mix", "only"}, args.texts, tok, bs)}
         dense_ppl = {k: lm_metrics(dense, tok, t, bs, args.batch, max_blocks=args.max_blocks)["ppl"]
                      for k, t in texts.items()}
         results[d] = {"dense_ppl": dense_ppl}
@@ -168,23 +175,8 @@ def main() -> None:
                                           tok, own_dir)
         suite = othertext.suite(d)
         texts = {"heldout": [t for _, t in data.documents("heldout")], **suite}
-        own = corpora.read_blocks(data.shards("calib"))
-        others = [k for k in suite if k != SAME_FORM[d] and (not args.texts or k in args.texts.split(","))]
-        kinds = [othertext.DOMAINS[d], *suite]  # every source a mix may draw on
-
-        def blocks_of(kind: str, tokens: int) -> torch.Tensor:
-            n = -(-tokens // bs)
-            return own[:n] if kind == othertext.DOMAINS[d] else source_blocks(kind, suite[kind], tokens, tok, bs)[:n]
-
-        calib = {}
-        if "own" in variants:
-            calib["own"] = own
-        for x in others:
-            if "mix" in variants:
-                rest = [k for k in kinds if k != x]
-                calib[f"mix-{x}"] = torch.cat([blocks_of(k, args.calib_tokens // len(rest)) for k in rest])
-            if "only" in variants:
-                calib[f"only-{x}"] = blocks_of(x, args.calib_tokens)
+        calib = text_sets(d, corpora.read_blocks(data.shards("calib")), suite, args.calib_tokens, variants, args.texts,
+                          tok, bs)
         dense_ppl = {k: lm_metrics(dense, tok, t, bs, args.batch, max_blocks=args.max_blocks)["ppl"]
                      for k, t in texts.items()}
         results[d] = {"dense_ppl": dense_ppl}
