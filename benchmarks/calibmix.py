@@ -41,14 +41,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import othertext  # noqa: E402
 
-from minigpt import corpora, general as G, sequential, slim as SL  # noqa: E402
+from minigpt import corpora, general as G, packaged, sequential, slim as SL  # noqa: E402
 from minigpt.config import DataConfig, DomainConfig, ModelConfig, PruneConfig, SourceConfig  # noqa: E402
 from minigpt.losses import lr_factor, next_token_loss  # noqa: E402
 from minigpt.metrics import lm_metrics  # noqa: E402
 from minigpt.models import load_model, load_tokenizer, resolve  # noqa: E402
 from minigpt.sources import iter_documents  # noqa: E402
 
-SAME_FORM = {"legal": "spdx", "medical": "mondo", "code": "pypi-code"}  # the suite text of the source's own form
+# The suite text of the calibration source's own form: packaged.DOMAINS lists it first (spdx, mondo, pypi-code).
+SAME_FORM = {d: kinds[0] for d, kinds in packaged.DOMAINS.items()}
+BLOCK = 256  # tokens per block, as the demo
 
 
 def source_blocks(kind: str, exclude: list[str], tokens: int, tok, block_size: int) -> torch.Tensor:
@@ -79,6 +81,28 @@ def text_sets(d: str, own: torch.Tensor, suite: dict[str, list[str]], tokens: in
     return out
 
 
+def ppl_ratios(model, tok, texts: dict[str, list[str]], args, dense_ppl: dict[str, float] | None = None) -> dict:
+    """Perplexity of `model` on each text (the first --max-blocks blocks), divided by `dense_ppl` when given."""
+    with torch.inference_mode():
+        return {k: lm_metrics(model, tok, t, BLOCK, args.batch, max_blocks=args.max_blocks)["ppl"]
+                / (dense_ppl[k] if dense_ppl else 1.0) for k, t in texts.items()}
+
+
+def figures(results: dict, tags: tuple[str, ...], prefix: str = "") -> dict:
+    """The JSON keys: `<prefix><tag>_<d>_<X>` for every other-form text X (tags `own` / `pruned` name one model per
+    domain, `mix` / `only` the model of X), and `mix_vs_own_<d>_<X>` where both were measured."""
+    out: dict = {}
+    for d, r in results.items():
+        for x in [k for k in r["dense_ppl"] if k not in ("heldout", SAME_FORM[d])]:
+            for tag in tags:
+                name = tag if tag in ("own", "pruned") else f"{tag}-{x}"
+                if name in r:
+                    out[f"{prefix}{tag}_{d}_{x}"] = round(r[name][x], 3)
+            if not prefix and "own" in r and f"mix-{x}" in r:
+                out[f"mix_vs_own_{d}_{x}"] = round(r[f"mix-{x}"][x] / r["own"][x], 3)
+    return out
+
+
 def fine_tune(model, blocks: torch.Tensor, batch: int, lr: float = 1.5e-4, warmup: int = 2) -> None:
     """The demo's recovery schedule on `blocks` in order, next-token cross-entropy alone (in place)."""
     steps = -(-len(blocks) // batch)
@@ -87,8 +111,8 @@ def fine_tune(model, blocks: torch.Tensor, batch: int, lr: float = 1.5e-4, warmu
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr * lr_factor(step, warmup, steps, 0.1)
-        loss = next_token_loss(model(blocks[step * batch:(step + 1) * batch]).logits, blocks[step * batch:(step + 1)
-                                                                                              * batch])
+        ids = blocks[step * batch:(step + 1) * batch]
+        loss = next_token_loss(model(ids).logits, ids)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -106,8 +130,7 @@ def recover_bound(args, dense, tok, bs: int) -> dict:
         texts = {"heldout": [t for _, t in data.documents("heldout")], **suite}
         train = {"pruned": None, **text_sets(d, corpora.read_blocks(data.shards("train")), suite, args.train_tokens,
                                              {"own", "mix", "only"}, args.texts, tok, bs)}
-        dense_ppl = {k: lm_metrics(dense, tok, t, bs, args.batch, max_blocks=args.max_blocks)["ppl"]
-                     for k, t in texts.items()}
+        dense_ppl = ppl_ratios(dense, tok, texts, args)
         results[d] = {"dense_ppl": dense_ppl}
         for name, blocks in train.items():
             t1 = time.time()
@@ -119,9 +142,7 @@ def recover_bound(args, dense, tok, bs: int) -> dict:
                 # Shuffled once, seeded: batches mix the sources of a mix as a recovery's permutation does.
                 fine_tune(model, blocks[torch.randperm(len(blocks), generator=torch.Generator().manual_seed(0))],
                           args.batch)
-            with torch.inference_mode():
-                results[d][name] = {k: lm_metrics(model, tok, t, bs, args.batch, max_blocks=args.max_blocks)["ppl"]
-                                    / dense_ppl[k] for k, t in texts.items()}
+            results[d][name] = ppl_ratios(model, tok, texts, args, dense_ppl)
             del model
             print(f"[calibmix] {d} recover {name} ({0 if blocks is None else len(blocks)} blocks, "
                   f"{time.time() - t1:.0f}s): " + ", ".join(f"{k} {v:.3f}" for k, v in results[d][name].items()),
@@ -143,18 +164,14 @@ def main() -> None:
     ap.add_argument("--run-dir", default="runs/demo", help="--recover: a finished demo run")
     ap.add_argument("--train-tokens", type=int, default=8192, help="--recover: tokens per fine-tune")
     args = ap.parse_args()
-    t0, bs, work = time.time(), 256, Path(args.work)
+    t0, bs, work = time.time(), BLOCK, Path(args.work)
     variants = set(args.variants.split(","))
     folder = resolve(ModelConfig(source="smollm2-135m"))
     dense, tok = load_model(folder), load_tokenizer(folder)
     if args.recover:
         results = recover_bound(args, dense, tok, bs)
-        out = {f"recover_{name.split('-')[0]}_{d}_{x}": round(r[name][x], 3)
-               for d, r in results.items() for name in r if name != "dense_ppl"
-               for x in r["dense_ppl"] if x not in ("heldout", SAME_FORM[d])
-               and (name in ("pruned", "own") or name.endswith(f"-{x}"))}
         print(f"[calibmix] {time.time() - t0:.0f}s", file=sys.stderr)
-        print(json.dumps({**out, "results": results}))
+        print(json.dumps({**figures(results, ("pruned", "own", "mix", "only"), "recover_"), "results": results}))
         return
     gen_path = work / "general-8192.pt"
     if not gen_path.is_file():
@@ -177,8 +194,7 @@ def main() -> None:
         texts = {"heldout": [t for _, t in data.documents("heldout")], **suite}
         calib = text_sets(d, corpora.read_blocks(data.shards("calib")), suite, args.calib_tokens, variants, args.texts,
                           tok, bs)
-        dense_ppl = {k: lm_metrics(dense, tok, t, bs, args.batch, max_blocks=args.max_blocks)["ppl"]
-                     for k, t in texts.items()}
+        dense_ppl = ppl_ratios(dense, tok, texts, args)
         results[d] = {"dense_ppl": dense_ppl}
         for name, blocks in list(calib.items()):
             t1 = time.time()
@@ -190,9 +206,7 @@ def main() -> None:
                                             cfg.general_weight * blocks.numel() / general.numel())
             plan, weights = sequential.prune_sequential(dense, [runner], cfg, domain=d)
             small = SL.slim(dense, plan, weights)
-            with torch.inference_mode():
-                results[d][name] = {k: lm_metrics(small, tok, t, bs, args.batch, max_blocks=args.max_blocks)["ppl"]
-                                    / dense_ppl[k] for k, t in texts.items()}
+            results[d][name] = ppl_ratios(small, tok, texts, args, dense_ppl)
             del small, runner
             print(f"[calibmix] {d} {name} ({blocks.shape[0]} blocks, {time.time() - t1:.0f}s): "
                   + ", ".join(f"{k} {v:.3f}" for k, v in results[d][name].items()), flush=True)
@@ -201,16 +215,8 @@ def main() -> None:
         for name in calib:
             print(f"{name:<28}" + "".join(f"{results[d][name][k]:>19.3f}" for k in texts))
 
-    out: dict = {}
-    for d, r in results.items():
-        for x in [k for k in r["dense_ppl"] if k not in ("heldout", SAME_FORM[d])]:
-            for tag, name in (("own", "own"), ("mix", f"mix-{x}"), ("only", f"only-{x}")):
-                if name in r:
-                    out[f"{tag}_{d}_{x}"] = round(r[name][x], 3)
-            if "own" in r and f"mix-{x}" in r:
-                out[f"mix_vs_own_{d}_{x}"] = round(r[f"mix-{x}"][x] / r["own"][x], 3)
     print(f"[calibmix] {time.time() - t0:.0f}s", file=sys.stderr)
-    print(json.dumps({**out, "results": results}))
+    print(json.dumps({**figures(results, ("own", "mix", "only")), "results": results}))
 
 
 if __name__ == "__main__":
